@@ -1,0 +1,137 @@
+"""``builtin:tiny-sd``: the embedded default model.
+
+A small model with Stable Diffusion 1.x's architecture and classes
+(``UNet2DConditionModel`` with SD1's block layout, ``AutoencoderKL`` with a
+scale factor of 8, ``CLIPTextModel`` and ``CLIPTokenizer`` over the real
+49,408-token CLIP vocabulary, SD1.5's ``PNDMScheduler`` configuration), with
+random weights from a fixed seed. Nothing is downloaded: ``write_builtin``
+writes it out as an ordinary diffusers directory, which the server then loads
+through the same loader as any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_SEED = 20_240_601
+
+# SD1.x's block layout, with narrow channels so it runs on two CPU cores.
+TINY_SD = {
+    "unet": {
+        # Default resolution: sample_size * 8 = 256 px (SD1.5: 64 -> 512 px).
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64, 64, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 256,
+        "scaling_factor": 0.18215,
+    },
+    "text_encoder": {
+        "vocab_size": 49_408,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 64,
+        "bos_token_id": 49_406,
+        "eos_token_id": 49_407,
+        "pad_token_id": 49_407,
+    },
+    # Stable Diffusion 1.5's scheduler configuration.
+    "scheduler": {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    },
+}
+
+BUILTIN_MODELS = {"tiny-sd": TINY_SD}
+
+
+def builtin_name(uri: str) -> str:
+    """``"builtin:tiny-sd"`` -> ``"tiny-sd"``, with a clear error for unknown names."""
+    name = uri.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown builtin model {uri!r}; known: {sorted(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")
+    return name
+
+
+def write_builtin(uri: str, directory: str | Path) -> Path:
+    """Build a builtin model from its config and fixed seed; save it as a diffusers directory.
+
+    The directory is written under a temporary name and renamed into place, so
+    a reader never sees half a model. Returns the directory.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .clip_vocab import build_clip_tokenizer, write_vocab_files
+
+    name = builtin_name(uri)
+    spec = BUILTIN_MODELS[name]
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BUILTIN_SEED)
+            unet = UNet2DConditionModel(**spec["unet"])
+            vae = AutoencoderKL(**spec["vae"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+        unet.save_pretrained(staging / "unet")
+        vae.save_pretrained(staging / "vae")
+        text_encoder.save_pretrained(staging / "text_encoder")
+        tokenizer = build_clip_tokenizer(model_max_length=spec["text_encoder"]["max_position_embeddings"])
+        tokenizer.save_pretrained(staging / "tokenizer")
+        write_vocab_files(staging / "tokenizer")
+        PNDMScheduler(**spec["scheduler"]).save_pretrained(staging / "scheduler")
+        model_index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "_lorafleet_builtin": name,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (staging / "model_index.json").write_text(json.dumps(model_index, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory

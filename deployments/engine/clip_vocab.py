@@ -1,0 +1,87 @@
+"""The real CLIP BPE vocabulary, derived offline.
+
+No model hub is reachable, but the ``open_clip_torch`` wheel ships OpenAI's
+``bpe_simple_vocab_16e6.txt.gz``. CLIP's own tokenizer (``clip/simple_tokenizer.py``)
+builds its 49,408-token vocabulary from that file with the recipe below; the
+result is byte-for-byte the ``vocab.json``/``merges.txt`` pair that Stable
+Diffusion checkpoints ship in ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+
+CLIP_VOCAB_SIZE = 49_408
+# 49152 - 256 - 2 merges: the byte alphabet, its </w> forms and two specials fill the rest.
+_NUM_MERGES = 49_152 - 256 - 2
+
+
+def bpe_file() -> Path:
+    """Locate ``bpe_simple_vocab_16e6.txt.gz`` inside the installed open_clip package.
+
+    ``find_spec`` reads the package location without importing it (importing
+    open_clip would need torchvision, which this project does not install).
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "open_clip_torch is not installed: it ships the CLIP BPE vocabulary "
+            "(pip install --no-deps open_clip_torch)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise RuntimeError(f"CLIP BPE vocabulary not found at {path}")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Return CLIP's ``(vocab, merges)``: 49,408 tokens and 48,894 merge rules."""
+    lines = gzip.open(bpe_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [a + "</w>" for a in alphabet]
+    tokens += ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"derived CLIP vocabulary has {len(tokens)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+def write_vocab_files(directory: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` in the layout SD checkpoints use."""
+    vocab, merges = clip_vocab_and_merges()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+
+
+def build_clip_tokenizer(model_max_length: int = 77):
+    """A ``CLIPTokenizer`` over the real vocabulary, with CLIP's 77-token context."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)

@@ -1,0 +1,83 @@
+"""Typed configuration of the engine and its deployments.
+
+Checked once, at start-up (``graph.config.AppConfig`` composes these): a bad
+value fails with its field named, never later inside a replica.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    uri: str = Field(
+        "builtin:tiny-sd",
+        description="Diffusers model directory: a local path, s3://bucket/prefix, or builtin:tiny-sd.",
+    )
+    name: str | None = Field(None, description="Name clients use for the model; default: derived from the URI.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, float16 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+    cache_dir: str | None = Field(
+        None, description="Local cache for S3 and builtin models; default $LORAFLEET_CACHE_DIR or ~/.cache/lorafleet."
+    )
+    deterministic: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Batch-invariant kernels, so an image never depends on its batch-mates "
+            "(auto = on for CPU, off for CUDA)."
+        ),
+    )
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per replica.")
+
+
+class ResourceConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, le=1024, description="Replicas of this deployment.")
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per replica (fractions allowed).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: unbounded)."
+    )
+
+
+class TextEncoderConfig(ResourceConfig):
+    max_batch_size: int = Field(16, ge=1, le=512, description="Prompts encoded in one forward.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before encoding.")
+    cache_size: int = Field(4096, ge=0, description="Prompt embeddings kept in the LRU cache.")
+
+
+class DenoiserConfig(ResourceConfig):
+    max_rows_per_tick: int = Field(
+        16, ge=2, le=1024, description="UNet rows per step across requests (an image with guidance takes 2)."
+    )
+    max_queued_images: int = Field(
+        64, ge=1, description="Images waiting for a batch slot per replica; beyond it, 503 with Retry-After."
+    )
+
+
+class VAEConfig(ResourceConfig):
+    max_batch_size: int = Field(8, ge=1, le=256, description="Images decoded in one call.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before decoding.")
+
+
+class LimitsConfig(_Strict):
+    max_side: int = Field(1024, ge=64, le=4096, description="Largest width or height in pixels.")
+    min_side: int = Field(64, ge=8, description="Smallest width or height in pixels.")
+    max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps per request.")
+    max_num_images: int = Field(8, ge=1, le=64, description="Most images per request.")
+    max_guidance_scale: float = Field(30.0, ge=0, description="Largest guidance_scale.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A request still unanswered after this gets 504.")
+
+    @model_validator(mode="after")
+    def _sides(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self

@@ -1,0 +1,228 @@
+"""Find, fetch and load diffusers-format model directories.
+
+One path for every model: a URI resolves to a local diffusers directory
+(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``), then each deployment loads the parts it needs from disk.
+
+- ``/path/to/model`` or ``file:///path``: used in place.
+- ``s3://bucket/prefix``: downloaded once with boto3 into the local cache.
+- ``builtin:tiny-sd``: built from its config and seed into the local cache.
+
+Nothing here talks to a model hub: every ``from_pretrained`` call is given a
+local directory and ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, BUILTIN_SEED, builtin_name, write_builtin
+
+# Belt and braces: a library that falls back to the hub must fail, not download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_COMPLETE_MARKER = ".lorafleet-complete"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_CACHE_DIR", Path.home() / ".cache" / "lorafleet"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: float32 on the CPU (half precision is slow and inexact there), float16 on CUDA."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def model_display_name(uri: str) -> str:
+    """The name clients use for a model URI: ``builtin:tiny-sd`` -> ``tiny-sd``."""
+    if uri.startswith(BUILTIN_PREFIX):
+        return builtin_name(uri)
+    return Path(uri.rstrip("/").removeprefix("file://")).name or uri
+
+
+def _builtin_fingerprint(name: str) -> str:
+    import diffusers
+    import transformers
+
+    blob = json.dumps(
+        [BUILTIN_MODELS[name], BUILTIN_SEED, diffusers.__version__, transformers.__version__, torch.__version__],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, s3_client: Any = None) -> Path:
+    """Return a local diffusers directory for ``uri``, fetching or building it once.
+
+    Several replicas on one node may resolve the same URI at once: a file lock
+    serialises them and the directory appears by atomic rename, complete.
+
+    >>> resolve_model_dir("builtin:tiny-sd")          # doctest: +SKIP
+    PosixPath('/root/.cache/lorafleet/models/builtin/tiny-sd-3f2a...')
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if uri.startswith(BUILTIN_PREFIX):
+        name = builtin_name(uri)
+        target = cache / "models" / "builtin" / f"{name}-{_builtin_fingerprint(name)}"
+        return _materialise(target, lambda staging: write_builtin(uri, staging))
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"model URI {uri!r} has no bucket; expected s3://bucket/prefix")
+        prefix = prefix.strip("/")
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+        target = cache / "models" / "s3" / bucket / f"{prefix.replace('/', '_') or 'root'}-{digest}"
+        return _materialise(target, lambda staging: _download_s3(bucket, prefix, staging, s3_client))
+    path = Path(uri.removeprefix("file://")).expanduser()
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise a ``ValueError`` naming what is missing if ``path`` is not a diffusers model directory."""
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a diffusers model directory: model_index.json is missing")
+    missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
+    if missing:
+        raise ValueError(f"model directory {str(path)!r} lacks {missing}")
+
+
+def _materialise(target: Path, write) -> Path:
+    if (target / _COMPLETE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / _COMPLETE_MARKER).exists():  # another process finished while we waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            out = staging / "model"
+            write(out)
+            check_model_dir(out)
+            (out / _COMPLETE_MARKER).touch()
+            if target.exists():
+                shutil.rmtree(target)
+            out.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _download_s3(bucket: str, prefix: str, out: Path, s3_client: Any = None) -> None:
+    """Copy every object under ``s3://bucket/prefix/`` into ``out``, keeping the layout."""
+    if s3_client is None:
+        import boto3
+
+        # Endpoint, region and credentials come from the standard AWS chain
+        # (AWS_ENDPOINT_URL for MinIO or any S3-compatible store).
+        s3_client = boto3.client("s3")
+    out.mkdir(parents=True, exist_ok=True)
+    key_prefix = f"{prefix}/" if prefix else ""
+    count = 0
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(key_prefix) :]
+            if not rel or rel.endswith("/"):
+                continue
+            dest = out / rel
+            if not dest.resolve().is_relative_to(out.resolve()):
+                raise ValueError(f"S3 key {obj['Key']!r} escapes the model directory")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3_client.download_file(bucket, obj["Key"], str(dest))
+            count += 1
+    if count == 0:
+        raise ValueError(f"no objects under s3://{bucket}/{key_prefix}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What every stage needs to know about the model, without loading weights."""
+
+    uri: str
+    name: str
+    directory: Path
+    scheduler_class: str
+    scheduler_config: dict
+    vae_scale_factor: int
+    latent_channels: int
+    max_prompt_tokens: int
+    default_side: int
+
+
+def read_model_info(uri: str, directory: Path) -> ModelInfo:
+    index = json.loads((directory / "model_index.json").read_text())
+    scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    vae_config = json.loads((directory / "vae" / "config.json").read_text())
+    unet_config = json.loads((directory / "unet" / "config.json").read_text())
+    te_config = json.loads((directory / "text_encoder" / "config.json").read_text())
+    return ModelInfo(
+        uri=uri,
+        name=model_display_name(uri),
+        directory=directory,
+        scheduler_class=index["scheduler"][1],
+        scheduler_config=scheduler_config,
+        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        latent_channels=unet_config["in_channels"],
+        max_prompt_tokens=te_config.get("max_position_embeddings", 77),
+        default_side=unet_config.get("sample_size", 64) * 2 ** (len(vae_config["block_out_channels"]) - 1),
+    )
+
+
+def load_tokenizer(directory: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
+
+
+def load_text_encoder(directory: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel.from_pretrained(str(directory / "text_encoder"), local_files_only=True, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_unet(directory: Path, device: torch.device, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel.from_pretrained(str(directory / "unet"), local_files_only=True, torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(directory: Path, device: torch.device, dtype: torch.dtype):
+    """The VAE; SD's VAE overflows in float16, so it stays float32 where its config says so."""
+    from diffusers import AutoencoderKL
+
+    config = json.loads((directory / "vae" / "config.json").read_text())
+    if dtype == torch.float16 and config.get("force_upcast", True):
+        dtype = torch.float32
+    model = AutoencoderKL.from_pretrained(str(directory / "vae"), local_files_only=True, torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)

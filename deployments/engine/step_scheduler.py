@@ -1,0 +1,269 @@
+"""The denoise loop, batched across requests at every step.
+
+Each request (one image) is a ``DenoiseJob`` with its own scheduler instance,
+latents ``x_t``, timestep list and random generator. A *tick* runs one UNet
+forward over every active job of one shape bucket, each at its own timestep
+(classifier-free guidance rows included), then each job's own scheduler step.
+Jobs join at the next tick and leave as soon as their last step is done, so a
+short request never waits for a long batch to finish.
+
+The arithmetic per job is exactly ``StableDiffusionPipeline.__call__``'s
+(same ``scale_model_input``, guidance and ``scheduler.step`` calls on the same
+tensors), which is what makes the served image equal the pipeline's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .schedulers import SchedulerFactory
+
+
+class QueueFullError(RuntimeError):
+    """The denoiser's wait queue is at its bound; the client should retry later."""
+
+    def __init__(self, queued: int, limit: int, retry_after_s: float):
+        self.queued = queued
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"denoiser queue is full ({queued} of {limit} images waiting); retry in {retry_after_s:.0f}s")
+
+
+@dataclass
+class DenoiseRequest:
+    """One image to denoise. Later stages add fields (adapters, init latents, masks) here."""
+
+    prompt_embeds: torch.Tensor  # [tokens, hidden]
+    negative_prompt_embeds: torch.Tensor  # [tokens, hidden]
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str = "default"
+
+
+@dataclass(eq=False)
+class DenoiseJob:
+    id: int
+    request: DenoiseRequest
+    bucket: tuple[int, int]  # latent (height, width)
+    scheduler: object
+    timesteps: torch.Tensor  # [num_ticks]
+    x_t: torch.Tensor  # [1, channels, h, w]
+    context: torch.Tensor  # [rows, tokens, hidden]: (negative, positive) with CFG, else (positive,)
+    step_kwargs: dict
+    enqueued_at: float
+    index: int = 0
+    last_tick: int = -1
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: BaseException | None = None
+    cancelled: bool = field(default=False)
+
+    @property
+    def cfg(self) -> bool:
+        return self.context.shape[0] == 2
+
+    @property
+    def rows(self) -> int:
+        return self.context.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def queue_ms(self) -> float:
+        return 1000.0 * ((self.started_at or self.enqueued_at) - self.enqueued_at)
+
+    @property
+    def denoise_ms(self) -> float:
+        if self.started_at is None or self.finished_at is None:
+            return 0.0
+        return 1000.0 * (self.finished_at - self.started_at)
+
+
+class StepScheduler:
+    """Admits denoise jobs and advances them together, one UNet forward per tick.
+
+    Not thread-safe for concurrent ``tick`` calls (one driver runs ticks), but
+    ``submit`` may be called from another thread while a tick runs.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        schedulers: SchedulerFactory,
+        *,
+        vae_scale_factor: int,
+        max_rows_per_tick: int = 16,
+        max_queued: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_rows_per_tick < 2:
+            raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
+        self.unet = unet
+        self.schedulers = schedulers
+        self.vae_scale_factor = vae_scale_factor
+        self.max_rows_per_tick = max_rows_per_tick
+        self.max_queued = max_queued
+        self.clock = clock
+        self.device = next(unet.parameters()).device
+        self.dtype = next(unet.parameters()).dtype
+        self.latent_channels = unet.config.in_channels
+        self.waiting: deque[DenoiseJob] = deque()
+        self.active: list[DenoiseJob] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        # Counters (exported as metrics by the deployment).
+        self.ticks_run = 0
+        self.rows_run = 0
+        self.tick_seconds = 0.0
+
+    # -- admission ---------------------------------------------------------
+
+    def prepare(self, request: DenoiseRequest) -> DenoiseJob:
+        """Build a job: its scheduler, timesteps and initial noise ``x_T``.
+
+        Mirrors the pipeline's order: ``set_timesteps`` first, because
+        ``init_noise_sigma`` depends on it for sigma-based schedulers.
+        """
+        s = self.vae_scale_factor
+        if request.height % s or request.width % s:
+            raise ValueError(f"height and width must be multiples of {s}, got {request.height}x{request.width}")
+        scheduler = self.schedulers.create(request.scheduler)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        # Noise is drawn on the CPU so a seed gives the same image on any device.
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        shape = (1, self.latent_channels, request.height // s, request.width // s)
+        x_T = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        x_T = x_T * scheduler.init_noise_sigma
+        params = inspect.signature(scheduler.step).parameters
+        step_kwargs: dict = {}
+        if "eta" in params:
+            step_kwargs["eta"] = 0.0
+        if "generator" in params:
+            step_kwargs["generator"] = generator
+        pos = request.prompt_embeds.to(self.device, self.dtype)
+        if request.guidance_scale > 1.0:
+            context = torch.stack([request.negative_prompt_embeds.to(self.device, self.dtype), pos])
+        else:
+            context = pos[None]
+        return DenoiseJob(
+            id=next(self._ids),
+            request=request,
+            bucket=(shape[2], shape[3]),
+            scheduler=scheduler,
+            timesteps=scheduler.timesteps,
+            x_t=x_T,
+            context=context,
+            step_kwargs=step_kwargs,
+            enqueued_at=self.clock(),
+        )
+
+    def submit(self, requests: list[DenoiseRequest]) -> list[DenoiseJob]:
+        """Queue all of ``requests`` or none of them (raises ``QueueFullError``)."""
+        with self._lock:
+            queued = len(self.waiting)
+        if queued + len(requests) > self.max_queued:
+            raise QueueFullError(queued, self.max_queued, self.retry_after_s())
+        jobs = [self.prepare(r) for r in requests]
+        with self._lock:
+            if len(self.waiting) + len(jobs) > self.max_queued:
+                raise QueueFullError(len(self.waiting), self.max_queued, self.retry_after_s())
+            self.waiting.extend(jobs)
+        return jobs
+
+    def cancel(self, jobs: list[DenoiseJob]) -> None:
+        """Drop jobs; a running one leaves its batch at the next tick."""
+        with self._lock:
+            for job in jobs:
+                job.cancelled = True
+                if job in self.waiting:
+                    self.waiting.remove(job)
+
+    def retry_after_s(self) -> float:
+        """A rough wait for a queue slot: the time to drain the current work at the measured tick rate."""
+        per_tick = self.tick_seconds / self.ticks_run if self.ticks_run else 0.5
+        work = sum(len(j.timesteps) - j.index for j in itertools.chain(self.active, self.waiting))
+        return max(1.0, per_tick * work / max(1, len(self.active)))
+
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+    def _admit(self) -> None:
+        with self._lock:
+            rows = sum(j.rows for j in self.active)
+            while self.waiting and rows + self.waiting[0].rows <= self.max_rows_per_tick:
+                job = self.waiting.popleft()
+                self.active.append(job)
+                rows += job.rows
+
+    def _pick_bucket(self) -> tuple[int, int]:
+        # The bucket of the job that has waited longest since its last step: buckets take turns.
+        return min(self.active, key=lambda j: (j.last_tick, j.id)).bucket
+
+    # -- one step -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def tick(self) -> list[DenoiseJob]:
+        """Run one UNet forward for one bucket; return the jobs that finished (or failed)."""
+        self._admit()
+        finished = [j for j in self.active if j.cancelled]
+        self.active = [j for j in self.active if not j.cancelled]
+        if not self.active:
+            return finished
+        bucket = self._pick_bucket()
+        jobs = [j for j in self.active if j.bucket == bucket]
+        start = self.clock()
+        try:
+            self._step(jobs, start)
+        except Exception as e:  # a failed forward fails its jobs, never the loop
+            for j in jobs:
+                j.error = e
+                j.finished_at = self.clock()
+            self.active = [j for j in self.active if j not in jobs]
+            return finished + jobs
+        now = self.clock()
+        self.ticks_run += 1
+        self.rows_run += sum(j.rows for j in jobs)
+        self.tick_seconds += now - start
+        done = [j for j in jobs if j.done]
+        for j in done:
+            j.finished_at = now
+        self.active = [j for j in self.active if not j.done]
+        return finished + done
+
+    def _step(self, jobs: list[DenoiseJob], start: float) -> None:
+        x_in, t_in = [], []
+        for j in jobs:
+            if j.started_at is None:
+                j.started_at = start
+            t = j.timesteps[j.index]
+            x = torch.cat([j.x_t] * 2) if j.cfg else j.x_t  # [rows, c, h, w]
+            x_in.append(j.scheduler.scale_model_input(x, t))
+            t_in.append(t.to(torch.float32).expand(j.rows))
+        eps_all = self.unet(
+            torch.cat(x_in),  # [sum rows, c, h, w]
+            torch.cat(t_in).to(self.device),  # [sum rows]
+            encoder_hidden_states=torch.cat([j.context for j in jobs]),  # [sum rows, tokens, hidden]
+            return_dict=False,
+        )[0]
+        for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
+            if j.cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + j.request.guidance_scale * (eps_text - eps_uncond)
+            t = j.timesteps[j.index]
+            j.x_t = j.scheduler.step(eps, t, j.x_t, **j.step_kwargs, return_dict=False)[0]
+            j.index += 1
+            j.last_tick = self.ticks_run

@@ -1,0 +1,43 @@
+"""``build_app``: bind TextEncoder, Denoiser and VAE behind the HTTP ingress.
+
+Used by ``serve run serve_config.yaml`` / ``serve deploy`` (``import_path:
+graph.app:build_app`` with the config as ``args``) and from Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.denoiser import Denoiser
+from deployments.engine.config import ResourceConfig
+from deployments.text_encoder import TextEncoder
+from deployments.vae import VAE
+
+from .config import AppConfig
+from .ingress import Ingress
+
+
+def _options(cfg: ResourceConfig) -> dict:
+    return {
+        "num_replicas": cfg.num_replicas,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    }
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    """Validate the config (``ConfigError`` names the field) and bind the graph."""
+    config = args if isinstance(args, AppConfig) else AppConfig.load(args)
+    text_encoder = TextEncoder.options(**_options(config.text_encoder)).bind(config.model, config.text_encoder)
+    denoiser = Denoiser.options(**_options(config.denoiser)).bind(config.model, config.denoiser)
+    vae = VAE.options(**_options(config.vae)).bind(config.model, config.vae)
+    ing = config.ingress
+    return Ingress.options(
+        num_replicas=ing.num_replicas,
+        max_ongoing_requests=ing.max_ongoing_requests,
+        max_queued_requests=ing.max_queued_requests,
+        ray_actor_options={"num_cpus": ing.num_cpus},
+    ).bind(text_encoder, denoiser, vae, config)

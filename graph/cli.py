@@ -1,0 +1,88 @@
+"""The ``lorafleet`` command.
+
+    lorafleet serve [--config serve_config.yaml]   start a local Ray head on 127.0.0.1 and serve
+    lorafleet export-model builtin:tiny-sd DIR     write a model out as a diffusers directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from .app import build_app
+    from .config import AppConfig, ConfigError, load_serve_config
+
+    http_options, app_args = load_serve_config(args.config)
+    try:
+        config = AppConfig.load(app_args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    host = http_options.get("host", "127.0.0.1")
+    port = int(args.port or http_options.get("port", 8000))
+    pidfile = Path(args.pidfile)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(str(os.getpid()))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=args.dashboard,
+            dashboard_host="127.0.0.1",
+            num_cpus=args.num_cpus,
+        )
+        serve.start(http_options={"host": host, "port": port})
+        print("deploying lorafleet (first start builds the embedded model) ...", flush=True)
+        serve.run(build_app(config), name="lorafleet", route_prefix="/")
+        print(f"lorafleet is serving {config.model.uri} at http://{host}:{port}  (docs: /docs; Ctrl-C stops)", flush=True)
+        stop.wait()
+        print("stopping ...", flush=True)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        pidfile.unlink(missing_ok=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from deployments.engine.builtin import BUILTIN_PREFIX, write_builtin
+
+    if not args.uri.startswith(BUILTIN_PREFIX):
+        print("error: only builtin:* models can be exported", file=sys.stderr)
+        return 2
+    path = write_builtin(args.uri, args.directory)
+    print(f"wrote {args.uri} to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorafleet", description="lorafleet: text-to-image serving on Ray Serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run a local single-node cluster bound to 127.0.0.1")
+    p.add_argument("--config", default="serve_config.yaml")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for Ray (default: all)")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1:8265")
+    p.add_argument("--pidfile", default=".lorafleet/serve.pid")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("export-model", help="write a builtin model as a diffusers directory")
+    p.add_argument("uri")
+    p.add_argument("directory")
+    p.set_defaults(func=_export)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

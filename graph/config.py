@@ -1,0 +1,65 @@
+"""The application's one typed config, read from serve_config.yaml's ``args``.
+
+>>> AppConfig.load({"denoiser": {"max_rows_per_tick": 1}})   # doctest: +SKIP
+ConfigError: denoiser.max_rows_per_tick: Input should be greater than or equal to 2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from deployments.engine.config import (
+    DenoiserConfig,
+    LimitsConfig,
+    ModelConfig,
+    TextEncoderConfig,
+    VAEConfig,
+    _Strict,
+)
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names each offending field."""
+
+
+class AppConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how to run it.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits checked at the edge.")
+    ingress: "IngressConfig" = Field(default_factory=lambda: IngressConfig(), description="HTTP ingress replicas.")
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+
+    @classmethod
+    def load(cls, args: dict[str, Any] | None) -> "AppConfig":
+        """Validate ``args``; raise ``ConfigError`` naming every bad field."""
+        try:
+            return cls.model_validate(args or {})
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+            )
+            raise ConfigError(f"invalid lorafleet config: {problems}") from e
+
+
+class IngressConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, le=1024, description="HTTP ingress replicas.")
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per ingress replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests an ingress replica handles at once.")
+    max_queued_requests: int = Field(512, ge=-1, description="Requests waiting at the proxy before 503 (-1: unbounded).")
+
+
+AppConfig.model_rebuild()
+
+
+def load_serve_config(path: str | Path) -> tuple[dict, dict]:
+    """Read serve_config.yaml; return (http_options, the lorafleet application's args)."""
+    doc = yaml.safe_load(Path(path).read_text())
+    apps = doc.get("applications") or []
+    if not apps:
+        raise ConfigError(f"{path}: no applications")
+    return doc.get("http_options") or {}, apps[0].get("args") or {}

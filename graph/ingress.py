@@ -1,0 +1,339 @@
+"""HTTP routes: the native API, the OpenAI Images API, models, health and readiness.
+
+Every request is checked here, against the config's limits, before any GPU
+work is queued; stages are chained with DeploymentResponses so tensors move
+between replicas through Ray's object store, never through this process as
+JSON.
+"""
+
+
+import asyncio
+import base64
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.engine import models
+from deployments.engine.images import MIME_TYPES
+from deployments.engine.prompts import count_tokens
+from deployments.engine.step_scheduler import QueueFullError
+
+from . import errors
+from .config import AppConfig
+from .errors import APIError
+from .schemas import (
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIImage,
+    OpenAIImagesRequest,
+    OpenAIImagesResponse,
+    Timings,
+)
+
+app = FastAPI(
+    title="lorafleet",
+    description="Text-to-image serving on Ray Serve: one Stable Diffusion model, many LoRA styles.",
+    version="0.1.0",
+)
+errors.install(app)
+
+_ERRORS = {
+    400: {"description": "Malformed request"},
+    422: {"description": "Invalid field value; the error names the field"},
+    503: {"description": "Overloaded: retry after the Retry-After header's seconds"},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated generation request, ready for the graph."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str
+    output_format: str
+
+    def denoise_params(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "num_images": self.num_images,
+            "scheduler": self.scheduler,
+        }
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError subclasses its cause's type)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if inner is None or isinstance(e, (QueueFullError, BackPressureError)):
+            break
+        e = inner
+    return e
+
+
+async def _resolve(response):
+    return await response
+
+
+def _raw_format(accept: str) -> str | None:
+    first = accept.split(",")[0].split(";")[0].strip().lower()
+    return {v: k for k, v in MIME_TYPES.items()}.get(first)
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    w, sep, h = size.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise APIError(422, "invalid_value", f'size must look like "512x512", got {size!r}', "size")
+    return int(w), int(h)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        denoiser: DeploymentHandle,
+        vae: DeploymentHandle,
+        config: AppConfig,
+    ):
+        self.config = config
+        self.limits = config.limits
+        directory = models.resolve_model_dir(config.model.uri, config.model.cache_dir)
+        info = models.read_model_info(config.model.uri, directory)
+        self.model_name = config.model.name or info.name
+        self.info = info
+        self.tokenizer = models.load_tokenizer(directory)
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae = vae
+        self.started = int(time.time())
+
+    # -- validation -------------------------------------------------------------
+
+    def plan(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str,
+        model: str | None,
+        width: int | None,
+        height: int | None,
+        steps: int,
+        guidance_scale: float,
+        seed: int | None,
+        num_images: int,
+        scheduler: str,
+        output_format: str,
+        fields: dict[str, str] | None = None,
+    ) -> Plan:
+        """Check a request against the limits; ``fields`` maps names to the endpoint's own field names."""
+        f = {"width": "width", "height": "height", "num_images": "num_images", "model": "model", **(fields or {})}
+        lim = self.limits
+        if model is not None and model != self.model_name:
+            raise APIError(404, "model_not_found", f"unknown model {model!r}; served: {self.model_name!r}", f["model"])
+        if not prompt.strip():
+            raise APIError(422, "invalid_value", "prompt must not be empty", "prompt")
+        width = self.info.default_side if width is None else width
+        height = self.info.default_side if height is None else height
+        for name, value in (("width", width), ("height", height)):
+            if value % 8 or not lim.min_side <= value <= lim.max_side:
+                raise APIError(
+                    422,
+                    "invalid_value",
+                    f"{name} must be a multiple of 8 in [{lim.min_side}, {lim.max_side}], got {value}",
+                    f[name],
+                )
+        if not 1 <= steps <= lim.max_steps:
+            raise APIError(422, "invalid_value", f"steps must be in [1, {lim.max_steps}], got {steps}", "steps")
+        if not 0 <= guidance_scale <= lim.max_guidance_scale:
+            raise APIError(
+                422,
+                "invalid_value",
+                f"guidance_scale must be in [0, {lim.max_guidance_scale}], got {guidance_scale}",
+                "guidance_scale",
+            )
+        if not 1 <= num_images <= lim.max_num_images:
+            raise APIError(
+                422,
+                "invalid_value",
+                f"{f['num_images']} must be in [1, {lim.max_num_images}], got {num_images}",
+                f["num_images"],
+            )
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            n_tokens = count_tokens(self.tokenizer, text)
+            if n_tokens > self.info.max_prompt_tokens:
+                raise APIError(
+                    422,
+                    "prompt_too_long",
+                    f"{name} is {n_tokens} tokens; the limit is {self.info.max_prompt_tokens} tokens "
+                    "(CLIP's context, start and end tokens included)",
+                    name,
+                )
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        return Plan(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=float(guidance_scale),
+            seed=seed,
+            num_images=num_images,
+            scheduler=scheduler,
+            output_format=output_format,
+        )
+
+    # -- the graph ---------------------------------------------------------------
+
+    async def run(self, plan: Plan) -> dict:
+        """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings."""
+        received = time.perf_counter()
+        encoded = self.text_encoder.encode.remote(plan.prompt, plan.negative_prompt)
+        denoised = self.denoiser.denoise.remote(encoded, plan.denoise_params())
+        decoded = self.vae.decode.remote(denoised, plan.output_format)
+        try:
+            result = await asyncio.wait_for(_resolve(decoded), timeout=self.limits.request_timeout_s)
+        except asyncio.TimeoutError as e:
+            decoded.cancel()
+            raise APIError(504, "timeout", f"no result within {self.limits.request_timeout_s:.0f}s") from e
+        except Exception as e:
+            cause = _cause(e)
+            if isinstance(cause, QueueFullError):
+                raise APIError(
+                    503, "overloaded", str(cause), None, {"Retry-After": str(round(cause.retry_after_s))}
+                ) from e
+            if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
+                raise APIError(503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"}) from e
+            raise
+        result["total_ms"] = 1000.0 * (time.perf_counter() - received)
+        return result
+
+    # -- routes ------------------------------------------------------------------
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS})
+    async def generate(self, body: GenerateRequest, request: Request):
+        """Generate images. With ``num_images=1`` and ``Accept: image/png`` (or jpeg, webp) the raw image comes back."""
+        raw = _raw_format(request.headers.get("accept", ""))
+        plan = self.plan(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            model=body.model,
+            width=body.width,
+            height=body.height,
+            steps=body.steps,
+            guidance_scale=body.guidance_scale,
+            seed=body.seed,
+            num_images=body.num_images,
+            scheduler=body.scheduler,
+            output_format=raw if raw and body.num_images == 1 else body.output_format,
+        )
+        result = await self.run(plan)
+        if raw and plan.num_images == 1:
+            return Response(
+                result["images"][0],
+                media_type=MIME_TYPES[raw],
+                headers={"X-Seed": str(plan.seed), "X-Model": self.model_name},
+            )
+        return GenerateResponse(
+            images=[
+                GeneratedImage(
+                    b64=base64.b64encode(data).decode(), seed=plan.seed + k, width=plan.width, height=plan.height
+                )
+                for k, data in enumerate(result["images"])
+            ],
+            model=self.model_name,
+            timings=Timings(
+                queue_ms=result["queue_ms"],
+                encode_ms=result["encode_ms"],
+                denoise_ms=result["denoise_ms"],
+                decode_ms=result["decode_ms"],
+            ),
+        )
+
+    @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=_ERRORS)
+    async def images_generations(self, body: OpenAIImagesRequest):
+        """The OpenAI Images API: works with the official ``openai`` client."""
+        if body.response_format != "b64_json":
+            raise APIError(
+                400,
+                "unsupported_response_format",
+                f'response_format {body.response_format!r} is not served; use "b64_json"',
+                "response_format",
+            )
+        width, height = _parse_size(body.size)
+        plan = self.plan(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            model=body.model,
+            width=width,
+            height=height,
+            steps=body.steps,
+            guidance_scale=body.guidance_scale,
+            seed=body.seed,
+            num_images=body.n,
+            scheduler=body.scheduler,
+            output_format=body.output_format,
+            fields={"width": "size", "height": "size", "num_images": "n"},
+        )
+        result = await self.run(plan)
+        return OpenAIImagesResponse(
+            created=int(time.time()),
+            data=[OpenAIImage(b64_json=base64.b64encode(d).decode()) for d in result["images"]],
+        )
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.started,
+                    "owned_by": "lorafleet",
+                    "uri": self.config.model.uri,
+                    "default_size": f"{self.info.default_side}x{self.info.default_side}",
+                    "default_scheduler": self.info.scheduler_class,
+                }
+            ],
+        }
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self):
+        names = ("TextEncoder", "Denoiser", "VAE")
+        handles = (self.text_encoder, self.denoiser, self.vae)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(_resolve(h.ready.remote()), timeout=5.0) for h in handles), return_exceptions=True
+        )
+        status = {n: ("ready" if r is True else f"not ready: {type(r).__name__}") for n, r in zip(names, results, strict=True)}
+        if all(r is True for r in results):
+            return {"status": "ready", "deployments": status}
+        return errors.error_response(503, "not_ready", f"deployments not ready: {status}", None)
+

@@ -1,0 +1,83 @@
+"""HTTP request and response bodies. Types are strict: ``"64"`` is not a width."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.engine.images import OUTPUT_FORMATS
+from deployments.engine.schedulers import SCHEDULER_NAMES
+
+MAX_SEED = 2**32 - 1
+OutputFormat = Literal[tuple(OUTPUT_FORMATS)]  # type: ignore[valid-type]
+SchedulerName = Literal[tuple(SCHEDULER_NAMES)]  # type: ignore[valid-type]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Body):
+    """``POST /v1/generate``. Omitted sizes take the model's native resolution."""
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    negative_prompt: str = Field("", description="What to steer away from (guidance_scale > 1 only).")
+    model: str | None = Field(None, description="Model name (GET /v1/models); default: the served model.")
+    width: int | None = Field(None, description="Pixels, a multiple of 8.")
+    height: int | None = Field(None, description="Pixels, a multiple of 8.")
+    steps: int = Field(30, ge=1, description="Denoising steps (at most limits.max_steps).")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance; <= 1 disables it.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image k uses seed + k; chosen if omitted.")
+    num_images: int = Field(1, ge=1, description="Images to generate (at most limits.max_num_images).")
+    scheduler: SchedulerName = Field("default", description="default = the model's own scheduler.")
+    output_format: OutputFormat = Field("png", description="png, jpeg or webp (lossless).")
+
+
+class GeneratedImage(BaseModel):
+    b64: str
+    seed: int
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    encode_ms: float
+    denoise_ms: float
+    decode_ms: float
+
+
+class GenerateResponse(BaseModel):
+    images: list[GeneratedImage]
+    model: str
+    timings: Timings
+
+
+class OpenAIImagesRequest(_Body):
+    """``POST /v1/images/generations`` in the OpenAI Images API shape, plus lorafleet's extras."""
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "512x512"; default: the model\'s native size.')
+    response_format: str = Field("b64_json", description='Only "b64_json" is served.')
+    user: str | None = Field(None, description="End-user id; the tenant for fair scheduling.")
+    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    output_format: OutputFormat = "png"
+    negative_prompt: str = ""
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    scheduler: SchedulerName = "default"
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
