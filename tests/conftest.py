@@ -39,3 +39,106 @@ def tiny(tiny_dir):
         "unet": models.load_unet(tiny_dir, cpu, torch.float32),
         "vae": models.load_vae(tiny_dir, cpu, torch.float32),
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback: the real S3 HTTP API, spoken to by boto3. Yields client kwargs."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "region_name": "us-east-1",
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
+    finally:
+        server.stop()
+
+
+class Cluster:
+    """A running lorafleet app on a local Ray instance: its URL and Serve handles."""
+
+    def __init__(self, url: str, app_name: str):
+        self.url = url
+        self.app_name = app_name
+
+    def handle(self, deployment: str):
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=self.app_name)
+
+    def stats(self, deployment: str) -> dict:
+        return self.handle(deployment).stats.remote().result(timeout_s=30)
+
+
+# Small bounds so overload is reachable in a test; everything else as shipped in serve_config.yaml.
+E2E_OVERRIDES = {"denoiser": {"max_queued_images": 8, "max_rows_per_tick": 8}}
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, cache_dir, tiny_dir):
+    """One local Ray instance per test session (127.0.0.1 only), the app deployed with `serve deploy`."""
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    import requests
+    import yaml
+    from ray import serve
+
+    dashboard_port, http_port = free_port(), free_port()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    app = config["applications"][0]
+    for section, values in E2E_OVERRIDES.items():
+        app["args"].setdefault(section, {}).update(values)
+    app["args"]["model"]["cache_dir"] = str(cache_dir)
+    path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        namespace="lorafleet-tests",
+        log_to_driver=False,
+    )
+    try:
+        serve_cli = Path(sys.executable).with_name("serve")
+        subprocess.run(
+            [str(serve_cli), "deploy", str(path), "-a", f"http://127.0.0.1:{dashboard_port}"],
+            check=True,
+            timeout=180,
+        )
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"lorafleet did not become ready: {serve.status()}")
+            time.sleep(1)
+        yield Cluster(url, app["name"])
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

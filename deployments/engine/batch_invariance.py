@@ -72,6 +72,12 @@ def _contiguous_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.T
     return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
 
 
+def _contiguous_geglu(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # GELU on a strided half of the projection vectorises differently by batch size.
+    h, gate = self.proj(x).chunk(2, dim=-1)
+    return h.contiguous() * self.gelu(gate.contiguous())
+
+
 def _gemm_convertible(module: torch.nn.Module) -> bool:
     return (
         type(module) is torch.nn.Conv2d
@@ -102,4 +108,6 @@ def make_batch_invariant(model: torch.nn.Module) -> torch.nn.Module:
             module.forward = types.MethodType(_conv2d_as_gemm, module)
         elif type(module) is torch.nn.GroupNorm:
             module.forward = types.MethodType(_contiguous_group_norm, module)
+        elif type(module).__name__ == "GEGLU" and hasattr(module, "proj"):
+            module.forward = types.MethodType(_contiguous_geglu, module)
     return model

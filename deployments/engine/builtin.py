@@ -72,6 +72,8 @@ TINY_SD = {
         "steps_offset": 1,
         "prediction_type": "epsilon",
     },
+    # Keys of SD1.5's scheduler_config.json that PNDM ignores but DDIM and others read.
+    "scheduler_extra": {"clip_sample": False},
 }
 
 BUILTIN_MODELS = {"tiny-sd": TINY_SD}
@@ -114,6 +116,8 @@ def write_builtin(uri: str, directory: str | Path) -> Path:
         tokenizer.save_pretrained(staging / "tokenizer")
         write_vocab_files(staging / "tokenizer")
         PNDMScheduler(**spec["scheduler"]).save_pretrained(staging / "scheduler")
+        config_path = staging / "scheduler" / "scheduler_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **spec["scheduler_extra"]}, indent=2))
         model_index = {
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": "0.42.1",

@@ -15,16 +15,6 @@ import torch
 TokenIds = tuple[int, ...]
 
 
-class PromptTooLongError(ValueError):
-    """A prompt does not fit the text encoder's context."""
-
-    def __init__(self, field: str, num_tokens: int, limit: int):
-        self.field = field
-        self.num_tokens = num_tokens
-        self.limit = limit
-        super().__init__(f"{field} is {num_tokens} tokens long; the limit is {limit} tokens (including start/end)")
-
-
 def count_tokens(tokenizer, text: str) -> int:
     """Tokens ``text`` takes in the encoder's context, start and end tokens included."""
     return len(tokenizer(text, truncation=False).input_ids)

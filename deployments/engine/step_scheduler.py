@@ -36,6 +36,9 @@ class QueueFullError(RuntimeError):
         self.retry_after_s = retry_after_s
         super().__init__(f"denoiser queue is full ({queued} of {limit} images waiting); retry in {retry_after_s:.0f}s")
 
+    def __reduce__(self):  # crosses process boundaries through Ray
+        return type(self), (self.queued, self.limit, self.retry_after_s)
+
 
 @dataclass
 class DenoiseRequest:

@@ -1,0 +1,47 @@
+# lorafleet: `make serve` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel (this machine and CI). On a GPU machine, e.g.:
+#   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= serve_config.yaml
+PYTEST_ARGS ?=
+
+.PHONY: venv serve stop test test-fast lint bench export-model clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	# Only for the CLIP BPE vocabulary file it ships (its own deps would pull torchvision).
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv  ## local Ray head on 127.0.0.1, the app on the embedded default; Ctrl-C stops
+	$(VENV)/bin/lorafleet serve --config $(CONFIG)
+
+stop:  ## stop a `make serve` running in another terminal
+	@if [ -f .lorafleet/serve.pid ]; then kill -TERM $$(cat .lorafleet/serve.pid) && echo "stopping lorafleet"; \
+	else echo "lorafleet is not running"; fi
+
+test: venv  ## the whole suite (unit, equivalence, end-to-end through Ray Serve and HTTP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv  ## everything but the end-to-end tests
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv  ## served graph vs diffusers' pipeline in a plain loop; figures into docs/benchmarks.md by hand
+	$(PY) benchmarks/bench_serving.py
+
+export-model: venv  ## write builtin:tiny-sd as a diffusers directory: make export-model DIR=/tmp/tiny-sd
+	$(VENV)/bin/lorafleet export-model builtin:tiny-sd $(DIR)
+
+clean:
+	rm -rf $(VENV) .lorafleet .pytest_cache
