@@ -48,22 +48,35 @@ def _row_padded_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return row_invariant_linear(x, self.weight, self.bias)
 
 
-def _conv2d_as_gemm(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    # im2col, then one GEMM with a row per output pixel: rows never share a
-    # reduction, whatever the batch. (CPU convolutions split their reductions
-    # across threads differently for one image than for several.)
+def row_invariant_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """``F.conv2d`` as im2col plus one GEMM with a row per output pixel.
+
+    Rows never share a reduction, whatever the batch (CPU convolutions split
+    their reductions across threads differently for one image than for several).
+    """
     n, _, h, w = x.shape
-    kh, kw = self.kernel_size
-    (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+    out_channels, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         cols = x.permute(0, 2, 3, 1).reshape(n * h * w, -1)  # [n*h*w, c]
     else:
-        cols = F.unfold(x, (kh, kw), self.dilation, self.padding, self.stride)  # [n, c*kh*kw, h_out*w_out]
+        cols = F.unfold(x, (kh, kw), dilation, padding, stride)  # [n, c*kh*kw, h_out*w_out]
         cols = cols.transpose(1, 2).reshape(n * h_out * w_out, -1)  # [n*h_out*w_out, c*kh*kw]
-    out = row_invariant_linear(cols, self.weight.reshape(self.out_channels, -1), self.bias)
-    return out.reshape(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2).contiguous()
+    out = row_invariant_linear(cols, weight.reshape(out_channels, -1), bias)
+    return out.reshape(n, h_out, w_out, out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _conv2d_as_gemm(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return row_invariant_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
 def _contiguous_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ class DenoiseRequest:
     guidance_scale: float
     seed: int
     scheduler: str = "default"
+    # ((slot, weight), ...) in the request's order: resident adapters of the UNet's MultiLoRAModel.
+    adapters: tuple[tuple[int, float], ...] = ()
+    tenant: str = ""
 
 
 @dataclass(eq=False)
@@ -111,10 +114,12 @@ class StepScheduler:
         max_rows_per_tick: int = 16,
         max_queued: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        lora=None,
     ):
         if max_rows_per_tick < 2:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
         self.unet = unet
+        self.lora = lora  # a MultiLoRAModel over ``unet``, or None
         self.schedulers = schedulers
         self.vae_scale_factor = vae_scale_factor
         self.max_rows_per_tick = max_rows_per_tick
@@ -256,12 +261,16 @@ class StepScheduler:
             x = torch.cat([j.x_t] * 2) if j.cfg else j.x_t  # [rows, c, h, w]
             x_in.append(j.scheduler.scale_model_input(x, t))
             t_in.append(t.to(torch.float32).expand(j.rows))
-        eps_all = self.unet(
-            torch.cat(x_in),  # [sum rows, c, h, w]
-            torch.cat(t_in).to(self.device),  # [sum rows]
-            encoder_hidden_states=torch.cat([j.context for j in jobs]),  # [sum rows, tokens, hidden]
-            return_dict=False,
-        )[0]
+        x_in = torch.cat(x_in)  # [sum rows, c, h, w]
+        t_in = torch.cat(t_in).to(self.device)  # [sum rows]
+        context = torch.cat([j.context for j in jobs])  # [sum rows, tokens, hidden]
+        if self.lora is not None and any(j.request.adapters for j in jobs):
+            # Both guidance rows of a request carry its adapters, as in diffusers.
+            rows = [j.request.adapters for j in jobs for _ in range(j.rows)]
+            with self.lora.routed(rows):
+                eps_all = self.unet(x_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
+        else:
+            eps_all = self.unet(x_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
         for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
             if j.cfg:
                 eps_uncond, eps_text = eps.chunk(2)

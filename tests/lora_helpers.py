@@ -1,0 +1,49 @@
+"""Make real LoRA files for the tiny model with peft (non-zero init, so a wrong adapter cannot pass)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def make_peft_lora_file(
+    tiny,
+    directory: Path,
+    *,
+    seed: int,
+    rank: int,
+    alpha: float,
+    unet_targets: list[str],
+    text_targets: list[str] | None = None,
+) -> Path:
+    """A diffusers ``pytorch_lora_weights.safetensors`` written by ``save_lora_weights``, alpha in its metadata."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(tiny["unet"])
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, init_lora_weights=False)
+    unet.add_adapter(config)
+    kwargs = {
+        "unet_lora_layers": get_peft_model_state_dict(unet),
+        "unet_lora_adapter_metadata": config.to_dict(),
+    }
+    if text_targets:
+        te_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=text_targets, init_lora_weights=False)
+        from peft import inject_adapter_in_model
+
+        te = inject_adapter_in_model(te_config, copy.deepcopy(tiny["text_encoder"]))
+        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
+        kwargs["text_encoder_lora_adapter_metadata"] = te_config.to_dict()
+    for cfg_key in ("unet_lora_adapter_metadata", "text_encoder_lora_adapter_metadata"):
+        if cfg_key in kwargs:
+            kwargs[cfg_key] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in kwargs[cfg_key].items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(directory, **kwargs)
+    return directory / "pytorch_lora_weights.safetensors"
