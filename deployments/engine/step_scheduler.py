@@ -18,12 +18,12 @@ import inspect
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .fair_queue import FairQueue
 from .schedulers import SchedulerFactory
 
 
@@ -113,9 +113,12 @@ class StepScheduler:
         vae_scale_factor: int,
         max_rows_per_tick: int = 16,
         max_queued: int = 64,
+        max_queued_total: int | None = None,
+        tenant_weights: dict[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         lora=None,
     ):
+        """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them."""
         if max_rows_per_tick < 2:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
         self.unet = unet
@@ -124,11 +127,12 @@ class StepScheduler:
         self.vae_scale_factor = vae_scale_factor
         self.max_rows_per_tick = max_rows_per_tick
         self.max_queued = max_queued
+        self.max_queued_total = max_queued_total if max_queued_total is not None else 4 * max_queued
         self.clock = clock
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
         self.latent_channels = unet.config.in_channels
-        self.waiting: deque[DenoiseJob] = deque()
+        self.waiting: FairQueue[DenoiseJob] = FairQueue(tenant_weights)
         self.active: list[DenoiseJob] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -178,17 +182,26 @@ class StepScheduler:
             enqueued_at=self.clock(),
         )
 
+    def _check_room(self, tenant: str, n: int) -> None:
+        mine = self.waiting.depth(tenant)
+        if mine + n > self.max_queued:
+            raise QueueFullError(mine, self.max_queued, self.retry_after_s())
+        if len(self.waiting) + n > self.max_queued_total:
+            raise QueueFullError(len(self.waiting), self.max_queued_total, self.retry_after_s())
+
     def submit(self, requests: list[DenoiseRequest]) -> list[DenoiseJob]:
-        """Queue all of ``requests`` or none of them (raises ``QueueFullError``)."""
+        """Queue all of ``requests`` (one tenant's) or none of them (raises ``QueueFullError``)."""
+        tenants = {r.tenant for r in requests}
+        if len(tenants) > 1:
+            raise ValueError(f"one submit carries one tenant's requests, got {sorted(tenants)}")
+        tenant = tenants.pop() if tenants else ""
         with self._lock:
-            queued = len(self.waiting)
-        if queued + len(requests) > self.max_queued:
-            raise QueueFullError(queued, self.max_queued, self.retry_after_s())
+            self._check_room(tenant, len(requests))
         jobs = [self.prepare(r) for r in requests]
         with self._lock:
-            if len(self.waiting) + len(jobs) > self.max_queued:
-                raise QueueFullError(len(self.waiting), self.max_queued, self.retry_after_s())
-            self.waiting.extend(jobs)
+            self._check_room(tenant, len(jobs))
+            for job in jobs:
+                self.waiting.push(tenant, job, cost=job.rows * len(job.timesteps))
         return jobs
 
     def cancel(self, jobs: list[DenoiseJob]) -> None:
@@ -196,8 +209,7 @@ class StepScheduler:
         with self._lock:
             for job in jobs:
                 job.cancelled = True
-                if job in self.waiting:
-                    self.waiting.remove(job)
+                self.waiting.remove(job)
 
     def retry_after_s(self) -> float:
         """A rough wait for a queue slot: the time to drain the current work at the measured tick rate."""
@@ -212,8 +224,8 @@ class StepScheduler:
     def _admit(self) -> None:
         with self._lock:
             rows = sum(j.rows for j in self.active)
-            while self.waiting and rows + self.waiting[0].rows <= self.max_rows_per_tick:
-                job = self.waiting.popleft()
+            while self.waiting and rows + self.waiting.peek().rows <= self.max_rows_per_tick:
+                job = self.waiting.pop()
                 self.active.append(job)
                 rows += job.rows
 

@@ -1,0 +1,108 @@
+"""Weighted fair queuing of denoise jobs across tenants.
+
+Each tenant (API key, or the OpenAI ``user`` field) has a FIFO. A job's cost is
+its work (UNet rows x steps); its virtual finish time is
+``max(V, tenant's last finish) + cost / weight``, and the job with the
+smallest finish time among the tenants' heads goes next (self-clocked fair
+queuing: V is the finish time of the job last admitted). So while several
+tenants have a backlog they share denoiser throughput by weight, FIFO within
+a tenant, and no tenant starves: a newly active tenant starts at V, never
+behind the flooders' accumulated backlog.
+
+Bounds: ``max_per_tenant`` waiting images per tenant (a flood fills only its
+own share) and ``max_total`` overall (memory stays bounded).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class FairQueue(Generic[T]):
+    def __init__(self, weights: dict[str, float] | None = None, default_weight: float = 1.0):
+        if default_weight <= 0:
+            raise ValueError(f"default_weight must be > 0, got {default_weight}")
+        for tenant, w in (weights or {}).items():
+            if w <= 0:
+                raise ValueError(f"tenant weight must be > 0, got {w} for {tenant!r}")
+        self.weights = dict(weights or {})
+        self.default_weight = default_weight
+        self._queues: dict[str, deque[tuple[float, int, T]]] = {}
+        self._last_finish: dict[str, float] = {}
+        self._heads: list[tuple[float, int, str]] = []  # (finish, seq, tenant) of each tenant's head
+        self._seq = itertools.count()
+        self.virtual_time = 0.0
+        self._len = 0
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, self.default_weight)
+
+    def push(self, tenant: str, item: T, cost: float) -> None:
+        if cost <= 0:
+            raise ValueError(f"cost must be > 0, got {cost}")
+        start = max(self.virtual_time, self._last_finish.get(tenant, 0.0))
+        finish = start + cost / self.weight(tenant)
+        self._last_finish[tenant] = finish
+        q = self._queues.setdefault(tenant, deque())
+        entry = (finish, next(self._seq), item)
+        q.append(entry)
+        if len(q) == 1:
+            heapq.heappush(self._heads, (finish, entry[1], tenant))
+        self._len += 1
+
+    def peek(self) -> T | None:
+        if not self._heads:
+            return None
+        _, _, tenant = self._heads[0]
+        return self._queues[tenant][0][2]
+
+    def pop(self) -> T:
+        finish, _, tenant = heapq.heappop(self._heads)
+        q = self._queues[tenant]
+        _, _, item = q.popleft()
+        self.virtual_time = finish
+        if q:
+            heapq.heappush(self._heads, (q[0][0], q[0][1], tenant))
+        else:
+            del self._queues[tenant]
+        self._len -= 1
+        return item
+
+    def remove(self, item: T) -> bool:
+        """Drop a waiting item (cancelled); its tenant keeps its place otherwise."""
+        for tenant, q in self._queues.items():
+            for entry in q:
+                if entry[2] is item:
+                    was_head = q[0] is entry
+                    q.remove(entry)
+                    self._len -= 1
+                    if was_head:
+                        self._heads = [h for h in self._heads if h[2] != tenant]
+                        heapq.heapify(self._heads)
+                        if q:
+                            heapq.heappush(self._heads, (q[0][0], q[0][1], tenant))
+                    if not q:
+                        del self._queues[tenant]
+                    return True
+        return False
+
+    def depth(self, tenant: str) -> int:
+        q = self._queues.get(tenant)
+        return len(q) if q else 0
+
+    def depths(self) -> dict[str, int]:
+        return {t: len(q) for t, q in self._queues.items()}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[T]:
+        for q in self._queues.values():
+            for entry in q:
+                yield entry[2]
