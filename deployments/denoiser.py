@@ -1,12 +1,15 @@
-"""Denoiser deployment: the UNet and scheduler loop, step-level batched across requests."""
+"""Denoiser deployment: the UNet and scheduler loop, step-level batched across requests and adapters."""
 
 from __future__ import annotations
 
 import torch
 from ray import serve
 
+from lora_registry.config import RegistryConfig
+
 from .engine import models
-from .engine.config import DenoiserConfig, ModelConfig
+from .engine.adapters import ModelAdapters, open_model_registry
+from .engine.config import DenoiserConfig, LoRAConfig, ModelConfig
 from .engine.loop import DenoiseLoop
 from .engine.runtime import prepare_runtime
 from .engine.schedulers import SchedulerFactory
@@ -15,39 +18,67 @@ from .engine.step_scheduler import DenoiseRequest, StepScheduler
 
 @serve.deployment(name="Denoiser")
 class Denoiser:
-    def __init__(self, model: ModelConfig, config: DenoiserConfig):
+    def __init__(self, model: ModelConfig, config: DenoiserConfig, lora: LoRAConfig, registry: RegistryConfig):
         rt = prepare_runtime(model)
         info = rt.info
         unet = rt.prepare(models.load_unet(info.directory, rt.device, rt.dtype))
+        self.registry, _ = open_model_registry(registry, info.directory)
+        self.adapters = ModelAdapters(unet, "unet", self.registry, lora, deterministic=rt.deterministic)
         self.steps = StepScheduler(
             unet,
             SchedulerFactory(info.scheduler_class, info.scheduler_config),
             vae_scale_factor=info.vae_scale_factor,
             max_rows_per_tick=config.max_rows_per_tick,
             max_queued=config.max_queued_images,
+            max_queued_total=config.max_queued_images_total,
+            tenant_weights=config.tenant_weights,
+            lora=self.adapters.lora,
         )
         self.loop = DenoiseLoop(self.steps)
+        self.max_routed_adapters = lora.max_loras_per_replica
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def _route_adapter(self, ref: str) -> str:
+        """Serve's multiplexing records which adapters this replica holds, so the router sends
+        requests for an adapter to replicas that already have it (README: Routing)."""
+        await self.adapters.acquire([ref])
+        await self.adapters.release([ref])
+        return ref
 
     async def denoise(self, encoded: dict, params: dict) -> dict:
         """Denoise ``params["num_images"]`` images; image k uses seed ``params["seed"] + k``.
 
         ``encoded`` is the TextEncoder's output (a chained DeploymentResponse,
-        resolved by Serve). Returns latents ``[n, c, h, w]`` and timings.
+        resolved by Serve). ``params["adapters"]``: ``[[ref, weight], ...]``
+        (UNet parts, pinned ``name@version`` refs). Returns latents ``[n, c, h, w]`` and timings.
         """
-        requests = [
-            DenoiseRequest(
-                prompt_embeds=encoded["prompt_embeds"],
-                negative_prompt_embeds=encoded["negative_prompt_embeds"],
-                height=params["height"],
-                width=params["width"],
-                steps=params["steps"],
-                guidance_scale=params["guidance_scale"],
-                seed=params["seed"] + k,
-                scheduler=params["scheduler"],
-            )
-            for k in range(params["num_images"])
-        ]
-        jobs = await self.loop.run(requests)
+        routed = serve.get_multiplexed_model_id()
+        if routed:
+            await self._route_adapter(routed)
+            # Serve's record holds as many adapters as this replica has slots.
+            getattr(self, "__serve_multiplex_wrapper").max_num_models_per_replica = self.max_routed_adapters
+        refs = [ref for ref, _ in params["adapters"]]
+        slots = await self.adapters.acquire(refs)
+        try:
+            adapters = tuple((slot, float(w)) for slot, (_, w) in zip(slots, params["adapters"], strict=True))
+            requests = [
+                DenoiseRequest(
+                    prompt_embeds=encoded["prompt_embeds"],
+                    negative_prompt_embeds=encoded["negative_prompt_embeds"],
+                    height=params["height"],
+                    width=params["width"],
+                    steps=params["steps"],
+                    guidance_scale=params["guidance_scale"],
+                    seed=params["seed"] + k,
+                    scheduler=params["scheduler"],
+                    adapters=adapters,
+                    tenant=params["tenant"],
+                )
+                for k in range(params["num_images"])
+            ]
+            jobs = await self.loop.run(requests)
+        finally:
+            await self.adapters.release(refs)
         return {
             "latents": torch.cat([j.x_t for j in jobs]).cpu(),  # [n, c, h, w]
             "encode_ms": encoded["encode_ms"],
@@ -60,8 +91,11 @@ class Denoiser:
         return {
             "ticks": s.ticks_run,
             "rows": s.rows_run,
+            "tick_seconds": s.tick_seconds,
             "active": len(s.active),
             "waiting": len(s.waiting),
+            "waiting_by_tenant": s.waiting.depths(),
+            "adapters": self.adapters.stats(),
         }
 
     def ready(self) -> bool:

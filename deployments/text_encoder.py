@@ -1,4 +1,5 @@
-"""TextEncoder deployment: CLIP prompt encoding, batched across requests, with an embedding cache."""
+"""TextEncoder deployment: CLIP prompt encoding, batched across requests, with an embedding cache
+and per-request text-encoder LoRA."""
 
 from __future__ import annotations
 
@@ -7,26 +8,43 @@ import time
 
 from ray import serve
 
+from lora_registry.config import RegistryConfig
+
 from .engine import models
-from .engine.config import ModelConfig, TextEncoderConfig
+from .engine.adapters import ModelAdapters, open_model_registry
+from .engine.config import LoRAConfig, ModelConfig, TextEncoderConfig
 from .engine.prompts import PromptEncoder
 from .engine.runtime import prepare_runtime
 
 
 @serve.deployment(name="TextEncoder")
 class TextEncoder:
-    def __init__(self, model: ModelConfig, config: TextEncoderConfig):
+    def __init__(self, model: ModelConfig, config: TextEncoderConfig, lora: LoRAConfig, registry: RegistryConfig):
         rt = prepare_runtime(model)
         directory = rt.info.directory
         text_encoder = rt.prepare(models.load_text_encoder(directory, rt.device, rt.dtype))
-        self.encoder = PromptEncoder(models.load_tokenizer(directory), text_encoder, config.cache_size)
+        self.registry, _ = open_model_registry(registry, directory)
+        self.adapters = ModelAdapters(text_encoder, "text_encoder", self.registry, lora, deterministic=rt.deterministic)
+        self.encoder = PromptEncoder(
+            models.load_tokenizer(directory), text_encoder, config.cache_size, lora=self.adapters.lora
+        )
         self._encode_batch.set_max_batch_size(config.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    async def encode(self, prompt: str, negative_prompt: str) -> dict:
-        """``{prompt_embeds [tokens, hidden], negative_prompt_embeds [tokens, hidden], encode_ms}``."""
+    async def encode(self, prompt: str, negative_prompt: str, adapters: list | None = None) -> dict:
+        """``{prompt_embeds [tokens, hidden], negative_prompt_embeds [tokens, hidden], encode_ms}``.
+
+        ``adapters``: ``[[ref, weight], ...]`` with text-encoder weights (pinned refs).
+        """
         start = time.perf_counter()
-        pos, neg = await self._encode_batch((prompt, negative_prompt))
+        adapters = adapters or []
+        refs = [ref for ref, _ in adapters]
+        slots = await self.adapters.acquire(refs)
+        try:
+            text = tuple((slot, float(w), ref) for slot, (ref, w) in zip(slots, adapters, strict=True))
+            pos, neg = await self._encode_batch((prompt, negative_prompt, text))
+        finally:
+            await self.adapters.release(refs)
         return {
             "prompt_embeds": pos,
             "negative_prompt_embeds": neg,
@@ -34,14 +52,20 @@ class TextEncoder:
         }
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, pairs: list[tuple[str, str]]) -> list[tuple]:
-        texts = [text for pair in pairs for text in pair]
-        embeds = await asyncio.to_thread(self.encoder.encode_prompt, texts)
-        return [(embeds[2 * i].cpu(), embeds[2 * i + 1].cpu()) for i in range(len(pairs))]
+    async def _encode_batch(self, items: list[tuple[str, str, tuple]]) -> list[tuple]:
+        texts = [t for prompt, negative, _ in items for t in (prompt, negative)]
+        adapters = [a for _, _, a in items for _ in range(2)]
+        embeds = await asyncio.to_thread(self.encoder.encode_prompt, texts, adapters)
+        return [(embeds[2 * i].cpu(), embeds[2 * i + 1].cpu()) for i in range(len(items))]
 
     def stats(self) -> dict:
         cache = self.encoder.cache
-        return {"cache_hits": cache.hits, "cache_misses": cache.misses, "cache_entries": len(cache)}
+        return {
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "cache_entries": len(cache),
+            "adapters": self.adapters.stats(),
+        }
 
     def ready(self) -> bool:
         return True

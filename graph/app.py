@@ -31,8 +31,12 @@ def _options(cfg: ResourceConfig) -> dict:
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Validate the config (``ConfigError`` names the field) and bind the graph."""
     config = args if isinstance(args, AppConfig) else AppConfig.load(args)
-    text_encoder = TextEncoder.options(**_options(config.text_encoder)).bind(config.model, config.text_encoder)
-    denoiser = Denoiser.options(**_options(config.denoiser)).bind(config.model, config.denoiser)
+    text_encoder = TextEncoder.options(**_options(config.text_encoder)).bind(
+        config.model, config.text_encoder, config.lora, config.registry
+    )
+    denoiser = Denoiser.options(**_options(config.denoiser)).bind(
+        config.model, config.denoiser, config.lora, config.registry
+    )
     vae = VAE.options(**_options(config.vae)).bind(config.model, config.vae)
     ing = config.ingress
     return Ingress.options(

@@ -1,7 +1,8 @@
 """The ``lorafleet`` command.
 
-    lorafleet serve [--config serve_config.yaml]   start a local Ray head on 127.0.0.1 and serve
-    lorafleet export-model builtin:tiny-sd DIR     write a model out as a diffusers directory
+lorafleet serve [--config serve_config.yaml]   start a local Ray head on 127.0.0.1 and serve
+lorafleet export-model builtin:tiny-sd DIR     write a model out as a diffusers directory
+lorafleet adapters register|list|show|delete|pull|gc ...   the LoRA registry (see docs/registry.md)
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": host, "port": port})
         print("deploying lorafleet (first start builds the embedded model) ...", flush=True)
         serve.run(build_app(config), name="lorafleet", route_prefix="/")
-        print(f"lorafleet is serving {config.model.uri} at http://{host}:{port}  (docs: /docs; Ctrl-C stops)", flush=True)
+        print(
+            f"lorafleet is serving {config.model.uri} at http://{host}:{port}  (docs: /docs; Ctrl-C stops)", flush=True
+        )
         stop.wait()
         print("stopping ...", flush=True)
         serve.shutdown()
@@ -66,6 +69,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_spec(model_uri: str):
+    """The registry validates adapters against the model at ``model_uri`` (any URI the server takes)."""
+    from deployments.engine.models import resolve_model_dir
+    from lora_registry.base_model import base_model_spec_from_dir
+
+    return base_model_spec_from_dir(resolve_model_dir(model_uri))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorafleet", description="lorafleet: text-to-image serving on Ray Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("uri")
     p.add_argument("directory")
     p.set_defaults(func=_export)
+    from lora_registry.cli import add_adapters_parser
+
+    add_adapters_parser(sub, _base_spec)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -15,11 +15,13 @@ from pydantic import Field, ValidationError
 from deployments.engine.config import (
     DenoiserConfig,
     LimitsConfig,
+    LoRAConfig,
     ModelConfig,
     TextEncoderConfig,
     VAEConfig,
     _Strict,
 )
+from lora_registry.config import RegistryConfig
 
 
 class ConfigError(ValueError):
@@ -29,13 +31,16 @@ class ConfigError(ValueError):
 class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how to run it.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits checked at the edge.")
-    ingress: "IngressConfig" = Field(default_factory=lambda: IngressConfig(), description="HTTP ingress replicas.")
+    ingress: IngressConfig = Field(default_factory=lambda: IngressConfig(), description="HTTP ingress replicas.")
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="Per-request adapters and adapter slots.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where adapters live (S3 or local).")
+    admin: AdminConfig = Field(default_factory=lambda: AdminConfig(), description="Who may change the registry.")
 
     @classmethod
-    def load(cls, args: dict[str, Any] | None) -> "AppConfig":
+    def load(cls, args: dict[str, Any] | None) -> AppConfig:
         """Validate ``args``; raise ``ConfigError`` naming every bad field."""
         try:
             return cls.model_validate(args or {})
@@ -50,7 +55,21 @@ class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1, le=1024, description="HTTP ingress replicas.")
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests an ingress replica handles at once.")
-    max_queued_requests: int = Field(512, ge=-1, description="Requests waiting at the proxy before 503 (-1: unbounded).")
+    max_queued_requests: int = Field(
+        512, ge=-1, description="Requests waiting at the proxy before 503 (-1: unbounded)."
+    )
+
+
+class AdminConfig(_Strict):
+    token: str | None = Field(
+        None, description="Bearer token for registry writes; default: $LORAFLEET_ADMIN_TOKEN. Unset: writes refused."
+    )
+    protect_reads: bool = Field(False, description="Require the token for GET /v1/adapters too.")
+
+    def resolved_token(self) -> str | None:
+        import os
+
+        return self.token or os.environ.get("LORAFLEET_ADMIN_TOKEN") or None
 
 
 AppConfig.model_rebuild()

@@ -53,7 +53,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
 
 
+async def _registry_error(request: Request, exc) -> JSONResponse:
+    message = exc.message + (f" (keys: {', '.join(exc.keys)})" if exc.keys else "")
+    response = error_response(exc.status, exc.code, message, None)
+    return response
+
+
 def install(app) -> None:
+    from lora_registry.errors import RegistryError
+
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

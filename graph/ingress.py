@@ -6,31 +6,34 @@ between replicas through Ray's object store, never through this process as
 JSON.
 """
 
-
 import asyncio
 import base64
 import secrets
 import time
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine import models
+from deployments.engine.adapters import SlotWaitTimeoutError, open_model_registry
 from deployments.engine.images import MIME_TYPES
 from deployments.engine.prompts import count_tokens
 from deployments.engine.step_scheduler import QueueFullError
+from lora_registry.errors import RegistryError
 
 from . import errors
+from .adapters_api import AdapterResolver, AdminAuth
 from .config import AppConfig
 from .errors import APIError
 from .schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    LoRASpec,
     OpenAIImage,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
@@ -65,9 +68,16 @@ class Plan:
     num_images: int
     scheduler: str
     output_format: str
+    tenant: str = "anonymous"
+    # ((ref, scale), ...): adapters with UNet / text-encoder weights, pinned name@version refs.
+    unet_adapters: tuple[tuple[str, float], ...] = ()
+    text_adapters: tuple[tuple[str, float], ...] = ()
+    applied: tuple[tuple[str, float], ...] = ()
 
     def denoise_params(self) -> dict:
         return {
+            "adapters": [list(a) for a in self.unet_adapters],
+            "tenant": self.tenant,
             "width": self.width,
             "height": self.height,
             "steps": self.steps,
@@ -84,7 +94,7 @@ def _cause(e: BaseException) -> BaseException:
     while id(e) not in seen:
         seen.add(id(e))
         inner = getattr(e, "cause", None) or e.__cause__
-        if inner is None or isinstance(e, (QueueFullError, BackPressureError)):
+        if inner is None or isinstance(e, (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError)):
             break
         e = inner
     return e
@@ -92,6 +102,27 @@ def _cause(e: BaseException) -> BaseException:
 
 async def _resolve(response):
     return await response
+
+
+def _tenant(request: Request, user: str | None) -> str:
+    """The fair-scheduling tenant: the API key if one is sent, else the ``user`` field."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and auth[7:].strip():
+        import hashlib
+
+        return "key:" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:12]
+    return f"user:{user}" if user else "anonymous"
+
+
+def _parse_openai_model(model: str | None) -> tuple[str | None, list[LoRASpec]]:
+    """``"tiny-sd:watercolor@2"`` -> (``"tiny-sd"``, [watercolor v2 at scale 1])."""
+    if model is None or ":" not in model:
+        return model, []
+    base, _, adapter = model.partition(":")
+    name, _, version = adapter.partition("@")
+    if not name or (version and not version.isdigit()):
+        raise APIError(422, "invalid_value", f'model must look like "base:adapter[@version]", got {model!r}', "model")
+    return base or None, [LoRASpec(name=name, version=int(version) if version else None)]
 
 
 def _raw_format(accept: str) -> str | None:
@@ -125,6 +156,9 @@ class Ingress:
         self.model_name = config.model.name or info.name
         self.info = info
         self.tokenizer = models.load_tokenizer(directory)
+        self.registry, self.base_spec = open_model_registry(config.registry, directory)
+        self.resolver = AdapterResolver(self.registry, self.base_spec, config.lora)
+        self.auth = AdminAuth(config.admin)
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae = vae
@@ -146,6 +180,8 @@ class Ingress:
         num_images: int,
         scheduler: str,
         output_format: str,
+        loras: list[LoRASpec] = (),
+        tenant: str = "anonymous",
         fields: dict[str, str] | None = None,
     ) -> Plan:
         """Check a request against the limits; ``fields`` maps names to the endpoint's own field names."""
@@ -193,6 +229,7 @@ class Ingress:
                 )
         if seed is None:
             seed = secrets.randbelow(2**31)
+        unet_adapters, text_adapters, applied = self.resolver.resolve(list(loras), field=f.get("loras", "loras"))
         return Plan(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -204,6 +241,10 @@ class Ingress:
             num_images=num_images,
             scheduler=scheduler,
             output_format=output_format,
+            tenant=tenant,
+            unet_adapters=unet_adapters,
+            text_adapters=text_adapters,
+            applied=applied,
         )
 
     # -- the graph ---------------------------------------------------------------
@@ -211,8 +252,14 @@ class Ingress:
     async def run(self, plan: Plan) -> dict:
         """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings."""
         received = time.perf_counter()
-        encoded = self.text_encoder.encode.remote(plan.prompt, plan.negative_prompt)
-        denoised = self.denoiser.denoise.remote(encoded, plan.denoise_params())
+        encoded = self.text_encoder.encode.remote(
+            plan.prompt, plan.negative_prompt, [list(a) for a in plan.text_adapters]
+        )
+        denoiser = self.denoiser
+        if plan.unet_adapters:
+            # Prefer replicas that already hold the request's first adapter (Serve multiplexing).
+            denoiser = denoiser.options(multiplexed_model_id=plan.unet_adapters[0][0])
+        denoised = denoiser.denoise.remote(encoded, plan.denoise_params())
         decoded = self.vae.decode.remote(denoised, plan.output_format)
         try:
             result = await asyncio.wait_for(_resolve(decoded), timeout=self.limits.request_timeout_s)
@@ -226,18 +273,26 @@ class Ingress:
                     503, "overloaded", str(cause), None, {"Retry-After": str(round(cause.retry_after_s))}
                 ) from e
             if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
-                raise APIError(503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"}) from e
+                raise APIError(
+                    503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"}
+                ) from e
+            if isinstance(cause, SlotWaitTimeoutError):
+                raise APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"}) from e
+            if isinstance(cause, RegistryError):
+                raise APIError(cause.status, cause.code, cause.message, "loras") from e
             raise
         result["total_ms"] = 1000.0 * (time.perf_counter() - received)
         return result
 
     # -- routes ------------------------------------------------------------------
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS})
+    @app.post(
+        "/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS}
+    )
     async def generate(self, body: GenerateRequest, request: Request):
         """Generate images. With ``num_images=1`` and ``Accept: image/png`` (or jpeg, webp) the raw image comes back."""
         raw = _raw_format(request.headers.get("accept", ""))
-        plan = self.plan(
+        plan = await self.plan_async(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
             model=body.model,
@@ -249,6 +304,8 @@ class Ingress:
             num_images=body.num_images,
             scheduler=body.scheduler,
             output_format=raw if raw and body.num_images == 1 else body.output_format,
+            loras=body.loras,
+            tenant=_tenant(request, body.user),
         )
         result = await self.run(plan)
         if raw and plan.num_images == 1:
@@ -265,6 +322,7 @@ class Ingress:
                 for k, data in enumerate(result["images"])
             ],
             model=self.model_name,
+            loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
             timings=Timings(
                 queue_ms=result["queue_ms"],
                 encode_ms=result["encode_ms"],
@@ -274,8 +332,11 @@ class Ingress:
         )
 
     @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=_ERRORS)
-    async def images_generations(self, body: OpenAIImagesRequest):
-        """The OpenAI Images API: works with the official ``openai`` client."""
+    async def images_generations(self, body: OpenAIImagesRequest, request: Request):
+        """The OpenAI Images API: works with the official ``openai`` client.
+
+        ``model`` may name an adapter: ``"tiny-sd:watercolor"`` or ``"tiny-sd:watercolor@2"``.
+        """
         if body.response_format != "b64_json":
             raise APIError(
                 400,
@@ -284,10 +345,11 @@ class Ingress:
                 "response_format",
             )
         width, height = _parse_size(body.size)
-        plan = self.plan(
+        base, loras = _parse_openai_model(body.model)
+        plan = await self.plan_async(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
-            model=body.model,
+            model=base,
             width=width,
             height=height,
             steps=body.steps,
@@ -296,13 +358,60 @@ class Ingress:
             num_images=body.n,
             scheduler=body.scheduler,
             output_format=body.output_format,
-            fields={"width": "size", "height": "size", "num_images": "n"},
+            loras=loras + list(body.loras),
+            tenant=_tenant(request, body.user),
+            fields={"width": "size", "height": "size", "num_images": "n", "loras": "model" if loras else "loras"},
         )
         result = await self.run(plan)
         return OpenAIImagesResponse(
             created=int(time.time()),
             data=[OpenAIImage(b64_json=base64.b64encode(d).decode()) for d in result["images"]],
         )
+
+    async def plan_async(self, **kwargs) -> Plan:
+        """``plan`` in a thread: resolving adapters may read the registry's store."""
+        try:
+            return await asyncio.to_thread(self.plan, **kwargs)
+        except RegistryError as e:
+            raise APIError(e.status, e.code, e.message, kwargs.get("fields", {}).get("loras", "loras")) from e
+
+    # -- adapter registry (admin API) -------------------------------------------------
+
+    @app.post("/v1/adapters", status_code=201, responses={401: {}, 403: {}, 409: {}, 413: {}, 422: {}, 503: {}})
+    async def register_adapter(
+        self,
+        request: Request,
+        file: UploadFile = File(..., description="LoRA safetensors: diffusers/PEFT or kohya"),
+        name: str = Form(...),
+        description: str = Form(""),
+        trigger_words: str = Form("", description="comma-separated"),
+        tags: str = Form("", description="comma-separated"),
+        adapter_config: str | None = Form(None, description="PEFT adapter_config.json contents"),
+    ):
+        """Register a LoRA file as the next version of ``name``; usable at once, cluster-wide."""
+        self.auth.check(request, write=True)
+        manifest = await asyncio.to_thread(
+            self.resolver.register, file.file, name, description, trigger_words, tags, adapter_config
+        )
+        return JSONResponse(manifest.to_dict(), status_code=201)
+
+    @app.get("/v1/adapters")
+    async def list_adapters(self, request: Request, tag: str | None = None, limit: int = 50, after: str | None = None):
+        """One entry per adapter name (its latest version and live versions), sorted by name, paged."""
+        self.auth.check(request, write=False)
+        return await asyncio.to_thread(self.resolver.list, tag, limit, after)
+
+    @app.get("/v1/adapters/{ref}")
+    async def show_adapter(self, ref: str, request: Request):
+        """``name`` (latest version, with the list of versions) or ``name@version``."""
+        self.auth.check(request, write=False)
+        return await asyncio.to_thread(self.resolver.show, ref)
+
+    @app.delete("/v1/adapters/{ref}")
+    async def delete_adapter(self, ref: str, request: Request):
+        """Delete one version (``name@3``) or every version (``name``); gone from listings at once."""
+        self.auth.check(request, write=True)
+        return await asyncio.to_thread(self.resolver.delete, ref)
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
@@ -332,8 +441,9 @@ class Ingress:
         results = await asyncio.gather(
             *(asyncio.wait_for(_resolve(h.ready.remote()), timeout=5.0) for h in handles), return_exceptions=True
         )
-        status = {n: ("ready" if r is True else f"not ready: {type(r).__name__}") for n, r in zip(names, results, strict=True)}
+        status = {
+            n: ("ready" if r is True else f"not ready: {type(r).__name__}") for n, r in zip(names, results, strict=True)
+        }
         if all(r is True for r in results):
             return {"status": "ready", "deployments": status}
         return errors.error_response(503, "not_ready", f"deployments not ready: {status}", None)
-

@@ -18,6 +18,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class LoRASpec(_Body):
+    """One adapter of a request: ``{"name": "watercolor", "version": 2, "scale": 0.8}``."""
+
+    name: str = Field(min_length=1, description="Registered adapter name.")
+    version: int | None = Field(None, ge=1, description="Pinned version; default: the latest.")
+    scale: float = Field(1.0, ge=0, description="Strength, 0 to lora.max_scale (default max 4).")
+
+
 class GenerateRequest(_Body):
     """``POST /v1/generate``. Omitted sizes take the model's native resolution."""
 
@@ -32,6 +40,8 @@ class GenerateRequest(_Body):
     num_images: int = Field(1, ge=1, description="Images to generate (at most limits.max_num_images).")
     scheduler: SchedulerName = Field("default", description="default = the model's own scheduler.")
     output_format: OutputFormat = Field("png", description="png, jpeg or webp (lossless).")
+    loras: list[LoRASpec] = Field(default_factory=list, description="Adapters to compose, in order.")
+    user: str | None = Field(None, max_length=128, description="End-user id: the tenant for fair scheduling.")
 
 
 class GeneratedImage(BaseModel):
@@ -51,6 +61,7 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     model: str
+    loras: list[dict] = Field(default_factory=list, description="The adapters applied: ref (name@version), scale.")
     timings: Timings
 
 
@@ -62,7 +73,7 @@ class OpenAIImagesRequest(_Body):
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "512x512"; default: the model\'s native size.')
     response_format: str = Field("b64_json", description='Only "b64_json" is served.')
-    user: str | None = Field(None, description="End-user id; the tenant for fair scheduling.")
+    user: str | None = Field(None, max_length=128, description="End-user id; the tenant for fair scheduling.")
     quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
     style: str | None = Field(None, description="Accepted for compatibility; ignored.")
     output_format: OutputFormat = "png"
@@ -71,6 +82,7 @@ class OpenAIImagesRequest(_Body):
     guidance_scale: float = Field(7.5, ge=0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: SchedulerName = "default"
+    loras: list[LoRASpec] = Field(default_factory=list, description="More adapters, after the one in `model`.")
 
 
 class OpenAIImage(BaseModel):

@@ -71,9 +71,11 @@ def s3_server():
 class Cluster:
     """A running lorafleet app on a local Ray instance: its URL and Serve handles."""
 
-    def __init__(self, url: str, app_name: str):
+    def __init__(self, url: str, app_name: str, s3: dict):
         self.url = url
         self.app_name = app_name
+        self.s3 = s3
+        self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def handle(self, deployment: str):
         from ray import serve
@@ -88,9 +90,15 @@ class Cluster:
 E2E_OVERRIDES = {"denoiser": {"max_queued_images": 8, "max_rows_per_tick": 8}}
 
 
+ADMIN_TOKEN = "e2e-admin-token"
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory, cache_dir, tiny_dir):
-    """One local Ray instance per test session (127.0.0.1 only), the app deployed with `serve deploy`."""
+def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
+    """One local Ray instance per test session (127.0.0.1 only), the app deployed with `serve deploy`.
+
+    The adapter registry lives in moto's S3 server on loopback: the production boto3 path.
+    """
     import subprocess
     import sys
     import time
@@ -107,6 +115,19 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir):
     for section, values in E2E_OVERRIDES.items():
         app["args"].setdefault(section, {}).update(values)
     app["args"]["model"]["cache_dir"] = str(cache_dir)
+    import boto3
+
+    boto3.client("s3", **s3_server).create_bucket(Bucket="lorafleet-e2e")
+    app["args"]["registry"] = {
+        "uri": "s3://lorafleet-e2e/adapters",
+        "s3_endpoint_url": s3_server["endpoint_url"],
+        "s3_region": s3_server["region_name"],
+        "cache_dir": str(tmp_path_factory.mktemp("adapter-cache")),
+        "manifest_ttl_s": 1.0,
+    }
+    app["args"]["admin"] = {"token": ADMIN_TOKEN}
+    # Ray workers inherit this environment: boto3's credential chain finds moto's dummy keys.
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -136,7 +157,7 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"lorafleet did not become ready: {serve.status()}")
             time.sleep(1)
-        yield Cluster(url, app["name"])
+        yield Cluster(url, app["name"], s3_server)
     finally:
         try:
             serve.shutdown()

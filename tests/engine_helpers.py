@@ -63,7 +63,9 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def reference(self, prompt, negative_prompt="", *, size=64, steps=6, guidance_scale=7.5, seed=0, scheduler="default"):
+    def reference(
+        self, prompt, negative_prompt="", *, size=64, steps=6, guidance_scale=7.5, seed=0, scheduler="default"
+    ):
         pipe = self.pipeline(scheduler)
         return pipe(
             prompt,

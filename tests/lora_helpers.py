@@ -47,3 +47,26 @@ def make_peft_lora_file(
     directory.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(directory, **kwargs)
     return directory / "pytorch_lora_weights.safetensors"
+
+
+def peft_to_kohya_file(peft_file: Path, out: Path, alpha: float) -> Path:
+    """The same weights as a kohya/A1111 ("Civitai") file: lora_down / lora_up / alpha keys."""
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(str(peft_file))
+    kohya = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        path, _, role = rest.rpartition(".lora_")
+        role = role.removesuffix(".weight")
+        if component == "unet":
+            name = "lora_unet_" + path.replace(".", "_")
+        else:
+            if not path.startswith("text_model."):
+                path = "text_model." + path
+            name = "lora_te_" + path.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if role == 'A' else 'lora_up'}.weight"] = tensor.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(kohya, str(out))
+    return out

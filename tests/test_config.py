@@ -2,9 +2,9 @@
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from graph.config import AppConfig, ConfigError, load_serve_config
-from conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,11 @@ def test_serve_config_is_valid_for_serve_and_lorafleet():
     from ray.serve.schema import ServeDeploySchema
 
     doc = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    schema = (
+        ServeDeploySchema.model_validate(doc)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(doc)
+    )
     assert schema.applications[0].import_path == "graph.app:build_app"
     http, args = load_serve_config(ROOT / "serve_config.yaml")
     assert http == {"host": "127.0.0.1", "port": 8000}

@@ -106,8 +106,18 @@ def test_openai_client(cluster):
         extra_body={"steps": 4, "seed": 3, "negative_prompt": "fog"},
     )
     assert len(result.data) == 2 and result.created > 0
-    native = post(cluster, {"prompt": "a lighthouse", "negative_prompt": "fog", "seed": 3, "steps": 4,
-                            "width": 64, "height": 64, "num_images": 2}).json()
+    native = post(
+        cluster,
+        {
+            "prompt": "a lighthouse",
+            "negative_prompt": "fog",
+            "seed": 3,
+            "steps": 4,
+            "width": 64,
+            "height": 64,
+            "num_images": 2,
+        },
+    ).json()
     assert [d.b64_json for d in result.data] == [im["b64"] for im in native["images"]]
     with pytest.raises(openai.BadRequestError, match="b64_json"):
         client.images.generate(model="tiny-sd", prompt="x", size="64x64", response_format="url")
@@ -158,8 +168,9 @@ BAD = [
 def test_bad_input_is_a_clear_4xx_and_never_reaches_the_denoiser(cluster, body, status, code, field):
     before = cluster.stats("Denoiser")
     if isinstance(body, str):
-        r = requests.post(cluster.url + "/v1/generate", data=body, timeout=30,
-                          headers={"Content-Type": "application/json"})
+        r = requests.post(
+            cluster.url + "/v1/generate", data=body, timeout=30, headers={"Content-Type": "application/json"}
+        )
     else:
         r = post(cluster, body)
     assert r.status_code == status, r.text

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from engine_helpers import Engine
 
 CASES = [
@@ -32,9 +31,7 @@ def test_alone_equals_pipeline(engine, prompt, negative, scheduler, steps, guida
 
 
 def test_mixed_batch_equals_alone_and_pipeline(engine):
-    requests = [
-        engine.request(p, n, steps=k, guidance_scale=g, seed=s, scheduler=sch) for p, n, sch, k, g, s in CASES
-    ]
+    requests = [engine.request(p, n, steps=k, guidance_scale=g, seed=s, scheduler=sch) for p, n, sch, k, g, s in CASES]
     alone = torch.cat([engine.run([r]) for r in requests])
     batched = engine.run(requests)
     assert engine.steps.rows_run > 0

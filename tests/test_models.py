@@ -93,7 +93,12 @@ def test_s3_model_is_downloaded_once(tiny_dir, tmp_path, s3_server):
     assert models.resolve_model_dir("s3://models/sd/tiny", tmp_path, s3_client=client) == local
     assert len(calls) == first  # cached: no second download
     unet = models.load_unet(local, torch.device("cpu"), torch.float32)
-    assert unet.config.block_out_channels == (32, 64, 64, 64) or list(unet.config.block_out_channels) == [32, 64, 64, 64]
+    assert unet.config.block_out_channels == (32, 64, 64, 64) or list(unet.config.block_out_channels) == [
+        32,
+        64,
+        64,
+        64,
+    ]
 
 
 def test_s3_empty_prefix_is_an_error(tmp_path, s3_server):

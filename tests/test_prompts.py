@@ -34,8 +34,14 @@ def test_encode_equals_pipeline_and_hits_cache(tiny):
     enc.encode_prompt(["a cat"])
     assert enc.cache.hits == 1
     pipe = StableDiffusionPipeline(
-        vae=tiny["vae"], text_encoder=tiny["text_encoder"], tokenizer=tiny["tokenizer"], unet=tiny["unet"],
-        scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=tiny["vae"],
+        text_encoder=tiny["text_encoder"],
+        tokenizer=tiny["tokenizer"],
+        unet=tiny["unet"],
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     ref_pos, ref_neg = pipe.encode_prompt("a cat", "cpu", 1, True, "blurry")
     assert (ref_pos[0] - pos).abs().max().item() < 1e-6

@@ -29,8 +29,7 @@ def bpe_file() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "open_clip_torch is not installed: it ships the CLIP BPE vocabulary "
-            "(pip install --no-deps open_clip_torch)"
+            "open_clip_torch is not installed: it ships the CLIP BPE vocabulary (pip install --no-deps open_clip_torch)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
@@ -40,11 +39,7 @@ def bpe_file() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -31,11 +31,30 @@ class ModelConfig(_Strict):
     deterministic: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(
-            "Batch-invariant kernels, so an image never depends on its batch-mates "
-            "(auto = on for CPU, off for CUDA)."
+            "Batch-invariant kernels, so an image never depends on its batch-mates (auto = on for CPU, off for CUDA)."
         ),
     )
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per replica.")
+
+
+class LoRAConfig(_Strict):
+    max_loras_per_request: int = Field(4, ge=0, le=16, description="Adapters one request may compose.")
+    max_scale: float = Field(4.0, gt=0, description="Largest per-adapter scale a request may ask for.")
+    max_loras_per_replica: int = Field(
+        8, ge=1, le=256, description="Adapter slots preallocated per Denoiser/TextEncoder replica."
+    )
+    max_rank: int = Field(64, ge=1, le=1024, description="Slots are padded to this rank; higher ranks get 422.")
+    unet_target_modules: tuple[str, ...] = Field(
+        ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+        description="UNet modules (path suffixes) that carry adapter slots.",
+    )
+    text_encoder_target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        description="Text-encoder modules (path suffixes) that carry adapter slots.",
+    )
+    slot_wait_timeout_s: float = Field(
+        60.0, gt=0, description="How long a request waits for a free adapter slot before 503."
+    )
 
 
 class ResourceConfig(_Strict):
@@ -59,7 +78,11 @@ class DenoiserConfig(ResourceConfig):
         16, ge=2, le=1024, description="UNet rows per step across requests (an image with guidance takes 2)."
     )
     max_queued_images: int = Field(
-        64, ge=1, description="Images waiting for a batch slot per replica; beyond it, 503 with Retry-After."
+        64, ge=1, description="Images one tenant may have waiting per replica; beyond it, 503 with Retry-After."
+    )
+    max_queued_images_total: int = Field(256, ge=1, description="Images waiting per replica over all tenants.")
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="Fair-share weight per tenant (API key or `user`); others get 1."
     )
 
 

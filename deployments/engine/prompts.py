@@ -85,7 +85,9 @@ class PromptEncoder:
         ``adapters[i]`` are the text-encoder LoRAs for ``texts[i]`` (resident slots of ``self.lora``).
         """
         adapters = adapters or [()] * len(texts)
-        keys = [(ids, tuple((ident, w) for _, w, ident in a)) for ids, a in zip(self.tokenize(texts), adapters, strict=True)]
+        keys = [
+            (ids, tuple((ident, w) for _, w, ident in a)) for ids, a in zip(self.tokenize(texts), adapters, strict=True)
+        ]
         out: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
         todo: dict[tuple, TextAdapters] = {}
         for k, a, e in zip(keys, adapters, out, strict=True):

@@ -1,0 +1,121 @@
+"""A store in a local directory (the embedded default for ``make serve``; also fine on NFS with hard links).
+
+Writes go to a temporary file in the target directory and appear by
+``os.replace``; ``put_if_absent`` appears by ``os.link``, which fails if the
+name exists, so exactly one of several racing writers wins, across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from .base import ObjectInfo, ObjectNotFound, ProgressCallback, Store, check_key
+
+_TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _write_tmp(self, path: Path, data: bytes, progress: ProgressCallback | None) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                view = memoryview(data)
+                for start in range(0, len(view), _CHUNK):
+                    f.write(view[start : start + _CHUNK])
+                    if progress is not None:
+                        progress(len(view[start : start + _CHUNK]))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def put_bytes(self, key: str, data: bytes, progress: ProgressCallback | None = None) -> None:
+        path = self._path(key)
+        os.replace(self._write_tmp(path, data, progress), path)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._write_tmp(path, data, None)
+        try:
+            os.link(tmp, path)  # atomic create-if-absent, complete contents
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise ObjectNotFound(key) from e
+
+    def download(self, key: str, dest: Path, progress: ProgressCallback | None = None) -> None:
+        try:
+            with open(self._path(key), "rb") as src, open(dest, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+        except FileNotFoundError as e:
+            raise ObjectNotFound(key) from e
+
+    def copy(self, src: str, dst: str) -> None:
+        src_path, dst_path = self._path(src), self._path(dst)
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst_path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            shutil.copyfile(src_path, tmp)
+            os.replace(tmp, dst_path)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(src) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Walk only the deepest directory the prefix names, then filter by the full prefix.
+        base = prefix.rpartition("/")[0]
+        start = self.root / base if base else self.root
+        if not start.is_dir():
+            return
+        found = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_TMP_PREFIX)]
+            for filename in filenames:
+                if filename.startswith(_TMP_PREFIX):
+                    continue
+                path = Path(dirpath) / filename
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    try:
+                        st = path.stat()
+                    except FileNotFoundError:
+                        continue  # removed while listing
+                    found.append(ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)
