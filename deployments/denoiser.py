@@ -36,6 +36,7 @@ class Denoiser:
         )
         self.loop = DenoiseLoop(self.steps)
         self.max_routed_adapters = lora.max_loras_per_replica
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def _route_adapter(self, ref: str) -> str:
@@ -84,11 +85,13 @@ class Denoiser:
             "encode_ms": encoded["encode_ms"],
             "queue_ms": max(j.queue_ms for j in jobs),
             "denoise_ms": max(j.denoise_ms for j in jobs),
+            "trace": {"denoiser_replica": self.replica_id, "denoiser_adapter_loads": self.adapters.slots.loads},
         }
 
     def stats(self) -> dict:
         s = self.steps
         return {
+            "replica": self.replica_id,
             "ticks": s.ticks_run,
             "rows": s.rows_run,
             "tick_seconds": s.tick_seconds,

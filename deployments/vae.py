@@ -35,6 +35,7 @@ class VAE:
             "queue_ms": denoised["queue_ms"],
             "denoise_ms": denoised["denoise_ms"],
             "decode_ms": 1000.0 * (time.perf_counter() - start),
+            "trace": denoised.get("trace", {}),
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)

@@ -323,6 +323,7 @@ class Ingress:
             ],
             model=self.model_name,
             loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
+            trace=result.get("trace", {}),
             timings=Timings(
                 queue_ms=result["queue_ms"],
                 encode_ms=result["encode_ms"],

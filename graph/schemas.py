@@ -63,6 +63,9 @@ class GenerateResponse(BaseModel):
     model: str
     loras: list[dict] = Field(default_factory=list, description="The adapters applied: ref (name@version), scale.")
     timings: Timings
+    trace: dict = Field(
+        default_factory=dict, description="Which Denoiser replica served the request, and its adapter-load count."
+    )
 
 
 class OpenAIImagesRequest(_Body):
