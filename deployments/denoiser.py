@@ -14,6 +14,7 @@ from .engine.loop import DenoiseLoop
 from .engine.runtime import prepare_runtime
 from .engine.schedulers import SchedulerFactory
 from .engine.step_scheduler import DenoiseRequest, StepScheduler
+from .metrics import DenoiserMetrics, adapter_label
 
 
 @serve.deployment(name="Denoiser")
@@ -36,6 +37,10 @@ class Denoiser:
         )
         self.loop = DenoiseLoop(self.steps)
         self.max_routed_adapters = lora.max_loras_per_replica
+        self.metrics = DenoiserMetrics()
+        self.metrics.slots_total.set(lora.max_loras_per_replica)
+        self.steps.on_tick = self._on_tick
+        self.adapters.slots.observer = self._on_adapter_event
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     @serve.multiplexed(max_num_models_per_replica=8)
@@ -77,15 +82,50 @@ class Denoiser:
                 )
                 for k in range(params["num_images"])
             ]
+            self._update_gauges()
             jobs = await self.loop.run(requests)
         finally:
             await self.adapters.release(refs)
+            self._update_gauges()
         return {
             "latents": torch.cat([j.x_t for j in jobs]).cpu(),  # [n, c, h, w]
             "encode_ms": encoded["encode_ms"],
             "queue_ms": max(j.queue_ms for j in jobs),
             "denoise_ms": max(j.denoise_ms for j in jobs),
             "trace": {"denoiser_replica": self.replica_id, "denoiser_adapter_loads": self.adapters.slots.loads},
+        }
+
+    def _on_tick(self, rows: int, seconds: float) -> None:
+        m = self.metrics
+        m.rows_per_tick.observe(rows)
+        m.step_latency.observe(1000.0 * seconds)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.active_images.set(len(self.steps.active))
+        m.pending_steps.set(self.steps.pending_steps())
+        m.set_queue_depths(self.steps.waiting.depths())
+        resident, pinned = self.adapters.slots.resident(), self.adapters.slots.pinned()
+        m.slots_used.set(len(resident))
+        m.slots_pinned.set(len(pinned))
+
+    def _on_adapter_event(self, event: str, ref, seconds: float) -> None:
+        m = self.metrics
+        label = m.adapters(adapter_label(ref))
+        if event == "hit":
+            m.adapter_requests.inc(tags={"adapter": label, "outcome": "hit"})
+        elif event == "load":
+            m.adapter_requests.inc(tags={"adapter": label, "outcome": "miss"})
+            m.adapter_load_latency.observe(1000.0 * seconds)
+        elif event == "evict":
+            m.adapter_evictions.inc()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics (deployments/autoscaling.py scales on pending denoise work)."""
+        return {
+            "pending_images": float(len(self.steps.active) + len(self.steps.waiting)),
+            "pending_steps": float(self.steps.pending_steps()),
         }
 
     def stats(self) -> dict:

@@ -40,12 +40,42 @@ from .schemas import (
     Timings,
 )
 
+_metrics = None
+
+
+def metrics():
+    """This replica's IngressMetrics, created on first use (metrics live in the replica process)."""
+    global _metrics
+    if _metrics is None:
+        from deployments.metrics import IngressMetrics
+
+        _metrics = IngressMetrics()
+    return _metrics
+
+
 app = FastAPI(
     title="lorafleet",
     description="Text-to-image serving on Ray Serve: one Stable Diffusion model, many LoRA styles.",
     version="0.1.0",
 )
 errors.install(app)
+
+
+_GENERATION_ROUTES = {"/v1/generate", "/v1/images/generations"}
+
+
+@app.middleware("http")
+async def _count_requests(request: Request, call_next):
+    start = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", None) or "unmatched"
+    m = metrics()
+    m.requests.inc(tags={"route": path, "status": str(response.status_code)})
+    if path in _GENERATION_ROUTES and response.status_code < 300:
+        m.request_latency.observe(1000.0 * (time.perf_counter() - start), tags={"route": path})
+    return response
+
 
 _ERRORS = {
     400: {"description": "Malformed request"},
@@ -282,6 +312,10 @@ class Ingress:
                 raise APIError(cause.status, cause.code, cause.message, "loras") from e
             raise
         result["total_ms"] = 1000.0 * (time.perf_counter() - received)
+        m = metrics()
+        m.images.inc(plan.num_images)
+        for stage in ("encode", "queue", "denoise", "decode"):
+            m.stage_latency.observe(result[f"{stage}_ms"], tags={"stage": stage})
         return result
 
     # -- routes ------------------------------------------------------------------
@@ -378,6 +412,21 @@ class Ingress:
 
     # -- adapter registry (admin API) -------------------------------------------------
 
+    async def registry_op(self, operation: str, fn, *args):
+        """Run a registry call in a thread, counting its outcome."""
+        m = metrics()
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        except RegistryError as e:
+            m.registry_ops.inc(tags={"operation": operation, "outcome": "error"})
+            m.registry_errors.inc(tags={"code": e.code})
+            raise
+        except APIError:
+            m.registry_ops.inc(tags={"operation": operation, "outcome": "rejected"})
+            raise
+        m.registry_ops.inc(tags={"operation": operation, "outcome": "ok"})
+        return result
+
     @app.post("/v1/adapters", status_code=201, responses={401: {}, 403: {}, 409: {}, 413: {}, 422: {}, 503: {}})
     async def register_adapter(
         self,
@@ -391,8 +440,8 @@ class Ingress:
     ):
         """Register a LoRA file as the next version of ``name``; usable at once, cluster-wide."""
         self.auth.check(request, write=True)
-        manifest = await asyncio.to_thread(
-            self.resolver.register, file.file, name, description, trigger_words, tags, adapter_config
+        manifest = await self.registry_op(
+            "register", self.resolver.register, file.file, name, description, trigger_words, tags, adapter_config
         )
         return JSONResponse(manifest.to_dict(), status_code=201)
 
@@ -400,19 +449,19 @@ class Ingress:
     async def list_adapters(self, request: Request, tag: str | None = None, limit: int = 50, after: str | None = None):
         """One entry per adapter name (its latest version and live versions), sorted by name, paged."""
         self.auth.check(request, write=False)
-        return await asyncio.to_thread(self.resolver.list, tag, limit, after)
+        return await self.registry_op("list", self.resolver.list, tag, limit, after)
 
     @app.get("/v1/adapters/{ref}")
     async def show_adapter(self, ref: str, request: Request):
         """``name`` (latest version, with the list of versions) or ``name@version``."""
         self.auth.check(request, write=False)
-        return await asyncio.to_thread(self.resolver.show, ref)
+        return await self.registry_op("show", self.resolver.show, ref)
 
     @app.delete("/v1/adapters/{ref}")
     async def delete_adapter(self, ref: str, request: Request):
         """Delete one version (``name@3``) or every version (``name``); gone from listings at once."""
         self.auth.check(request, write=True)
-        return await asyncio.to_thread(self.resolver.delete, ref)
+        return await self.registry_op("delete", self.resolver.delete, ref)
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:

@@ -108,7 +108,7 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
     import yaml
     from ray import serve
 
-    dashboard_port, http_port = free_port(), free_port()
+    dashboard_port, http_port, metrics_port = free_port(), free_port(), free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     app = config["applications"][0]
@@ -138,6 +138,8 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
         dashboard_port=dashboard_port,
         namespace="lorafleet-tests",
         log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     try:
         serve_cli = Path(sys.executable).with_name("serve")
@@ -157,7 +159,9 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"lorafleet did not become ready: {serve.status()}")
             time.sleep(1)
-        yield Cluster(url, app["name"], s3_server)
+        cluster = Cluster(url, app["name"], s3_server)
+        cluster.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield cluster
     finally:
         try:
             serve.shutdown()

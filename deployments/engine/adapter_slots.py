@@ -34,6 +34,12 @@ class AdapterSlots:
         self.hits = 0
         self.evictions = 0
         self.load_seconds = 0.0
+        # observer(event, key, seconds): "hit", "load" (with its duration) or "evict", for metrics.
+        self.observer: Callable[[str, Hashable, float], None] | None = None
+
+    def _notify(self, event: str, key: Hashable, seconds: float = 0.0) -> None:
+        if self.observer is not None:
+            self.observer(event, key, seconds)
 
     @property
     def capacity(self) -> int:
@@ -71,7 +77,9 @@ class AdapterSlots:
                         self._pins[key] = self._pins.get(key, 0) + 1
                         taken.append(key)
                         self.hits += 1
-                        return self._slots[key]
+                        slot = self._slots[key]
+                        self._notify("hit", key)
+                        return slot
                 else:
                     slot = self._take_slot()
                     self._slots[key] = slot
@@ -93,10 +101,12 @@ class AdapterSlots:
                 self._loading.pop(key).set()
             self._clear(slot)
             raise
+        seconds = time.perf_counter() - start
         with self._lock:
             self.loads += 1
-            self.load_seconds += time.perf_counter() - start
+            self.load_seconds += seconds
             self._loading.pop(key).set()
+        self._notify("load", key, seconds)
         return slot
 
     def _take_slot(self) -> int:
@@ -106,6 +116,7 @@ class AdapterSlots:
             if not self._pins.get(victim) and victim not in self._loading:
                 slot = self._slots.pop(victim)
                 self.evictions += 1
+                self._notify("evict", victim)
                 return slot
         raise NoFreeSlotError(f"all {len(self._slots)} adapter slots are pinned by running requests")
 

@@ -123,6 +123,7 @@ class StepScheduler:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
         self.unet = unet
         self.lora = lora  # a MultiLoRAModel over ``unet``, or None
+        self.on_tick: Callable[[int, float], None] | None = None  # (rows, seconds) after each forward
         self.schedulers = schedulers
         self.vae_scale_factor = vae_scale_factor
         self.max_rows_per_tick = max_rows_per_tick
@@ -217,6 +218,12 @@ class StepScheduler:
         work = sum(len(j.timesteps) - j.index for j in itertools.chain(self.active, self.waiting))
         return max(1.0, per_tick * work / max(1, len(self.active)))
 
+    def pending_steps(self) -> int:
+        """UNet steps still to run for every queued and running image (the autoscaling signal)."""
+        with self._lock:
+            waiting = list(self.waiting)
+        return sum(len(j.timesteps) - j.index for j in itertools.chain(self.active, waiting))
+
     @property
     def idle(self) -> bool:
         return not self.active and not self.waiting
@@ -255,9 +262,12 @@ class StepScheduler:
             self.active = [j for j in self.active if j not in jobs]
             return finished + jobs
         now = self.clock()
+        rows = sum(j.rows for j in jobs)
         self.ticks_run += 1
-        self.rows_run += sum(j.rows for j in jobs)
+        self.rows_run += rows
         self.tick_seconds += now - start
+        if self.on_tick is not None:
+            self.on_tick(rows, now - start)
         done = [j for j in jobs if j.done]
         for j in done:
             j.finished_at = now

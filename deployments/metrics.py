@@ -1,0 +1,117 @@
+"""lorafleet's Prometheus metrics, exported by Ray next to Ray Serve's own ``ray_serve_*``.
+
+Ray prefixes custom metrics with ``ray_``: ``lorafleet_requests_total`` is
+scraped as ``ray_lorafleet_requests_total`` from each node's metrics export
+port (``ray start --metrics-export-port``). Units are in the names; label
+values that come from users (adapters, tenants) are capped: the first
+``MAX_LABEL_VALUES`` distinct values keep their name, the rest are ``other``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+MAX_LABEL_VALUES = 20
+LATENCY_MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+STEP_MS_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
+ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class LabelCap:
+    """Bounded label cardinality: the first ``limit`` distinct values, then ``"other"``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES):
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return "other"
+
+
+def adapter_label(ref: str) -> str:
+    """``name@version`` -> ``name``: versions would multiply series without helping a dashboard."""
+    return ref.partition("@")[0]
+
+
+class IngressMetrics:
+    def __init__(self):
+        self.requests = Counter(
+            "lorafleet_requests_total", "HTTP requests by route and status code.", tag_keys=("route", "status")
+        )
+        self.request_latency = Histogram(
+            "lorafleet_request_latency_ms",
+            "End-to-end latency of successful generation requests, in milliseconds.",
+            boundaries=LATENCY_MS_BUCKETS,
+            tag_keys=("route",),
+        )
+        self.stage_latency = Histogram(
+            "lorafleet_stage_latency_ms",
+            "Per-stage latency (encode, queue, denoise, decode), in milliseconds.",
+            boundaries=LATENCY_MS_BUCKETS,
+            tag_keys=("stage",),
+        )
+        self.images = Counter("lorafleet_images_total", "Images generated (rate() gives images per second).")
+        self.registry_ops = Counter(
+            "lorafleet_registry_operations_total",
+            "Registry operations through the admin API, by operation and outcome.",
+            tag_keys=("operation", "outcome"),
+        )
+        self.registry_errors = Counter(
+            "lorafleet_registry_errors_total", "Registry errors by code.", tag_keys=("code",)
+        )
+
+
+class DenoiserMetrics:
+    def __init__(self):
+        self.tenants = LabelCap()
+        self.adapters = LabelCap()
+        self.queue_depth = Gauge(
+            "lorafleet_queue_depth_images", "Images waiting for a batch slot, per tenant.", tag_keys=("tenant",)
+        )
+        self.rows_per_tick = Histogram(
+            "lorafleet_rows_per_tick", "UNet rows (images x guidance rows) per step.", boundaries=ROWS_BUCKETS
+        )
+        self.step_latency = Histogram(
+            "lorafleet_step_latency_ms",
+            "Latency of one batched UNet step, in milliseconds.",
+            boundaries=STEP_MS_BUCKETS,
+        )
+        self.active_images = Gauge("lorafleet_active_images", "Images in the running batch.")
+        self.pending_steps = Gauge(
+            "lorafleet_pending_denoise_steps", "UNet steps still to run for queued and running images."
+        )
+        self.adapter_requests = Counter(
+            "lorafleet_adapter_requests_total",
+            "Adapter uses by outcome: hit (resident) or miss (loaded).",
+            tag_keys=("adapter", "outcome"),
+        )
+        self.adapter_evictions = Counter("lorafleet_adapter_evictions_total", "Adapters evicted from slots.")
+        self.adapter_load_latency = Histogram(
+            "lorafleet_adapter_load_latency_ms",
+            "Time to bring an adapter into a slot (registry fetch + copy), in milliseconds.",
+            boundaries=LATENCY_MS_BUCKETS,
+        )
+        self.slots_used = Gauge("lorafleet_adapter_slots_used", "Adapter slots holding an adapter.")
+        self.slots_pinned = Gauge("lorafleet_adapter_slots_pinned", "Adapter slots pinned by running requests.")
+        self.slots_total = Gauge("lorafleet_adapter_slots_total", "Adapter slots per replica.")
+        self._known_tenants: set[str] = set()
+
+    def set_queue_depths(self, depths: dict[str, int]) -> None:
+        capped: dict[str, int] = {}
+        for tenant, n in depths.items():
+            label = self.tenants(tenant)
+            capped[label] = capped.get(label, 0) + n
+        for tenant in self._known_tenants - set(capped):
+            self.queue_depth.set(0, tags={"tenant": tenant})
+        for tenant, n in capped.items():
+            self.queue_depth.set(n, tags={"tenant": tenant})
+        self._known_tenants |= set(capped)
