@@ -10,8 +10,9 @@ import pytest
 from deployments.engine.adapters import ModelAdapters
 from deployments.engine.config import LoRAConfig
 from deployments.engine.loop import DenoiseLoop
-from engine_helpers import Engine
 from lora_registry.canonical import LoraWeights
+
+from engine_helpers import Engine
 
 
 class GatedRegistry:
@@ -41,8 +42,9 @@ class GatedRegistry:
 def test_load_runs_beside_the_running_batch(tiny):
     engine = Engine(tiny, max_rows_per_tick=8)
     registry = GatedRegistry(engine.unet)
-    adapters = ModelAdapters(engine.unet, "unet", registry, LoRAConfig(max_loras_per_replica=2, max_rank=4),
-                             deterministic=True)
+    adapters = ModelAdapters(
+        engine.unet, "unet", registry, LoRAConfig(max_loras_per_replica=2, max_rank=4), deterministic=True
+    )
     engine.steps.lora = adapters.lora
     loop = DenoiseLoop(engine.steps)
 
@@ -78,9 +80,13 @@ def test_slot_wait_is_bounded(tiny):
     engine = Engine(tiny)
     registry = GatedRegistry(engine.unet)
     registry.gate.set()
-    adapters = ModelAdapters(engine.unet, "unet", registry,
-                             LoRAConfig(max_loras_per_replica=1, max_rank=4, slot_wait_timeout_s=0.3),
-                             deterministic=True)
+    adapters = ModelAdapters(
+        engine.unet,
+        "unet",
+        registry,
+        LoRAConfig(max_loras_per_replica=1, max_rank=4, slot_wait_timeout_s=0.3),
+        deterministic=True,
+    )
 
     async def main():
         await adapters.acquire(["a@1"])  # pinned: the only slot is taken

@@ -2,9 +2,10 @@
 
 import pytest
 import yaml
-from conftest import ROOT
 
 from graph.config import AppConfig, ConfigError, load_serve_config
+
+from conftest import ROOT
 
 
 @pytest.mark.parametrize(

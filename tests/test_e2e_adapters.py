@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
+
 from engine_helpers import Engine
 from lora_helpers import UNET_ATTN, make_peft_lora_file, peft_to_kohya_file
-from PIL import Image
 
 pytestmark = pytest.mark.e2e
 SMALL = {"width": 64, "height": 64, "steps": 5, "scheduler": "ddim"}

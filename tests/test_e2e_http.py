@@ -82,9 +82,9 @@ def test_batching_does_not_change_the_image(cluster):
 
 
 def test_server_image_equals_diffusers_pipeline(cluster, tiny):
-    from engine_helpers import Engine
-
     from deployments.engine.images import to_uint8
+
+    from engine_helpers import Engine
 
     body = {"prompt": "a watercolor fox", "negative_prompt": "blurry", "seed": 9, "scheduler": "ddim", **SMALL}
     served = b64_pixels(post(cluster, body).json()["images"][0]["b64"])

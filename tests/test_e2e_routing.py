@@ -21,8 +21,9 @@ def two_replicas(cluster, cache_dir, tmp_path_factory, tiny):
     import yaml
     from ray import serve
 
-    from conftest import ROOT
     from graph.app import build_app
+
+    from conftest import ROOT
 
     args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
     args["model"]["cache_dir"] = str(cache_dir)
@@ -37,16 +38,20 @@ def two_replicas(cluster, cache_dir, tmp_path_factory, tiny):
     serve.run(build_app(args), name="routing", route_prefix=ROUTE)
     path = make_peft_lora_file(tiny, tmp_path_factory.mktemp("hot"), seed=31, rank=4, alpha=4, unet_targets=UNET_ATTN)
     with open(path, "rb") as f:
-        r = requests.post(cluster.url + "/v1/adapters", files={"file": ("hot.safetensors", f)},
-                          data={"name": "hot"}, headers=cluster.admin, timeout=120)
+        r = requests.post(
+            cluster.url + "/v1/adapters",
+            files={"file": ("hot.safetensors", f)},
+            data={"name": "hot"},
+            headers=cluster.admin,
+            timeout=120,
+        )
     assert r.status_code == 201, r.text
     yield cluster.url + ROUTE
     serve.delete("routing")
 
 
 def gen(url, seed, steps=4):
-    body = {"prompt": "hot style", "seed": seed, "steps": steps, "width": 64, "height": 64,
-            "loras": [{"name": "hot"}]}
+    body = {"prompt": "hot style", "seed": seed, "steps": steps, "width": 64, "height": 64, "loras": [{"name": "hot"}]}
     r = requests.post(url + "/v1/generate", json=body, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()["trace"]

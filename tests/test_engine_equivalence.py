@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from engine_helpers import Engine
 
 CASES = [

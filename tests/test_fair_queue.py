@@ -1,10 +1,11 @@
 """Weighted fair queuing across tenants: exact order, weights, no starvation, bounds."""
 
 import pytest
-from engine_helpers import Engine
 
 from deployments.engine.fair_queue import FairQueue
 from deployments.engine.step_scheduler import QueueFullError
+
+from engine_helpers import Engine
 
 
 def drain(q):

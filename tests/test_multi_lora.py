@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import Engine
-from lora_helpers import UNET_ATTN, make_peft_lora_file
 
 from deployments.engine.batch_invariance import make_batch_invariant
 from deployments.engine.multi_lora import LoRARouting, MultiLoRAModel, text_encoder_key_prefix
 from lora_registry.base_model import base_model_spec_from_dir
 from lora_registry.validation import prepare_adapter
+
+from engine_helpers import Engine
+from lora_helpers import UNET_ATTN, make_peft_lora_file
 
 UNET_TARGETS = [*UNET_ATTN, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

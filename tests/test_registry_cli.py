@@ -6,10 +6,11 @@ import hashlib
 import json
 
 import pytest
-from registry_helpers import small_lora_bytes, torch_save_bytes
 
 from lora_registry import base_model_spec_from_dir
 from lora_registry.cli import main
+
+from registry_helpers import small_lora_bytes, torch_save_bytes
 
 pytest_plugins = ["registry_helpers"]
 

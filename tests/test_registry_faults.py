@@ -8,10 +8,11 @@ import time
 
 import pytest
 from botocore.awsrequest import AWSResponse
-from registry_helpers import GatedStore, MotoServer, small_lora_bytes
 
 from lora_registry import DiskCache, MemoryCache, Registry, layout, open_store
 from lora_registry.errors import RegistryCorruptionError, RegistryUnavailableError
+
+from registry_helpers import GatedStore, MotoServer, small_lora_bytes
 
 pytest_plugins = ["registry_helpers"]
 

@@ -13,6 +13,11 @@ import math
 
 import pytest
 import torch
+
+from lora_registry import load_canonical, merge_into, prepare_adapter, save_canonical
+from lora_registry.canonical import CanonicalAdapter, LoraWeights
+from lora_registry.errors import InvalidAdapterError
+
 from registry_helpers import (
     diffusers_state,
     kohya_name,
@@ -21,10 +26,6 @@ from registry_helpers import (
     spec_paths,
     to_bytes,
 )
-
-from lora_registry import load_canonical, merge_into, prepare_adapter, save_canonical
-from lora_registry.canonical import CanonicalAdapter, LoraWeights
-from lora_registry.errors import InvalidAdapterError
 
 pytest_plugins = ["registry_helpers"]
 

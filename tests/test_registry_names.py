@@ -8,13 +8,14 @@ import struct
 
 import pytest
 import torch
-from registry_helpers import to_bytes, torch_save_bytes
 
 from lora_registry import layout
 from lora_registry.errors import InvalidAdapterError
 from lora_registry.formats import detect_format, plan_conversion
 from lora_registry.manifest import check_metadata, check_name, parse_ref
 from lora_registry.safetensors_io import read_header, write_safetensors
+
+from registry_helpers import to_bytes, torch_save_bytes
 
 pytest_plugins = ["registry_helpers"]
 

@@ -10,10 +10,11 @@ import textwrap
 import threading
 
 import pytest
-from registry_helpers import GatedStore, make_store, small_lora_bytes, store_keys
 
 from lora_registry import DiskCache, MemoryCache, Registry, layout
 from lora_registry.errors import AdapterNotFoundError, RegistryConflictError
+
+from registry_helpers import GatedStore, make_store, small_lora_bytes, store_keys
 
 pytest_plugins = ["registry_helpers"]
 

@@ -6,10 +6,11 @@ import pickle
 
 import pytest
 import torch
-from registry_helpers import diffusers_state, random_lora, store_keys, to_bytes, torch_save_bytes
 
 from lora_registry import DiskCache, Registry
 from lora_registry.errors import AdapterTooLargeError, InvalidAdapterError
+
+from registry_helpers import diffusers_state, random_lora, store_keys, to_bytes, torch_save_bytes
 
 pytest_plugins = ["registry_helpers"]
 

@@ -4,10 +4,11 @@ import asyncio
 
 import pytest
 import torch
-from engine_helpers import Engine
 
 from deployments.engine.loop import DenoiseLoop
 from deployments.engine.step_scheduler import QueueFullError
+
+from engine_helpers import Engine
 
 
 @pytest.fixture()
