@@ -20,12 +20,16 @@ from .ingress import Ingress
 
 
 def _options(cfg: ResourceConfig) -> dict:
-    return {
-        "num_replicas": cfg.num_replicas,
+    options = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return options
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:

@@ -34,8 +34,6 @@ def _serve(args: argparse.Namespace) -> int:
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         ray.init(
             _node_ip_address="127.0.0.1",
@@ -46,6 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": host, "port": port})
         print("deploying lorafleet (first start builds the embedded model) ...", flush=True)
         serve.run(build_app(config), name="lorafleet", route_prefix="/")
+        # After ray.init, which installs handlers of its own: Ctrl-C and `make stop` shut down cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print(
             f"lorafleet is serving {config.model.uri} at http://{host}:{port}  (docs: /docs; Ctrl-C stops)", flush=True
         )

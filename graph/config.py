@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from deployments.engine.config import (
     DenoiserConfig,
@@ -38,6 +38,19 @@ class AppConfig(_Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="Per-request adapters and adapter slots.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where adapters live (S3 or local).")
     admin: AdminConfig = Field(default_factory=lambda: AdminConfig(), description="Who may change the registry.")
+
+    @model_validator(mode="after")
+    def _serve_autoscaling(self):
+        from ray.serve.config import AutoscalingConfig
+
+        for name in ("text_encoder", "denoiser", "vae"):
+            autoscaling = getattr(self, name).autoscaling
+            if autoscaling is not None:
+                try:
+                    AutoscalingConfig(**autoscaling)
+                except Exception as e:
+                    raise ValueError(f"{name}.autoscaling: {e}") from e
+        return self
 
     @classmethod
     def load(cls, args: dict[str, Any] | None) -> AppConfig:

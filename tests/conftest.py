@@ -87,7 +87,12 @@ class Cluster:
 
 
 # Small bounds so overload is reachable in a test; everything else as shipped in serve_config.yaml.
-E2E_OVERRIDES = {"denoiser": {"max_queued_images": 8, "max_rows_per_tick": 8}}
+# One replica each (no autoscaling) so that batching and overload are deterministic.
+E2E_OVERRIDES = {
+    "denoiser": {"max_queued_images": 8, "max_rows_per_tick": 8, "autoscaling": None, "num_replicas": 1},
+    "text_encoder": {"autoscaling": None, "num_replicas": 1},
+    "vae": {"autoscaling": None, "num_replicas": 1},
+}
 
 
 ADMIN_TOKEN = "e2e-admin-token"

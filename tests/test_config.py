@@ -48,3 +48,14 @@ def test_serve_config_is_valid_for_serve_and_lorafleet():
     config = AppConfig.load(args)
     assert config.model.uri == "builtin:tiny-sd"
     assert config.limits.max_side == 1024 and config.limits.max_steps == 150 and config.limits.max_num_images == 8
+
+
+def test_autoscaling_is_validated_by_serve_and_passed_through():
+    from graph.app import _options
+
+    with pytest.raises(ConfigError, match=r"denoiser\.autoscaling"):
+        AppConfig.load({"denoiser": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    cfg = AppConfig.load({"vae": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}})
+    opts = _options(cfg.vae)
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+    assert _options(cfg.text_encoder)["num_replicas"] == 1

@@ -58,7 +58,14 @@ class LoRAConfig(_Strict):
 
 
 class ResourceConfig(_Strict):
-    num_replicas: int = Field(1, ge=1, le=1024, description="Replicas of this deployment.")
+    num_replicas: int = Field(1, ge=1, le=1024, description="Replicas of this deployment (without autoscaling).")
+    autoscaling: dict | None = Field(
+        None,
+        description=(
+            "Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, delays, policy); "
+            "when set, num_replicas is ignored."
+        ),
+    )
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per replica (fractions allowed).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
