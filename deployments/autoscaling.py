@@ -33,9 +33,7 @@ class PendingWorkPolicy:
         downscale_delay_s: float = 120.0,
     ):
         if target_pending_images_per_replica <= 0:
-            raise ValueError(
-                f"target_pending_images_per_replica must be > 0, got {target_pending_images_per_replica}"
-            )
+            raise ValueError(f"target_pending_images_per_replica must be > 0, got {target_pending_images_per_replica}")
         self.target = float(target_pending_images_per_replica)
         self.upscale_delay_s = float(upscale_delay_s)
         self.downscale_delay_s = float(downscale_delay_s)

@@ -60,6 +60,11 @@ class IngressMetrics:
             tag_keys=("stage",),
         )
         self.images = Counter("lorafleet_images_total", "Images generated (rate() gives images per second).")
+        self.replica_failures = Counter(
+            "lorafleet_replica_failures_total",
+            "Requests whose replica died under them, by attempt (1: retried, 2: answered 503).",
+            tag_keys=("attempt",),
+        )
         self.registry_ops = Counter(
             "lorafleet_registry_operations_total",
             "Registry operations through the admin API, by operation and outcome.",

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     from lora_registry.cli import add_adapters_parser
 
     add_adapters_parser(sub, _base_spec)
+    from training.cli import add_train_parser
+
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -128,6 +129,20 @@ def _cause(e: BaseException) -> BaseException:
             break
         e = inner
     return e
+
+
+class ReplicaFailedError(RuntimeError):
+    """A replica died (or became unreachable) while it held the request."""
+
+
+def _replica_died(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError)):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
 
 
 async def _resolve(response):
@@ -280,8 +295,35 @@ class Ingress:
     # -- the graph ---------------------------------------------------------------
 
     async def run(self, plan: Plan) -> dict:
-        """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings."""
+        """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings.
+
+        If a replica dies under the request, the whole chain is retried once: the seed makes
+        the retry give the same image. A second failure is a 503, never a hang.
+        """
         received = time.perf_counter()
+        deadline = received + self.limits.request_timeout_s
+        for attempt in (1, 2):
+            try:
+                result = await self._run_once(plan, deadline)
+                break
+            except ReplicaFailedError as e:
+                metrics().replica_failures.inc(tags={"attempt": str(attempt)})
+                if attempt == 2:
+                    raise APIError(
+                        503,
+                        "replica_failed",
+                        f"a replica failed twice while serving this request: {e}",
+                        None,
+                        {"Retry-After": "5"},
+                    ) from e
+        result["total_ms"] = 1000.0 * (time.perf_counter() - received)
+        m = metrics()
+        m.images.inc(plan.num_images)
+        for stage in ("encode", "queue", "denoise", "decode"):
+            m.stage_latency.observe(result[f"{stage}_ms"], tags={"stage": stage})
+        return result
+
+    async def _run_once(self, plan: Plan, deadline: float) -> dict:
         encoded = self.text_encoder.encode.remote(
             plan.prompt, plan.negative_prompt, [list(a) for a in plan.text_adapters]
         )
@@ -292,7 +334,7 @@ class Ingress:
         denoised = denoiser.denoise.remote(encoded, plan.denoise_params())
         decoded = self.vae.decode.remote(denoised, plan.output_format)
         try:
-            result = await asyncio.wait_for(_resolve(decoded), timeout=self.limits.request_timeout_s)
+            return await asyncio.wait_for(_resolve(decoded), timeout=max(0.0, deadline - time.perf_counter()))
         except asyncio.TimeoutError as e:
             decoded.cancel()
             raise APIError(504, "timeout", f"no result within {self.limits.request_timeout_s:.0f}s") from e
@@ -310,13 +352,9 @@ class Ingress:
                 raise APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"}) from e
             if isinstance(cause, RegistryError):
                 raise APIError(cause.status, cause.code, cause.message, "loras") from e
+            if _replica_died(e):
+                raise ReplicaFailedError(str(e).splitlines()[0][:300]) from e
             raise
-        result["total_ms"] = 1000.0 * (time.perf_counter() - received)
-        m = metrics()
-        m.images.inc(plan.num_images)
-        for stage in ("encode", "queue", "denoise", "decode"):
-            m.stage_latency.observe(result[f"{stage}_ms"], tags={"stage": stage})
-        return result
 
     # -- routes ------------------------------------------------------------------
 
