@@ -1,0 +1,129 @@
+"""Run a ``Plan`` through the graph: TextEncoder -> Denoiser -> VAE, chained DeploymentResponses.
+
+Tensors move replica to replica through Ray's object store, never through the
+ingress as JSON. Replica deaths are retried once; overload and registry errors
+become the HTTP errors clients see.
+"""
+
+import asyncio
+import time
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.engine.adapters import SlotWaitTimeoutError
+from deployments.engine.step_scheduler import QueueFullError
+from lora_registry.errors import RegistryError
+
+from .config import LimitsConfig
+from .errors import APIError
+from .planning import Plan
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError subclasses its cause's type)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if inner is None or isinstance(e, (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError)):
+            break
+        e = inner
+    return e
+
+
+class ReplicaFailedError(RuntimeError):
+    """A replica died (or became unreachable) while it held the request."""
+
+
+def _replica_died(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError)):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
+async def resolve(response):
+    return await response
+
+
+class GraphClient:
+    def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        denoiser: DeploymentHandle,
+        vae: DeploymentHandle,
+        limits: LimitsConfig,
+        metrics,
+    ):
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae = vae
+        self.limits = limits
+        self.metrics = metrics
+
+    async def run(self, plan: Plan) -> dict:
+        """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings.
+
+        If a replica dies under the request, the whole chain is retried once: the seed makes
+        the retry give the same image. A second failure is a 503, never a hang.
+        """
+        received = time.perf_counter()
+        deadline = received + self.limits.request_timeout_s
+        for attempt in (1, 2):
+            try:
+                result = await self._run_once(plan, deadline)
+                break
+            except ReplicaFailedError as e:
+                self.metrics().replica_failures.inc(tags={"attempt": str(attempt)})
+                if attempt == 2:
+                    raise APIError(
+                        503,
+                        "replica_failed",
+                        f"a replica failed twice while serving this request: {e}",
+                        None,
+                        {"Retry-After": "5"},
+                    ) from e
+        result["total_ms"] = 1000.0 * (time.perf_counter() - received)
+        m = self.metrics()
+        m.images.inc(plan.num_images)
+        for stage in ("encode", "queue", "denoise", "decode"):
+            m.stage_latency.observe(result[f"{stage}_ms"], tags={"stage": stage})
+        return result
+
+    async def _run_once(self, plan: Plan, deadline: float) -> dict:
+        encoded = self.text_encoder.encode.remote(
+            plan.prompt, plan.negative_prompt, [list(a) for a in plan.text_adapters]
+        )
+        denoiser = self.denoiser
+        if plan.unet_adapters:
+            # Prefer replicas that already hold the request's first adapter (Serve multiplexing).
+            denoiser = denoiser.options(multiplexed_model_id=plan.unet_adapters[0][0])
+        denoised = denoiser.denoise.remote(encoded, plan.denoise_params())
+        decoded = self.vae.decode.remote(denoised, plan.output_format)
+        try:
+            return await asyncio.wait_for(resolve(decoded), timeout=max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError as e:
+            decoded.cancel()
+            raise APIError(504, "timeout", f"no result within {self.limits.request_timeout_s:.0f}s") from e
+        except Exception as e:
+            cause = _cause(e)
+            if isinstance(cause, QueueFullError):
+                raise APIError(
+                    503, "overloaded", str(cause), None, {"Retry-After": str(round(cause.retry_after_s))}
+                ) from e
+            if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
+                raise APIError(
+                    503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"}
+                ) from e
+            if isinstance(cause, SlotWaitTimeoutError):
+                raise APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"}) from e
+            if isinstance(cause, RegistryError):
+                raise APIError(cause.status, cause.code, cause.message, "loras") from e
+            if _replica_died(e):
+                raise ReplicaFailedError(str(e).splitlines()[0][:300]) from e
+            raise
