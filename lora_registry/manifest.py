@@ -62,6 +62,25 @@ def format_ref(name: str, version: int | None) -> str:
     return name if version is None else f"{name}@{version}"
 
 
+MAX_TRAINING_BYTES = 16_384
+
+
+def check_training(training: dict | None) -> None:
+    """``training`` must be a JSON object of at most ``MAX_TRAINING_BYTES`` bytes, or None."""
+    if training is None:
+        return
+    if not isinstance(training, dict):
+        raise InvalidAdapterError("training must be a JSON object", code="invalid_metadata")
+    try:
+        size = len(json.dumps(training, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise InvalidAdapterError(f"training is not JSON-serialisable: {e}", code="invalid_metadata") from e
+    if size > MAX_TRAINING_BYTES:
+        raise InvalidAdapterError(
+            f"training is {size} bytes of JSON; the limit is {MAX_TRAINING_BYTES}", code="invalid_metadata"
+        )
+
+
 def check_metadata(description: str, trigger_words: list[str], tags: list[str]) -> None:
     """Bounds on the free-form fields a user supplies at registration, naming the field at fault."""
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
@@ -115,6 +134,8 @@ class Manifest:
     description: str = ""
     trigger_words: tuple[str, ...] = field(default_factory=tuple)
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # How the adapter was made, when lorafleet trained it (``lorafleet train``): settings, data, loss.
+    training: dict | None = None
 
     @property
     def ref(self) -> str:
@@ -158,6 +179,7 @@ class Manifest:
                 description=_typed(d, "description", str),
                 trigger_words=tuple(_typed(d, "trigger_words", list)),
                 tags=tuple(_typed(d, "tags", list)),
+                training=_typed(d, "training", (dict, type(None))) if "training" in d else None,
             )
         except KeyError as e:
             raise ValueError(f"manifest lacks field {e.args[0]!r}") from e

@@ -42,7 +42,7 @@ from .errors import (
     RegistryCorruptionError,
     RegistryUnavailableError,
 )
-from .manifest import BaseModelRef, Manifest, check_metadata, check_name, parse_ref, utc_now_iso
+from .manifest import BaseModelRef, Manifest, check_metadata, check_name, check_training, parse_ref, utc_now_iso
 from .stores.base import ObjectNotFound, ProgressCallback, Store
 from .validation import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_RANK, PreparedAdapter, check_size, prepare_adapter
 
@@ -371,6 +371,7 @@ class Registry:
         description: str = "",
         trigger_words: Sequence[str] = (),
         tags: Sequence[str] = (),
+        training: dict | None = None,
         adapter_config: dict | None = None,
         source_format: str | None = None,
         progress: ProgressCallback | None = None,
@@ -389,12 +390,13 @@ class Registry:
         check_name(name)
         trigger_words, tags = list(trigger_words), list(tags)
         check_metadata(description, trigger_words, tags)
+        check_training(training)
         prepared = self._prepare(source, adapter_config, source_format)
         staging = layout.staging_key(uuid.uuid4().hex)
         self._call(self.store.put_bytes, staging, prepared.blob, progress)
         try:
             self._call(self.store.copy, staging, layout.blob_key(prepared.sha256))
-            manifest = self._commit(name, prepared, description, trigger_words, tags)
+            manifest = self._commit(name, prepared, description, trigger_words, tags, training)
         finally:
             try:
                 self.store.delete(staging)
@@ -410,7 +412,13 @@ class Registry:
         return manifest
 
     def _commit(
-        self, name: str, prepared: PreparedAdapter, description: str, trigger_words: list[str], tags: list[str]
+        self,
+        name: str,
+        prepared: PreparedAdapter,
+        description: str,
+        trigger_words: list[str],
+        tags: list[str],
+        training: dict | None = None,
     ) -> Manifest:
         """Write the manifest by conditional create, taking the next free version number."""
         adapter = prepared.adapter
@@ -431,6 +439,7 @@ class Registry:
                 size_bytes=len(prepared.blob),
                 created_at=utc_now_iso(),
                 description=description,
+                training=training,
                 trigger_words=tuple(trigger_words),
                 tags=tuple(tags),
             )

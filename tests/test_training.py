@@ -180,8 +180,8 @@ def test_outputs_are_the_registry_canonical_form_and_registration_records_the_se
     )
     assert (manifest.ref, manifest.rank, manifest.alpha, manifest.sha256) == ("red@1", 4, 4.0, result.sha256)
     assert manifest.base_model.fingerprint == plan.spec.fingerprint
-    assert manifest.description.startswith("Flat red.\n\nlorafleet-train: {")
-    settings = training_settings(registry.resolve("red@1").description)
+    assert manifest.description == "Flat red."
+    settings = training_settings(registry.resolve("red@1"))
     assert settings == {
         "base_model": "builtin:tiny-sd",
         "base_fingerprint": plan.spec.fingerprint,
@@ -331,8 +331,8 @@ def test_registration_against_another_base_model_is_refused_before_training(trai
         check_registration(registry, plan, name="red-2", server_spec=other_spec)
     with pytest.raises(TrainingInputError, match="adapter name 'Red' is invalid"):
         check_registration(registry, plan, name="Red")
-    with pytest.raises(TrainingInputError, match="shorten --description"):
-        check_registration(registry, plan, name="red-2", description="x" * 1990)
+    with pytest.raises(TrainingInputError, match="description"):
+        check_registration(registry, plan, name="red-2", description="x" * 2001)
     check_registration(registry, plan, name="red-2", server_spec=plan.spec)  # no error
 
 

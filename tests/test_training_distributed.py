@@ -43,7 +43,7 @@ def test_two_ray_train_workers_train_what_one_process_accumulating_two_passes_tr
     manifest = result["manifest"]
     assert (manifest["name"], manifest["version"], manifest["sha256"]) == ("red-ddp", 1, result["sha256"])
     registry = open_registry(RegistryConfig(uri=str(registry_dir)), caches=False)
-    settings = training_settings(registry.resolve("red-ddp").description)
+    settings = training_settings(registry.resolve("red-ddp"))
     assert (settings["world_size"], settings["batch_size"], settings["steps"]) == (2, 1, 4)
 
     # The same samples in one process: 2 passes of 1 per step, gradients summed (DDP averages the two

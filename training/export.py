@@ -5,9 +5,8 @@ converter (``prepare_adapter``), so the canonical ``adapter.safetensors``
 written here is byte for byte the blob the registry stores when the same file
 is registered.
 
-The manifest has no field for training settings, so registration appends one
-line to the adapter's description (``lorafleet-train: {...}``, compact JSON;
-``training_settings(manifest.description)`` reads it back); ``training.json``
+Registration records the training settings in the manifest's ``training``
+field (``training_settings(manifest)`` reads them back); ``training.json``
 beside the adapter keeps the full record, per-step losses included.
 """
 
@@ -23,7 +22,7 @@ from pathlib import Path
 from lora_registry.base_model import BaseModelSpec
 from lora_registry.config import RegistryConfig, default_registry_uri, open_registry
 from lora_registry.errors import InvalidAdapterError
-from lora_registry.manifest import MAX_DESCRIPTION_CHARS, Manifest, check_metadata, check_name
+from lora_registry.manifest import Manifest, check_metadata, check_name, check_training
 from lora_registry.registry import Registry
 from lora_registry.validation import DEFAULT_MAX_RANK, prepare_adapter
 
@@ -33,7 +32,6 @@ from .lora import LORA_FILE
 
 ADAPTER_FILE = "adapter.safetensors"  # canonical form (lorafleet.lora/1)
 RECORD_FILE = "training.json"
-SETTINGS_PREFIX = "lorafleet-train: "
 FINAL_LOSS_STEPS = 10  # final_loss: the mean over this many last steps
 
 
@@ -81,9 +79,9 @@ def export_adapter(plan, checkpoint_dir: Path) -> TrainedAdapter:
     return TrainedAdapter(out / LORA_FILE, out / ADAPTER_FILE, prepared.sha256, record, losses)
 
 
-def describe(description: str, record: dict) -> str:
-    """The user's description plus one ``lorafleet-train: {json}`` line with the training settings."""
-    summary = {
+def training_record(record: dict) -> dict:
+    """What the registered manifest's ``training`` field keeps: settings, data, steps, final loss."""
+    return {
         "base_model": record["base_model"]["uri"],
         "base_fingerprint": record["base_model"]["fingerprint"],
         "images": record["dataset"]["images"],
@@ -92,22 +90,11 @@ def describe(description: str, record: dict) -> str:
         "final_loss": record.get("final_loss"),
         **record["settings"],
     }
-    line = SETTINGS_PREFIX + json.dumps(summary, sort_keys=True, separators=(",", ":"))
-    text = f"{description.rstrip()}\n\n{line}" if description.strip() else line
-    if len(text) > MAX_DESCRIPTION_CHARS:
-        raise TrainingInputError(
-            f"the description plus the training settings line is {len(text)} characters; the registry keeps "
-            f"{MAX_DESCRIPTION_CHARS} (shorten --description to {MAX_DESCRIPTION_CHARS - len(line) - 2})"
-        )
-    return text
 
 
-def training_settings(description: str) -> dict | None:
-    """The settings line ``describe`` appended to a registered adapter's description, parsed; ``None`` if absent."""
-    for line in reversed(description.splitlines()):
-        if line.startswith(SETTINGS_PREFIX):
-            return json.loads(line[len(SETTINGS_PREFIX) :])
-    return None
+def training_settings(manifest: Manifest) -> dict | None:
+    """The training record of a registered adapter (its manifest's ``training``); ``None`` if not trained here."""
+    return manifest.training
 
 
 def open_target_registry(uri: str | None, spec: BaseModelSpec, s3_endpoint_url: str | None = None) -> Registry:
@@ -132,7 +119,10 @@ def check_registration(
         check_metadata(description, list(trigger_words), list(tags))
     except InvalidAdapterError as e:
         raise TrainingInputError(e.message) from e
-    describe(description, {**plan.record, "steps": plan.config.steps, "final_loss": 1.234567e-10})
+    try:
+        check_training(training_record({**plan.record, "steps": plan.config.steps, "final_loss": 0.0}))
+    except InvalidAdapterError as e:
+        raise TrainingInputError(e.message) from e
     if plan.config.rank > registry.max_rank:
         raise TrainingInputError(f"rank {plan.config.rank} is above the registry's max_rank {registry.max_rank}")
     ours = plan.spec.fingerprint
@@ -159,11 +149,12 @@ def register_adapter(
     trigger_words: Sequence[str] = (),
     tags: Sequence[str] = (),
 ) -> Manifest:
-    """Register the trained file as the next version of ``name``, its settings in the description."""
+    """Register the trained file as the next version of ``name``, its settings in the manifest's ``training``."""
     manifest = registry.register(
         trained.lora_file,
         name=name,
-        description=describe(description, trained.record),
+        description=description,
+        training=training_record(trained.record),
         trigger_words=list(trigger_words),
         tags=list(tags),
         source_format="diffusers",
