@@ -259,7 +259,21 @@ def run(s: Settings, unet_config: dict) -> dict:
                 return step(fleet_unet)
 
         res["lorafleet_ms"] = time_ms(fleet_step, s)
-        print(f"lorafleet: {res['lorafleet_ms']:.2f} ms ({len(lora.layers)} LoRA layers)", flush=True)
+        res["lorafleet_kernel"] = lora.state.kernel
+        print(
+            f"lorafleet ({lora.state.kernel} kernel): {res['lorafleet_ms']:.2f} ms ({len(lora.layers)} LoRA layers)",
+            flush=True,
+        )
+        other = "grouped" if lora.state.kernel == "gather" else "gather"
+        lora.state.kernel = other
+
+        def other_step():
+            with lora.routed(routing):
+                return step(fleet_unet)
+
+        res["lorafleet_other_kernel_ms"] = time_ms(other_step, s)
+        lora.state.kernel = res["lorafleet_kernel"]
+        print(f"lorafleet ({other} kernel): {res['lorafleet_other_kernel_ms']:.2f} ms", flush=True)
 
         sketch_unet = copy.deepcopy(base)
         sketch_lora = MultiLoRAModel(sketch_unet, TARGETS, num_slots=s.adapters + 1, max_rank=s.rank)
@@ -350,7 +364,11 @@ def report(s: Settings, res: dict, unet_config: dict) -> None:
     rows = [
         (f"(1) base UNet, {s.rows} rows", base),
         ("lorafleet layers, no adapter routed", res["lorafleet_no_adapter_ms"]),
-        (f"(2) lorafleet, {s.adapters} adapters x {s.rows // s.adapters} rows", fleet),
+        (
+            f"(2) lorafleet ({res['lorafleet_kernel']} kernel), {s.adapters} adapters x {s.rows // s.adapters} rows",
+            fleet,
+        ),
+        ("(2') lorafleet, the other multi-LoRA kernel", res["lorafleet_other_kernel_ms"]),
         (f"(3) diffusers, {s.adapters} sub-batches + `set_adapters`", sub),
         (f"(3) the same {s.adapters} two-row forwards, no switching", res["subbatch_forwards_only_ms"]),
     ]

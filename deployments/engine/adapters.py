@@ -54,6 +54,7 @@ class ModelAdapters:
             max_rank=config.max_rank,
             deterministic=deterministic,
             key_prefix=prefix,
+            kernel=config.kernel,
         )
         self.slots = AdapterSlots(config.max_loras_per_replica + 1, self._load, self.lora.clear)
         self.slot_wait_timeout_s = config.slot_wait_timeout_s

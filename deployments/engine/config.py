@@ -52,6 +52,14 @@ class LoRAConfig(_Strict):
         ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         description="Text-encoder modules (path suffixes) that carry adapter slots.",
     )
+    kernel: Literal["auto", "grouped", "gather"] = Field(
+        "auto",
+        description=(
+            "Multi-LoRA kernel: grouped (one product per adapter in the batch; exact, best on CPU) or gather "
+            "(stacked ranks, two bmm per layer; fixed kernel count for GPUs); auto = gather on CUDA unless "
+            "deterministic."
+        ),
+    )
     slot_wait_timeout_s: float = Field(
         60.0, gt=0, description="How long a request waits for a free adapter slot before 503."
     )

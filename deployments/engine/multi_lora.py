@@ -50,6 +50,13 @@ class LoRARouting:
     def __init__(self, rows: Sequence[RowAdapters], device: torch.device | str = "cpu"):
         self.num_rows = len(rows)
         depth = max((len(r) for r in rows), default=0)
+        # For the gather kernel: every row's adapters as [rows, depth] tensors (slot 0 pads).
+        self.slot_ids = torch.tensor(
+            [[a[0] for a in r] + [0] * (depth - len(r)) for r in rows], dtype=torch.long, device=device
+        ).reshape(self.num_rows, depth)  # [rows, depth]
+        self.weights = torch.tensor(
+            [[float(a[1]) for a in r] + [0.0] * (depth - len(r)) for r in rows], dtype=torch.float32, device=device
+        ).reshape(self.num_rows, depth)  # [rows, depth]
         # passes[k]: the k-th adapter of every row, grouped by slot. Applying the
         # passes in order keeps each row's additions in its request's order.
         self.passes: list[list[_Group]] = []
@@ -79,6 +86,10 @@ class LoRAState:
 
     routing: LoRARouting | None = None
     deterministic: bool = False
+    # "grouped": one A and one B product per adapter present, on its rows (exact, peft's arithmetic);
+    # "gather": every row gathers its adapters' stacked A and B, two bmm per layer whatever the mix
+    # (a fixed number of kernels: for GPUs, where launches dominate).
+    kernel: str = "grouped"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -92,6 +103,8 @@ class _MultiLoRABase(torch.nn.Module):
         self.register_buffer("lora_B", torch.zeros((num_slots, *b_shape), dtype=w.dtype, device=w.device))
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.alphas = [0.0] * num_slots
+        # [slots]: alpha / r of each slot's adapter in this module, 0 where none (its A and B are zeros)
+        self.register_buffer("slot_scale", torch.zeros(num_slots, dtype=torch.float32, device=w.device))
 
     @property
     def max_rank(self) -> int:
@@ -101,20 +114,48 @@ class _MultiLoRABase(torch.nn.Module):
         """Copy one adapter's ``A`` [r, ...] and ``B`` [out, r, ...] into ``slot`` (or clear it)."""
         if A is None or B is None:
             self.ranks[slot] = 0
+            self.slot_scale[slot] = 0.0
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
             return
         r = A.shape[0]
         if r > self.max_rank:
             raise ValueError(f"adapter rank {r} exceeds max_rank {self.max_rank}")
         self.ranks[slot] = 0  # never half-loaded while a forward reads it
+        self.slot_scale[slot] = 0.0
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.lora_A[slot, :r].copy_(A)
         self.lora_B[slot, :, :r].copy_(B)
         self.alphas[slot] = float(alpha)
+        self.slot_scale[slot] = float(alpha) / r
         self.ranks[slot] = r
 
     def _delta(self, x: torch.Tensor, slot: int, r: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def _gatherable(self) -> bool:
+        return True
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as [rows, tokens, in_features] (a 1x1 conv is a Linear over pixels)."""
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def _untokens(self, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(like.shape)
+
+    def _gather_forward(self, x: torch.Tensor, result: torch.Tensor, routing: LoRARouting) -> torch.Tensor:
+        rows, depth = routing.slot_ids.shape
+        R = self.max_rank
+        ids = routing.slot_ids  # [rows, depth]
+        A = self.lora_A.flatten(2)[ids]  # [rows, depth, R, in]
+        B = self.lora_B.flatten(2)[ids]  # [rows, depth, out, R]
+        scale = (routing.weights * self.slot_scale[ids]).to(x.dtype)  # [rows, depth]: weight * alpha / r
+        A = A.reshape(rows, depth * R, -1)  # [rows, depth*R, in]: ranks stacked
+        B = B.permute(0, 1, 3, 2).reshape(rows, depth * R, -1)  # [rows, depth*R, out]
+        h = torch.bmm(self._tokens(x), A.transpose(1, 2))  # [rows, tokens, depth*R]
+        h = h * scale.repeat_interleave(R, dim=1)[:, None, :]
+        return result + self._untokens(torch.bmm(h, B), result)  # [rows, tokens, out] -> result's shape
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
@@ -123,6 +164,8 @@ class _MultiLoRABase(torch.nn.Module):
             return result
         if routing.num_rows != x.shape[0]:
             raise ValueError(f"LoRA routing covers {routing.num_rows} rows, the batch has {x.shape[0]}")
+        if self.state.kernel == "gather" and self._gatherable():
+            return self._gather_forward(x, result, routing)
         for groups in routing.passes:
             for g in groups:
                 r = self.ranks[g.slot]
@@ -154,6 +197,16 @@ class MultiLoRALinear(_MultiLoRABase):
 
 
 class MultiLoRAConv2d(_MultiLoRABase):
+    def _gatherable(self) -> bool:
+        b = self.base
+        return b.kernel_size == (1, 1) and b.stride == (1, 1) and b.padding in ((0, 0), 0)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)  # [rows, h*w, in]
+
+    def _untokens(self, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return delta.transpose(1, 2).reshape(like.shape)  # [rows, out, h, w]
+
     def __init__(self, base: torch.nn.Conv2d, state: LoRAState, num_slots: int, max_rank: int):
         kh, kw = base.kernel_size
         super().__init__(
@@ -196,12 +249,22 @@ class MultiLoRAModel:
         max_rank: int,
         deterministic: bool = False,
         key_prefix: str = "",
+        kernel: str = "auto",
     ):
-        """``key_prefix`` is prepended to module paths to form the keys adapters use."""
+        """``key_prefix`` is prepended to module paths to form the keys adapters use.
+
+        ``kernel``: ``"grouped"``, ``"gather"``, or ``"auto"`` (grouped when deterministic or on the
+        CPU — exact and cheapest there —, gather on CUDA).
+        """
+        if kernel not in ("auto", "grouped", "gather"):
+            raise ValueError(f"kernel must be 'auto', 'grouped' or 'gather', got {kernel!r}")
+        if kernel == "auto":
+            on_cuda = next(model.parameters()).device.type == "cuda"
+            kernel = "gather" if on_cuda and not deterministic else "grouped"
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
-        self.state = LoRAState(deterministic=deterministic)
+        self.state = LoRAState(deterministic=deterministic, kernel=kernel)
         self.layers: dict[str, _MultiLoRABase] = {}
         targets = list(targets)
         for path, module in list(model.named_modules()):
