@@ -23,6 +23,7 @@ def _options(cfg: ResourceConfig) -> dict:
     options = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }
     if cfg.autoscaling is not None:

@@ -34,7 +34,13 @@ class RegistryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uri: str = Field(default_factory=default_registry_uri, description="s3://bucket/prefix or a local directory")
-    cache_dir: str = Field(default_factory=default_cache_dir, description="local disk cache of adapter blobs")
+    cache_dir: str | None = Field(
+        None,
+        description=(
+            "local disk cache of adapter blobs; default $LORAFLEET_CACHE_DIR/adapters, resolved on each node "
+            "(so nodes with their own LORAFLEET_CACHE_DIR keep their own cache)"
+        ),
+    )
     disk_cache_bytes: int = Field(10 << 30, gt=0, description="disk cache cap; least recently used blobs go first")
     memory_cache_bytes: int = Field(2 << 30, gt=0, description="host-memory cache cap for loaded adapters")
     max_rank: int = Field(DEFAULT_MAX_RANK, ge=1, le=1024, description="highest LoRA rank accepted at registration")
@@ -73,7 +79,9 @@ def open_registry(config: RegistryConfig, base: BaseModelSpec | None = None, *, 
     return Registry(
         store,
         base=base,
-        cache=DiskCache(config.cache_dir, config.disk_cache_bytes) if caches else None,
+        cache=DiskCache(default_cache_dir() if config.cache_dir is None else config.cache_dir, config.disk_cache_bytes)
+        if caches
+        else None,
         memory=MemoryCache(config.memory_cache_bytes) if caches else None,
         max_rank=config.max_rank,
         max_adapter_bytes=config.max_adapter_bytes,

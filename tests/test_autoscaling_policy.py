@@ -1,4 +1,4 @@
-"""The Denoiser's autoscaling policy: replicas follow pending images, with hysteresis."""
+"""The Denoiser's autoscaling policy: replicas follow pending images; Serve's wrapper applies the delays."""
 
 from types import SimpleNamespace
 
@@ -7,43 +7,63 @@ import pytest
 from deployments.autoscaling import PendingWorkPolicy
 
 
-def ctx(pending_by_replica, current, t, state, lo=1, hi=8):
+def ctx(pending_by_replica, current, lo=1, hi=8):
     return SimpleNamespace(
         aggregated_metrics={"pending_images": pending_by_replica},
         target_num_replicas=current,
         capacity_adjusted_min_replicas=lo,
         capacity_adjusted_max_replicas=hi,
-        current_time=t,
-        policy_state=state,
+        policy_state={},
     )
 
 
-def test_scales_up_after_the_delay_and_down_after_a_longer_one():
-    policy = PendingWorkPolicy(target_pending_images_per_replica=10, upscale_delay_s=5, downscale_delay_s=30)
-    state = {}
-    n, state = policy(ctx({"r1": 35}, 1, 0.0, state))  # wants 4, waits
-    assert n == 1
-    n, state = policy(ctx({"r1": 35}, 1, 4.0, state))
-    assert n == 1
-    n, state = policy(ctx({"r1": 20, "r2": 15}, 1, 5.0, state))  # sustained 5 s: up to 4
-    assert n == 4 and state == {}
-    n, state = policy(ctx({"a": 0, "b": 0, "c": 1, "d": 0}, 4, 10.0, state))  # wants 1, waits 30 s
-    assert n == 4
-    n, state = policy(ctx({"a": 0, "b": 0, "c": 0, "d": 0}, 4, 39.0, state))
-    assert n == 4
-    n, state = policy(ctx({"a": 0, "b": 0, "c": 0, "d": 0}, 4, 40.0, state))
-    assert n == 1
+@pytest.mark.parametrize(
+    "pending, lo, hi, want",
+    [
+        ({"r1": 35}, 1, 8, 4),  # ceil(35 / 10)
+        ({"r1": 20, "r2": 15}, 1, 8, 4),  # summed over replicas
+        ({"r1": 0, "r2": 0}, 1, 8, 1),  # never below min_replicas
+        ({"r1": 1000}, 1, 3, 3),  # never above max_replicas
+        ({}, 0, 8, 0),  # no metrics yet: scale to min
+    ],
+)
+def test_replicas_follow_pending_images(pending, lo, hi, want):
+    n, state = PendingWorkPolicy(target_pending_images_per_replica=10)(ctx(pending, 1, lo, hi))
+    assert (n, state) == (want, {})
 
 
-def test_a_blip_resets_the_timer_and_bounds_hold():
-    policy = PendingWorkPolicy(target_pending_images_per_replica=10, upscale_delay_s=5, downscale_delay_s=30)
-    n, state = policy(ctx({"r": 50}, 1, 0.0, {}))
-    n, state = policy(ctx({"r": 5}, 1, 3.0, state))  # demand gone: no longer scaling up
-    assert n == 1 and state == {}
-    n, state = policy(ctx({"r": 1000}, 1, 10.0, state, hi=3))
-    n, state = policy(ctx({"r": 1000}, 1, 15.0, state, hi=3))
-    assert n == 3  # capped at max_replicas
-    assert policy.desired(0, 2, 8) == 2  # never below min_replicas
+def test_through_serves_wrapper_the_delays_hold_then_apply(monkeypatch):
+    """Serve's own wrapper (as the controller runs it): a scale-up waits upscale_delay_s, then happens."""
+    from ray.serve import autoscaling_policy as ap
+    from ray.serve.config import AutoscalingConfig
+
+    now = [1000.0]
+    monkeypatch.setattr(ap.time, "time", lambda: now[0])
+    policy = ap._apply_autoscaling_config(PendingWorkPolicy(target_pending_images_per_replica=2))
+    config = AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=10, downscale_delay_s=30)
+    state: dict = {}
+    decisions = []
+    current = 1
+    for t in range(0, 25, 2):
+        now[0] = 1000.0 + t
+        c = SimpleNamespace(
+            aggregated_metrics={"pending_images": {"r": 12.0}},
+            target_num_replicas=current,
+            current_num_replicas=current,
+            capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=4,
+            policy_state=state,
+            config=config,
+            current_time=now[0],
+            last_scale_up_time=None,
+            last_scale_down_time=None,
+        )
+        n, state = policy(c)
+        decisions.append((t, n))
+        current = n  # the controller adopts the decision
+    held = [n for t, n in decisions if t < 10]
+    assert set(held) == {1}, decisions  # held for the delay
+    assert [n for t, n in decisions if t >= 10] == [4] * 8, decisions  # then applied and kept; 12/2=6 capped at 4
 
 
 def test_bad_target():

@@ -80,6 +80,9 @@ class ResourceConfig(_Strict):
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: unbounded)."
     )
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, gt=0, description="On scale-down, how long a replica may finish its requests before it is stopped."
+    )
 
 
 class TextEncoderConfig(ResourceConfig):
