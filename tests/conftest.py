@@ -166,6 +166,7 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
             time.sleep(1)
         cluster = Cluster(url, app["name"], s3_server)
         cluster.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         yield cluster
     finally:
         try:

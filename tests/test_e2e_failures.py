@@ -33,12 +33,14 @@ def app_url(cluster, cache_dir, tmp_path_factory):
     serve.delete("failures")
 
 
-def replica_actor(deployment: str):
+def replica_actor(cluster, deployment: str):
     import ray
     from ray.util.state import list_actors
 
     alive = list_actors(
-        filters=[("class_name", "=", f"ServeReplica:failures:{deployment}"), ("state", "=", "ALIVE")], timeout=30
+        address=cluster.dashboard_url,  # this session's instance, even if other Ray instances run on the machine
+        filters=[("class_name", "=", f"ServeReplica:failures:{deployment}"), ("state", "=", "ALIVE")],
+        timeout=30,
     )
     assert len(alive) == 1, alive
     return ray.get_actor(alive[0].name, namespace="serve"), alive[0].actor_id
@@ -54,7 +56,7 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
     from test_e2e_metrics import scrape, total, wait_for
 
     retried_before = total(scrape(cluster), "ray_lorafleet_replica_failures", "_total", attempt="1")
-    actor, actor_id = replica_actor(deployment)
+    actor, actor_id = replica_actor(cluster, deployment)
     outcomes: list[tuple[int, int, dict | None]] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -75,7 +77,7 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
         while time.monotonic() - killed_at < 25:
             _, new_id = (None, actor_id)
             try:
-                _, new_id = replica_actor(deployment)
+                _, new_id = replica_actor(cluster, deployment)
             except AssertionError:
                 pass
             if new_id != actor_id:
@@ -92,7 +94,7 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
     for _, status, payload in outcomes:
         if status == 503:
             assert payload["error"]["code"] in ("replica_failed", "overloaded")
-    _, new_id = replica_actor(deployment)
+    _, new_id = replica_actor(cluster, deployment)
     assert new_id != actor_id  # Serve replaced the replica
     if deployment == "Denoiser":
         # Each request holds a Denoiser replica for seconds, so several were on it when it died: they
