@@ -40,6 +40,11 @@ lint: venv
 bench: venv  ## served graph vs diffusers' pipeline in a plain loop; figures into docs/benchmarks.md by hand
 	$(PY) benchmarks/bench_serving.py
 
+.PHONY: loadtest
+LOADTEST_ARGS ?=
+loadtest: venv  ## lorafleet vs a plain diffusers server under locust, on 127.0.0.1: make loadtest LOADTEST_ARGS="--slo-ms 800"
+	$(PY) -m loadtest.run $(LOADTEST_ARGS)
+
 export-model: venv  ## write builtin:tiny-sd as a diffusers directory: make export-model DIR=/tmp/tiny-sd
 	$(VENV)/bin/lorafleet export-model builtin:tiny-sd $(DIR)
 

@@ -1,0 +1,620 @@
+"""The load-test report: ``report.md`` with PNG plots and ``summary.json``, from a run directory.
+
+    python -m loadtest.report .lorafleet/loadtest/20261127-101500     # (re)build from the logs
+
+Inputs (written by ``loadtest.run``): ``run.json`` (machine, arguments, phases,
+metric samples) and, per phase, ``<phase>/requests.jsonl`` and ``<phase>/stages.json``
+(``loadtest.stats`` documents both). Every figure is recomputed from those logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .stats import percentile, summarize
+
+TARGET_STYLE = {"lorafleet": {"color": "tab:blue", "ls": "-"}, "baseline": {"color": "tab:orange", "ls": "--"}}
+
+
+def load_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _fmt(x, digits: int = 0, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}{unit}"
+
+
+# -- figures from the logs ---------------------------------------------------------------------------
+
+
+def phase_overall(records: list[dict], stages: list[dict]) -> dict:
+    """All stages of a phase together: totals and latency percentiles of successful requests."""
+    if not stages:
+        return {"requests": 0, "ok": 0, "failed": 0, "images": 0}
+    start, end = stages[0]["start"], stages[-1]["end"]
+    mean_rate = sum(s["rate_rps"] * (s["end"] - s["start"]) for s in stages) / max(1e-9, end - start)
+    s = summarize(records, start, end, mean_rate).to_dict()
+    s["duration_s"] = end - start
+    return s
+
+
+def target_search(stages_doc: dict) -> dict:
+    """Stages sorted by offered rate, and the sustainable rate (highest that met the SLO)."""
+    stages = sorted(stages_doc.get("stages", []), key=lambda s: s["rate_rps"])
+    passed = [s for s in stages if s["passed"]]
+    best = max(passed, key=lambda s: s["rate_rps"]) if passed else None
+    return {
+        "stages": stages,
+        "sustainable_rps": best["rate_rps"] if best else None,
+        "at_sustainable": best["stats"] if best else None,
+    }
+
+
+def common_rate(a: list[dict], b: list[dict]) -> tuple[float | None, bool]:
+    """The highest offered rate both targets ran and met the SLO at; else the lowest rate both ran.
+
+    Returns (rate, both_passed).
+    """
+    pa = {round(s["rate_rps"], 6): s["passed"] for s in a}
+    pb = {round(s["rate_rps"], 6): s["passed"] for s in b}
+    shared = sorted(set(pa) & set(pb))
+    both = [r for r in shared if pa[r] and pb[r]]
+    if both:
+        return both[-1], True
+    return (shared[0], False) if shared else (None, False)
+
+
+def _stage_at(stages: list[dict], rate: float) -> dict:
+    return next(s for s in stages if round(s["rate_rps"], 6) == rate)
+
+
+def fairness(records: list[dict], stages_doc: dict) -> dict:
+    """Per tenant: offered share, requests, failures, completed images and their share, latency."""
+    stage = stages_doc["stages"][0]
+    t0 = stage["start"] + stage.get("warmup_s", 0.0)
+    window = [r for r in records if t0 <= r["t"] < stage["end"]]
+    tenants = {t["name"]: t["share"] for t in stages_doc.get("tenants", [])}
+    total_images = sum(r["images"] for r in window if r["ok"])
+    out = {}
+    for name, share in tenants.items():
+        mine = [r for r in window if r["tenant"] == name]
+        ok = [r for r in mine if r["ok"]]
+        images = sum(r["images"] for r in ok)
+        out[name] = {
+            "offered_share": share,
+            "offered_rps": share * stage["rate_rps"],
+            "requests": len(mine),
+            "ok": len(ok),
+            "failed": len(mine) - len(ok),
+            "images": images,
+            "image_share": images / total_images if total_images else math.nan,
+            "p50_ms": percentile([r["ms"] for r in ok], 50),
+            "p95_ms": percentile([r["ms"] for r in ok], 95),
+            # lorafleet's own account (native API): time waiting for the denoiser, where fair queuing acts
+            "queue_p50_ms": percentile(
+                [r["timings"]["queue_ms"] for r in ok if "queue_ms" in r.get("timings", {})], 50
+            ),
+            "images_per_s": images / (stage["end"] - t0),
+        }
+    return {"rate_rps": stage["rate_rps"], "window_s": stage["end"] - t0, "tenants": out}
+
+
+POPULARITY_BUCKETS = ("no LoRA", "adapters ranked 1-3", "adapters ranked 4+")
+
+
+def popularity_bucket(record: dict, prefix: str) -> str:
+    """Which Zipf bucket a request's first adapter falls into (names are ``prefix`` + rank - 1)."""
+    if not record.get("adapters"):
+        return POPULARITY_BUCKETS[0]
+    suffix = record["adapters"][0].removeprefix(prefix)
+    return POPULARITY_BUCKETS[1] if suffix.isdigit() and int(suffix) < 3 else POPULARITY_BUCKETS[2]
+
+
+def latency_by_popularity(records: list[dict], stage: dict, prefix: str) -> dict[str, dict[str, dict]]:
+    """tenant -> bucket -> {requests, p50_ms, p95_ms} over a stage's window (successful requests)."""
+    t0 = stage["start"] + stage.get("warmup_s", 0.0)
+    out: dict[str, dict[str, dict]] = {}
+    for r in records:
+        if r["ok"] and t0 <= r["t"] < stage["end"]:
+            out.setdefault(r["tenant"], {}).setdefault(popularity_bucket(r, prefix), []).append(r["ms"])
+    return {
+        tenant: {b: {"requests": len(v), "p50_ms": percentile(v, 50), "p95_ms": percentile(v, 95)}
+                 for b, v in buckets.items()}
+        for tenant, buckets in out.items()
+    }  # fmt: skip
+
+
+def metric_delta(samples: list[dict], start: float, end: float, series: str) -> dict[str, float]:
+    """Increase of a counter (per label value) between the samples bracketing [start, end]."""
+    inside = [s for s in samples if s["metrics"].get(series) is not None]
+    before = [s for s in inside if s["t"] <= start]
+    after = [s for s in inside if s["t"] >= end]
+    first = before[-1] if before else next((s for s in inside if s["t"] >= start), None)
+    last = after[0] if after else (inside[-1] if inside else None)
+    if first is None or last is None:
+        return {}
+    a, b = first["metrics"][series], last["metrics"][series]
+    return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def hit_ratio(samples: list[dict], start: float, end: float) -> float | None:
+    d = metric_delta(samples, start, end, "ray_lorafleet_adapter_requests_total")
+    hits, misses = d.get("hit", 0.0), d.get("miss", 0.0)
+    return hits / (hits + misses) if hits + misses > 0 else None
+
+
+def replicas_range(samples: list[dict], start: float, end: float) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for s in samples:
+        if start <= s["t"] <= end:
+            for k, v in s.get("replicas", {}).items():
+                lo, hi = out.get(k, (v, v))
+                out[k] = (min(lo, v), max(hi, v))
+    return out
+
+
+# -- plots -------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency(searches: dict, slo_ms: float, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for target, s in searches.items():
+        st = TARGET_STYLE.get(target, {})
+        xs = [x["rate_rps"] for x in s["stages"]]
+        for q, marker in (("p50", "o"), ("p95", "s"), ("p99", "^")):
+            ys = [_num(x["stats"][f"{q}_ms"]) for x in s["stages"]]
+            ax.plot(xs, ys, marker=marker, ls=st.get("ls", "-"), color=st.get("color"), alpha=0.5 + 0.25 * (q == "p95"),
+                    label=f"{target} {q}")  # fmt: skip
+    ax.axhline(slo_ms, color="red", lw=1, ls=":", label=f"SLO p95 {slo_ms:.0f} ms")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Latency against offered load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(searches: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax2 = ax.twinx()
+    top = 0.0
+    for target, s in searches.items():
+        st = TARGET_STYLE.get(target, {})
+        xs = [x["rate_rps"] for x in s["stages"]]
+        top = max([top, *xs])
+        ax.plot(xs, [x["stats"]["throughput_rps"] for x in s["stages"]], marker="o", ls=st.get("ls"),
+                color=st.get("color"), label=f"{target} requests/s")  # fmt: skip
+        ax.plot(xs, [x["stats"]["images_per_s"] for x in s["stages"]], marker="x", ls=st.get("ls"),
+                color=st.get("color"), alpha=0.5, label=f"{target} images/s")  # fmt: skip
+        ax2.bar(xs, [100 * _num(x["stats"]["error_rate"]) for x in s["stages"]], width=max(0.05, 0.02 * top),
+                color=st.get("color"), alpha=0.25)  # fmt: skip
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":", label="served = offered")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("completed per second")
+    ax2.set_ylabel("errors (% of requests, bars)")
+    ax2.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("Throughput and error rate against offered load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timeline(run: dict, phase_records: dict, path: Path) -> None:
+    plt = _plt()
+    t0 = run["started"]
+    samples = run.get("samples", [])
+    fig, axes = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True)
+    ax = axes[0]
+    bin_s = 2.0
+    for phase in run["phases"]:
+        st = TARGET_STYLE.get(phase["target"], {})
+        stages_doc = _read_json(path.parent / phase["dir"] / "stages.json")
+        stages = stages_doc.get("stages", [])
+        recs = phase_records.get(phase["name"], [])
+        for i, stage in enumerate(stages):
+            # Completions per second while this stage ran and drained (stages of two targets interleave).
+            end = stage["end"] + stage.get("drain_s", 0.0)
+            ok, failed = {}, {}
+            for r in recs:
+                done = r["t"] + r["ms"] / 1000
+                if stage["start"] <= r["t"] < stage["end"] and done <= end + 1:
+                    b = int((done - t0) // bin_s)
+                    (ok if r["ok"] else failed)[b] = (ok if r["ok"] else failed).get(b, 0) + 1
+            xs = list(range(int((stage["start"] - t0) // bin_s), int((end - t0) // bin_s) + 1))
+            centres = [bin_s * (x + 0.5) for x in xs]
+            label = phase["name"] if i == 0 else None
+            ax.plot(centres, [ok.get(x, 0) / bin_s for x in xs], color=st.get("color"), lw=1, label=label)
+            if failed:
+                ax.plot(centres, [failed.get(x, 0) / bin_s for x in xs], color="red", lw=0.8)
+            ax.hlines(
+                stage["rate_rps"], stage["start"] - t0, stage["end"] - t0, color=st.get("color"), lw=3, alpha=0.35
+            )
+            for axx in axes:
+                axx.axvspan(stage["start"] - t0, end - t0, color=st.get("color", "grey"), alpha=0.07)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.set_ylabel("completed/s\n(bars: offered,\nred: failed)")
+    ax.grid(True, alpha=0.3)
+    ax = axes[1]
+    keys = sorted({k for s in samples for k in s.get("replicas", {})})
+    for k in keys:
+        pts = [(s["t"] - t0, s["replicas"][k]) for s in samples if k in s.get("replicas", {})]
+        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=k)
+    ax.set_ylabel("replicas")
+    if keys:
+        ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, alpha=0.3)
+    ax = axes[2]
+    xs, ys = [], []
+    series = "ray_lorafleet_adapter_requests_total"
+    with_metric = [s for s in samples if series in s["metrics"]]
+    for a, b in zip(with_metric, with_metric[1:], strict=False):
+        hits = b["metrics"][series].get("hit", 0) - a["metrics"][series].get("hit", 0)
+        misses = b["metrics"][series].get("miss", 0) - a["metrics"][series].get("miss", 0)
+        if hits + misses > 0:
+            xs.append(b["t"] - t0)
+            ys.append(hits / (hits + misses))
+    ax.plot(xs, ys, ".", color="tab:green", label="adapter cache hit ratio (per sample)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("hit ratio")
+    ax3 = ax.twinx()
+    q = [(s["t"] - t0, s["metrics"]["ray_lorafleet_queue_depth_images"].get("", 0)) for s in samples
+         if "ray_lorafleet_queue_depth_images" in s["metrics"]]  # fmt: skip
+    if q:
+        ax3.plot([p[0] for p in q], [p[1] for p in q], color="tab:purple", lw=0.8, label="lorafleet queued images")
+        ax3.set_ylabel("queued images")
+        ax3.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_xlabel("seconds since the run started")
+    ax.grid(True, alpha=0.3)
+    fig.suptitle("Over time: throughput, replicas, adapter cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fairness(fair: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    width = 0.8 / (1 + len(fair))
+    tenants = sorted({t for f in fair.values() for t in f["tenants"]})
+    for i, tenant in enumerate(tenants):
+        offered = next(f["tenants"][tenant]["offered_share"] for f in fair.values() if tenant in f["tenants"])
+        ax.bar(i, 100 * offered, width, color="grey", label="offered" if i == 0 else None)
+        for j, (target, f) in enumerate(fair.items(), 1):
+            t = f["tenants"].get(tenant)
+            if t is None:
+                continue
+            color = TARGET_STYLE.get(target, {}).get("color")
+            ax.bar(i + j * width, 100 * _num(t["image_share"]), width, color=color,
+                   label=f"{target}: completed images" if i == 0 else None)  # fmt: skip
+            ax2.bar(
+                i + (j - 1) * width, _num(t["p95_ms"]), width, color=color, label=f"{target} p95" if i == 0 else None
+            )
+            ax2.plot(i + (j - 1) * width, _num(t["p50_ms"]), "k_", ms=12)
+    for a in (ax, ax2):
+        a.set_xticks(range(len(tenants)))
+        a.set_xticklabels(tenants)
+        a.grid(True, axis="y", alpha=0.3)
+        a.legend(fontsize=7)
+    ax.set_ylabel("% of load / of completed images")
+    ax2.set_ylabel("latency ms (bar p95, tick p50)")
+    ax2.set_yscale("log")
+    fig.suptitle("Fairness at overload: two tenants, one offering 4x the other")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def build_report(run_dir: Path) -> dict:
+    """Write ``report.md``, the PNGs and ``summary.json`` into ``run_dir``; return the summary."""
+    run_dir = Path(run_dir)
+    run = _read_json(run_dir / "run.json")
+    args = run.get("args", {})
+    machine = run.get("machine", {})
+    samples = run.get("samples", [])
+    slo_ms = float(args.get("slo_ms", 1000.0))
+    phase_records: dict[str, list[dict]] = {}
+    phase_docs: dict[str, dict] = {}
+    for phase in run.get("phases", []):
+        phase_records[phase["name"]] = load_records(run_dir / phase["dir"] / "requests.jsonl")
+        phase_docs[phase["name"]] = _read_json(run_dir / phase["dir"] / "stages.json")
+
+    load_phases = [p for p in run.get("phases", []) if not p["name"].endswith("-fairness")]
+    fair_phases = [p for p in run.get("phases", []) if p["name"].endswith("-fairness")]
+    searches = {p["target"]: target_search(phase_docs[p["name"]]) for p in load_phases}
+    overall = {
+        p["name"]: phase_overall(phase_records[p["name"]], phase_docs[p["name"]].get("stages", []))
+        for p in run.get("phases", [])
+    }
+    for p in run.get("phases", []):
+        # lorafleet's adapter metrics say nothing about the baseline, which holds every adapter all along.
+        lorafleet = p["target"] == "lorafleet"
+        overall[p["name"]]["adapter_hit_ratio"] = hit_ratio(samples, p["start"], p["end"]) if lorafleet else None
+        overall[p["name"]]["replicas"] = {
+            k: v for k, v in replicas_range(samples, p["start"], p["end"]).items() if k.startswith(p["target"] + "/")
+        }
+    fair = {p["target"]: fairness(phase_records[p["name"]], phase_docs[p["name"]]) for p in fair_phases}
+    prefix = args.get("adapter_prefix", "lt-style-")
+    for p in fair_phases:
+        stage = phase_docs[p["name"]]["stages"][0]
+        fair[p["target"]]["by_popularity"] = latency_by_popularity(phase_records[p["name"]], stage, prefix)
+
+    headline: dict = {"slo_ms": slo_ms}
+    lf, base = searches.get("lorafleet"), searches.get("baseline")
+    if lf:
+        headline["lorafleet_sustainable_rps"] = lf["sustainable_rps"]
+        headline["lorafleet_images_per_s"] = lf["at_sustainable"]["images_per_s"] if lf["at_sustainable"] else None
+    if base:
+        headline["baseline_sustainable_rps"] = base["sustainable_rps"]
+        headline["baseline_images_per_s"] = base["at_sustainable"]["images_per_s"] if base["at_sustainable"] else None
+    if lf and base:
+        if lf["sustainable_rps"] and base["sustainable_rps"]:
+            headline["sustainable_rps_ratio"] = lf["sustainable_rps"] / base["sustainable_rps"]
+            headline["sustainable_images_per_s_ratio"] = (
+                lf["at_sustainable"]["images_per_s"] / base["at_sustainable"]["images_per_s"]
+                if base["at_sustainable"]["images_per_s"]
+                else None
+            )
+        rate, both = common_rate(lf["stages"], base["stages"])
+        if rate is not None:
+            a, b = _stage_at(lf["stages"], rate)["stats"], _stage_at(base["stages"], rate)["stats"]
+            headline["p95_common_rate_rps"] = rate
+            headline["p95_common_rate_both_meet_slo"] = both
+            headline["lorafleet_p95_ms_at_common"] = a["p95_ms"]
+            headline["baseline_p95_ms_at_common"] = b["p95_ms"]
+            headline["p95_ratio_baseline_over_lorafleet"] = (
+                b["p95_ms"] / a["p95_ms"] if a["p95_ms"] and b["p95_ms"] else None
+            )
+    for target, f in fair.items():
+        for tenant, t in f["tenants"].items():
+            headline[f"fairness_{target}_{tenant}_image_share"] = t["image_share"]
+
+    plots = []
+    if searches:
+        plot_latency(searches, slo_ms, run_dir / "latency_vs_load.png")
+        plot_throughput(searches, run_dir / "throughput_vs_load.png")
+        plots += ["latency_vs_load.png", "throughput_vs_load.png"]
+    if run.get("phases"):
+        plot_timeline(run, phase_records, run_dir / "timeline.png")
+        plots.append("timeline.png")
+    if fair:
+        plot_fairness(fair, run_dir / "fairness.png")
+        plots.append("fairness.png")
+
+    summary_md = _summary_table(headline, searches, fair, overall, load_phases)
+    md = _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots)
+    (run_dir / "report.md").write_text(md)
+    summary = {
+        "headline": headline,
+        "machine": machine,
+        "phases": overall,
+        "searches": {k: {kk: v[kk] for kk in ("sustainable_rps", "at_sustainable")} for k, v in searches.items()},
+        "fairness": fair,
+        "plots": plots,
+        "summary_md": summary_md,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=1))
+    return summary
+
+
+def _clean(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A Markdown table; ``align`` has one letter per column: l(eft), r(ight), c(entre)."""
+    marks = {"l": "---", "r": "---:", "c": ":---:"}
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_table(headline: dict, searches: dict, fair: dict, overall: dict, load_phases: list[dict]) -> str:
+    h = headline
+    lf, base = searches.get("lorafleet"), searches.get("baseline")
+
+    def at(s, key, digits=1):
+        return _fmt(s["at_sustainable"][key], digits) if s and s["at_sustainable"] else "n/a"
+
+    rows = []
+    if lf:
+        rows.append([
+            f"sustainable load at p95 ≤ {h['slo_ms']:.0f} ms (req/s offered)",
+            _fmt(h.get("lorafleet_sustainable_rps"), 2),
+            _fmt(h.get("baseline_sustainable_rps"), 2),
+            f"**{_fmt(h.get('sustainable_rps_ratio'), 2, '×')}**",
+        ])  # fmt: skip
+        rows.append([
+            "images/s completed at that load",
+            at(lf, "images_per_s", 2),
+            at(base, "images_per_s", 2),
+            _fmt(h.get("sustainable_images_per_s_ratio"), 2, "×"),
+        ])  # fmt: skip
+        rows.append([
+            "p50 / p95 at that load (ms)",
+            f"{at(lf, 'p50_ms', 0)} / {at(lf, 'p95_ms', 0)}",
+            f"{at(base, 'p50_ms', 0)} / {at(base, 'p95_ms', 0)}",
+            "",
+        ])  # fmt: skip
+    if "p95_common_rate_rps" in h:
+        rows.append([
+            f"p95 at {h['p95_common_rate_rps']:.2f} req/s on both (ms)",
+            _fmt(h["lorafleet_p95_ms_at_common"]),
+            _fmt(h["baseline_p95_ms_at_common"]),
+            f"**{_fmt(h.get('p95_ratio_baseline_over_lorafleet'), 2, '×')}** lower",
+        ])  # fmt: skip
+    for p in load_phases:
+        hr = overall[p["name"]].get("adapter_hit_ratio")
+        if p["target"] == "lorafleet" and hr is not None:
+            rows.append([f"adapter cache hit ratio ({p['name']})", _fmt(100 * hr, 1, "%"), "all preloaded", ""])
+    for target, f in fair.items():
+        shares = ", ".join(
+            f"{name} {_fmt(100 * t['offered_share'])}% → {_fmt(100 * _num(t['image_share']))}% "
+            f"(p50 {_fmt(t['p50_ms'])}, p95 {_fmt(t['p95_ms'])} ms)"
+            for name, t in f["tenants"].items()
+        )
+        what = f"fairness at {f['rate_rps']:.2f} req/s: share of load offered → of images completed"
+        rows.append([what, shares, "", ""] if target == "lorafleet" else [what, "", shares, ""])
+    if base is None and "baseline" not in fair:  # lorafleet alone (--no-baseline)
+        return _table(["figure", "lorafleet"], [row[:2] for row in rows])
+    return _table(["figure", "lorafleet", "baseline (diffusers, one at a time)", "ratio"], rows)
+
+
+def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots) -> str:
+    v = machine.get("versions", {})
+    out = [
+        "# lorafleet load test",
+        "",
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, {machine.get('memory_gib', '?')} GiB, "
+        f"no GPU; {machine.get('platform', '')}; Python {machine.get('python', '')}, torch {v.get('torch')}, "
+        f"Ray {v.get('ray')}, diffusers {v.get('diffusers')}, locust {v.get('locust')}. Load average at start "
+        f"{_loadavg(machine.get('loadavg_start'))}, at end {_loadavg(machine.get('loadavg_end'))} (other work on "
+        f"the machine makes the figures noisy). Model `{run.get('model_name', '?')}`; {args.get('adapters')} "
+        f"synthetic adapters (rank {args.get('adapter_rank')}); SLO: p95 ≤ {slo_ms:.0f} ms and at most 1% errors.",
+        "",
+        "## Summary",
+        "",
+        summary_md,
+    ]
+    if "baseline" in searches:
+        out.append(
+            "Ratios: lorafleet ÷ baseline for throughput, baseline ÷ lorafleet for p95 (above 1: lorafleet better). "
+        )
+    if args.get("stages"):
+        out.append(
+            f"Fixed stages `{args['stages']}` (rate:seconds), the first {args.get('warmup_s')} s of each left out."
+        )
+    else:
+        out.append(
+            "Sustainable load: the highest offered rate whose stage met the SLO (saturation search: rates grow "
+            f"×{args.get('growth')} from {args.get('start_rps')} req/s, then bisect; {args.get('stage_s')} s stages, "
+            f"the first {args.get('warmup_s')} s left out; lorafleet's and the baseline's stages alternate)."
+        )
+    out.append("")
+    out += [f"![{plot[:-4]}]({plot})\n" for plot in plots]
+    for target, s in searches.items():
+        rows = []
+        for st in s["stages"]:
+            x = st["stats"]
+            rows.append([
+                f"{st['rate_rps']:.2f}", f"{x['sent_rps']:.2f}", f"{x['throughput_rps']:.2f}",
+                f"{x['images_per_s']:.2f}", _fmt(x["p50_ms"]), _fmt(x["p95_ms"]), _fmt(x["p99_ms"]),
+                _fmt(100 * _num(x["error_rate"]), 1, "%"), "yes" if st["passed"] else "no",
+            ])  # fmt: skip
+        header = ["offered req/s", "sent req/s", "done req/s", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors"]
+        out += [f"## {target}: stages", "", _table([*header, "meets SLO"], rows, "r" * 8 + "c")]
+    rows = []
+    for name, o in overall.items():
+        reps = ", ".join(f"{k.split('/')[-1]} {lo}–{hi}" for k, (lo, hi) in sorted(o.get("replicas", {}).items()))
+        hr = o.get("adapter_hit_ratio")
+        rows.append([
+            name, str(o.get("requests", 0)), str(o.get("failed", 0)), str(o.get("images", 0)), _fmt(o.get("p50_ms")),
+            _fmt(o.get("p95_ms")), _fmt(100 * hr, 1, "%") if hr is not None else "n/a", reps or "n/a",
+        ])  # fmt: skip
+    header = ["phase", "requests", "failed", "images", "p50 ms", "p95 ms", "adapter hit ratio", "replicas (min–max)"]
+    out += ["## Phases", "", _table(header, rows, "lrrrrrrl")]
+    if fair:
+        rows = []
+        for target, f in fair.items():
+            for name, t in f["tenants"].items():
+                rows.append([
+                    target, name, f"{100 * t['offered_share']:.0f}%", f"{t['offered_rps']:.2f}", str(t["requests"]),
+                    str(t["failed"]), str(t["images"]), _fmt(100 * _num(t["image_share"]), 1, "%"),
+                    f"{t['images_per_s']:.2f}", _fmt(t["p50_ms"]), _fmt(t["p95_ms"]), _fmt(t["queue_p50_ms"]),
+                ])  # fmt: skip
+        header = ["target", "tenant", "offered share", "offered req/s", "requests", "failed", "images"]
+        header += ["share of images", "images/s", "p50 ms", "p95 ms", "denoiser queue p50 ms"]
+        out += [
+            "## Fairness",
+            "",
+            "Two tenants, one offering 4× the other, at "
+            f"{args.get('overload')}× the lowest rate at which that target missed the SLO.",
+            "",
+            _table(header, rows, "ll" + "r" * 10),
+            "Failed requests at overload are 503 `overloaded` (lorafleet bounds each tenant's queue) or client "
+            "timeouts; the baseline queues without bound, first come first served. The denoiser queue time is "
+            "lorafleet's own `timings.queue_ms` (native API requests).",
+            "",
+        ]
+        rows = []
+        for target, f in fair.items():
+            for tenant, buckets in sorted(f.get("by_popularity", {}).items()):
+                cells = []
+                for b in POPULARITY_BUCKETS:
+                    x = buckets.get(b)
+                    cells.append(f"{x['requests']}: {_fmt(x['p50_ms'])} / {_fmt(x['p95_ms'])}" if x else "–")
+                rows.append([target, tenant, *cells])
+        out += [
+            "Latency by adapter popularity in the fairness run (requests: p50 / p95 ms). Adapters outside the "
+            "few most popular are rarely resident in a replica's adapter slots and must be loaded into one.",
+            "",
+            _table(["target", "tenant", *POPULARITY_BUCKETS], rows, "llrrr"),
+        ]
+    out += [
+        "## Arguments",
+        "",
+        "```",
+        json.dumps({k: v for k, v in args.items() if v is not None}, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _loadavg(la) -> str:
+    return "n/a" if not la else " / ".join(f"{x:.1f}" for x in la)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    summary = build_report(Path(args.run_dir))
+    print(summary["summary_md"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""The load-test kit without a cluster: traffic model, statistics, saturation search, pacing, adapters,
+the diffusers baseline, metrics parsing and the report.
+
+Nothing here imports locust or the locustfile in the test process: gevent's
+monkey-patching would make the session's Ray cluster hang. The pacer and the
+locustfile run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.prompts import LENGTH_CLASSES, prompt_corpus
+from loadtest.stats import SaturationSearch, apportion, meets_slo, parse_stages, percentile, summarize
+from loadtest.traffic import (
+    NATIVE_PATH,
+    OPENAI_PATH,
+    RequestFactory,
+    Tenant,
+    TrafficConfig,
+    Weighted,
+    adapter_names,
+    count_images,
+    parse_range,
+    parse_size,
+    parse_tenants,
+    parse_weighted,
+    zipf_weights,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- traffic model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("64x64=4,64x96=1", [("64x64", 4.0), ("64x96", 1.0)]),
+        ("a", [("a", 1.0)]),
+        (" a = 2 , b ", [("a", 2.0), ("b", 1.0)]),
+        ("a=0,b=1", [("a", 0.0), ("b", 1.0)]),
+    ],
+)
+def test_parse_weighted(spec, expected):
+    assert parse_weighted(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "a=x", "a=-1", "=3", "a=0,b=0"])
+def test_parse_weighted_rejects(spec):
+    with pytest.raises(ValueError):
+        parse_weighted(spec)
+
+
+@pytest.mark.parametrize(
+    "fn, arg, expected",
+    [(parse_size, "64x96", (64, 96)), (parse_range, "0.6-1.2", (0.6, 1.2)), (parse_range, "1", (1.0, 1.0))],
+)
+def test_parsers(fn, arg, expected):
+    assert fn(arg) == expected
+
+
+@pytest.mark.parametrize("fn, arg", [(parse_size, "64"), (parse_size, "ax64"), (parse_range, "2-1")])
+def test_parsers_reject(fn, arg):
+    with pytest.raises(ValueError):
+        fn(arg)
+
+
+def test_tenants_need_unique_names_and_positive_weights():
+    assert parse_tenants("a=3,b")[0] == Tenant("a", 3.0)
+    assert Tenant("a", 1).api_key == "lt-key-a"
+    for bad in ("a,a", "a=0,b=1"):
+        with pytest.raises(ValueError):
+            parse_tenants(bad)
+
+
+def test_zipf_weights_and_weighted_probabilities():
+    w = zipf_weights(4, 1.0)
+    assert w == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4])
+    probs = Weighted(list(zip("abcd", w, strict=True))).probabilities()
+    assert probs == pytest.approx([x / sum(w) for x in w])
+    assert adapter_names(3, "p-") == ["p-000", "p-001", "p-002"]
+
+
+def test_traffic_follows_its_knobs():
+    """No-LoRA share, Zipf popularity, size/step mixes and API shapes, measured over many draws."""
+    config = TrafficConfig(adapters=10, zipf_s=1.0, no_lora_share=0.3, multi_lora_share=0.0, sizes="64x64=3,64x96=1")
+    factory = RequestFactory(config, random.Random(7))
+    tenant = Tenant("acme", 1.0)
+    n = 20_000
+    uses = collections.Counter()
+    sizes = collections.Counter()
+    steps = collections.Counter()
+    for _ in range(n):
+        req = factory.make("native", tenant)
+        uses.update(req.adapters or ["<none>"])
+        sizes[(req.body["width"], req.body["height"])] += 1
+        steps[req.body["steps"]] += 1
+    assert uses["<none>"] / n == pytest.approx(0.3, abs=0.02)
+    with_lora = n - uses["<none>"]
+    harmonic = sum(1 / k for k in range(1, 11))
+    for rank in (1, 2, 5):
+        assert uses[f"lt-style-{rank - 1:03d}"] / with_lora == pytest.approx(1 / rank / harmonic, abs=0.02)
+    assert sizes[(64, 64)] / n == pytest.approx(0.75, abs=0.02)
+    assert set(steps) == {4, 6, 8}
+    assert steps[4] / n == pytest.approx(0.5, abs=0.02)
+
+
+def test_requests_are_valid_for_the_server():
+    """Every generated body passes lorafleet's own request schemas; tenants ride on the bearer key."""
+    from graph.schemas import GenerateRequest, OpenAIImagesRequest
+
+    config = TrafficConfig(adapters=5, multi_lora_share=0.5)
+    factory = RequestFactory(config, random.Random(1))
+    tenant = Tenant("globex", 2.0)
+    seen_multi = seen_openai_adapter = False
+    for i in range(300):
+        req = factory.make("native" if i % 2 else "openai", tenant)
+        assert req.headers == {"Authorization": "Bearer lt-key-globex"}
+        assert req.tenant == "globex"
+        if req.api == "native":
+            assert req.path == NATIVE_PATH
+            body = GenerateRequest.model_validate(req.body)
+            assert body.num_images == req.images
+            assert [x.name for x in body.loras] == list(req.adapters)
+            assert all(0.6 <= x.scale <= 1.2 for x in body.loras)
+            seen_multi |= len(body.loras) == 2
+        else:
+            assert req.path == OPENAI_PATH
+            body = OpenAIImagesRequest.model_validate(req.body)
+            assert body.n == req.images and body.response_format == "b64_json"
+            assert body.model == (f"tiny-sd:{req.adapters[0]}" if req.adapters else "tiny-sd")
+            seen_openai_adapter |= bool(req.adapters)
+    assert seen_multi and seen_openai_adapter
+    with pytest.raises(ValueError, match="API shape"):
+        factory.make("grpc", tenant)
+
+
+def test_traffic_config_checks_shares():
+    with pytest.raises(ValueError, match="no_lora_share"):
+        TrafficConfig(no_lora_share=1.5)
+    assert RequestFactory(TrafficConfig(adapters=0)).loras() == []
+
+
+def test_count_images():
+    assert count_images("native", {"images": [{}, {}]}) == 2
+    assert count_images("openai", {"data": [{}]}) == 1
+    assert count_images("openai", {}) == 0
+
+
+def test_prompt_corpus_lengths_fit_clip(tiny_dir):
+    from deployments.engine.models import load_tokenizer
+
+    corpus = prompt_corpus(300, seed=3)
+    assert corpus == prompt_corpus(300, seed=3) and corpus != prompt_corpus(300, seed=4)
+    assert len(corpus) == 300
+    tokenizer = load_tokenizer(tiny_dir)
+    lengths = [len(tokenizer(p).input_ids) for p in corpus]
+    assert max(lengths) <= 77
+    # short, medium and long prompts are all there
+    assert min(lengths) <= 8 and max(lengths) >= 40
+    assert sum(1 for n in lengths if 12 < n < 40) > 0.2 * len(corpus)
+    assert [name for name, *_ in LENGTH_CLASSES] == ["short", "medium", "long"]
+
+
+# -- statistics and the saturation search ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0, 10, 50, 95, 99, 100])
+def test_percentile_matches_numpy(q):
+    xs = [random.Random(q).expovariate(1) for _ in range(101)]
+    assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert math.isnan(percentile([], q))
+
+
+def _rec(t, ms, ok=True, images=1, tenant="a"):
+    return {"t": t, "ms": ms, "ok": ok, "status": 200 if ok else 503, "tenant": tenant, "images": images}
+
+
+def test_summarize_windows_by_start_and_by_completion():
+    records = [
+        _rec(0.5, 100),  # warm-up: out of the latency stats and the throughput
+        _rec(1.0, 200, images=2),
+        _rec(2.0, 400),
+        _rec(3.0, 3000),  # completes at 6.0, after the window: latency counted, throughput not
+        _rec(4.0, 10, ok=False),
+        _rec(5.0, 100, tenant="b"),  # starts after the window
+    ]
+    s = summarize(records, start=0.0, end=5.0, rate_rps=1.0, warmup_s=1.0)
+    assert (s.requests, s.ok, s.failed, s.images) == (4, 3, 1, 4)
+    assert s.window_s == 4.0 and s.sent_rps == 1.0
+    assert s.error_rate == 0.25
+    assert s.p50_ms == 400 and s.p95_ms == pytest.approx(2740)
+    assert s.throughput_rps == 2 / 4  # the 1.0 and 2.0 starts completed inside [1, 5)
+    assert s.images_per_s == 3 / 4
+    assert not meets_slo(s, slo_ms=5000, max_error_rate=0.01)
+    assert meets_slo(s, slo_ms=5000, max_error_rate=0.3)
+    assert not meets_slo(s, slo_ms=1000, max_error_rate=0.3)
+    with pytest.raises(ValueError, match="empty"):
+        summarize(records, 0.0, 1.0, 1.0, warmup_s=1.0)
+
+
+def _search(capacity: float, **kw) -> SaturationSearch:
+    """Run a search against a server that meets the SLO exactly up to ``capacity``."""
+    s = SaturationSearch(**{"start_rps": 2, "growth": 1.5, "resolution": 0.1, "max_stages": 12, **kw})
+    while (rate := s.next_rate()) is not None:
+        s.record(rate, rate <= capacity)
+    return s
+
+
+@pytest.mark.parametrize("capacity", [2.5, 4.0, 7.3, 19.0])
+def test_search_brackets_the_capacity(capacity):
+    s = _search(capacity)
+    found = s.sustainable_rps
+    assert found <= capacity
+    failed_above = min(r for r, ok in s.results if not ok)
+    assert failed_above > capacity and failed_above / found <= 1.1
+    # the growing phase walks the shared ladder start * growth**k
+    growing = [r for r, _ in s.results][: next(i for i, (_, ok) in enumerate(s.results) if not ok) + 1]
+    assert growing == pytest.approx([s.ladder(k) for k in range(len(growing))])
+
+
+def test_search_steps_down_and_gives_up():
+    s = _search(0.9, min_rps=0.5)
+    assert [round(r, 3) for r, _ in s.results][:3] == [2.0, 1.333, 0.889]
+    assert s.sustainable_rps == pytest.approx(0.889, abs=1e-3)
+    nothing = _search(0.1, min_rps=0.5)
+    assert nothing.sustainable_rps is None and all(not ok for _, ok in nothing.results)
+
+
+def test_search_bounds():
+    s = _search(1000, max_stages=3)
+    assert len(s.results) == 3 and s.sustainable_rps == pytest.approx(4.5)
+    capped = _search(1000, max_rps=5)
+    assert [r for r, _ in capped.results] == pytest.approx([2, 3, 4.5, 5])
+    with pytest.raises(ValueError):
+        SaturationSearch(start_rps=1, growth=1.0)
+
+
+@pytest.mark.parametrize(
+    "total, shares, expected",
+    [
+        (7, [0.5, 0.25, 0.125, 0.125], [3, 2, 1, 1]),
+        (10, [4, 1], [8, 2]),
+        (3, [1, 1, 1, 1], [1, 1, 1, 0]),
+        (0, [1, 2], [0, 0]),
+        (5, [0, 1], [0, 5]),
+    ],
+)
+def test_apportion_keeps_the_total(total, shares, expected):
+    assert apportion(total, shares) == expected
+
+
+def test_parse_stages():
+    assert parse_stages("2:20, 4.5:10") == [(2.0, 20.0), (4.5, 10.0)]
+    for bad in ("", "2", "0:10", "2:-1"):
+        with pytest.raises(ValueError):
+            parse_stages(bad)
+
+
+# -- pacing and the locustfile, in their own processes (gevent) -------------------------------------
+
+
+def _run_python(code: str, timeout_s: float = 60) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_pacer_offers_the_rate_and_drops_what_busy_users_cannot_take():
+    out = _run_python(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import gevent, json, random, time
+        from loadtest.pacing import Pacer
+
+        def lane(rate, users, latency_s, poisson):
+            pacer = Pacer(random.Random(0), poisson=poisson, max_lag_s=0.3)
+            sent = []
+            def user():
+                while True:
+                    if pacer.take(0.05) is not None:
+                        sent.append(time.time())
+                        gevent.sleep(latency_s)
+            gs = [gevent.spawn(user) for _ in range(users)]
+            start = time.time()
+            pacer.set_rate(rate, (0.5, 1.5))
+            gevent.sleep(2.3)
+            pacer.set_rate(0)
+            gevent.killall(gs)
+            return {"sent": len(sent), "dropped": pacer.dropped, "late": sum(t > start + 2.1 for t in sent)}
+
+        print(json.dumps([lane(20, 4, 0.01, True), lane(20, 4, 0.01, False), lane(40, 2, 0.2, True)]))
+        """
+    )
+    free_poisson, free_uniform, busy = json.loads(out)
+    # exactly rate x stage length arrivals, none after the stage, none dropped while users are free
+    assert free_poisson == {"sent": 40, "dropped": 0, "late": 0}
+    assert free_uniform == {"sent": 40, "dropped": 0, "late": 0}
+    # 2 users x 5 requests/s cannot take 40/s: most tickets are dropped, not replayed later as a burst
+    assert busy["sent"] <= 2 * 2 / 0.2 + 2 and busy["dropped"] >= 40
+    assert busy["sent"] + busy["dropped"] <= 80
+
+
+def test_locustfile_runs_a_plan_with_knobs_from_cli_and_environment(tmp_path):
+    """A headless run against a closed port: every request fails fast, the logs are written, knobs applied."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    cmd = [
+        sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-H", f"http://127.0.0.1:{port}",
+        "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0", "--plan", "stages",
+        "--stages", "4:2", "--warmup-s", "0", "--tenants", "x=3,y=1", "--concurrency", "4",
+        "--request-log", str(tmp_path / "requests.jsonl"), "--stage-log", str(tmp_path / "stages.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "LOADTEST_ZIPF_S": "1.7", "LOADTEST_OPENAI_SHARE": "0.5"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "stages.json").read_text())
+    assert doc["done"] and doc["traffic"]["zipf_s"] == 1.7 and doc["traffic"]["openai_share"] == 0.5
+    assert [(t["name"], t["share"]) for t in doc["tenants"]] == [("x", 0.75), ("y", 0.25)]
+    (stage,) = doc["stages"]
+    assert stage["rate_rps"] == 4.0 and not stage["passed"]
+    records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert stage["stats"]["requests"] == len(records) == 8  # 4 req/s x 2 s, split over the lanes exactly
+    assert all(not r["ok"] and r["error"] for r in records)
+    assert {r["api"] for r in records} == {"native", "openai"} and {r["tenant"] for r in records} <= {"x", "y"}
+
+
+# -- synthetic adapters and the baseline ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_files(tiny_dir, tmp_path_factory):
+    from loadtest.adapters import write_adapters
+
+    return write_adapters(tiny_dir, tmp_path_factory.mktemp("lt-adapters"), ["lt-a", "lt-b"], rank=4)
+
+
+def test_synthetic_adapters_register(synthetic_files, tiny_dir, tmp_path):
+    """The registry validates them against the model (every key maps onto a module, shapes match)."""
+    import safetensors.torch
+
+    from lora_registry import DiskCache, MemoryCache, Registry, base_model_spec_from_dir, open_store
+
+    registry = Registry(
+        open_store(str(tmp_path / "store")),
+        base=base_model_spec_from_dir(tiny_dir),
+        cache=DiskCache(tmp_path / "cache", 1 << 30),
+        memory=MemoryCache(1 << 30),
+        manifest_ttl_s=0.0,
+    )
+    manifest = registry.register(synthetic_files["lt-a"], name="lt-a")
+    assert manifest.rank == 4 and not manifest.has_text_encoder
+    assert {m.rsplit(".", 1)[-1] for m in manifest.target_modules} == {"to_q", "to_k", "to_v", "0"}
+    a = safetensors.torch.load_file(str(synthetic_files["lt-a"]))
+    b = safetensors.torch.load_file(str(synthetic_files["lt-b"]))
+    assert a.keys() == b.keys()
+    key = next(k for k in a if k.endswith("lora_B.weight"))
+    assert not a[key].equal(b[key]) and float(a[key].abs().max()) > 0
+
+
+def test_baseline_applies_adapters_per_request(synthetic_files, tiny_dir):
+    """The baseline's work without Ray: same seed -> same image; an adapter changes it; n images."""
+    from loadtest.baseline import DiffusersBaseline
+
+    baseline = DiffusersBaseline.func_or_class(
+        str(tiny_dir), {k: str(v) for k, v in synthetic_files.items()}, "tiny-sd"
+    )
+    body = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    plain = baseline.generate(body)
+    assert plain == baseline.generate(body)
+    styled = baseline.generate({**body, "loras": [{"name": "lt-a", "scale": 1.0}]})
+    other = baseline.generate({**body, "loras": [{"name": "lt-b", "scale": 1.0}]})
+    assert len({plain[0], styled[0], other[0]}) == 3
+    assert baseline.generate(body) == plain  # disable_lora restores the base model
+    assert len(baseline.generate({**body, "num_images": 2, "scheduler": "euler"})) == 2
+    with pytest.raises(LookupError, match="nope"):
+        baseline.generate({**body, "loras": [{"name": "nope", "scale": 1.0}]})
+    assert baseline.stats()["served"] == 6
+
+
+# -- metrics and the report --------------------------------------------------------------------------
+
+METRICS_TEXT = """\
+# HELP ray_lorafleet_adapter_requests_total Adapter uses.
+# TYPE ray_lorafleet_adapter_requests_total counter
+ray_lorafleet_adapter_requests_total{adapter="a",outcome="hit"} 7.0
+ray_lorafleet_adapter_requests_total{adapter="b",outcome="hit"} 2.0
+ray_lorafleet_adapter_requests_total{adapter="a",outcome="miss"} 1.0
+# HELP ray_serve_deployment_replica_healthy Healthy.
+# TYPE ray_serve_deployment_replica_healthy gauge
+ray_serve_deployment_replica_healthy{application="lorafleet",deployment="Denoiser",replica="x"} 1.0
+ray_serve_deployment_replica_healthy{application="lorafleet",deployment="Denoiser",replica="y"} 1.0
+ray_serve_deployment_replica_healthy{application="baseline",deployment="DiffusersBaseline",replica="z"} 1.0
+# HELP ray_other Ignored.
+# TYPE ray_other gauge
+ray_other 3.0
+"""
+
+
+def test_metrics_reduction():
+    from loadtest.cluster import reduce_families
+
+    reduced = reduce_families(METRICS_TEXT)
+    assert reduced == {
+        "ray_lorafleet_adapter_requests_total": {"hit": 9.0, "miss": 1.0},
+        "ray_serve_deployment_replica_healthy": {"lorafleet/Denoiser": 2.0, "baseline/DiffusersBaseline": 1.0},
+    }
+
+
+def _write_phase(run_dir: Path, name: str, records: list[dict], stages: list[dict], tenants=None) -> None:
+    d = run_dir / name
+    d.mkdir(parents=True)
+    (d / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    doc = {"stages": stages, "tenants": tenants or [{"name": "a", "share": 1.0, "users": 4}], "sustainable_rps": None}
+    (d / "stages.json").write_text(json.dumps(doc))
+
+
+def _fake_search(t0: float, target_latency: dict[float, float]) -> tuple[list[dict], list[dict]]:
+    """Stages of 10 s at the given rates; every request takes the stage's latency."""
+    records, stages = [], []
+    t = t0
+    for rate, ms in target_latency.items():
+        n = int(rate * 10)
+        recs = [_rec(t + k / rate, ms, images=1 + k % 2) for k in range(n)]
+        records += recs
+        st = {"index": len(stages), "rate_rps": rate, "start": t, "end": t + 10, "warmup_s": 0.0}
+        s = summarize(recs, t, t + 10, rate)
+        st.update(stats=s.to_dict(), passed=meets_slo(s, 1000, 0.01))
+        stages.append(st)
+        t += 12
+    return records, stages
+
+
+def test_report_from_logs(tmp_path):
+    from loadtest.report import build_report
+
+    t0 = 1_000_000.0
+    lf_recs, lf_stages = _fake_search(t0, {2.0: 200, 3.0: 250, 4.5: 400, 6.75: 3000})
+    base_recs, base_stages = _fake_search(t0 + 100, {2.0: 500, 3.0: 2000})
+    _write_phase(tmp_path, "lorafleet-search", lf_recs, lf_stages)
+    _write_phase(tmp_path, "baseline-search", base_recs, base_stages)
+    fair_recs = [_rec(t0 + 200 + k * 0.1, 300 if k % 5 == 0 else 2000, tenant="light" if k % 5 == 0 else "heavy")
+                 for k in range(100)]  # fmt: skip
+    for k, r in enumerate(fair_recs):
+        r["adapters"] = [] if k % 2 else [f"lt-style-{k % 7:03d}"]
+    fair_stage = {"rate_rps": 10.0, "start": t0 + 200, "end": t0 + 210, "warmup_s": 0.0}
+    tenants = [{"name": "heavy", "share": 0.8, "users": 8}, {"name": "light", "share": 0.2, "users": 2}]
+    _write_phase(tmp_path, "lorafleet-fairness", fair_recs, [fair_stage], tenants)
+    counter = "ray_lorafleet_adapter_requests_total"
+    samples = [
+        {"t": t0 - 1, "metrics": {counter: {"hit": 10.0, "miss": 5.0}}, "replicas": {"lorafleet/Denoiser": 1}},
+        {"t": t0 + 10, "metrics": {counter: {"hit": 50.0, "miss": 15.0}}, "replicas": {"lorafleet/Denoiser": 1}},
+        {"t": t0 + 60, "metrics": {counter: {"hit": 90.0, "miss": 25.0}}, "replicas": {"lorafleet/Denoiser": 2}},
+    ]
+    phases = [
+        {"name": "lorafleet-search", "target": "lorafleet", "start": t0, "end": t0 + 48, "dir": "lorafleet-search"},
+        {"name": "baseline-search", "target": "baseline", "start": t0 + 100, "end": t0 + 124, "dir": "baseline-search"},
+        {"name": "lorafleet-fairness", "target": "lorafleet", "start": t0 + 200, "end": t0 + 210,
+         "dir": "lorafleet-fairness"},
+    ]  # fmt: skip
+    run = {"machine": {"cpu": "test cpu", "cpus": 2}, "args": {"slo_ms": 1000, "adapters": 3}, "started": t0 - 5}
+    (tmp_path / "run.json").write_text(json.dumps({**run, "phases": phases, "samples": samples}))
+
+    summary = build_report(tmp_path)
+    h = summary["headline"]
+    assert h["lorafleet_sustainable_rps"] == 4.5 and h["baseline_sustainable_rps"] == 2.0
+    assert h["sustainable_rps_ratio"] == pytest.approx(2.25)
+    assert h["p95_common_rate_rps"] == 2.0 and h["p95_ratio_baseline_over_lorafleet"] == pytest.approx(2.5)
+    assert h["fairness_lorafleet_light_image_share"] == pytest.approx(0.2)
+    assert summary["phases"]["lorafleet-search"]["adapter_hit_ratio"] == pytest.approx(80 / 100)
+    assert summary["phases"]["lorafleet-search"]["replicas"] == {"lorafleet/Denoiser": (1, 1)}
+    assert summary["phases"]["baseline-search"]["adapter_hit_ratio"] is None
+    light = summary["fairness"]["lorafleet"]["by_popularity"]["light"]
+    # light requests are k = 0, 5, 10, ...: even k carry adapter k % 7 (ranks 1-3 when k % 7 < 3)
+    assert {b: x["requests"] for b, x in light.items()} == {
+        "no LoRA": 10, "adapters ranked 1-3": 4, "adapters ranked 4+": 6,
+    }  # fmt: skip
+    for png in ("latency_vs_load.png", "throughput_vs_load.png", "timeline.png", "fairness.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "| sustainable load at p95 ≤ 1000 ms (req/s offered) | 4.50 | 2.00 | **2.25×** |" in md
+    assert "![latency_vs_load](latency_vs_load.png)" in md and "test cpu" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["headline"]["sustainable_rps_ratio"] == 2.25

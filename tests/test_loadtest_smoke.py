@@ -1,0 +1,57 @@
+"""The load-test kit end to end, small: the runner against the session's cluster on 127.0.0.1.
+
+Synthetic adapters are registered through the admin API, locust runs headless in its own
+process for two short fixed-rate stages (bounded in requests and time), Prometheus metrics
+are sampled, and the report is written. Light load: the e2e cluster keeps small per-tenant
+queues, and no request may fail.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.timeout(240)
+def test_loadtest_smoke(cluster, tiny_dir, tmp_path):
+    from loadtest.run import main
+
+    from conftest import ADMIN_TOKEN
+
+    out = tmp_path / "run"
+    started = time.monotonic()
+    rc = main(
+        [
+            "--out", str(out), "--url", cluster.url, "--metrics-url", cluster.metrics_url,
+            "--admin-token", ADMIN_TOKEN, "--model-uri", "builtin:tiny-sd",
+            "--no-baseline", "--no-fairness", "--stages", "1:8,2:8", "--warmup-s", "1",
+            "--adapters", "4", "--adapter-prefix", "smoke-", "--concurrency", "6", "--phase-timeout-s", "120",
+            "--locust-args", "--steps-mix 4=3,6=1 --sizes 64x64 --request-timeout-s 60",
+        ]
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    phase = summary["phases"]["lorafleet-stages"]
+    # bounded: two stages of 8 s at 1 and 2 requests/s (24 arrivals), nothing else
+    assert 5 <= phase["requests"] <= 40
+    assert phase["failed"] == 0
+    assert phase["images"] >= phase["requests"]
+    assert phase["throughput_rps"] > 0 and phase["images_per_s"] > 0
+    assert 0 < phase["p50_ms"] <= phase["p95_ms"] <= phase["p99_ms"]
+    assert 0.0 <= phase["adapter_hit_ratio"] <= 1.0
+    stages = json.loads((out / "lorafleet-stages" / "stages.json").read_text())["stages"]
+    assert [s["rate_rps"] for s in stages] == [1.0, 2.0]
+    for s in stages:
+        assert s["stats"]["ok"] > 0 and s["stats"]["failed"] == 0 and s["stats"]["p95_ms"] > 0
+    records = [json.loads(line) for line in (out / "lorafleet-stages" / "requests.jsonl").read_text().splitlines()]
+    assert {r["api"] for r in records} <= {"native", "openai"} and len(records) == phase["requests"]
+    assert any(r["adapters"] for r in records)
+    report = (out / "report.md").read_text()
+    assert "## lorafleet: stages" in report and "(latency_vs_load.png)" in report
+    assert (out / "latency_vs_load.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
+    assert elapsed < 120, f"the smoke run took {elapsed:.0f} s"
