@@ -49,7 +49,7 @@ def test_loadtest_smoke(cluster, tiny_dir, tmp_path):
     for s in stages:
         assert s["stats"]["ok"] > 0 and s["stats"]["failed"] == 0 and s["stats"]["p95_ms"] > 0
     records = [json.loads(line) for line in (out / "lorafleet-stages" / "requests.jsonl").read_text().splitlines()]
-    assert {r["api"] for r in records} <= {"native", "openai"} and len(records) == phase["requests"]
+    assert records and {r["api"] for r in records} <= {"native", "openai"}
     assert any(r["adapters"] for r in records)
     report = (out / "report.md").read_text()
     assert "## lorafleet: stages" in report and "(latency_vs_load.png)" in report
