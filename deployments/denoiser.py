@@ -38,7 +38,6 @@ class Denoiser:
         self.loop = DenoiseLoop(self.steps)
         self.max_routed_adapters = lora.max_loras_per_replica
         self.metrics = DenoiserMetrics()
-        self.metrics.slots_total.set(lora.max_loras_per_replica)
         self.steps.on_tick = self._on_tick
         self.adapters.slots.observer = self._on_adapter_event
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -107,6 +106,7 @@ class Denoiser:
         m.pending_steps.set(self.steps.pending_steps())
         m.set_queue_depths(self.steps.waiting.depths())
         resident, pinned = self.adapters.slots.resident(), self.adapters.slots.pinned()
+        m.slots_total.set(self.adapters.slots.capacity)
         m.slots_used.set(len(resident))
         m.slots_pinned.set(len(pinned))
 
