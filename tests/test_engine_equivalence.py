@@ -67,7 +67,7 @@ def test_different_sizes_run_in_separate_buckets(engine):
     while not engine.steps.idle:
         engine.steps.tick()
         buckets.append(tuple(sorted({j.bucket for j in engine.steps.active})))
-    assert jobs[0].bucket == (8, 8) and jobs[1].bucket == (16, 16)
+    assert jobs[0].bucket == (8, 8, 77) and jobs[1].bucket == (16, 16, 77)
     assert engine.steps.ticks_run > 0
     from deployments.engine.images import decode
 

@@ -1,4 +1,4 @@
-"""``builtin:tiny-sd``: the embedded default model.
+"""``builtin:tiny-sd``: the embedded default model (and ``builtin:tiny-sd-inpaint``).
 
 A small model with Stable Diffusion 1.x's architecture and classes
 (``UNet2DConditionModel`` with SD1's block layout, ``AutoencoderKL`` with a
@@ -7,6 +7,10 @@ scale factor of 8, ``CLIPTextModel`` and ``CLIPTokenizer`` over the real
 random weights from a fixed seed. Nothing is downloaded: ``write_builtin``
 writes it out as an ordinary diffusers directory, which the server then loads
 through the same loader as any real checkpoint.
+
+``builtin:tiny-sd-inpaint`` is the same architecture with a 9-channel UNet
+input, as Stable Diffusion's inpainting checkpoints have (latents, mask,
+masked-image latents), built from the same seed: its weights are its own.
 """
 
 from __future__ import annotations
@@ -76,7 +80,10 @@ TINY_SD = {
     "scheduler_extra": {"clip_sample": False},
 }
 
-BUILTIN_MODELS = {"tiny-sd": TINY_SD}
+# SD-inpainting's layout: the UNet also reads the mask (1 channel) and the masked image's latents (4).
+TINY_SD_INPAINT = {**TINY_SD, "unet": {**TINY_SD["unet"], "in_channels": 9}}
+
+BUILTIN_MODELS = {"tiny-sd": TINY_SD, "tiny-sd-inpaint": TINY_SD_INPAINT}
 
 
 def builtin_name(uri: str) -> str:

@@ -1,4 +1,4 @@
-"""VAE decode and image encoding (PNG, JPEG, WebP)."""
+"""VAE encode and decode, and image file encoding (PNG, JPEG, WebP)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,58 @@ from PIL import Image
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@torch.inference_mode()
+def latent_dist(vae: torch.nn.Module, images: torch.Tensor, per_image: bool = False):
+    """Images ``[n, 3, H, W]`` in [-1, 1] -> the VAE's ``DiagonalGaussianDistribution`` over ``[n, 4, h, w]``.
+
+    The VAE forward alone, with no randomness: the same for every seed, so a
+    request's image is encoded once however many images it asks for.
+    ``per_image`` encodes one image per call (batch invariance, as ``decode``).
+    Images are given the channels-last layout ``VaeImageProcessor.preprocess``
+    produces (``torch.from_numpy`` of an HWC array), because CPU convolutions
+    round differently for other layouts and diffusers' latents would differ.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    param = next(vae.parameters())
+    x = images.to(param.device, param.dtype).contiguous(memory_format=torch.channels_last)
+    if per_image:
+        moments = torch.cat([vae.encode(x[i : i + 1]).latent_dist.parameters for i in range(x.shape[0])])
+    else:
+        moments = vae.encode(x).latent_dist.parameters  # [n, 2 * 4, h, w]: mean and log-variance
+    return DiagonalGaussianDistribution(moments)
+
+
+def sample_latents(dist, index: int, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
+    """Row ``index`` of ``dist`` sampled with ``generator`` and scaled: ``[1, 4, h, w]``.
+
+    Exactly diffusers' ``scaling_factor * retrieve_latents(vae.encode(image), generator)``
+    (``sample_mode="sample"``): one ``randn`` of the latent shape from ``generator``.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    row = DiagonalGaussianDistribution(dist.parameters[index : index + 1])
+    return scaling_factor * row.sample(generator)
+
+
+@torch.inference_mode()
+def encode(
+    vae: torch.nn.Module, images: torch.Tensor, generators: list[torch.Generator], per_image: bool = False
+) -> torch.Tensor:
+    """Images ``[n, 3, H, W]`` in [-1, 1] -> latents ``[n, 4, h, w]``, sampled and scaled.
+
+    Image ``i`` is sampled with ``generators[i]`` (one ``randn`` draw each), as
+    diffusers' img2img pipeline does with a list of generators; the result is
+    multiplied by the VAE's ``scaling_factor``.
+
+    >>> latents = encode(vae, preprocess_image(img, 512, 512), [torch.Generator().manual_seed(7)])  # doctest: +SKIP
+    """
+    if images.shape[0] != len(generators):
+        raise ValueError(f"one generator per image: {images.shape[0]} images, {len(generators)} generators")
+    dist = latent_dist(vae, images, per_image)
+    return torch.cat([sample_latents(dist, i, g, vae.config.scaling_factor) for i, g in enumerate(generators)])
 
 
 @torch.inference_mode()

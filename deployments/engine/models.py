@@ -6,7 +6,8 @@ One path for every model: a URI resolves to a local diffusers directory
 
 - ``/path/to/model`` or ``file:///path``: used in place.
 - ``s3://bucket/prefix``: downloaded once with boto3 into the local cache.
-- ``builtin:tiny-sd``: built from its config and seed into the local cache.
+- ``builtin:tiny-sd`` (``builtin:tiny-sd-inpaint``: its 9-channel inpainting variant): built from
+  its config and seed into the local cache.
 
 Nothing here talks to a model hub: every ``from_pretrained`` call is given a
 local directory and ``local_files_only=True``.
@@ -173,7 +174,8 @@ class ModelInfo:
     scheduler_class: str
     scheduler_config: dict
     vae_scale_factor: int
-    latent_channels: int
+    latent_channels: int  # the VAE's latents (4 for SD)
+    unet_in_channels: int  # 4, or 9 for an inpainting UNet (latents, mask, masked-image latents)
     max_prompt_tokens: int
     default_side: int
 
@@ -191,7 +193,8 @@ def read_model_info(uri: str, directory: Path) -> ModelInfo:
         scheduler_class=index["scheduler"][1],
         scheduler_config=scheduler_config,
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
-        latent_channels=unet_config["in_channels"],
+        latent_channels=vae_config.get("latent_channels", 4),
+        unet_in_channels=unet_config["in_channels"],
         max_prompt_tokens=te_config.get("max_position_embeddings", 77),
         default_side=unet_config.get("sample_size", 64) * 2 ** (len(vae_config["block_out_channels"]) - 1),
     )

@@ -9,7 +9,25 @@ short request never waits for a long batch to finish.
 
 The arithmetic per job is exactly ``StableDiffusionPipeline.__call__``'s
 (same ``scale_model_input``, guidance and ``scheduler.step`` calls on the same
-tensors), which is what makes the served image equal the pipeline's.
+tensors), which is what makes the served image equal the pipeline's. Image-
+conditioned jobs (``DenoiseRequest.conditioning``) follow
+``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` the
+same way, in the same batches as text-to-image jobs:
+
+- img2img: the last ``int(steps * strength)`` timesteps, from the init
+  latents noised to the first of them;
+- inpainting with a 4-channel UNet: after every step the kept region is
+  replaced by the init latents noised to the next timestep (latent blending);
+- a 9-channel (inpainting) UNet reads ``[x_t, mask, masked_image_latents]``
+  concatenated on channels. A text-to-image job on such a UNet gets mask = 1
+  (repaint everything) and masked-image latents = 0, with no VAE call.
+  (AUTOMATIC1111 uses the latents of a mid-gray image instead; to get that or
+  diffusers' exact behaviour, send a conditioning built by
+  ``conditioning.encode_conditioning`` with an all-white mask at strength 1.)
+
+A bucket is ``(latent height, latent width, context tokens)``: jobs share a
+forward only when their latents and their prompt embeddings (77 tokens per
+chunk) have the same shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .conditioning import ImageConditioning, check_strength
 from .fair_queue import FairQueue
 from .schedulers import SchedulerFactory
 
@@ -55,13 +74,15 @@ class DenoiseRequest:
     # ((slot, weight), ...) in the request's order: resident adapters of the UNet's MultiLoRAModel.
     adapters: tuple[tuple[int, float], ...] = ()
     tenant: str = ""
+    # img2img / inpainting: made by conditioning.encode_conditioning in the VAE stage. None: text-to-image.
+    conditioning: ImageConditioning | None = None
 
 
 @dataclass(eq=False)
 class DenoiseJob:
     id: int
     request: DenoiseRequest
-    bucket: tuple[int, int]  # latent (height, width)
+    bucket: tuple[int, int, int]  # (latent height, latent width, context tokens)
     scheduler: object
     timesteps: torch.Tensor  # [num_ticks]
     x_t: torch.Tensor  # [1, channels, h, w]
@@ -74,6 +95,10 @@ class DenoiseJob:
     finished_at: float | None = None
     error: BaseException | None = None
     cancelled: bool = field(default=False)
+    unet_extra: torch.Tensor | None = None  # [rows, 5, h, w]: mask, masked-image latents (9-channel UNets)
+    blend_mask: torch.Tensor | None = None  # [1, 1, h, w]: 4-channel inpainting, 1 = repaint
+    image_latents: torch.Tensor | None = None  # [1, 4, h, w]: the init image, for blending
+    noise: torch.Tensor | None = None  # [1, 4, h, w]: the initial noise, for blending
 
     @property
     def cfg(self) -> bool:
@@ -132,7 +157,13 @@ class StepScheduler:
         self.clock = clock
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
-        self.latent_channels = unet.config.in_channels
+        self.latent_channels = unet.config.out_channels
+        self.unet_in_channels = unet.config.in_channels
+        if self.unet_in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
+            raise ValueError(
+                f"the UNet reads {self.unet_in_channels} channels: expected {self.latent_channels} (latents) or "
+                f"{2 * self.latent_channels + 1} (an inpainting UNet: latents, mask, masked-image latents)"
+            )
         self.waiting: FairQueue[DenoiseJob] = FairQueue(tenant_weights)
         self.active: list[DenoiseJob] = []
         self._lock = threading.Lock()
@@ -145,43 +176,112 @@ class StepScheduler:
     # -- admission ---------------------------------------------------------
 
     def prepare(self, request: DenoiseRequest) -> DenoiseJob:
-        """Build a job: its scheduler, timesteps and initial noise ``x_T``.
+        """Build a job: its scheduler, timesteps and initial latents ``x_T``.
 
-        Mirrors the pipeline's order: ``set_timesteps`` first, because
-        ``init_noise_sigma`` depends on it for sigma-based schedulers.
+        Mirrors the pipelines' order: ``set_timesteps`` first, because
+        ``init_noise_sigma`` depends on it for sigma-based schedulers. Text-to-
+        image starts from ``randn(seed) * init_noise_sigma``. An image-conditioned
+        job runs the last ``int(steps * strength)`` timesteps (diffusers'
+        ``get_timesteps``, with ``set_begin_index`` where the scheduler has it)
+        and starts from ``add_noise(image_latents, noise, t_start)``, or from
+        ``noise * init_noise_sigma`` for inpainting at strength 1
+        (``is_strength_max``). Its noise and generator come from the conditioning
+        (the VAE stage made the draws before the loop; see ``conditioning``).
+        Bad input raises here, in ``submit``, before any UNet work.
         """
         s = self.vae_scale_factor
         if request.height % s or request.width % s:
             raise ValueError(f"height and width must be multiples of {s}, got {request.height}x{request.width}")
+        shape = (1, self.latent_channels, request.height // s, request.width // s)
+        cond = request.conditioning
+        if cond is not None:
+            check_strength(cond.strength, request.steps)
+            self._check_conditioning(cond, shape)
+        pos = request.prompt_embeds.to(self.device, self.dtype)
+        if request.guidance_scale > 1.0:
+            neg = request.negative_prompt_embeds.to(self.device, self.dtype)
+            if neg.shape != pos.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds {list(neg.shape)} must have the shape of prompt_embeds {list(pos.shape)}"
+                )
+            context = torch.stack([neg, pos])
+        else:
+            context = pos[None]
         scheduler = self.schedulers.create(request.scheduler)
         scheduler.set_timesteps(request.steps, device=self.device)
-        # Noise is drawn on the CPU so a seed gives the same image on any device.
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        shape = (1, self.latent_channels, request.height // s, request.width // s)
-        x_T = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-        x_T = x_T * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        job_tensors: dict = {}
+        if cond is None:
+            # Noise is drawn on the CPU so a seed gives the same image on any device.
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            x_T = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+            x_T = x_T * scheduler.init_noise_sigma
+        else:
+            generator = torch.Generator("cpu")
+            generator.set_state(cond.generator_state)
+            t_start = max(request.steps - min(int(request.steps * cond.strength), request.steps), 0)
+            timesteps = timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+            noise = cond.noise.to(self.device, self.dtype)
+            image_latents = None
+            if cond.image_latents is not None:
+                image_latents = cond.image_latents.to(self.device, self.dtype)
+            if cond.inpaint and cond.strength == 1.0:
+                x_T = noise * scheduler.init_noise_sigma
+            else:
+                x_T = scheduler.add_noise(image_latents, noise, timesteps[:1])
+            if cond.inpaint and self.unet_in_channels == self.latent_channels:
+                job_tensors = {
+                    "blend_mask": cond.mask.to(self.device, self.dtype),
+                    "image_latents": image_latents,
+                    "noise": noise,
+                }
+        if self.unet_in_channels != self.latent_channels:
+            if cond is not None:
+                mask, masked = cond.mask, cond.masked_image_latents
+            else:  # text-to-image on an inpainting UNet: repaint everything, nothing to keep
+                mask, masked = torch.ones(1, 1, *shape[2:]), torch.zeros(shape)
+            extra = torch.cat([mask, masked], dim=1).to(self.device, self.dtype)  # [1, 5, h, w]
+            job_tensors["unet_extra"] = torch.cat([extra] * context.shape[0])  # [rows, 5, h, w], as CFG duplicates
         params = inspect.signature(scheduler.step).parameters
         step_kwargs: dict = {}
         if "eta" in params:
             step_kwargs["eta"] = 0.0
         if "generator" in params:
             step_kwargs["generator"] = generator
-        pos = request.prompt_embeds.to(self.device, self.dtype)
-        if request.guidance_scale > 1.0:
-            context = torch.stack([request.negative_prompt_embeds.to(self.device, self.dtype), pos])
-        else:
-            context = pos[None]
         return DenoiseJob(
             id=next(self._ids),
             request=request,
-            bucket=(shape[2], shape[3]),
+            bucket=(shape[2], shape[3], context.shape[1]),
             scheduler=scheduler,
-            timesteps=scheduler.timesteps,
+            timesteps=timesteps,
             x_t=x_T,
             context=context,
             step_kwargs=step_kwargs,
             enqueued_at=self.clock(),
+            **job_tensors,
         )
+
+    def _check_conditioning(self, cond: ImageConditioning, shape: tuple[int, ...]) -> None:
+        """The conditioning's tensors fit this request's size and this UNet (a wiring error otherwise)."""
+        latent, mask = list(shape), [1, 1, *shape[2:]]
+        expected = {"noise": latent, "image_latents": latent, "masked_image_latents": latent, "mask": mask}
+        for name, want in expected.items():
+            t = getattr(cond, name)
+            if t is not None and list(t.shape) != want:
+                raise ValueError(f"conditioning.{name} is {list(t.shape)}; this request needs {want}")
+        needs = []
+        if not cond.inpaint or self.unet_in_channels == self.latent_channels or cond.strength < 1.0:
+            needs.append("image_latents")  # to start from, or to blend with
+        if self.unet_in_channels != self.latent_channels:
+            needs += ["mask", "masked_image_latents"]  # encode_conditioning(unet_in_channels=9) makes them
+        missing = [name for name in needs if getattr(cond, name) is None]
+        if missing:
+            raise ValueError(
+                f"conditioning lacks {missing} for a {self.unet_in_channels}-channel UNet "
+                f"({'inpainting' if cond.inpaint else 'img2img'}, strength {cond.strength})"
+            )
 
     def _check_room(self, tenant: str, n: int) -> None:
         mine = self.waiting.depth(tenant)
@@ -236,7 +336,7 @@ class StepScheduler:
                 self.active.append(job)
                 rows += job.rows
 
-    def _pick_bucket(self) -> tuple[int, int]:
+    def _pick_bucket(self) -> tuple[int, int, int]:
         # The bucket of the job that has waited longest since its last step: buckets take turns.
         return min(self.active, key=lambda j: (j.last_tick, j.id)).bucket
 
@@ -281,7 +381,10 @@ class StepScheduler:
                 j.started_at = start
             t = j.timesteps[j.index]
             x = torch.cat([j.x_t] * 2) if j.cfg else j.x_t  # [rows, c, h, w]
-            x_in.append(j.scheduler.scale_model_input(x, t))
+            x = j.scheduler.scale_model_input(x, t)
+            if j.unet_extra is not None:  # diffusers scales x_t alone, then concatenates
+                x = torch.cat([x, j.unet_extra], dim=1)  # [rows, 2c + 1, h, w]
+            x_in.append(x)
             t_in.append(t.to(torch.float32).expand(j.rows))
         x_in = torch.cat(x_in)  # [sum rows, c, h, w]
         t_in = torch.cat(t_in).to(self.device)  # [sum rows]
@@ -299,5 +402,48 @@ class StepScheduler:
                 eps = eps_uncond + j.request.guidance_scale * (eps_text - eps_uncond)
             t = j.timesteps[j.index]
             j.x_t = j.scheduler.step(eps, t, j.x_t, **j.step_kwargs, return_dict=False)[0]
+            if j.blend_mask is not None:
+                # Keep the unmasked region on the init image's trajectory: noised to the next timestep.
+                init = j.image_latents
+                if j.index < len(j.timesteps) - 1:
+                    init = j.scheduler.add_noise(init, j.noise, j.timesteps[j.index + 1 : j.index + 2])
+                j.x_t = (1 - j.blend_mask) * init + j.blend_mask * j.x_t
             j.index += 1
             j.last_tick = self.ticks_run
+
+    # -- progress of a request (async jobs) -------------------------------------
+
+    def progress(self, jobs: list[DenoiseJob]) -> dict:
+        """Where a request (its images' ``jobs``) stands: queue position, step of N, an ETA.
+
+        ``{"position": int | None, "step": int, "steps": int, "eta_s": float | None}``.
+        ``position`` (queued only: no image has started) counts the waiting images that
+        go before the request's first one (0 = next). ``step`` is the slowest image's,
+        in the request's own steps (a scheduler with one extra timestep is scaled back).
+
+        The ETA is an estimate from the measured mean tick time (``tick_seconds /
+        ticks_run``; None before the first tick): a running request needs its remaining
+        ticks, one per turn of the shape buckets; a queued one first waits for the work
+        ahead of it (the running images' remaining rows x steps and the waiting ones
+        before it) to drain at ``max_rows_per_tick`` rows per tick. It ignores work that
+        arrives later and cuts in ahead (fair queuing lets a new tenant do that).
+        """
+        with self._lock:
+            positions = [self.waiting.position(j) for j in jobs]
+            queued = None not in positions
+            position = min(positions) if queued else None
+            ahead = [j for j in self.waiting if queued and self.waiting.position(j) < position]
+            active = list(self.active)
+        steps = jobs[0].request.steps
+        step = min(j.index * steps // len(j.timesteps) for j in jobs)
+        if not self.ticks_run:
+            eta_s = None
+        else:
+            per_tick = self.tick_seconds / self.ticks_run
+            buckets = len({j.bucket for j in active} | {j.bucket for j in jobs})
+            remaining = max(len(j.timesteps) - j.index for j in jobs)
+            eta_s = per_tick * buckets * remaining
+            if queued:
+                work_ahead = sum(j.rows * (len(j.timesteps) - j.index) for j in itertools.chain(active, ahead))
+                eta_s += per_tick * work_ahead / self.max_rows_per_tick
+        return {"position": position, "step": step, "steps": steps, "eta_s": eta_s}
