@@ -1,5 +1,5 @@
-"""TextEncoder deployment: CLIP prompt encoding, batched across requests, with an embedding cache
-and per-request text-encoder LoRA."""
+"""TextEncoder deployment: CLIP prompt encoding (A1111 weighting, 77-token chunks), batched across
+requests, with an embedding cache and per-request text-encoder LoRA."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ class TextEncoder:
     async def encode(self, prompt: str, negative_prompt: str, adapters: list | None = None) -> dict:
         """``{prompt_embeds [tokens, hidden], negative_prompt_embeds [tokens, hidden], encode_ms}``.
 
-        ``adapters``: ``[[ref, weight], ...]`` with text-encoder weights (pinned refs).
+        The prompts may use A1111's weighting syntax (``(word:1.3)``); ``tokens`` is 77 times the
+        number of 75-token chunks, equal for both (the planner has bounded it by
+        ``limits.max_prompt_chunks``). ``adapters``: ``[[ref, weight], ...]`` with text-encoder
+        weights (pinned refs).
         """
         start = time.perf_counter()
         adapters = adapters or []
@@ -53,10 +56,12 @@ class TextEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _encode_batch(self, items: list[tuple[str, str, tuple]]) -> list[tuple]:
-        texts = [t for prompt, negative, _ in items for t in (prompt, negative)]
-        adapters = [a for _, _, a in items for _ in range(2)]
-        embeds = await asyncio.to_thread(self.encoder.encode_prompt, texts, adapters)
-        return [(embeds[2 * i].cpu(), embeds[2 * i + 1].cpu()) for i in range(len(items))]
+        # Positive and negative come back with the same chunk count (77 tokens each): CFG stacks them.
+        prompts = [prompt for prompt, _, _ in items]
+        negatives = [negative for _, negative, _ in items]
+        adapters = [a for _, _, a in items]
+        pairs = await asyncio.to_thread(self.encoder.encode_prompt_pairs, prompts, negatives, adapters)
+        return [(pos.cpu(), neg.cpu()) for pos, neg in pairs]
 
     def stats(self) -> dict:
         cache = self.encoder.cache

@@ -1,6 +1,7 @@
 """Turn an HTTP request into a validated ``Plan``: limits, prompt length, seed, adapters.
 
-Everything a request can get wrong is found here, before any work is queued.
+Everything a request can get wrong is found here, before any work is queued. ``<lora:name:weight>``
+tags in the prompt become adapters of the request here, so every endpoint understands them.
 """
 
 import hashlib
@@ -11,7 +12,8 @@ from fastapi import Request
 
 from deployments.engine.images import MIME_TYPES
 from deployments.engine.models import ModelInfo
-from deployments.engine.prompts import count_tokens
+from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags
+from deployments.engine.prompts import chunk_count, tokenize_weighted
 
 from .adapters_api import AdapterResolver
 from .config import LimitsConfig
@@ -80,12 +82,20 @@ class Planner:
         fields: dict[str, str] | None = None,
     ) -> Plan:
         """Check a request against the limits; ``fields`` maps names to the endpoint's own field names."""
-        f = {"width": "width", "height": "height", "num_images": "num_images", "model": "model", **(fields or {})}
+        f = {
+            "width": "width",
+            "height": "height",
+            "num_images": "num_images",
+            "model": "model",
+            "prompt": "prompt",
+            "negative_prompt": "negative_prompt",
+            **(fields or {}),
+        }
         lim = self.limits
         if model is not None and model != self.model_name:
             raise APIError(404, "model_not_found", f"unknown model {model!r}; served: {self.model_name!r}", f["model"])
         if not prompt.strip():
-            raise APIError(422, "invalid_value", "prompt must not be empty", "prompt")
+            raise APIError(422, "invalid_value", "prompt must not be empty", f["prompt"])
         width = self.info.default_side if width is None else width
         height = self.info.default_side if height is None else height
         for name, value in (("width", width), ("height", height)):
@@ -112,19 +122,26 @@ class Planner:
                 f"{f['num_images']} must be in [1, {lim.max_num_images}], got {num_images}",
                 f["num_images"],
             )
+        # A1111 takes <lora:...> tags from the positive prompt only; in the negative prompt they stay text.
+        try:
+            prompt, tags = extract_lora_tags(prompt)
+        except ValueError as e:
+            raise APIError(422, "invalid_value", f"prompt: {e}", f["prompt"]) from e
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            n_tokens = count_tokens(self.tokenizer, text)
-            if n_tokens > self.info.max_prompt_tokens:
-                raise APIError(
-                    422,
-                    "prompt_too_long",
-                    f"{name} is {n_tokens} tokens; the limit is {self.info.max_prompt_tokens} tokens "
-                    "(CLIP's context, start and end tokens included)",
-                    name,
-                )
+            self.check_prompt_length(text, f[name])
         if seed is None:
             seed = secrets.randbelow(2**31)
         unet_adapters, text_adapters, applied = self.resolver.resolve(list(loras), field=f.get("loras", "loras"))
+        if tags:  # after the body's own adapters
+            tag_unet, tag_text, tag_applied = self.resolver.resolve(
+                self.tag_specs(tags, f["prompt"]), field=f["prompt"]
+            )
+            self.check_combined(applied, tag_applied, f["prompt"])
+            unet_adapters, text_adapters, applied = (
+                unet_adapters + tag_unet,
+                text_adapters + tag_text,
+                applied + tag_applied,
+            )
         return Plan(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -141,6 +158,55 @@ class Planner:
             text_adapters=text_adapters,
             applied=applied,
         )
+
+    def check_prompt_length(self, text: str, field: str) -> None:
+        """At most ``limits.max_prompt_chunks`` chunks of 75 tokens; a malformed weight is a 422 too."""
+        try:
+            ids, _ = tokenize_weighted(self.tokenizer, text)
+        except ValueError as e:
+            raise APIError(422, "invalid_value", f"{field}: {e}", field) from e
+        chunk_length = self.tokenizer.model_max_length - 2
+        max_chunks = self.limits.max_prompt_chunks
+        if chunk_count(len(ids), chunk_length) > max_chunks:
+            raise APIError(
+                422,
+                "prompt_too_long",
+                f"{field} is {len(ids)} tokens; the limit is {chunk_length * max_chunks} tokens "
+                f"({max_chunks} chunks of {chunk_length}: limits.max_prompt_chunks)",
+                field,
+            )
+
+    def tag_specs(self, tags: list[LoraTag], field: str) -> list[LoRASpec]:
+        max_scale = self.resolver.lora.max_scale
+        specs = []
+        for tag in tags:
+            if not 0 <= tag.weight <= max_scale:
+                raise APIError(
+                    422,
+                    "invalid_value",
+                    f"{field}: <lora:{tag.name}:{tag.weight:g}>: the weight must be in [0, {max_scale}] "
+                    "(lora.max_scale)",
+                    field,
+                )
+            specs.append(LoRASpec(name=tag.name, version=tag.version, scale=tag.weight))
+        return specs
+
+    def check_combined(self, body: tuple, from_tags: tuple, field: str) -> None:
+        """The body's adapters and the prompt's tags together: within the per-request limit, none twice."""
+        limit = self.resolver.lora.max_loras_per_request
+        if len(body) + len(from_tags) > limit:
+            raise APIError(
+                422,
+                "invalid_value",
+                f"{field}: at most {limit} adapters per request (loras and <lora:...> tags together), "
+                f"got {len(body) + len(from_tags)}",
+                field,
+            )
+        twice = sorted({ref for ref, _ in body} & {ref for ref, _ in from_tags})
+        if twice:
+            raise APIError(
+                422, "invalid_value", f"{field}: adapter {twice[0]} is both in loras and a <lora:...> tag", field
+            )
 
 
 def tenant_of(request: Request, user: str | None) -> str:

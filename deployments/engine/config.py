@@ -115,6 +115,14 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps per request.")
     max_num_images: int = Field(8, ge=1, le=64, description="Most images per request.")
     max_guidance_scale: float = Field(30.0, ge=0, description="Largest guidance_scale.")
+    max_prompt_chunks: int = Field(
+        3,
+        ge=1,
+        description=(
+            "Longest prompt (and negative prompt), in CLIP chunks of 75 tokens: 3 = 225 tokens. Each chunk "
+            "adds 77 tokens to the UNet's cross-attention context."
+        ),
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="A request still unanswered after this gets 504.")
 
     @model_validator(mode="after")

@@ -1,16 +1,25 @@
 """Prompt tokenisation and CLIP encoding, with an LRU cache of embeddings.
 
-``encode_prompt`` mirrors diffusers' ``StableDiffusionPipeline.encode_prompt``
-(pad to the tokenizer's context, truncate, take the last hidden state), so an
+A prompt is tokenised as AUTOMATIC1111 does it: the attention syntax (``prompt_syntax``) gives
+each token a weight, and the tokens are cut into chunks of ``model_max_length - 2`` (75 for CLIP),
+each encoded as its own ``[start, tokens..., end, pad...]`` row of ``model_max_length`` (77) and
+concatenated, so prompts longer than CLIP's context keep all their words.
+
+For an unweighted prompt of at most 75 tokens this is exactly diffusers'
+``StableDiffusionPipeline.encode_prompt`` (pad to the context, take the last hidden state), so an
 embedding made here equals the pipeline's for the same text.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+
+from .prompt_syntax import parse_prompt_attention
 
 TokenIds = tuple[int, ...]
 # An adapter set as the text encoder sees it: ((slot, weight, identity), ...). The identity
@@ -19,12 +28,65 @@ TextAdapters = tuple[tuple[int, float, str], ...]
 
 
 def count_tokens(tokenizer, text: str) -> int:
-    """Tokens ``text`` takes in the encoder's context, start and end tokens included."""
+    """Tokens ``text`` takes in the encoder's context, start and end tokens included (no weighting syntax)."""
     return len(tokenizer(text, truncation=False).input_ids)
 
 
+def tokenize_weighted(tokenizer, text: str) -> tuple[list[int], list[float]]:
+    """Token ids of ``text`` without start/end tokens, and one weight per token.
+
+    Raises ``ValueError`` for a malformed attention weight. Example: ``"a (cat:1.3)"`` ->
+    ``([320, 2368], [1.0, 1.3])``.
+    """
+    fragments = parse_prompt_attention(text)
+    per_fragment = tokenizer([t for t, _ in fragments], add_special_tokens=False, truncation=False).input_ids
+    ids: list[int] = []
+    weights: list[float] = []
+    for (_, weight), fragment_ids in zip(fragments, per_fragment, strict=True):
+        ids += fragment_ids
+        weights += [weight] * len(fragment_ids)
+    return ids, weights
+
+
+def chunk_count(n_tokens: int, chunk_length: int) -> int:
+    """Chunks a prompt of ``n_tokens`` (no start/end tokens) takes; an empty prompt takes one."""
+    return max(1, math.ceil(n_tokens / chunk_length))
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt ready for the encoder: hashable, so it keys the embedding cache."""
+
+    chunks: tuple[TokenIds, ...]  # k rows of model_max_length ids: start, <= 75 tokens, end, padding
+    weights: tuple[float, ...] | None  # [k * model_max_length], one per position; None: all 1.0
+
+    def padded(self, n_chunks: int, empty: TokenIds) -> TokenizedPrompt:
+        """This prompt with ``empty`` chunks appended up to ``n_chunks`` (A1111's pad_cond)."""
+        extra = n_chunks - len(self.chunks)
+        if extra <= 0:
+            return self
+        weights = None if self.weights is None else self.weights + (1.0,) * (extra * len(empty))
+        return TokenizedPrompt(self.chunks + (empty,) * extra, weights)
+
+
+def apply_prompt_weights(z: torch.Tensor, weights: torch.Tensor, chunk_length: int) -> torch.Tensor:
+    """A1111's emphasis: scale each token's embedding by its weight, then restore each chunk's mean.
+
+    ``z``: ``[k * chunk_length, hidden]``; ``weights``: ``[k * chunk_length]``. Per chunk,
+    ``z_c * w_c[:, None] * (mean(z_c) / mean(z_c * w_c[:, None]))``, in float32.
+    """
+    hidden = z.shape[-1]
+    z32 = z.float().reshape(-1, chunk_length, hidden)  # [k, chunk_length, hidden]
+    w = weights.to(z32.device, torch.float32).reshape(-1, chunk_length, 1)  # [k, chunk_length, 1]
+    original_mean = z32.mean(dim=(1, 2), keepdim=True)  # [k, 1, 1]
+    weighted = z32 * w
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    ratio = torch.where(new_mean != 0, original_mean / new_mean, torch.ones_like(new_mean))
+    return (weighted * ratio).to(z.dtype).reshape(-1, hidden)
+
+
 class EmbeddingCache:
-    """A thread-safe LRU of prompt embeddings keyed by token ids (and the adapter set)."""
+    """A thread-safe LRU of prompt embeddings keyed by token ids, weights and the adapter set."""
 
     def __init__(self, capacity: int):
         if capacity < 0:
@@ -66,46 +128,98 @@ class PromptEncoder:
         self.text_encoder = text_encoder
         self.lora = lora  # a MultiLoRAModel over ``text_encoder``, or None
         self.cache = EmbeddingCache(cache_size)
-        self.max_length = tokenizer.model_max_length
+        self.max_length = tokenizer.model_max_length  # 77 for CLIP
+        self.chunk_length = self.max_length - 2  # tokens per chunk, between the start and end tokens
+        pad = tokenizer.pad_token_id
+        self.pad_id = tokenizer.eos_token_id if pad is None else pad
+        self.empty_chunk = self._chunk([])
 
     @property
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    def tokenize(self, texts: list[str]) -> list[TokenIds]:
-        ids = self.tokenizer(
-            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids  # [n, max_length]
-        return [tuple(row) for row in ids.tolist()]
+    def _chunk(self, ids: list[int]) -> TokenIds:
+        row = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
+        return tuple(row + [self.pad_id] * (self.max_length - len(row)))
 
-    @torch.inference_mode()
+    def tokenize(self, texts: list[str]) -> list[TokenizedPrompt]:
+        """Parse the weighting syntax and cut each text into chunks of ``chunk_length`` tokens."""
+        out = []
+        n = self.chunk_length
+        for text in texts:
+            ids, weights = tokenize_weighted(self.tokenizer, text)
+            k = chunk_count(len(ids), n)
+            chunks = tuple(self._chunk(ids[i * n : (i + 1) * n]) for i in range(k))
+            per_position = None
+            if any(w != 1.0 for w in weights):
+                per_position = []
+                for i in range(k):
+                    part = weights[i * n : (i + 1) * n]
+                    per_position += [1.0, *part] + [1.0] * (self.max_length - 1 - len(part))
+            out.append(TokenizedPrompt(chunks, None if per_position is None else tuple(per_position)))
+        return out
+
     def encode_prompt(self, texts: list[str], adapters: list[TextAdapters] | None = None) -> list[torch.Tensor]:
-        """One embedding ``[max_length, hidden]`` per text; uncached texts share one forward.
+        """One embedding ``[k * max_length, hidden]`` per text (k chunks); uncached texts share one forward.
 
         ``adapters[i]`` are the text-encoder LoRAs for ``texts[i]`` (resident slots of ``self.lora``).
         """
-        adapters = adapters or [()] * len(texts)
-        keys = [
-            (ids, tuple((ident, w) for _, w, ident in a)) for ids, a in zip(self.tokenize(texts), adapters, strict=True)
-        ]
+        return self.encode_tokenized(self.tokenize(texts), adapters)
+
+    def encode_prompt_pairs(
+        self, prompts: list[str], negatives: list[str], adapters: list[TextAdapters] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(positive, negative)`` embeddings per request, with the same chunk count.
+
+        Classifier-free guidance stacks the two into one UNet batch, so the shorter one is padded
+        with encoded empty chunks, as A1111 does. ``adapters[i]`` apply to both of request i.
+        """
+        adapters = adapters or [()] * len(prompts)
+        pos = self.tokenize(prompts)
+        neg = self.tokenize(negatives)
+        for i, (p, n) in enumerate(zip(pos, neg, strict=True)):
+            k = max(len(p.chunks), len(n.chunks))
+            pos[i], neg[i] = p.padded(k, self.empty_chunk), n.padded(k, self.empty_chunk)
+        embeds = self.encode_tokenized(pos + neg, list(adapters) * 2)
+        m = len(prompts)
+        return [(embeds[i], embeds[m + i]) for i in range(m)]
+
+    @torch.inference_mode()
+    def encode_tokenized(
+        self, prompts: list[TokenizedPrompt], adapters: list[TextAdapters] | None = None
+    ) -> list[torch.Tensor]:
+        adapters = adapters or [()] * len(prompts)
+        keys = [(p, tuple((ident, w) for _, w, ident in a)) for p, a in zip(prompts, adapters, strict=True)]
         out: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
         todo: dict[tuple, TextAdapters] = {}
         for k, a, e in zip(keys, adapters, out, strict=True):
             if e is None:
                 todo.setdefault(k, a)
-        if todo:
-            input_ids = torch.tensor([k[0] for k in todo], device=self.device)  # [m, max_length]
-            attention_mask = None
-            if getattr(self.text_encoder.config, "use_attention_mask", False):
-                attention_mask = (input_ids != self.tokenizer.pad_token_id).long()
-            rows = [tuple((slot, w) for slot, w, _ in a) for a in todo.values()]
-            if self.lora is not None and any(rows):
-                with self.lora.routed(rows):
-                    hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]
-            else:
-                hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]  # [m, max_length, hidden]
-            fresh = {k: hidden[i].clone() for i, k in enumerate(todo)}
-            for k, e in fresh.items():
-                self.cache.put(k, e)
-            out = [e if e is not None else fresh[k] for k, e in zip(keys, out, strict=True)]
-        return out  # type: ignore[return-value]
+        if not todo:
+            return out  # type: ignore[return-value]
+        # One CLIP row per distinct (chunk, adapter set): every chunk of every prompt in one forward.
+        rows: dict[tuple, int] = {}
+        routing: list[tuple[tuple[int, float], ...]] = []
+        for (prompt, adapter_key), a in todo.items():
+            for chunk in prompt.chunks:
+                if (chunk, adapter_key) not in rows:
+                    rows[(chunk, adapter_key)] = len(rows)
+                    routing.append(tuple((slot, w) for slot, w, _ in a))
+        input_ids = torch.tensor([chunk for chunk, _ in rows], device=self.device)  # [m, max_length]
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = (input_ids != self.pad_id).long()
+        if self.lora is not None and any(routing):
+            with self.lora.routed(routing):
+                hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]
+        else:
+            hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]  # [m, max_length, hidden]
+        fresh = {}
+        for prompt, adapter_key in todo:
+            # torch.cat copies, so a cached embedding never keeps the whole batch alive.
+            z = torch.cat([hidden[rows[(chunk, adapter_key)]] for chunk in prompt.chunks])  # [k*max_length, hidden]
+            if prompt.weights is not None:
+                z = apply_prompt_weights(z, torch.tensor(prompt.weights), self.max_length)
+            fresh[(prompt, adapter_key)] = z
+            self.cache.put((prompt, adapter_key), z)
+        return [e if e is not None else fresh[k] for k, e in zip(keys, out, strict=True)]
