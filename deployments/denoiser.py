@@ -11,9 +11,10 @@ from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
 from .engine.config import DenoiserConfig, LoRAConfig, ModelConfig
 from .engine.loop import DenoiseLoop
+from .engine.previews import preview_data_url, unit_variance
 from .engine.runtime import prepare_runtime
 from .engine.schedulers import SchedulerFactory
-from .engine.step_scheduler import DenoiseRequest, StepScheduler
+from .engine.step_scheduler import DenoiseJob, DenoiseRequest, StepScheduler
 from .metrics import DenoiserMetrics, adapter_label
 
 
@@ -57,35 +58,87 @@ class Denoiser:
         resolved by Serve). ``params["adapters"]``: ``[[ref, weight], ...]``
         (UNet parts, pinned ``name@version`` refs). Returns latents ``[n, c, h, w]`` and timings.
         """
-        routed = serve.get_multiplexed_model_id()
-        if routed:
-            await self._route_adapter(routed)
-            # Serve's record holds as many adapters as this replica has slots.
-            getattr(self, "__serve_multiplex_wrapper").max_num_models_per_replica = self.max_routed_adapters
+        await self._route()
         refs = [ref for ref, _ in params["adapters"]]
         slots = await self.adapters.acquire(refs)
         try:
-            adapters = tuple((slot, float(w)) for slot, (_, w) in zip(slots, params["adapters"], strict=True))
-            requests = [
-                DenoiseRequest(
-                    prompt_embeds=encoded["prompt_embeds"],
-                    negative_prompt_embeds=encoded["negative_prompt_embeds"],
-                    height=params["height"],
-                    width=params["width"],
-                    steps=params["steps"],
-                    guidance_scale=params["guidance_scale"],
-                    seed=params["seed"] + k,
-                    scheduler=params["scheduler"],
-                    adapters=adapters,
-                    tenant=params["tenant"],
-                )
-                for k in range(params["num_images"])
-            ]
+            requests = self._build_requests(encoded, params, slots)
             self._update_gauges()
             jobs = await self.loop.run(requests)
         finally:
             await self.adapters.release(refs)
             self._update_gauges()
+        return self._result(encoded, jobs)
+
+    async def denoise_stream(self, encoded: dict, params: dict, preview_every_steps: int = 0):
+        """``denoise`` with progress: call with ``handle.options(stream=True)``.
+
+        Yields, as they change:
+        ``{"type": "queued", "position": int, "eta_s": float | None}`` while no image has
+        started (position 0 = next), ``{"type": "step", "step": i, "steps": N, "eta_s": ...}``
+        (the slowest image's step), with ``preview_every_steps > 0`` also
+        ``{"type": "preview", "step": i, "steps": N, "image": "data:image/png;base64,..."}``
+        (a latent-resolution approximation of the slowest image, ``engine/previews.py``),
+        and finally ``{"type": "result", **denoise's result}``. Closing or cancelling the
+        stream cancels the images: they leave the batch at the next tick.
+        """
+        await self._route()
+        refs = [ref for ref, _ in params["adapters"]]
+        slots = await self.adapters.acquire(refs)
+        last: dict | None = None
+        previewed = 0
+        try:
+            requests = self._build_requests(encoded, params, slots)
+            self._update_gauges()
+            async for jobs, finished in self.loop.stream(requests):
+                if finished:
+                    break
+                p = self.steps.progress(jobs)
+                if p["position"] is not None:
+                    event = {"type": "queued", "position": p["position"], "eta_s": p["eta_s"]}
+                else:
+                    event = {"type": "step", "step": p["step"], "steps": p["steps"], "eta_s": p["eta_s"]}
+                if last is None or {**event, "eta_s": None} != {**last, "eta_s": None}:
+                    last = event
+                    yield event
+                step, steps = p["step"], p["steps"]
+                if preview_every_steps > 0 and step // preview_every_steps > previewed and step < steps:
+                    previewed = step // preview_every_steps
+                    slowest = min(jobs, key=lambda j: j.index)
+                    latents = unit_variance(slowest.x_t, slowest.scheduler, slowest.index)[0]  # [c, h, w]
+                    yield {"type": "preview", "step": step, "steps": steps, "image": preview_data_url(latents)}
+        finally:
+            await self.adapters.release(refs)
+            self._update_gauges()
+        yield {"type": "result", **self._result(encoded, jobs)}
+
+    async def _route(self) -> None:
+        routed = serve.get_multiplexed_model_id()
+        if routed:
+            await self._route_adapter(routed)
+            # Serve's record holds as many adapters as this replica has slots.
+            getattr(self, "__serve_multiplex_wrapper").max_num_models_per_replica = self.max_routed_adapters
+
+    def _build_requests(self, encoded: dict, params: dict, slots: list[int]) -> list[DenoiseRequest]:
+        """One ``DenoiseRequest`` per image from the encoder's output, the plan's params and adapter slots."""
+        adapters = tuple((slot, float(w)) for slot, (_, w) in zip(slots, params["adapters"], strict=True))
+        return [
+            DenoiseRequest(
+                prompt_embeds=encoded["prompt_embeds"],
+                negative_prompt_embeds=encoded["negative_prompt_embeds"],
+                height=params["height"],
+                width=params["width"],
+                steps=params["steps"],
+                guidance_scale=params["guidance_scale"],
+                seed=params["seed"] + k,
+                scheduler=params["scheduler"],
+                adapters=adapters,
+                tenant=params["tenant"],
+            )
+            for k in range(params["num_images"])
+        ]
+
+    def _result(self, encoded: dict, jobs: list[DenoiseJob]) -> dict:
         return {
             "latents": torch.cat([j.x_t for j in jobs]).cpu(),  # [n, c, h, w]
             "encode_ms": encoded["encode_ms"],
@@ -137,6 +190,7 @@ class Denoiser:
             "tick_seconds": s.tick_seconds,
             "active": len(s.active),
             "waiting": len(s.waiting),
+            "cancelled": self.loop.cancelled_jobs,
             "waiting_by_tenant": s.waiting.depths(),
             "adapters": self.adapters.stats(),
         }

@@ -1,4 +1,4 @@
-"""``build_app``: bind TextEncoder, Denoiser and VAE behind the HTTP ingress.
+"""``build_app``: bind TextEncoder, Denoiser and VAE (and the Jobs store) behind the HTTP ingress.
 
 Used by ``serve run serve_config.yaml`` / ``serve deploy`` (``import_path:
 graph.app:build_app`` with the config as ``args``) and from Python.
@@ -17,6 +17,7 @@ from deployments.vae import VAE
 
 from .config import AppConfig
 from .ingress import Ingress
+from .jobs import Jobs
 
 
 def _options(cfg: ResourceConfig) -> dict:
@@ -43,10 +44,16 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         config.model, config.denoiser, config.lora, config.registry
     )
     vae = VAE.options(**_options(config.vae)).bind(config.model, config.vae)
+    # One replica: it holds every async job, so each ingress replica finds each job there.
+    jobs = Jobs.options(
+        num_replicas=1,
+        max_ongoing_requests=config.jobs.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.jobs.num_cpus},
+    ).bind(text_encoder, denoiser, vae, config)
     ing = config.ingress
     return Ingress.options(
         num_replicas=ing.num_replicas,
         max_ongoing_requests=ing.max_ongoing_requests,
         max_queued_requests=ing.max_queued_requests,
         ray_actor_options={"num_cpus": ing.num_cpus},
-    ).bind(text_encoder, denoiser, vae, config)
+    ).bind(text_encoder, denoiser, vae, config, jobs)

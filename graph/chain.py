@@ -7,6 +7,7 @@ become the HTTP errors clients see.
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -66,17 +67,26 @@ class GraphClient:
         self.limits = limits
         self.metrics = metrics
 
-    async def run(self, plan: Plan) -> dict:
+    async def run(
+        self,
+        plan: Plan,
+        on_event: Callable[[dict], None] | None = None,
+        preview_every_steps: int = 0,
+    ) -> dict:
         """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings.
 
-        If a replica dies under the request, the whole chain is retried once: the seed makes
-        the retry give the same image. A second failure is a 503, never a hang.
+        With ``on_event``, the Denoiser is called as a stream (``denoise_stream``) and
+        each progress event (queued / step / preview dicts) goes to ``on_event`` as it
+        comes. If a replica dies under the request, the whole chain is retried once: the
+        seed makes the retry give the same image. A second failure is a 503, never a hang.
+        If the caller is cancelled (the HTTP client went away, a job was deleted), every
+        call still in flight is cancelled too, so the denoiser drops the images.
         """
         received = time.perf_counter()
         deadline = received + self.limits.request_timeout_s
         for attempt in (1, 2):
             try:
-                result = await self._run_once(plan, deadline)
+                result = await self._run_once(plan, deadline, on_event, preview_every_steps)
                 break
             except ReplicaFailedError as e:
                 self.metrics().replica_failures.inc(tags={"attempt": str(attempt)})
@@ -95,35 +105,77 @@ class GraphClient:
             m.stage_latency.observe(result[f"{stage}_ms"], tags={"stage": stage})
         return result
 
-    async def _run_once(self, plan: Plan, deadline: float) -> dict:
+    async def _run_once(
+        self, plan: Plan, deadline: float, on_event: Callable[[dict], None] | None, preview_every_steps: int
+    ) -> dict:
+        inflight: list = []  # every DeploymentResponse(Generator) of this attempt, to cancel
         encoded = self.text_encoder.encode.remote(
             plan.prompt, plan.negative_prompt, [list(a) for a in plan.text_adapters]
         )
+        inflight.append(encoded)
         denoiser = self.denoiser
         if plan.unet_adapters:
             # Prefer replicas that already hold the request's first adapter (Serve multiplexing).
             denoiser = denoiser.options(multiplexed_model_id=plan.unet_adapters[0][0])
-        denoised = denoiser.denoise.remote(encoded, plan.denoise_params())
-        decoded = self.vae.decode.remote(denoised, plan.output_format)
+        if on_event is None:
+            denoised = denoiser.denoise.remote(encoded, plan.denoise_params())
+            decoded = self.vae.decode.remote(denoised, plan.output_format)
+            inflight += [denoised, decoded]
+            chain = resolve(decoded)
+        else:
+            chain = self._stream(denoiser, encoded, plan, on_event, preview_every_steps, inflight)
         try:
-            return await asyncio.wait_for(resolve(decoded), timeout=max(0.0, deadline - time.perf_counter()))
+            return await asyncio.wait_for(chain, timeout=max(0.0, deadline - time.perf_counter()))
         except asyncio.TimeoutError as e:
-            decoded.cancel()
+            _cancel(inflight)
             raise APIError(504, "timeout", f"no result within {self.limits.request_timeout_s:.0f}s") from e
-        except Exception as e:
-            cause = _cause(e)
-            if isinstance(cause, QueueFullError):
-                raise APIError(
-                    503, "overloaded", str(cause), None, {"Retry-After": str(round(cause.retry_after_s))}
-                ) from e
-            if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
-                raise APIError(
-                    503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"}
-                ) from e
-            if isinstance(cause, SlotWaitTimeoutError):
-                raise APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"}) from e
-            if isinstance(cause, RegistryError):
-                raise APIError(cause.status, cause.code, cause.message, "loras") from e
-            if _replica_died(e):
-                raise ReplicaFailedError(str(e).splitlines()[0][:300]) from e
+        except asyncio.CancelledError:
+            # The client went away (Serve cancels the handler and, recursively, its calls) or a
+            # job was deleted (a task of the Jobs replica, not a Serve request: nothing cancels
+            # its calls for it). Either way the calls in flight stop here, the Denoiser's stream too.
+            _cancel(inflight)
             raise
+        except Exception as e:
+            _cancel(inflight)
+            error = _api_error(e)
+            if error is e:
+                raise
+            raise error from e
+
+    async def _stream(self, denoiser, encoded, plan: Plan, on_event, preview_every_steps: int, inflight: list) -> dict:
+        stream = denoiser.options(stream=True).denoise_stream.remote(
+            encoded, plan.denoise_params(), preview_every_steps
+        )
+        inflight.append(stream)
+        denoised = None
+        async for event in stream:
+            if event["type"] == "result":
+                denoised = event
+            else:
+                on_event(event)
+        if denoised is None:
+            raise RuntimeError("the Denoiser's stream ended without a result")
+        decoded = self.vae.decode.remote(denoised, plan.output_format)
+        inflight.append(decoded)
+        return await decoded
+
+
+def _cancel(responses: list) -> None:
+    for response in responses:
+        response.cancel()
+
+
+def _api_error(e: Exception) -> Exception:
+    """The HTTP error a failed chain means (or ``ReplicaFailedError``, or ``e`` itself)."""
+    cause = _cause(e)
+    if isinstance(cause, QueueFullError):
+        return APIError(503, "overloaded", str(cause), None, {"Retry-After": str(round(cause.retry_after_s))})
+    if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
+        return APIError(503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"})
+    if isinstance(cause, SlotWaitTimeoutError):
+        return APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"})
+    if isinstance(cause, RegistryError):
+        return APIError(cause.status, cause.code, cause.message, "loras")
+    if _replica_died(e):
+        return ReplicaFailedError(str(e).splitlines()[0][:300])
+    return e

@@ -38,6 +38,7 @@ class AppConfig(_Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="Per-request adapters and adapter slots.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where adapters live (S3 or local).")
     admin: AdminConfig = Field(default_factory=lambda: AdminConfig(), description="Who may change the registry.")
+    jobs: JobsConfig = Field(default_factory=lambda: JobsConfig(), description="Async jobs (/v1/jobs) and their store.")
 
     @model_validator(mode="after")
     def _serve_autoscaling(self):
@@ -83,6 +84,23 @@ class AdminConfig(_Strict):
         import os
 
         return self.token or os.environ.get("LORAFLEET_ADMIN_TOKEN") or None
+
+
+class JobsConfig(_Strict):
+    """The ``Jobs`` deployment: one replica holds every async job, so any ingress replica sees each one."""
+
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved for the Jobs replica.")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Calls the Jobs replica serves at once (each open event stream holds one)."
+    )
+    max_jobs: int = Field(
+        1000, ge=1, description="Jobs kept at once; finished ones are evicted oldest-first, then 503 job_store_full."
+    )
+    ttl_s: float = Field(600.0, gt=0, description="How long a finished job (and its images) stays readable.")
+    preview_every_steps: int = Field(
+        5, ge=0, description="A latent preview every this many steps for event streams with previews=true; 0: none."
+    )
+    heartbeat_s: float = Field(15.0, gt=0, description="A `: keep-alive` comment on an idle event stream this often.")
 
 
 AppConfig.model_rebuild()

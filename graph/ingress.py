@@ -6,6 +6,7 @@ A route parses its body (``schemas``), turns it into a checked ``Plan``
 
 import asyncio
 import base64
+import functools
 import time
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -18,7 +19,7 @@ from deployments.engine.adapters import open_model_registry
 from deployments.engine.images import MIME_TYPES
 from lora_registry.errors import RegistryError
 
-from . import errors
+from . import a1111, errors, jobs, page
 from .adapters_api import AdapterResolver, AdminAuth
 from .chain import GraphClient, resolve
 from .config import AppConfig
@@ -28,6 +29,9 @@ from .schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    JobCreated,
+    JobObject,
+    JobRequest,
     OpenAIImage,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
@@ -87,6 +91,7 @@ class Ingress:
         denoiser: DeploymentHandle,
         vae: DeploymentHandle,
         config: AppConfig,
+        jobs: DeploymentHandle | None = None,
     ):
         self.config = config
         self.limits = config.limits
@@ -103,6 +108,7 @@ class Ingress:
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae = vae
+        self.jobs = jobs  # the Jobs deployment (graph/jobs.py): the async-job store
         self.started = int(time.time())
 
     # -- routes ------------------------------------------------------------------
@@ -284,3 +290,105 @@ class Ingress:
         if all(r is True for r in results):
             return {"status": "ready", "deployments": status}
         return errors.error_response(503, "not_ready", f"deployments not ready: {status}", None)
+
+    # -- AUTOMATIC1111 -------------------------------------------------------------------
+    # The A1111 web UI's API over the same planner and graph (rules: graph/a1111.py).
+
+    @app.post("/sdapi/v1/txt2img", responses=_ERRORS)
+    async def a1111_txt2img(self, body: a1111.Txt2ImgRequest, request: Request) -> dict:
+        """AUTOMATIC1111's txt2img: ``{images: [base64 PNG], parameters, info}``; unknown fields are ignored."""
+        call = a1111.txt2img_call(body, self.limits, a1111.sampler_table(self.info.scheduler_class))
+        plan = await self.plan_async(**call.body, tenant=tenant_of(request, None), fields=call.fields)
+        result = await self.graph.run(plan)
+        mhash = a1111.model_hash(self.base_spec.fingerprint)
+        return a1111.a1111_response(body, call, plan, result["images"], self.model_name, mhash)
+
+    @app.get("/sdapi/v1/sd-models")
+    async def a1111_sd_models(self) -> list[dict]:
+        fingerprint = self.base_spec.fingerprint
+        return a1111.sd_models(self.model_name, self.config.model.uri, a1111.model_hash(fingerprint), fingerprint)
+
+    @app.get("/sdapi/v1/samplers")
+    async def a1111_samplers(self) -> list[dict]:
+        return [s.to_dict() for s in a1111.sampler_table(self.info.scheduler_class)]
+
+    @app.get("/sdapi/v1/loras")
+    async def a1111_loras(self) -> list[dict]:
+        """Every adapter: name, description, trigger words, tags, versions. Public (the page's picker)."""
+        return await self.registry_op("list", a1111.list_loras, self.resolver)
+
+    # -- page ------------------------------------------------------------------------------
+    # The browser page: graph/static, rendered with this server's limits (graph/page.py).
+
+    @functools.cached_property
+    def site(self) -> page.Site:
+        samplers = [s.to_dict() for s in a1111.sampler_table(self.info.scheduler_class)]
+        return page.Site(
+            page.page_config(
+                model=self.model_name,
+                default_side=self.info.default_side,
+                limits=self.limits,
+                lora=self.config.lora,
+                samplers=samplers,
+            )
+        )
+
+    def static_response(self, name: str, request: Request) -> Response:
+        file = self.site.get(name)
+        if file is None:
+            raise APIError(404, "not_found", f"no static file {name!r}", None)
+        headers = {"ETag": file.etag, "Cache-Control": "no-cache"}
+        if request.headers.get("if-none-match") == file.etag:
+            return Response(status_code=304, headers=headers)
+        return Response(file.body, media_type=file.media_type, headers=headers)
+
+    @app.get("/", include_in_schema=False)
+    async def page_index(self, request: Request) -> Response:
+        return self.static_response("index.html", request)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def page_static(self, name: str, request: Request) -> Response:
+        return self.static_response(name, request)
+
+    # -- async jobs ------------------------------------------------------------------------
+    # POST /v1/jobs plans exactly as /v1/generate (same 4xx), then the Jobs deployment
+    # (graph/jobs.py) runs the job and holds it; these routes only relay.
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobCreated, responses=_ERRORS)
+    async def create_job(self, body: JobRequest, request: Request):
+        """Start a generation in the background: 202 with the job's id; poll it, stream its events, cancel it."""
+        plan = await self.plan_async(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            model=body.model,
+            width=body.width,
+            height=body.height,
+            steps=body.steps,
+            guidance_scale=body.guidance_scale,
+            seed=body.seed,
+            num_images=body.num_images,
+            scheduler=body.scheduler,
+            output_format=body.output_format,
+            loras=body.loras,
+            tenant=tenant_of(request, body.user),
+        )
+        return await jobs.create(self.jobs, plan)
+
+    @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
+    async def get_job(self, job_id: str):
+        """The job object: queued (position, ETA), running (step of steps), done (images), failed (error)."""
+        return await jobs.fetch(self.jobs, job_id)
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "job_not_found"}},
+    )
+    async def job_events(self, job_id: str, previews: bool = False):
+        """Server-Sent Events: ``status`` on each change, ``preview`` (with ``previews=true``), then
+        ``done`` / ``failed`` / ``cancelled`` and the end of the stream."""
+        return await jobs.event_stream(self.jobs, job_id, previews)
+
+    @app.delete("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
+    async def cancel_job(self, job_id: str):
+        """Cancel a job (its batch slot frees at the next step); a finished job is removed."""
+        return await jobs.cancel(self.jobs, job_id)

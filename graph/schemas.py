@@ -96,3 +96,41 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+
+
+# -- async jobs (/v1/jobs) ---------------------------------------------------------------
+
+
+class JobRequest(GenerateRequest):
+    """``POST /v1/jobs``: the ``/v1/generate`` body; the job runs in the background."""
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: Literal["queued"]
+    url: str = Field(description="GET it to poll the job object; DELETE it to cancel.")
+    events_url: str = Field(description="Server-Sent Events of the job (?previews=true for previews).")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class JobObject(BaseModel):
+    """``GET /v1/jobs/{id}``. ``images`` only when done, ``error`` only when failed."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    position: int | None = Field(description="Images ahead in the denoiser's queue (0 = next); null once running.")
+    eta_s: float | None = Field(description="Estimated seconds to the end of denoising (measured step rate).")
+    step: int
+    steps: int
+    progress: float = Field(ge=0, le=1)
+    created: float = Field(description="Unix time.")
+    updated: float = Field(description="Unix time of the last change.")
+    images: list[GeneratedImage] | None = None
+    error: JobError | None = None
+    loras: list[dict] = Field(default_factory=list, description="The adapters applied: ref (name@version), scale.")
+    seed: int

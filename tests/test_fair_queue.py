@@ -97,3 +97,34 @@ def _req(engine, tenant, seed):
     r = engine.request("x", steps=2, seed=seed, scheduler="ddim")
     r.tenant = tenant
     return r
+
+
+def test_position_is_the_pop_order_over_all_tenants():
+    class Job:  # positions are by identity, as for DenoiseJobs
+        def __init__(self, name):
+            self.name = name
+
+        def __repr__(self):
+            return self.name
+
+    jobs = {name: Job(name) for name in ["g0", "g1", "g2", "f0", "f1", "f2", "l0"]}
+    q = FairQueue({"gold": 4.0})
+    for i in range(3):
+        q.push("gold", jobs[f"g{i}"], cost=1)
+        q.push("free", jobs[f"f{i}"], cost=1)
+
+    def positions(*names):
+        return [q.position(jobs[n]) for n in names]
+
+    # finish tags: g_i = (i + 1) / 4, f_i = i + 1 -> pop order g0 g1 g2 f0 f1 f2
+    assert positions("g0", "g1", "g2", "f0", "f1", "f2") == [0, 1, 2, 3, 4, 5]
+    assert q.position(Job("g0")) is None  # an equal-looking item is not the waiting one
+    assert q.pop() is jobs["g0"]
+    assert positions("g0", "f0") == [None, 2]
+    q.remove(jobs["g2"])
+    assert positions("g1", "f0", "f1", "f2") == [0, 1, 2, 3]
+    q.push("late", jobs["l0"], cost=1)  # a new tenant starts at the virtual time (0.25): finish 1.25
+    assert positions("l0", "f1") == [2, 3]
+    expected = {j: q.position(j) for j in q}
+    assert drain(q) == sorted(expected, key=expected.get)
+    assert [j.name for j in sorted(expected, key=expected.get)] == ["g1", "f0", "l0", "f1", "f2"]

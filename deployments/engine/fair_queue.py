@@ -39,6 +39,7 @@ class FairQueue(Generic[T]):
         self._seq = itertools.count()
         self.virtual_time = 0.0
         self._len = 0
+        self._ranks: dict[int, int] | None = None  # id(item) -> position; None after any change
 
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, self.default_weight)
@@ -55,6 +56,7 @@ class FairQueue(Generic[T]):
         if len(q) == 1:
             heapq.heappush(self._heads, (finish, entry[1], tenant))
         self._len += 1
+        self._ranks = None
 
     def peek(self) -> T | None:
         if not self._heads:
@@ -72,6 +74,7 @@ class FairQueue(Generic[T]):
         else:
             del self._queues[tenant]
         self._len -= 1
+        self._ranks = None
         return item
 
     def remove(self, item: T) -> bool:
@@ -82,6 +85,7 @@ class FairQueue(Generic[T]):
                     was_head = q[0] is entry
                     q.remove(entry)
                     self._len -= 1
+                    self._ranks = None
                     if was_head:
                         self._heads = [h for h in self._heads if h[2] != tenant]
                         heapq.heapify(self._heads)
@@ -91,6 +95,19 @@ class FairQueue(Generic[T]):
                         del self._queues[tenant]
                     return True
         return False
+
+    def position(self, item: T) -> int | None:
+        """How many waiting items pop before ``item`` (0 = next), or None if it is not waiting.
+
+        Pops go in (finish, seq) order over all tenants (each tenant's FIFO is sorted by
+        finish), so this is the item's rank by that tag. It is the position now: a tenant
+        that becomes active later may still cut in ahead (it starts at the virtual time,
+        not behind the backlog). Ranks are computed once per change of the queue.
+        """
+        if self._ranks is None:
+            tags = sorted((finish, seq, id(x)) for q in self._queues.values() for finish, seq, x in q)
+            self._ranks = {key: rank for rank, (_, _, key) in enumerate(tags)}
+        return self._ranks.get(id(item))
 
     def depth(self, tenant: str) -> int:
         q = self._queues.get(tenant)

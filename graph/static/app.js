@@ -1,0 +1,478 @@
+// lorafleet's page: a form over POST /v1/jobs, progress from the job's event stream, a gallery.
+// Plain JS, no framework, nothing loaded from elsewhere. The server checks every value; this page
+// shows what it says (error.message next to the form, the named field marked).
+"use strict";
+
+const config = JSON.parse(document.getElementById("config").textContent);
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  mode: "txt2img",        // "txt2img" | "img2img" | "inpaint"
+  adapters: new Map(),    // name -> /sdapi/v1/loras entry
+  chosen: [],             // [{name, scale: <input>, item: <li>}] in request order
+  image: null,            // {dataUrl, img: HTMLImageElement} of the input image
+  job: null,              // {id, events: EventSource, finished}
+};
+
+// -- set-up ---------------------------------------------------------------------------------
+
+function setUpForm() {
+  $("model-line").textContent = `Model: ${config.model}. Text to image, image to image and inpainting with LoRA styles.`;
+  for (const id of ["width", "height"]) {
+    Object.assign($(id), { min: config.min_side, max: config.max_side, value: config.default_side });
+  }
+  $("steps").max = config.max_steps;
+  $("num_images").max = config.max_num_images;
+  $("guidance_scale").max = config.max_guidance_scale;
+  const scheduler = $("scheduler");
+  for (const s of config.schedulers) {
+    scheduler.append(new Option(s.value === "default" ? `${s.name} (the model's own)` : s.name, s.value));
+  }
+  scheduler.value = "default";
+  const tabs = [...document.querySelectorAll("[role=tab]")];
+  for (const [i, tab] of tabs.entries()) {
+    tab.addEventListener("click", () => setMode(tab.dataset.mode));
+    tab.addEventListener("keydown", (e) => {  // the ARIA tabs pattern: arrows move between tabs
+      const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+      if (!step) return;
+      const next = tabs[(i + step + tabs.length) % tabs.length];
+      setMode(next.dataset.mode);
+      next.focus();
+    });
+  }
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
+  $("image").addEventListener("change", loadImage);
+  $("adapter-pick").addEventListener("change", describePicked);
+  $("adapter-add").addEventListener("click", () => addAdapter($("adapter-pick").value));
+  $("form").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancel);
+  setUpMask();
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    const selected = tab.dataset.mode === mode;
+    tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1;
+  }
+  $("panel-image").hidden = mode === "txt2img";
+  $("panel-image").setAttribute("aria-labelledby", `tab-${mode}`);
+  $("mask-tools").hidden = mode !== "inpaint" || !state.image;
+  $("image-preview").hidden = mode !== "img2img" || !state.image;
+  $("strength").value = mode === "inpaint" ? "1" : "0.75";  // the API's defaults per mode
+  $("strength-value").textContent = $("strength").value;
+  clearError();
+}
+
+// -- adapters -------------------------------------------------------------------------------
+
+async function loadAdapters() {
+  const pick = $("adapter-pick");
+  let entries;
+  try {
+    const response = await fetch("/sdapi/v1/loras");
+    if (!response.ok) throw new Error(await errorText(response));
+    entries = await response.json();
+  } catch (e) {
+    pick.replaceChildren(new Option("Adapters unavailable", ""));
+    $("adapter-info").textContent = `Could not load the adapter list: ${e.message}`;
+    return;
+  }
+  state.adapters = new Map(entries.map((entry) => [entry.name, entry]));
+  pick.replaceChildren(new Option(entries.length ? "Choose a style…" : "No adapters registered", ""));
+  for (const entry of entries) pick.append(new Option(entry.name, entry.name));
+}
+
+function describePicked() {
+  const entry = state.adapters.get($("adapter-pick").value);
+  $("adapter-info").textContent = entry ? describe(entry) : "";
+}
+
+function describe(entry) {
+  const meta = entry.metadata;
+  const parts = [meta.description || "No description."];
+  if (meta.trigger_words.length) parts.push(`Trigger words: ${meta.trigger_words.join(", ")}.`);
+  parts.push(`Version ${meta.latest_version}.`);
+  return parts.join(" ");
+}
+
+function addAdapter(name) {
+  clearError();
+  const entry = state.adapters.get(name);
+  if (!entry) return showError("Choose a style to add first.", "adapter-pick");
+  if (state.chosen.some((c) => c.name === name)) return showError(`${name} is already added.`, "adapter-pick");
+  if (state.chosen.length >= config.max_loras) {
+    return showError(`At most ${config.max_loras} styles per image.`, "adapter-pick");
+  }
+  const item = document.createElement("li");
+  const title = document.createElement("strong");
+  title.textContent = name;
+  const desc = document.createElement("div");
+  desc.className = "desc";
+  desc.textContent = describe(entry);
+  const row = document.createElement("div");
+  row.className = "row";
+  const scaleId = `scale-${name}`;
+  const label = Object.assign(document.createElement("label"), { htmlFor: scaleId, textContent: "Scale" });
+  const scale = Object.assign(document.createElement("input"), {
+    type: "number", id: scaleId, min: 0, max: config.max_lora_scale, step: 0.05, value: 1,
+  });
+  row.append(label, scale);
+  const words = entry.metadata.trigger_words;
+  if (words.length) {
+    const insert = button("Insert trigger words", () => insertTriggerWords(words));
+    insert.setAttribute("aria-label", `Insert the trigger words of ${name} into the prompt`);
+    row.append(insert);
+  }
+  const remove = button("Remove", () => {
+    state.chosen = state.chosen.filter((c) => c.name !== name);
+    item.remove();
+  });
+  remove.setAttribute("aria-label", `Remove ${name}`);
+  row.append(remove);
+  item.append(title, desc, row);
+  $("adapter-list").append(item);
+  state.chosen.push({ name, scale, item });
+}
+
+function insertTriggerWords(words) {
+  const prompt = $("prompt");
+  const missing = words.filter((w) => !prompt.value.includes(w));
+  if (missing.length) prompt.value = [prompt.value.trim(), ...missing].filter(Boolean).join(", ");
+  prompt.focus();
+}
+
+function button(text, onClick) {
+  const b = Object.assign(document.createElement("button"), { type: "button", textContent: text });
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// -- input image and mask -------------------------------------------------------------------
+
+const mask = { canvas: null, painting: false, last: null };
+
+function loadImage() {
+  const file = $("image").files[0];
+  clearError();
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onerror = () => showError(`Could not read ${file.name}.`, "image");
+  reader.onload = () => {
+    const img = new Image();
+    img.onerror = () => showError(`${file.name} is not an image this browser can read.`, "image");
+    img.onload = () => {
+      state.image = { dataUrl: reader.result, img };
+      $("image-preview").src = reader.result;
+      // Output size follows the input, to a multiple of 8 within the limits; the server has the last word.
+      for (const [id, side] of [["width", img.naturalWidth], ["height", img.naturalHeight]]) {
+        $(id).value = Math.min(config.max_side, Math.max(config.min_side, side - (side % 8)));
+      }
+      resetMask();
+      setMode(state.mode);
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function setUpMask() {
+  const view = $("mask");
+  view.addEventListener("pointerdown", (e) => {
+    mask.painting = true;
+    mask.last = null;
+    view.setPointerCapture(e.pointerId);
+    paint(e);
+  });
+  view.addEventListener("pointermove", (e) => { if (mask.painting) paint(e); });
+  for (const type of ["pointerup", "pointercancel"]) view.addEventListener(type, () => { mask.painting = false; });
+  $("mask-clear").addEventListener("click", resetMask);
+  $("mask-all").addEventListener("click", () => {
+    const ctx = mask.canvas.getContext("2d");
+    ctx.fillStyle = "white";
+    ctx.fillRect(0, 0, mask.canvas.width, mask.canvas.height);
+    drawMaskView();
+  });
+}
+
+function resetMask() {
+  // The mask itself: the input image's size, black = keep, white = repaint.
+  const { img } = state.image;
+  mask.canvas = Object.assign(document.createElement("canvas"), { width: img.naturalWidth, height: img.naturalHeight });
+  const ctx = mask.canvas.getContext("2d");
+  ctx.fillStyle = "black";
+  ctx.fillRect(0, 0, mask.canvas.width, mask.canvas.height);
+  Object.assign($("mask"), { width: img.naturalWidth, height: img.naturalHeight });
+  drawMaskView();
+}
+
+function paint(e) {
+  const view = $("mask");
+  // CSS pixels (inside the border) -> mask pixels: the canvas is shown scaled to the page's width.
+  const rect = view.getBoundingClientRect();
+  const scale = view.width / view.clientWidth;
+  const x = (e.clientX - rect.left - view.clientLeft) * scale;
+  const y = (e.clientY - rect.top - view.clientTop) * scale;
+  const point = [x, y];
+  const ctx = mask.canvas.getContext("2d");
+  Object.assign(ctx, { strokeStyle: "white", lineCap: "round", lineJoin: "round" });
+  ctx.lineWidth = Number($("brush").value) * scale;
+  ctx.beginPath();
+  ctx.moveTo(...(mask.last || point));
+  ctx.lineTo(...point);
+  ctx.stroke();
+  mask.last = point;
+  drawMaskView();
+}
+
+function drawMaskView() {
+  // What the person sees: the image, with the part to repaint tinted red.
+  const view = $("mask");
+  const ctx = view.getContext("2d");
+  ctx.globalAlpha = 1;
+  ctx.globalCompositeOperation = "source-over";
+  ctx.drawImage(state.image.img, 0, 0);
+  const tint = Object.assign(document.createElement("canvas"), { width: view.width, height: view.height });
+  const t = tint.getContext("2d");
+  t.drawImage(mask.canvas, 0, 0);
+  t.globalCompositeOperation = "multiply";
+  t.fillStyle = "rgb(255, 40, 40)";
+  t.fillRect(0, 0, tint.width, tint.height);
+  ctx.globalCompositeOperation = "screen";
+  ctx.globalAlpha = 0.6;
+  ctx.drawImage(tint, 0, 0);
+  ctx.globalAlpha = 1;
+  ctx.globalCompositeOperation = "source-over";
+}
+
+// -- the request ----------------------------------------------------------------------------
+
+class FormError extends Error {
+  constructor(message, field) {
+    super(message);
+    this.field = field;
+  }
+}
+
+function number(id) {
+  // Whatever was typed goes to the server, which names the field if it is wrong.
+  const input = $(id);
+  if (input.value.trim() === "") return undefined;
+  const value = Number(input.value);
+  if (Number.isNaN(value)) throw new FormError(`${id} must be a number`, id);
+  return value;
+}
+
+function buildBody() {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    seed: number("seed"),
+    steps: number("steps"),
+    guidance_scale: number("guidance_scale"),
+    width: number("width"),
+    height: number("height"),
+    num_images: number("num_images"),
+    scheduler: $("scheduler").value,
+    output_format: "png",
+    loras: state.chosen.map((c) => ({ name: c.name, scale: Number(c.scale.value) })),
+  };
+  if (state.mode !== "txt2img") {
+    if (!state.image) throw new FormError("Choose an input image first.", "image");
+    body.image = state.image.dataUrl;
+    body.strength = Number($("strength").value);
+  }
+  if (state.mode === "inpaint") body.mask = mask.canvas.toDataURL("image/png");
+  return body;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearError();
+  let body;
+  try {
+    body = buildBody();
+  } catch (e) {
+    if (e instanceof FormError) return showError(e.message, e.field);
+    throw e;
+  }
+  setBusy(true);
+  let response;
+  try {
+    response = await fetch("/v1/jobs", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  } catch (e) {
+    setBusy(false);
+    return showError(`Network error: could not reach the server (${e.message}).`);
+  }
+  if (!response.ok) {
+    setBusy(false);
+    const data = await readJson(response);
+    return showError(apiMessage(response, data), data?.error?.field);
+  }
+  follow(await response.json(), body);
+}
+
+function follow(created, body) {
+  const events = new EventSource(`${created.events_url}?previews=true`);
+  const job = { id: created.id, events, finished: false, body };
+  state.job = job;
+  $("preview").hidden = true;
+  setStatus("Queued.", 0);
+  events.addEventListener("status", (e) => showProgress(JSON.parse(e.data)));
+  events.addEventListener("preview", (e) => {
+    const p = JSON.parse(e.data);
+    $("preview").src = p.image;
+    $("preview").hidden = false;
+    setStatus(`Running: step ${p.step} of ${p.steps}.`, p.step / p.steps);
+  });
+  events.addEventListener("done", (e) => {
+    const done = JSON.parse(e.data);
+    finish(job, "Done.", 1);
+    addToGallery(done, job.body);
+  });
+  events.addEventListener("failed", (e) => {
+    const failed = JSON.parse(e.data);
+    finish(job, "Failed.", 0);
+    showError(failed.error ? failed.error.message : "The job failed.", failed.error?.field);
+  });
+  events.addEventListener("cancelled", () => finish(job, "Cancelled.", 0));
+  events.onerror = () => {
+    if (job.finished) return;
+    if (events.readyState === EventSource.CLOSED) {
+      finish(job, "Connection lost.", 0);
+      showError(`Network error: lost the connection to the server while following job ${job.id}.`);
+    } else {
+      setStatus("Connection lost; reconnecting…");
+    }
+  };
+}
+
+function showProgress(job) {
+  if (job.status === "queued") {
+    const ahead = job.position === null ? "" : ` ${job.position} ahead of you`;
+    const eta = job.eta_s === null ? "" : `, about ${Math.ceil(job.eta_s)} s`;
+    setStatus(`Queued:${ahead}${eta}.`, 0);
+  } else if (job.status === "running") {
+    setStatus(`Running: step ${job.step} of ${job.steps}.`, job.progress);
+  }
+}
+
+function finish(job, text, progress) {
+  job.finished = true;
+  job.events.close();
+  if (state.job === job) state.job = null;
+  setStatus(text, progress);
+  setBusy(false);
+}
+
+async function cancel() {
+  const job = state.job;
+  if (!job) return;
+  try {
+    const response = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+    if (!response.ok) showError(apiMessage(response, await readJson(response)));
+  } catch (e) {
+    showError(`Network error: could not cancel (${e.message}).`);
+  }
+}
+
+function addToGallery(job, body) {
+  const styles = (job.loras || []).map((l) => `${l.ref} ×${l.scale}`).join(", ");
+  for (const image of job.images) {
+    const src = `data:image/png;base64,${image.b64}`;
+    const figure = document.createElement("figure");
+    const img = Object.assign(document.createElement("img"), {
+      src, alt: `Generated: ${body.prompt} (seed ${image.seed})`, width: image.width, height: image.height,
+    });
+    const caption = document.createElement("figcaption");
+    const seed = Object.assign(document.createElement("span"), { className: "seed", textContent: `Seed ${image.seed}` });
+    const size = Object.assign(document.createElement("span"), { textContent: `${image.width}×${image.height}` });
+    caption.append(seed, size);
+    if (styles) caption.append(Object.assign(document.createElement("span"), { className: "styles", textContent: styles }));
+    const download = Object.assign(document.createElement("a"), {
+      href: src, download: `lorafleet-${image.seed}.png`, textContent: "Download",
+    });
+    const reuse = button("Use seed", () => { $("seed").value = image.seed; });
+    caption.append(download, reuse);
+    figure.append(img, caption);
+    $("gallery").prepend(figure);
+  }
+}
+
+// -- messages -------------------------------------------------------------------------------
+
+async function readJson(response) {
+  try {
+    return await response.json();
+  } catch {
+    return null;
+  }
+}
+
+function apiMessage(response, data) {
+  const message = data?.error?.message || `The server answered ${response.status} ${response.statusText}.`;
+  const retry = response.headers.get("retry-after");
+  return retry ? `${message} Try again in ${retry} s.` : message;
+}
+
+async function errorText(response) {
+  return apiMessage(response, await readJson(response));
+}
+
+// The API names fields like "steps", "loras[1].scale", "loras.1.scale" or "image".
+function fieldElement(field) {
+  if (!field) return null;
+  const lora = /^loras(?:\[(\d+)\]|\.(\d+))/.exec(field);
+  if (lora) {
+    const chosen = state.chosen[Number(lora[1] ?? lora[2])];
+    return chosen ? chosen.scale : $("adapter-pick");
+  }
+  if (field.startsWith("loras")) return $("adapter-pick");
+  if (field === "mask") return $("mask");
+  return $(field.split(".")[0]);
+}
+
+function showError(message, field) {
+  const box = $("form-error");
+  box.textContent = message;
+  box.hidden = false;
+  const element = fieldElement(field);
+  // The message sits by the Generate button, where the person is; the field at fault is marked.
+  box.scrollIntoView({ block: "nearest" });
+  if (element) {
+    if (!element.hasAttribute("aria-invalid")) {
+      element.dataset.describedby = element.getAttribute("aria-describedby") || "";
+      element.setAttribute("aria-describedby", `form-error ${element.dataset.describedby}`.trim());
+    }
+    element.setAttribute("aria-invalid", "true");
+  }
+}
+
+function clearError() {
+  $("form-error").hidden = true;
+  $("form-error").textContent = "";
+  for (const el of document.querySelectorAll("[aria-invalid]")) {
+    el.removeAttribute("aria-invalid");
+    if (el.dataset.describedby) el.setAttribute("aria-describedby", el.dataset.describedby);
+    else el.removeAttribute("aria-describedby");
+    delete el.dataset.describedby;
+  }
+}
+
+function setStatus(text, progress) {
+  $("job-status").textContent = text;
+  if (progress !== undefined) $("progress").value = progress;
+}
+
+function setBusy(busy) {
+  $("submit").disabled = busy;
+  $("cancel").hidden = !busy;
+}
+
+setUpForm();
+loadAdapters();
