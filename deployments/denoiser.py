@@ -51,18 +51,20 @@ class Denoiser:
         await self.adapters.release([ref])
         return ref
 
-    async def denoise(self, encoded: dict, params: dict) -> dict:
+    async def denoise(self, encoded: dict, params: dict, conditioning: list | None = None) -> dict:
         """Denoise ``params["num_images"]`` images; image k uses seed ``params["seed"] + k``.
 
         ``encoded`` is the TextEncoder's output (a chained DeploymentResponse,
         resolved by Serve). ``params["adapters"]``: ``[[ref, weight], ...]``
-        (UNet parts, pinned ``name@version`` refs). Returns latents ``[n, c, h, w]`` and timings.
+        (UNet parts, pinned ``name@version`` refs). ``conditioning``: for img2img and inpainting,
+        the VAE's ``encode`` output (one ``ImageConditioning`` per image; chained, resolved by Serve).
+        Returns latents ``[n, c, h, w]`` and timings.
         """
         await self._route()
         refs = [ref for ref, _ in params["adapters"]]
         slots = await self.adapters.acquire(refs)
         try:
-            requests = self._build_requests(encoded, params, slots)
+            requests = self._build_requests(encoded, params, slots, conditioning)
             self._update_gauges()
             jobs = await self.loop.run(requests)
         finally:
@@ -70,7 +72,9 @@ class Denoiser:
             self._update_gauges()
         return self._result(encoded, jobs)
 
-    async def denoise_stream(self, encoded: dict, params: dict, preview_every_steps: int = 0):
+    async def denoise_stream(
+        self, encoded: dict, params: dict, preview_every_steps: int = 0, conditioning: list | None = None
+    ):
         """``denoise`` with progress: call with ``handle.options(stream=True)``.
 
         Yields, as they change:
@@ -88,7 +92,7 @@ class Denoiser:
         last: dict | None = None
         previewed = 0
         try:
-            requests = self._build_requests(encoded, params, slots)
+            requests = self._build_requests(encoded, params, slots, conditioning)
             self._update_gauges()
             async for jobs, finished in self.loop.stream(requests):
                 if finished:
@@ -119,8 +123,11 @@ class Denoiser:
             # Serve's record holds as many adapters as this replica has slots.
             getattr(self, "__serve_multiplex_wrapper").max_num_models_per_replica = self.max_routed_adapters
 
-    def _build_requests(self, encoded: dict, params: dict, slots: list[int]) -> list[DenoiseRequest]:
-        """One ``DenoiseRequest`` per image from the encoder's output, the plan's params and adapter slots."""
+    def _build_requests(
+        self, encoded: dict, params: dict, slots: list[int], conditioning: list | None = None
+    ) -> list[DenoiseRequest]:
+        """One ``DenoiseRequest`` per image from the encoder's output, the plan's params, adapter slots
+        and (img2img / inpainting) the VAE's per-image conditioning."""
         adapters = tuple((slot, float(w)) for slot, (_, w) in zip(slots, params["adapters"], strict=True))
         return [
             DenoiseRequest(
@@ -134,6 +141,7 @@ class Denoiser:
                 scheduler=params["scheduler"],
                 adapters=adapters,
                 tenant=params["tenant"],
+                conditioning=conditioning[k] if conditioning else None,
             )
             for k in range(params["num_images"])
         ]

@@ -1,4 +1,5 @@
-"""VAE deployment: batched latent decoding and image encoding (PNG, JPEG, WebP)."""
+"""VAE deployment: batched latent decoding and image-file encoding (PNG, JPEG, WebP), and batched
+image encoding into latents for img2img and inpainting."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from ray import serve
 
 from .engine import models
+from .engine.conditioning import ConditioningInput, ImageConditioning, encode_conditioning, overlay_unmasked
 from .engine.config import ModelConfig, VAEConfig
 from .engine.images import decode, encode_image, to_uint8
 from .engine.runtime import prepare_runtime
@@ -20,14 +22,42 @@ class VAE:
         rt = prepare_runtime(model)
         self.vae = models.load_vae(rt.info.directory, rt.device, rt.dtype)
         self.per_image = rt.deterministic
-        self._decode_batch.set_max_batch_size(config.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.unet_in_channels = rt.info.unet_in_channels
+        self.noise_dtype = rt.dtype
+        self.encoded_images = 0
+        for batch in (self._decode_batch, self._encode_batch):
+            batch.set_max_batch_size(config.max_batch_size)
+            batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    async def decode(self, denoised: dict, output_format: str) -> dict:
-        """Decode a request's latents and encode each image; passes the earlier stages' timings on."""
+    async def encode(self, conditioning: ConditioningInput) -> list[ImageConditioning]:
+        """img2img / inpainting: VAE-encode a request's image (and masked image) and draw each output
+        image's noise, as diffusers' pipelines do (``engine/conditioning.py``); one entry per seed."""
+        return await self._encode_batch(conditioning)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _encode_batch(self, inputs: list[ConditioningInput]) -> list[list[ImageConditioning]]:
+        self.encoded_images += len(inputs)
+        return await asyncio.to_thread(
+            encode_conditioning,
+            self.vae,
+            inputs,
+            unet_in_channels=self.unet_in_channels,
+            noise_dtype=self.noise_dtype,
+            per_image=self.per_image,
+        )
+
+    async def decode(self, denoised: dict, output_format: str, overlay: tuple | None = None) -> dict:
+        """Decode a request's latents and encode each image; passes the earlier stages' timings on.
+
+        ``overlay`` (inpainting with ``preserve_unmasked``): ``(original uint8 [H, W, 3], mask [H, W])``;
+        the original's pixels are pasted back where the mask is 0, so they come out exactly as sent.
+        """
         start = time.perf_counter()
         images = await self._decode_batch(denoised["latents"])  # [n, 3, H, W] in [0, 1]
-        pixels = to_uint8(images)
+        pixels = to_uint8(images)  # [n, H, W, 3]
+        if overlay is not None:
+            original, mask = overlay
+            pixels = [overlay_unmasked(original, p, mask) for p in pixels]
         files = await asyncio.to_thread(lambda: [encode_image(p, output_format) for p in pixels])
         return {
             "images": files,
@@ -53,6 +83,9 @@ class VAE:
             for i, chunk in zip(idx, images.split([latents[i].shape[0] for i in idx]), strict=True):
                 out[i] = chunk
         return out  # type: ignore[return-value]
+
+    def stats(self) -> dict:
+        return {"encoded_images": self.encoded_images}
 
     def ready(self) -> bool:
         return True

@@ -14,6 +14,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.adapters import SlotWaitTimeoutError
+from deployments.engine.conditioning import ImageInputError
 from deployments.engine.step_scheduler import QueueFullError
 from lora_registry.errors import RegistryError
 
@@ -28,7 +29,9 @@ def _cause(e: BaseException) -> BaseException:
     while id(e) not in seen:
         seen.add(id(e))
         inner = getattr(e, "cause", None) or e.__cause__
-        if inner is None or isinstance(e, (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError)):
+        if inner is None or isinstance(
+            e, (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError, ImageInputError)
+        ):
             break
         e = inner
     return e
@@ -113,17 +116,22 @@ class GraphClient:
             plan.prompt, plan.negative_prompt, [list(a) for a in plan.text_adapters]
         )
         inflight.append(encoded)
+        conditioning = None
+        if plan.conditioning is not None:
+            # img2img / inpainting: the VAE encodes the image beside the prompt encoding.
+            conditioning = self.vae.encode.remote(plan.conditioning)
+            inflight.append(conditioning)
         denoiser = self.denoiser
         if plan.unet_adapters:
             # Prefer replicas that already hold the request's first adapter (Serve multiplexing).
             denoiser = denoiser.options(multiplexed_model_id=plan.unet_adapters[0][0])
         if on_event is None:
-            denoised = denoiser.denoise.remote(encoded, plan.denoise_params())
-            decoded = self.vae.decode.remote(denoised, plan.output_format)
+            denoised = denoiser.denoise.remote(encoded, plan.denoise_params(), conditioning)
+            decoded = self.vae.decode.remote(denoised, plan.output_format, plan.overlay)
             inflight += [denoised, decoded]
             chain = resolve(decoded)
         else:
-            chain = self._stream(denoiser, encoded, plan, on_event, preview_every_steps, inflight)
+            chain = self._stream(denoiser, encoded, conditioning, plan, on_event, preview_every_steps, inflight)
         try:
             return await asyncio.wait_for(chain, timeout=max(0.0, deadline - time.perf_counter()))
         except asyncio.TimeoutError as e:
@@ -142,9 +150,11 @@ class GraphClient:
                 raise
             raise error from e
 
-    async def _stream(self, denoiser, encoded, plan: Plan, on_event, preview_every_steps: int, inflight: list) -> dict:
+    async def _stream(
+        self, denoiser, encoded, conditioning, plan: Plan, on_event, preview_every_steps: int, inflight: list
+    ) -> dict:
         stream = denoiser.options(stream=True).denoise_stream.remote(
-            encoded, plan.denoise_params(), preview_every_steps
+            encoded, plan.denoise_params(), preview_every_steps, conditioning
         )
         inflight.append(stream)
         denoised = None
@@ -155,7 +165,7 @@ class GraphClient:
                 on_event(event)
         if denoised is None:
             raise RuntimeError("the Denoiser's stream ended without a result")
-        decoded = self.vae.decode.remote(denoised, plan.output_format)
+        decoded = self.vae.decode.remote(denoised, plan.output_format, plan.overlay)
         inflight.append(decoded)
         return await decoded
 
@@ -176,6 +186,8 @@ def _api_error(e: Exception) -> Exception:
         return APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"})
     if isinstance(cause, RegistryError):
         return APIError(cause.status, cause.code, cause.message, "loras")
+    if isinstance(cause, ImageInputError):
+        return APIError(422, "invalid_image", cause.message, cause.field)
     if _replica_died(e):
         return ReplicaFailedError(str(e).splitlines()[0][:300])
     return e

@@ -24,11 +24,14 @@ from .adapters_api import AdapterResolver, AdminAuth
 from .chain import GraphClient, resolve
 from .config import AppConfig
 from .errors import APIError
+from .image_inputs import plan_image_request
 from .planning import Plan, Planner, parse_openai_model, parse_size, raw_format, tenant_of
 from .schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    Img2ImgRequest,
+    InpaintRequest,
     JobCreated,
     JobObject,
     JobRequest,
@@ -59,7 +62,14 @@ app = FastAPI(
 errors.install(app)
 
 
-_GENERATION_ROUTES = {"/v1/generate", "/v1/images/generations"}
+_GENERATION_ROUTES = {
+    "/v1/generate",
+    "/v1/images/generations",
+    "/v1/img2img",
+    "/v1/inpaint",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+}
 
 
 @app.middleware("http")
@@ -119,22 +129,59 @@ class Ingress:
     async def generate(self, body: GenerateRequest, request: Request):
         """Generate images. With ``num_images=1`` and ``Accept: image/png`` (or jpeg, webp) the raw image comes back."""
         raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.plan_async(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            model=body.model,
-            width=body.width,
-            height=body.height,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            seed=body.seed,
-            num_images=body.num_images,
-            scheduler=body.scheduler,
-            output_format=raw if raw and body.num_images == 1 else body.output_format,
-            loras=body.loras,
-            tenant=tenant_of(request, body.user),
+        plan = await self.plan_async(**self.plan_kwargs(body, request, raw))
+        return self.generated(plan, await self.graph.run(plan), raw)
+
+    @app.post(
+        "/v1/img2img", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS}
+    )
+    async def img2img(self, body: Img2ImgRequest, request: Request):
+        """Restyle an image: ``image`` noised to ``strength``, then denoised with the prompt (and LoRAs).
+
+        Runs in the same step-level batches as text-to-image requests. ``Accept: image/png`` as for /v1/generate.
+        """
+        raw = raw_format(request.headers.get("accept", ""))
+        plan = await self.image_plan_async(
+            image=body.image, mask=None, strength=body.strength, **self.plan_kwargs(body, request, raw)
         )
-        result = await self.graph.run(plan)
+        return self.generated(plan, await self.graph.run(plan), raw)
+
+    @app.post(
+        "/v1/inpaint", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS}
+    )
+    async def inpaint(self, body: InpaintRequest, request: Request):
+        """Repaint the white part of ``mask``. Works with ordinary checkpoints (latent blending) and with
+        9-channel inpainting UNets; with ``preserve_unmasked`` the black part comes back pixel for pixel."""
+        raw = raw_format(request.headers.get("accept", ""))
+        plan = await self.image_plan_async(
+            image=body.image,
+            mask=body.mask,
+            strength=body.strength,
+            preserve_unmasked=body.preserve_unmasked,
+            **self.plan_kwargs(body, request, raw),
+        )
+        return self.generated(plan, await self.graph.run(plan), raw)
+
+    def plan_kwargs(self, body: GenerateRequest, request: Request, raw: str | None = None) -> dict:
+        """``Planner.plan``'s arguments from a ``/v1/generate``-shaped body (also img2img, inpaint, jobs)."""
+        return {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "model": body.model,
+            "width": body.width,
+            "height": body.height,
+            "steps": body.steps,
+            "guidance_scale": body.guidance_scale,
+            "seed": body.seed,
+            "num_images": body.num_images,
+            "scheduler": body.scheduler,
+            "output_format": raw if raw and body.num_images == 1 else body.output_format,
+            "loras": body.loras,
+            "tenant": tenant_of(request, body.user),
+        }
+
+    def generated(self, plan: Plan, result: dict, raw: str | None):
+        """The native answer: the raw image (``Accept: image/...``, one image) or ``GenerateResponse``."""
         if raw and plan.num_images == 1:
             return Response(
                 result["images"][0],
@@ -198,10 +245,17 @@ class Ingress:
 
     async def plan_async(self, **kwargs) -> Plan:
         """``Planner.plan`` in a thread: resolving adapters may read the registry's store."""
+        return await self._in_thread(self.planner.plan, kwargs)
+
+    async def image_plan_async(self, **kwargs) -> Plan:
+        """``image_inputs.plan_image_request`` in a thread: decoding and resizing images is blocking work."""
+        return await self._in_thread(functools.partial(plan_image_request, self.planner, self.limits), kwargs)
+
+    async def _in_thread(self, fn, kwargs: dict) -> Plan:
         try:
-            return await asyncio.to_thread(self.planner.plan, **kwargs)
+            return await asyncio.to_thread(fn, **kwargs)
         except RegistryError as e:
-            raise APIError(e.status, e.code, e.message, kwargs.get("fields", {}).get("loras", "loras")) from e
+            raise APIError(e.status, e.code, e.message, (kwargs.get("fields") or {}).get("loras", "loras")) from e
 
     # -- adapter registry (admin API) -------------------------------------------------
 
@@ -303,6 +357,22 @@ class Ingress:
         mhash = a1111.model_hash(self.base_spec.fingerprint)
         return a1111.a1111_response(body, call, plan, result["images"], self.model_name, mhash)
 
+    @app.post("/sdapi/v1/img2img", responses=_ERRORS)
+    async def a1111_img2img(self, body: a1111.Img2ImgRequest, request: Request) -> dict:
+        """AUTOMATIC1111's img2img (inpainting when ``mask`` is sent): the /v1/img2img and /v1/inpaint paths."""
+        call = a1111.img2img_call(
+            body,
+            self.limits,
+            a1111.sampler_table(self.info.scheduler_class),
+            max_mask_pixels=self.limits.max_image_pixels,
+        )
+        plan = await self.image_plan_async(
+            **{"mask": None, **call.body}, tenant=tenant_of(request, None), fields=call.fields
+        )
+        result = await self.graph.run(plan)
+        mhash = a1111.model_hash(self.base_spec.fingerprint)
+        return a1111.a1111_response(body, call, plan, result["images"], self.model_name, mhash)
+
     @app.get("/sdapi/v1/sd-models")
     async def a1111_sd_models(self) -> list[dict]:
         fingerprint = self.base_spec.fingerprint
@@ -356,22 +426,25 @@ class Ingress:
 
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, responses=_ERRORS)
     async def create_job(self, body: JobRequest, request: Request):
-        """Start a generation in the background: 202 with the job's id; poll it, stream its events, cancel it."""
-        plan = await self.plan_async(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            model=body.model,
-            width=body.width,
-            height=body.height,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            seed=body.seed,
-            num_images=body.num_images,
-            scheduler=body.scheduler,
-            output_format=body.output_format,
-            loras=body.loras,
-            tenant=tenant_of(request, body.user),
-        )
+        """Start a generation in the background: 202 with the job's id; poll it, stream its events, cancel it.
+
+        With ``image`` (and ``mask``) it is an img2img (inpainting) job, planned as /v1/img2img (/v1/inpaint).
+        """
+        kwargs = self.plan_kwargs(body, request)
+        if body.image is not None:
+            strength = body.strength if body.strength is not None else (0.75 if body.mask is None else 1.0)
+            plan = await self.image_plan_async(
+                image=body.image,
+                mask=body.mask,
+                strength=strength,
+                preserve_unmasked=body.preserve_unmasked,
+                **kwargs,
+            )
+        elif body.mask is not None or body.strength is not None:
+            field = "mask" if body.mask is not None else "strength"
+            raise APIError(422, "invalid_value", f"{field} needs an image (img2img / inpainting)", field)
+        else:
+            plan = await self.plan_async(**kwargs)
         return await jobs.create(self.jobs, plan)
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})

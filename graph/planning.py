@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from deployments.engine.conditioning import ConditioningInput
 from deployments.engine.images import MIME_TYPES
 from deployments.engine.models import ModelInfo
 from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags
@@ -21,7 +22,7 @@ from .errors import APIError
 from .schemas import LoRASpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     """A validated generation request, ready for the graph."""
 
@@ -40,6 +41,16 @@ class Plan:
     unet_adapters: tuple[tuple[str, float], ...] = ()
     text_adapters: tuple[tuple[str, float], ...] = ()
     applied: tuple[tuple[str, float], ...] = ()
+    # img2img / inpainting (graph/image_inputs.py): what the VAE stage encodes, and for inpainting
+    # with preserve_unmasked the pixels pasted back: (original uint8 [H, W, 3], mask uint8 [H, W], 1 = repaint).
+    conditioning: ConditioningInput | None = None
+    overlay: tuple | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.conditioning is None:
+            return "txt2img"
+        return "inpaint" if self.conditioning.mask is not None else "img2img"
 
     def denoise_params(self) -> dict:
         return {

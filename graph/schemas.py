@@ -101,8 +101,35 @@ class OpenAIImagesResponse(BaseModel):
 # -- async jobs (/v1/jobs) ---------------------------------------------------------------
 
 
+class Img2ImgRequest(GenerateRequest):
+    """``POST /v1/img2img``: restyle an image. Omitted sizes take the image's, rounded down to a multiple of 8."""
+
+    image: str = Field(description="The init image: base64 or a data URL; PNG, JPEG or WebP.")
+    strength: float = Field(
+        0.75, description="How far to move from the image, in (0, 1]: int(steps * strength) steps run."
+    )
+
+
+class InpaintRequest(GenerateRequest):
+    """``POST /v1/inpaint``: repaint the white part of ``mask``; the rest of ``image`` is kept."""
+
+    image: str = Field(description="The image: base64 or a data URL; PNG, JPEG or WebP.")
+    mask: str = Field(description="Same size as image; white = repaint, black = keep.")
+    strength: float = Field(1.0, description="In (0, 1]; 1 repaints the masked part from pure noise.")
+    preserve_unmasked: bool = Field(True, description="Paste the image's own pixels back where the mask is black.")
+
+
 class JobRequest(GenerateRequest):
-    """``POST /v1/jobs``: the ``/v1/generate`` body; the job runs in the background."""
+    """``POST /v1/jobs``: the ``/v1/generate`` body; the job runs in the background.
+
+    With ``image`` it is an img2img job, with ``image`` and ``mask`` an inpainting job (the
+    ``/v1/img2img`` and ``/v1/inpaint`` fields and defaults).
+    """
+
+    image: str | None = Field(None, description="img2img / inpainting: the image (base64 or data URL).")
+    mask: str | None = Field(None, description="Inpainting: white = repaint (needs image).")
+    strength: float | None = Field(None, description="In (0, 1]; default 0.75 for img2img, 1.0 for inpainting.")
+    preserve_unmasked: bool = Field(True, description="Inpainting: paste the unmasked pixels back.")
 
 
 class JobCreated(BaseModel):

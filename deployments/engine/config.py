@@ -105,7 +105,7 @@ class DenoiserConfig(ResourceConfig):
 
 
 class VAEConfig(ResourceConfig):
-    max_batch_size: int = Field(8, ge=1, le=256, description="Images decoded in one call.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded (or images encoded) in one call.")
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before decoding.")
 
 
@@ -122,6 +122,14 @@ class LimitsConfig(_Strict):
             "Longest prompt (and negative prompt), in CLIP chunks of 75 tokens: 3 = 225 tokens. Each chunk "
             "adds 77 tokens to the UNet's cross-attention context."
         ),
+    )
+    max_image_bytes: int = Field(
+        10_000_000, ge=1024, description="Largest uploaded image or mask (img2img, inpainting), in bytes."
+    )
+    max_image_pixels: int = Field(
+        16_777_216,
+        ge=4096,
+        description="Most pixels an uploaded image may declare (4096 x 4096); checked before decoding.",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="A request still unanswered after this gets 504.")
 
