@@ -144,7 +144,7 @@ class GraphClient:
             _cancel(inflight)
             raise
         except Exception as e:
-            _cancel(inflight)
+            # A failed call fails the calls chained after it; nothing is left to cancel.
             error = _api_error(e)
             if error is e:
                 raise
@@ -171,8 +171,13 @@ class GraphClient:
 
 
 def _cancel(responses: list) -> None:
+    """Cancel every call of a chain. A call that already failed re-raises its error from
+    ``cancel()`` (Serve resolves the call first); that call needs no cancelling."""
     for response in responses:
-        response.cancel()
+        try:
+            response.cancel()
+        except Exception:  # noqa: BLE001 - the call is over either way
+            pass
 
 
 def _api_error(e: Exception) -> Exception:

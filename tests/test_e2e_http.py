@@ -182,7 +182,7 @@ def test_bad_input_is_a_clear_4xx_and_never_reaches_the_denoiser(cluster, body, 
 
 def test_prompt_limit_is_stated(cluster):
     error = post(cluster, {"prompt": "cat " * 226}).json()["error"]
-    assert "82 tokens" in error["message"] and "limit is 77" in error["message"]
+    assert "226 tokens" in error["message"] and "limit is 225" in error["message"]
 
 
 def test_openai_bad_size_names_the_field(cluster):

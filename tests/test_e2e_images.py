@@ -53,6 +53,25 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
     return load_image(base64.b64decode(png_b64(pixels)), max_bytes=1 << 20, max_pixels=1 << 20)
 
 
+def pipeline(cls, tiny, scheduler: str):
+    """A diffusers pipeline of class ``cls`` on the served model's own modules."""
+    from deployments.engine.schedulers import SchedulerFactory
+
+    info = tiny["info"]
+    pipe = cls(
+        vae=tiny["vae"],
+        text_encoder=tiny["text_encoder"],
+        tokenizer=tiny["tokenizer"],
+        unet=tiny["unet"],
+        scheduler=SchedulerFactory(info.scheduler_class, info.scheduler_config).create(scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 IMG2IMG = {"prompt": "a watercolor harbour", "negative_prompt": "blurry", "steps": 6, "seed": 5, "strength": 0.7}
 INPAINT = {"prompt": "a red door", "steps": 5, "seed": 8, "strength": 0.8, "scheduler": "ddim"}
 
@@ -61,21 +80,9 @@ def test_img2img_equals_diffusers_img2img_pipeline(cluster, tiny):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from deployments.engine.images import to_uint8
-    from deployments.engine.schedulers import SchedulerFactory
 
     served = image_of(post(cluster, "/v1/img2img", {**IMG2IMG, "image": png_b64(picture())}))
-    info = tiny["info"]
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=tiny["vae"],
-        text_encoder=tiny["text_encoder"],
-        tokenizer=tiny["tokenizer"],
-        unet=tiny["unet"],
-        scheduler=SchedulerFactory(info.scheduler_class, info.scheduler_config).create("default"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(StableDiffusionImg2ImgPipeline, tiny, "default")
     import torch
 
     ref = pipe(
@@ -97,25 +104,13 @@ def test_inpaint_keeps_unmasked_pixels_and_equals_the_pipeline_inside(cluster, t
     from diffusers import StableDiffusionInpaintPipeline
 
     from deployments.engine.images import to_uint8
-    from deployments.engine.schedulers import SchedulerFactory
 
     body = {**INPAINT, "image": png_b64(picture(3)), "mask": png_b64(mask_pixels())}
     served = image_of(post(cluster, "/v1/inpaint", body))
     keep = mask_pixels()[..., 0] == 0
     assert np.array_equal(served[keep], picture(3)[keep])  # unmasked pixels exactly as sent
     raw = image_of(post(cluster, "/v1/inpaint", {**body, "preserve_unmasked": False}))
-    info = tiny["info"]
-    pipe = StableDiffusionInpaintPipeline(
-        vae=tiny["vae"],
-        text_encoder=tiny["text_encoder"],
-        tokenizer=tiny["tokenizer"],
-        unet=tiny["unet"],
-        scheduler=SchedulerFactory(info.scheduler_class, info.scheduler_config).create("ddim"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(StableDiffusionInpaintPipeline, tiny, "ddim")
     import torch
 
     ref = pipe(
