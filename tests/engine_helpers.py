@@ -46,11 +46,11 @@ class Engine:
             self.steps.tick()
         return decode(self.vae, torch.cat([j.x_t for j in jobs]), per_image=self.deterministic)
 
-    def pipeline(self, scheduler="default"):
-        """diffusers' StableDiffusionPipeline over the very same modules."""
+    def pipeline(self, scheduler="default", cls=None):
+        """A diffusers pipeline (``StableDiffusionPipeline`` unless ``cls``) over the very same modules."""
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(
+        pipe = (cls or StableDiffusionPipeline)(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,

@@ -86,26 +86,11 @@ def call_pipeline(pipe, **kwargs):
     return captured["latents"], images
 
 
-def img2img_pipeline(engine, scheduler):
+def img2img_reference(engine, image, prompt, negative="", *, scheduler, steps, strength, guidance_scale=7.5, seed=0):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=engine.vae,
-        text_encoder=engine.text_encoder,
-        tokenizer=engine.tokenizer,
-        unet=engine.unet,
-        scheduler=engine.schedulers.create(scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def img2img_reference(engine, image, prompt, negative="", *, scheduler, steps, strength, guidance_scale=7.5, seed=0):
     return call_pipeline(
-        img2img_pipeline(engine, scheduler),
+        engine.pipeline(scheduler, StableDiffusionImg2ImgPipeline),
         prompt=prompt,
         negative_prompt=negative,
         image=image,

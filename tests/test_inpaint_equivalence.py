@@ -95,24 +95,11 @@ def call_pipeline(pipe, **kwargs):
     return captured["latents"], images
 
 
-def pipeline(cls, engine, scheduler):
-    return cls(
-        vae=engine.vae,
-        text_encoder=engine.text_encoder,
-        tokenizer=engine.tokenizer,
-        unet=engine.unet,
-        scheduler=engine.schedulers.create(scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def inpaint_reference(engine, prompt, negative="", *, image, mask, scheduler, steps, strength, seed=0, pipe=None):
     from diffusers import StableDiffusionInpaintPipeline
 
     return call_pipeline(
-        pipe or pipeline(StableDiffusionInpaintPipeline, engine, scheduler),
+        pipe or engine.pipeline(scheduler, StableDiffusionInpaintPipeline),
         prompt=prompt,
         negative_prompt=negative,
         image=image,
@@ -130,7 +117,7 @@ def img2img_reference(engine, prompt, negative="", *, image, scheduler, steps, s
     from diffusers import StableDiffusionImg2ImgPipeline
 
     return call_pipeline(
-        pipe or pipeline(StableDiffusionImg2ImgPipeline, engine, scheduler),
+        pipe or engine.pipeline(scheduler, StableDiffusionImg2ImgPipeline),
         prompt=prompt,
         negative_prompt=negative,
         image=image,
@@ -306,7 +293,7 @@ def test_mixed_batch_text_img2img_with_lora_and_inpaint(tiny, style_lora):
         assert (images[i : i + 1] - ref_images).abs().max().item() <= 1e-4
     # diffusers alone with the LoRA: load_lora_weights + set_adapters, on a fresh copy of the UNet.
     ref_engine = Engine(tiny)
-    pipe = pipeline(StableDiffusionImg2ImgPipeline, ref_engine, "ddim")
+    pipe = ref_engine.pipeline("ddim", StableDiffusionImg2ImgPipeline)
     pipe.load_lora_weights(str(path), adapter_name="style")
     pipe.set_adapters(["style"], adapter_weights=[0.8])
     make_batch_invariant(pipe.unet)  # peft's lora layers get the batch-invariant kernels too
