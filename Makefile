@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= serve_config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv serve stop test test-fast lint bench export-model clean
+.PHONY: venv serve stop test test-fast test-isa lint bench export-model clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: venv  ## the whole suite (unit, equivalence, end-to-end through Ray Serve 
 
 test-fast: venv  ## everything but the end-to-end tests
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+ISA ?= all
+test-isa: venv  ## invariance + equivalence tests under each forced CPU ISA, 1 and 2 threads (ISA=ci: CI's subset)
+	$(PY) tests/isa_matrix.py --only $(ISA)
 
 lint: venv
 	$(VENV)/bin/ruff check .

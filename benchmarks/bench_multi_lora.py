@@ -170,8 +170,9 @@ class LoraFleetEngine:
 
     def __init__(self, parts: dict, info: models.ModelInfo, canonical: list, s: Settings, deterministic: bool):
         prep = make_batch_invariant if deterministic else (lambda m: m)
-        # As the deployments: batch-invariant kernels first, then the adapter slots around them.
-        text_encoder = prep(parts["text_encoder"])
+        # As the deployments: batch-invariant kernels on the UNet first, then the adapter slots around
+        # them; the text encoder runs one row per call in deterministic mode (PromptEncoder.rowwise).
+        text_encoder = parts["text_encoder"]
         self.unet = prep(parts["unet"])
         self.vae = parts["vae"]
         self.deterministic = deterministic
@@ -182,7 +183,6 @@ class LoraFleetEngine:
             TEXT_SLOT_TARGETS,
             num_slots,
             SLOT_MAX_RANK,
-            deterministic,
             key_prefix=text_encoder_key_prefix(text_encoder),
         )
         self.text_adapters: dict[int, bool] = {}
@@ -192,7 +192,9 @@ class LoraFleetEngine:
             self.unet_lora.load(k + 1, unet_w)
             self.text_lora.load(k + 1, text_w)
             self.text_adapters[k] = bool(text_w)
-        self.prompts = PromptEncoder(parts["tokenizer"], text_encoder, cache_size=4096, lora=self.text_lora)
+        self.prompts = PromptEncoder(
+            parts["tokenizer"], text_encoder, cache_size=4096, lora=self.text_lora, rowwise=deterministic
+        )
         self.steps = StepScheduler(
             self.unet,
             SchedulerFactory(info.scheduler_class, info.scheduler_config),
@@ -515,7 +517,6 @@ def main() -> None:
         check = requests[: s.clients]
         keys = [r.index for r in check]
         make_batch_invariant(pipe.unet)
-        make_batch_invariant(pipe.text_encoder)
         alone, _ = serve_switching(pipe, adapters, check, s)
         mixed, _ = serve_mixed(pipe, adapters, check, s)
         base_only, _ = serve_switching(pipe, adapters, [Request(r.index, r.prompt, None, r.seed) for r in check], s)

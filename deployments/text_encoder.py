@@ -22,11 +22,16 @@ class TextEncoder:
     def __init__(self, model: ModelConfig, config: TextEncoderConfig, lora: LoRAConfig, registry: RegistryConfig):
         rt = prepare_runtime(model)
         directory = rt.info.directory
-        text_encoder = rt.prepare(models.load_text_encoder(directory, rt.device, rt.dtype))
+        text_encoder = models.load_text_encoder(directory, rt.device, rt.dtype)
         self.registry, _ = open_model_registry(registry, directory)
-        self.adapters = ModelAdapters(text_encoder, "text_encoder", self.registry, lora, deterministic=rt.deterministic)
+        # Deterministic mode encodes one row per call (PromptEncoder.rowwise): plain kernels suffice.
+        self.adapters = ModelAdapters(text_encoder, "text_encoder", self.registry, lora, deterministic=False)
         self.encoder = PromptEncoder(
-            models.load_tokenizer(directory), text_encoder, config.cache_size, lora=self.adapters.lora
+            models.load_tokenizer(directory),
+            text_encoder,
+            config.cache_size,
+            lora=self.adapters.lora,
+            rowwise=rt.deterministic,
         )
         self._encode_batch.set_max_batch_size(config.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

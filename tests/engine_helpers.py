@@ -21,11 +21,11 @@ class Engine:
         self.info = info
         self.tokenizer = tiny["tokenizer"]
         prep = make_batch_invariant if deterministic else (lambda m: m)
-        self.text_encoder = prep(copy.deepcopy(tiny["text_encoder"]))
+        self.text_encoder = copy.deepcopy(tiny["text_encoder"])  # deterministic: one row per call instead
         self.unet = prep(copy.deepcopy(tiny["unet"]))
         self.vae = tiny["vae"]
         self.deterministic = deterministic
-        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder)
+        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, rowwise=deterministic)
         self.schedulers = SchedulerFactory(info.scheduler_class, info.scheduler_config)
         self.steps = StepScheduler(
             self.unet,

@@ -1,68 +1,258 @@
-"""Batch-invariant CPU kernels: a row's result is bit-identical whatever batch it is in."""
+"""Batch-invariant CPU kernels: a row's result is bit-identical whatever batch it is in.
+
+These tests hold on any x86 CPU and thread count; ``make test-isa`` runs them under forced ISAs.
+"""
 
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from deployments.engine import batch_invariance as bi
 from deployments.engine.batch_invariance import make_batch_invariant
 from deployments.engine.images import decode
+from deployments.engine.multi_lora import MultiLoRAModel
+from deployments.engine.prompts import PromptEncoder
+
+# Batch compositions drawn from a pool: every size from alone to the whole pool, items in new places.
+COMPOSITIONS = [[0], [3, 1], [2, 0, 4], [4, 3, 2, 1, 0], [1, 5, 0, 6, 2, 7, 3], [8, 7, 6, 5, 4, 3, 2, 1, 0]]
 
 
-def _rows_alone(fn, x):
-    return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
+@pytest.fixture(params=["checked", "tiles only", "one per call"])
+def regime(request, monkeypatch):
+    """Each path of ``invariant_call``: the whole batch where checked, fixed tiles, one item per call."""
+    bi._checked.clear()
+    if request.param != "checked":
+        original = bi._check
+
+        def check(key, test):
+            if "batch" in key or (request.param == "one per call" and "tile" in key):
+                return False
+            return original(key, test)
+
+        monkeypatch.setattr(bi, "_check", check)
+    yield request.param
+    bi._checked.clear()
+
+
+def assert_rows_invariant(fn, pool: list[torch.Tensor]):
+    """``fn`` on every composition of ``pool`` gives each item exactly what it gives alone."""
+    alone = [fn(x[None])[0] for x in pool]
+    for picks in COMPOSITIONS:
+        out = fn(torch.stack([pool[i] for i in picks]))
+        for pos, i in enumerate(picks):
+            assert torch.equal(out[pos], alone[i]), f"item {i} at position {pos} of {len(picks)}"
+
+
+# ---- pure functions -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "module, shape",
+    "policy, work, size",
     [
-        (torch.nn.Linear(128, 64), (9, 128)),
-        (torch.nn.Linear(64, 64), (5, 1, 64)),
-        (torch.nn.Conv2d(32, 4, 3, padding=1), (5, 32, 8, 8)),
-        (torch.nn.Conv2d(4, 32, 3, padding=1, stride=2), (3, 4, 16, 16)),
-        (torch.nn.Conv2d(32, 64, 1), (6, 32, 4, 4)),
-        (torch.nn.GroupNorm(8, 32), (5, 32, 8, 8)),
+        (bi.TilePolicy(work=1 << 20, low=64, high=256), 64 * 128, 128),
+        (bi.TilePolicy(work=1 << 20, low=64, high=256), 8 * 64, 256),
+        (bi.TilePolicy(work=1 << 20, low=64, high=256), 1280 * 1280, 64),
+        (bi.TilePolicy(work=1 << 23, low=1, high=8), 32 * 32 * 9 * 64, 8),
+        (bi.TilePolicy(work=1 << 23, low=1, high=8), 320 * 320 * 9 * 4096, 1),
+        (bi.TilePolicy(work=100, low=1, high=8), 0, 8),
     ],
 )
-@torch.inference_mode()
-def test_module_rows_are_batch_invariant(module, shape):
+def test_tile_policy(policy, work, size):
+    assert policy.size(work) == size
+
+
+@pytest.mark.parametrize(
+    "hw, k, stride, padding, dilation, out",
+    [
+        ((8, 8), (3, 3), (1, 1), (1, 1), (1, 1), (8, 8)),
+        ((8, 8), (3, 3), (2, 2), (1, 1), (1, 1), (4, 4)),
+        ((7, 9), (3, 3), 2, 1, 1, (4, 5)),
+        ((8, 8), (1, 1), 1, 0, 1, (8, 8)),
+        ((8, 8), (3, 3), 1, "same", 1, (8, 8)),
+        ((8, 8), (3, 3), 1, "valid", 1, (6, 6)),
+        ((8, 8), (3, 3), 1, 2, 2, (8, 8)),
+    ],
+)
+def test_conv_out_hw(hw, k, stride, padding, dilation, out):
+    assert bi.conv_out_hw(hw, k, stride, padding, dilation) == out
+    x = torch.zeros(1, 1, *hw)
+    assert F.conv2d(x, torch.zeros(1, 1, *k), None, stride, padding, dilation).shape[2:] == out
+
+
+def test_canonical_layout_is_row_major_and_aligned():
+    # A [n, c, 1, 1] tensor is "contiguous" with channels-last strides too; convolutions pick kernels by strides.
+    t = torch.empty_strided((3, 8, 1, 1), (8, 1, 8, 8)).copy_(torch.randn(3, 8, 1, 1))
+    assert t.is_contiguous() and t.stride() != (8, 1, 1, 1)
+    c = bi._canonical(t)
+    assert c.stride() == (8, 1, 1, 1) and torch.equal(c, t)
+    offset = torch.randn(17)[1:]  # 4 bytes past an aligned start
+    assert bi._canonical(offset).data_ptr() % 64 == 0
+    aligned = torch.randn(16)
+    assert bi._canonical(aligned) is aligned
+
+
+# ---- the check machinery ---------------------------------------------------------------------------------
+
+
+def test_position_check_catches_a_position_dependent_kernel():
+    def by_position(x):  # row i gets i * 1e-3: depends on where it sits
+        return x + 1e-3 * torch.arange(x.shape[0], dtype=x.dtype)[:, None]
+
+    tile = (torch.randn(8, 4),)
+    assert not bi.positions_are_independent(by_position, tile)
+    assert bi.positions_are_independent(lambda x: x * 3, tile)
+
+
+def test_a_batch_size_dependent_kernel_falls_back_and_stays_invariant():
+    bi._checked.clear()
+
+    def by_batch(x):  # rounds "differently" for other batch sizes than its tile of 4
+        return x * 2 + (0 if x.shape[0] == 4 else 1e-3)
+
+    pool = list(torch.randn(9, 5))
+    assert_rows_invariant(lambda x: bi.invariant_call("by-batch", by_batch, x, size=4), pool)
+    assert bi.invariant_call("by-batch", by_batch, torch.ones(2, 5), size=4)[0, 0].item() == 2.0  # tile path
+    bi._checked.clear()
+
+
+def test_elementwise_tail_is_found_and_avoided():
+    bi._checked.clear()
+    bi._sensitive.clear()
+
+    def tail_differs(x):  # like a vector kernel whose last 3 elements take scalar code
+        y = x * 1.5
+        y.view(-1)[-3:] += 1e-3
+        return y
+
+    values = bi.sensitive_inputs("tail", tail_differs, torch.zeros(1))
+    assert values is not None and values.numel() > 4000
+    assert bi.sensitive_inputs("times-two", lambda x: x * 2, torch.zeros(1)) is None
+    pool = list(torch.randn(9, 6))
+    assert_rows_invariant(lambda x: bi.invariant_elementwise("tail", tail_differs, x), pool)
+    bi._checked.clear()
+    bi._sensitive.clear()
+
+
+@pytest.mark.parametrize("fn", [F.silu, F.gelu, torch.sigmoid])
+def test_real_activations_have_no_hidden_tails(fn):
+    """Whatever the ISA, the batched activation is only used where it matches one item per call."""
+    pool = list(torch.randn(9, 3, 5, 7) * 3)
+    assert_rows_invariant(lambda x: bi.invariant_elementwise(fn.__name__, fn, x), pool)
+
+
+# ---- the kernels -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, out", [((77, 64), 64), ((1, 128), 256), ((64, 288), 32), ((5, 8), 64), ((16, 64), 8)])
+def test_linear(regime, shape, out):
     torch.manual_seed(0)
-    module = make_batch_invariant(module)
-    x = torch.randn(shape)
-    assert torch.equal(module(x), _rows_alone(module, x))
+    layer = torch.nn.Linear(shape[-1], out)
+    pool = list(torch.randn(9, *shape))
+    assert_rows_invariant(lambda x: bi.invariant_linear(x, layer.weight, layer.bias), pool)
+    x = torch.stack(pool)
+    torch.testing.assert_close(bi.invariant_linear(x, layer.weight, layer.bias), layer(x), rtol=1e-5, atol=1e-5)
 
 
-@torch.inference_mode()
-def test_patched_modules_compute_the_same_function(tiny):
+@pytest.mark.parametrize(
+    "conv, hw",
+    [
+        (torch.nn.Conv2d(32, 4, 3, padding=1), 8),
+        (torch.nn.Conv2d(4, 32, 3, padding=1, stride=2), 16),
+        (torch.nn.Conv2d(32, 64, 1), 4),
+        (torch.nn.Conv2d(64, 64, 3, padding=1), 1),
+        (torch.nn.Conv2d(8, 8, 3, padding=1), 32),
+    ],
+)
+def test_conv2d(regime, conv, hw):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(32, 16, 3, padding=1)
-    x = torch.randn(2, 32, 8, 8)
-    expected = conv(x)
-    assert (make_batch_invariant(conv)(x) - expected).abs().max().item() < 1e-5
+    pool = list(torch.randn(9, conv.in_channels, hw, hw))
+    assert_rows_invariant(lambda x: bi.invariant_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding), pool)
+    x = torch.stack(pool)
+    got = bi.invariant_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(got, conv(x), rtol=1e-5, atol=1e-5)
 
 
-@torch.inference_mode()
-def test_unet_rows_are_batch_invariant(tiny):
+@pytest.mark.parametrize("q_len, kv_len", [(64, 77), (1, 77), (16, 16), (4, 4)])
+def test_attention(regime, q_len, kv_len):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(9, 8, q_len, 8), torch.randn(9, 8, kv_len, 8), torch.randn(9, 8, kv_len, 8)
+    pool = list(torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1))
+
+    def attend(rows):
+        n = rows.shape[0]
+        a, b = 8 * q_len * 8, 8 * kv_len * 8
+        qs, ks, vs = rows[:, :a], rows[:, a : a + b], rows[:, a + b :]
+        return bi.invariant_attention(qs.reshape(n, 8, q_len, 8), ks.reshape(n, 8, -1, 8), vs.reshape(n, 8, -1, 8))
+
+    assert_rows_invariant(attend, pool)
+
+
+@pytest.mark.parametrize("norm, shape", [(torch.nn.GroupNorm(8, 32), (32, 8, 8)), (torch.nn.LayerNorm(64), (77, 64))])
+def test_norms(regime, norm, shape):
+    pool = list(torch.randn(9, *shape) * 3 + 1)
+    assert_rows_invariant(lambda x: bi.invariant_norm(type(norm).__name__, norm, x), pool)
+
+
+def test_make_batch_invariant_refuses_a_text_encoder(tiny):
+    with pytest.raises(TypeError, match="diffusers model"):
+        make_batch_invariant(copy.deepcopy(tiny["text_encoder"]))
+
+
+# ---- whole models ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_unet(tiny):
+    """The tiny UNet with the invariant kernels and multi-LoRA layers holding two random adapters."""
     unet = make_batch_invariant(copy.deepcopy(tiny["unet"]))
-    torch.manual_seed(0)
-    x = torch.randn(6, 4, 8, 8)
-    t = torch.tensor([999.0, 801.0, 500.0, 120.0, 20.0, 1.0])
-    c = torch.randn(6, 77, 64)
-    full = unet(x, t, encoder_hidden_states=c).sample
-    for i in range(6):
-        alone = unet(x[i : i + 1], t[i : i + 1], encoder_hidden_states=c[i : i + 1]).sample
-        assert torch.equal(full[i], alone[0]), f"row {i}"
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1"]
+    lora = MultiLoRAModel(unet, targets, num_slots=3, max_rank=8, deterministic=True)
+    g = torch.Generator().manual_seed(3)
+    for slot, rank in ((1, 4), (2, 8)):
+        weights = {
+            path: (
+                0.1 * torch.randn(rank, *layer.lora_A.shape[2:], generator=g),
+                0.1 * torch.randn(layer.lora_B.shape[1], rank, *layer.lora_B.shape[3:], generator=g),
+                float(rank),
+            )
+            for path, layer in lora.layers.items()
+        }
+        lora.load(slot, weights)
+    return unet, lora
+
+
+@pytest.mark.parametrize("hw", [8, 16])
+@torch.inference_mode()
+def test_unet_rows_are_batch_invariant(lora_unet, hw):
+    unet, lora = lora_unet
+    g = torch.Generator().manual_seed(hw)
+    n = 9
+    x = torch.randn(n, 4, hw, hw, generator=g)
+    t = torch.tensor([999.0, 801.0, 500.0, 120.0, 20.0, 1.0, 640.0, 333.0, 77.0])
+    c = torch.randn(n, 77, 64, generator=g)
+    adapters = [((1, 1.0),), (), ((2, 0.5),), ((1, 0.7), (2, 1.2)), (), ((2, 1.0),), ((1, 0.3),), (), ((2, 0.8),)]
+
+    def forward(picks):
+        rows = [adapters[i] for i in picks]
+        with lora.routed(rows):
+            return unet(x[picks], t[picks], encoder_hidden_states=c[picks]).sample
+
+    alone = [forward([i])[0] for i in range(n)]
+    for picks in COMPOSITIONS:
+        out = forward(picks)
+        for pos, i in enumerate(picks):
+            assert torch.equal(out[pos], alone[i]), f"row {i} at position {pos} of {len(picks)}"
 
 
 @torch.inference_mode()
 def test_text_encoder_rows_are_batch_invariant(tiny):
-    te = make_batch_invariant(copy.deepcopy(tiny["text_encoder"]))
-    ids = tiny["tokenizer"](
-        ["a cat", "", "a photograph of an astronaut"], padding="max_length", max_length=77, return_tensors="pt"
-    ).input_ids
-    full = te(ids)[0]
-    for i in range(3):
-        assert torch.equal(full[i], te(ids[i : i + 1])[0][0])
+    enc = PromptEncoder(tiny["tokenizer"], copy.deepcopy(tiny["text_encoder"]), cache_size=0, rowwise=True)
+    texts = ["a cat", "", "a photograph of an astronaut", "(red:1.2) house " * 30]
+    together = enc.encode_prompt(texts)
+    for text, emb in zip(texts, together, strict=True):
+        assert torch.equal(emb, enc.encode_prompt([text])[0]), text
 
 
 @torch.inference_mode()

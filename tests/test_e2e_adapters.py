@@ -75,7 +75,6 @@ def diffusers_reference(tiny, loras, prompt, seed):
         pipe.load_lora_weights(str(path), adapter_name=name)
     pipe.set_adapters([n for n, _, _ in loras], adapter_weights=[w for _, _, w in loras])
     make_batch_invariant(pipe.unet)
-    make_batch_invariant(pipe.text_encoder)
     out = pipe(
         prompt,
         height=64,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .batch_invariance import row_invariant_conv2d, row_invariant_linear
+from .batch_invariance import invariant_conv2d, invariant_linear
 
 RowAdapters = Sequence[tuple[int, float]]  # ((slot, weight), ...) in the request's order
 
@@ -192,7 +192,7 @@ class MultiLoRALinear(_MultiLoRABase):
         A = self.lora_A[slot, :r]  # [r, in]
         B = self.lora_B[slot, :, :r]  # [out, r]
         if self.state.deterministic:
-            return row_invariant_linear(row_invariant_linear(x, A, None), B, None)
+            return invariant_linear(invariant_linear(x, A, None), B, None)
         return F.linear(F.linear(x, A), B)
 
 
@@ -218,8 +218,8 @@ class MultiLoRAConv2d(_MultiLoRABase):
         B = self.lora_B[slot, :, :r]  # [out, r, 1, 1]
         b = self.base
         if self.state.deterministic:
-            h = row_invariant_conv2d(x, A, None, b.stride, b.padding, b.dilation)
-            return row_invariant_conv2d(h, B, None)
+            h = invariant_conv2d(x, A, None, b.stride, b.padding, b.dilation)
+            return invariant_conv2d(h, B, None)
         return F.conv2d(F.conv2d(x, A, None, b.stride, b.padding, b.dilation), B)
 
 

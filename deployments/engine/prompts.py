@@ -69,11 +69,29 @@ class TokenizedPrompt:
         return TokenizedPrompt(self.chunks + (empty,) * extra, weights)
 
 
+# A chunk mean smaller than this fraction of the chunk's mean magnitude is treated as zero: float32
+# rounding alone leaves means of about 1e-7 of it, while real CLIP embeddings have means of a few
+# percent of it (random-weight encoders, whose final LayerNorm has no bias, have a mean of exactly 0).
+MEAN_RESTORE_MIN_RATIO = 1e-4
+
+
 def apply_prompt_weights(z: torch.Tensor, weights: torch.Tensor, chunk_length: int) -> torch.Tensor:
     """A1111's emphasis: scale each token's embedding by its weight, then restore each chunk's mean.
 
     ``z``: ``[k * chunk_length, hidden]``; ``weights``: ``[k * chunk_length]``. Per chunk,
-    ``z_c * w_c[:, None] * (mean(z_c) / mean(z_c * w_c[:, None]))``, in float32.
+    ``z_c * w_c[:, None] * (mean(z_c) / mean(z_c * w_c[:, None]))``, in float32, as A1111's
+    ``process_tokens`` does.
+
+    A1111 divides by the weighted mean unguarded: where that mean is 0 its result is inf or NaN,
+    and where either mean is lost in float32 rounding the "restoring" factor is noise (on a
+    random-weight encoder it is anything from 0 to inf, and differs between CPUs). So a chunk
+    whose original or weighted mean is below ``MEAN_RESTORE_MIN_RATIO`` times its mean magnitude
+    keeps its weighted embedding as is (factor 1). Real CLIP embeddings are never near that
+    bound, so for them this is exactly A1111's arithmetic.
+
+    >>> apply_prompt_weights(torch.tensor([[2.0], [4.0]]), torch.tensor([1.0, 0.5]), 2)
+    tensor([[3.],
+            [3.]])
     """
     hidden = z.shape[-1]
     z32 = z.float().reshape(-1, chunk_length, hidden)  # [k, chunk_length, hidden]
@@ -81,7 +99,10 @@ def apply_prompt_weights(z: torch.Tensor, weights: torch.Tensor, chunk_length: i
     original_mean = z32.mean(dim=(1, 2), keepdim=True)  # [k, 1, 1]
     weighted = z32 * w
     new_mean = weighted.mean(dim=(1, 2), keepdim=True)
-    ratio = torch.where(new_mean != 0, original_mean / new_mean, torch.ones_like(new_mean))
+    meaningful = (original_mean.abs() >= MEAN_RESTORE_MIN_RATIO * z32.abs().mean(dim=(1, 2), keepdim=True)) & (
+        new_mean.abs() >= MEAN_RESTORE_MIN_RATIO * weighted.abs().mean(dim=(1, 2), keepdim=True)
+    )
+    ratio = torch.where(meaningful, original_mean / torch.where(meaningful, new_mean, 1.0), 1.0)
     return (weighted * ratio).to(z.dtype).reshape(-1, hidden)
 
 
@@ -121,12 +142,20 @@ class EmbeddingCache:
 
 
 class PromptEncoder:
-    """Tokenizes and encodes prompts in batches; repeated prompts come from the cache."""
+    """Tokenizes and encodes prompts in batches; repeated prompts come from the cache.
 
-    def __init__(self, tokenizer, text_encoder, cache_size: int = 1024, lora=None):
+    ``rowwise``: run the text encoder one 77-token row per call, so that an
+    embedding never depends on the prompts encoded with it (batch invariance
+    by construction, as ``batch_invariance`` explains; the deployments set it
+    in deterministic mode). A row's call is then exactly the one diffusers'
+    ``encode_prompt`` makes for a single prompt.
+    """
+
+    def __init__(self, tokenizer, text_encoder, cache_size: int = 1024, lora=None, rowwise: bool = False):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.lora = lora  # a MultiLoRAModel over ``text_encoder``, or None
+        self.rowwise = rowwise
         self.cache = EmbeddingCache(cache_size)
         self.max_length = tokenizer.model_max_length  # 77 for CLIP
         self.chunk_length = self.max_length - 2  # tokens per chunk, between the start and end tokens
@@ -206,14 +235,10 @@ class PromptEncoder:
                     rows[(chunk, adapter_key)] = len(rows)
                     routing.append(tuple((slot, w) for slot, w, _ in a))
         input_ids = torch.tensor([chunk for chunk, _ in rows], device=self.device)  # [m, max_length]
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = (input_ids != self.pad_id).long()
-        if self.lora is not None and any(routing):
-            with self.lora.routed(routing):
-                hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]
+        if self.rowwise:
+            hidden = torch.cat([self._forward(input_ids[i : i + 1], routing[i : i + 1]) for i in range(len(rows))])
         else:
-            hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]  # [m, max_length, hidden]
+            hidden = self._forward(input_ids, routing)  # [m, max_length, hidden]
         fresh = {}
         for prompt, adapter_key in todo:
             # torch.cat copies, so a cached embedding never keeps the whole batch alive.
@@ -223,3 +248,13 @@ class PromptEncoder:
             fresh[(prompt, adapter_key)] = z
             self.cache.put((prompt, adapter_key), z)
         return [e if e is not None else fresh[k] for k, e in zip(keys, out, strict=True)]
+
+    def _forward(self, input_ids: torch.Tensor, routing: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+        """The text encoder's last hidden state ``[rows, max_length, hidden]`` for ``input_ids``."""
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = (input_ids != self.pad_id).long()
+        if self.lora is not None and any(routing):
+            with self.lora.routed(routing):
+                return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
+        return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
