@@ -330,6 +330,7 @@ class LoadPlan(LoadTestShape):
         rate, seconds = nxt
         self.stage = {"index": len(self.stages), "rate_rps": rate, "start": now, "end": now + seconds}
         self._dropped_before = {ln.tenant.name: ln.pacer.dropped for ln in RUN.lanes}
+        self._voided_before = {ln.tenant.name: ln.pacer.voided for ln in RUN.lanes}
         warmup = self._warmup(seconds)
         RUN.set_rate(rate, (warmup, seconds - warmup) if warmup > 0 else (seconds,))
         log.warning("stage %d: %.2f rps for %.0f s", self.stage["index"], rate, seconds)
@@ -354,6 +355,8 @@ class LoadPlan(LoadTestShape):
                 ln.tenant.name: {
                     "users": dict(ln.by_api),
                     "dropped_arrivals": ln.pacer.dropped - self._dropped_before[ln.tenant.name],
+                    # not handed out by the stage's end (late on a stalled client): neither sent nor dropped
+                    "voided_arrivals": ln.pacer.voided - self._voided_before[ln.tenant.name],
                 }
                 for ln in RUN.lanes
             },

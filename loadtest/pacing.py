@@ -15,6 +15,12 @@ bursty as Poisson traffic but offering exactly the stage's rate, so a short
 stage does not measure a lucky (or unlucky) draw. Without a length it is a plain
 Poisson process (exponential gaps).
 
+Every ticket of a stage of known length ends one way: handed to a user
+(``take``), ``dropped`` (too old), or ``voided`` (still queued, or not yet
+emitted, when a new schedule replaced it), whatever the speed of the machine.
+``clock`` and ``sleep`` default to wall-clock time and ``gevent.sleep``; tests
+pass a virtual clock to drive a pacer deterministically.
+
 Imports gevent but does not monkey-patch; only the locust process uses it.
 """
 
@@ -22,13 +28,22 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import gevent
 from gevent.queue import Empty, Queue
 
 
 class Pacer:
-    def __init__(self, rng: random.Random, poisson: bool = True, max_lag_s: float = 1.0):
+    def __init__(
+        self,
+        rng: random.Random,
+        poisson: bool = True,
+        max_lag_s: float = 1.0,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = gevent.sleep,
+    ):
         self.rng = rng
         self.poisson = poisson
         self.max_lag_s = max_lag_s
@@ -36,6 +51,10 @@ class Pacer:
         self.epoch = 0
         self.emitted = 0
         self.dropped = 0  # tickets nobody picked up within max_lag_s (every user busy)
+        self.voided = 0  # tickets of a replaced schedule never handed out: still queued, or not yet emitted
+        self._clock = clock
+        self._sleep = sleep
+        self._unemitted = 0  # tickets of the current (finite) schedule not emitted yet
         self._queue: Queue = Queue()
         self._emitter: gevent.Greenlet | None = None
 
@@ -50,15 +69,19 @@ class Pacer:
             raise ValueError(f"rate must be >= 0 and segments > 0, got {rate}, {segments_s}")
         if counts is not None and len(counts) != len(segments_s):
             raise ValueError(f"one count per segment: {counts} for {segments_s}")
-        self.epoch += 1
-        self.rate = rate
         if self._emitter is not None:
             self._emitter.kill(block=False)
             self._emitter = None
+        self.voided += self._unemitted
+        self._unemitted = 0
         while not self._queue.empty():
-            self._queue.get_nowait()
+            _, epoch = self._queue.get_nowait()
+            self.voided += epoch == self.epoch
+        self.epoch += 1
+        self.rate = rate
         if rate > 0:
-            times = self.schedule(rate, segments_s, time.time(), counts) if segments_s else None
+            times = self.schedule(rate, segments_s, self._clock(), counts) if segments_s else None
+            self._unemitted = len(times) if times is not None else 0
             self._emitter = gevent.spawn(self._emit, rate, self.epoch, times)
 
     def schedule(
@@ -78,7 +101,7 @@ class Pacer:
         return out
 
     def _emit(self, rate: float, epoch: int, times: list[float] | None) -> None:
-        at = time.time()
+        at = self._clock()
         k = 0
         while True:
             if times is not None:
@@ -88,23 +111,27 @@ class Pacer:
                 k += 1
             else:
                 at += self.rng.expovariate(rate) if self.poisson else 1.0 / rate
-            delay = at - time.time()
+            delay = at - self._clock()
             if delay > 0:
-                gevent.sleep(delay)
+                self._sleep(delay)
+            if epoch != self.epoch:
+                return  # replaced while asleep (its tickets are counted as voided)
             self._queue.put((at, epoch))
             self.emitted += 1
+            if times is not None:
+                self._unemitted -= 1
 
     def take(self, timeout_s: float = 0.25) -> float | None:
         """Block for the next ticket; returns its scheduled time, or None (nothing within ``timeout_s``)."""
-        deadline = time.time() + timeout_s
+        deadline = self._clock() + timeout_s
         while True:
             try:
-                at, epoch = self._queue.get(timeout=max(0.0, deadline - time.time()))
+                at, epoch = self._queue.get(timeout=max(0.0, deadline - self._clock()))
             except Empty:
                 return None
             if epoch != self.epoch:
                 continue
-            if time.time() - at > self.max_lag_s:
+            if self._clock() - at > self.max_lag_s:
                 self.dropped += 1
                 continue
             return at

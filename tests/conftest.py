@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +43,65 @@ def tiny(tiny_dir):
         "unet": models.load_unet(tiny_dir, cpu, torch.float32),
         "vae": models.load_vae(tiny_dir, cpu, torch.float32),
     }
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Wait for ``condition()`` to hold; the deadline only turns a hang into a failure (never a race)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout_s} s"
+        await asyncio.sleep(0.005)
+
+
+class TickGate:
+    """A ``StepScheduler`` whose ticks run only when the test allows them.
+
+    A ``DenoiseLoop`` ticks in a worker thread, back to back while work remains, so without a
+    gate the number of ticks that pass while a test looks (or cancels, or submits) depends on
+    the machine's speed. Each ``allow`` lets one more tick through; ``ran`` counts finished ticks.
+    """
+
+    def __init__(self, steps):
+        self._tick = steps.tick
+        self._permits = threading.Semaphore(0)
+        self._open = False
+        self.ran = 0
+        steps.tick = self._gated  # the loop looks ``steps.tick`` up at every tick
+
+    def _gated(self):
+        if not self._open:
+            self._permits.acquire()
+        finished = self._tick()
+        self.ran += 1
+        return finished
+
+    def allow(self, n: int = 1) -> None:
+        self._permits.release(n)
+
+    async def ticks(self, n: int) -> None:
+        """Let ``n`` more ticks run and wait until they have."""
+        target = self.ran + n
+        self.allow(n)
+        await until(lambda: self.ran >= target)
+
+    def open(self) -> None:
+        """Let every tick through from now on."""
+        self._open = True
+        self._permits.release()
+
+
+@pytest.fixture
+def tick_gate():
+    """``tick_gate(steps) -> TickGate``; every gate is opened at the end, so no worker thread waits forever."""
+    gates: list[TickGate] = []
+
+    def gate(steps) -> TickGate:
+        gates.append(TickGate(steps))
+        return gates[-1]
+
+    yield gate
+    for g in gates:
+        g.open()
 
 
 def free_port() -> int:
@@ -173,3 +236,73 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120.0, interval_s: float = 0.05):
+    """Poll ``condition()`` until it holds (returns its value); the deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"still waiting for {what} after {timeout_s} s"
+        time.sleep(interval_s)
+    return value
+
+
+class HeldDenoiser:
+    """The e2e Denoiser's batch held full, so that requests sent meanwhile queue, all of them, until ``release``.
+
+    Two async jobs of two 128x128 images with guidance fill ``max_rows_per_tick`` (8 rows) for 150
+    steps; requests sent meanwhile wait, and a test waits for that state (``wait_waiting``) instead
+    of hoping its requests arrive close enough together, or before the server is done. ``release``
+    deletes the two jobs: they leave at the next tick, and the queued requests are admitted together.
+    Each tick of the held batch carries exactly ``ROWS`` rows, which ``ticks_besides`` uses to tell
+    the holding jobs' ticks apart from the others'.
+    """
+
+    ROWS = 8
+    BODY = {"prompt": "holding the batch", "steps": 150, "width": 128, "height": 128, "num_images": 2}
+
+    def __init__(self, cluster):
+        import requests
+
+        self.cluster = cluster
+        wait_until(lambda: self._idle(cluster.stats("Denoiser")), "an idle Denoiser")
+        self.jobs = []
+        for seed in (1, 2):
+            r = requests.post(cluster.url + "/v1/jobs", json={**self.BODY, "seed": seed}, timeout=60)
+            assert r.status_code == 202, r.text
+            self.jobs.append(r.json()["id"])
+        # From here on every tick of theirs is a full one (the first job may have run a few on its own).
+        self.before = wait_until(
+            lambda: (s := cluster.stats("Denoiser"))["active"] == 4 and s, "the holding jobs to run together"
+        )
+
+    @staticmethod
+    def _idle(stats: dict) -> bool:
+        return stats["active"] == 0 and stats["waiting"] == 0
+
+    def wait_waiting(self, images: int) -> dict:
+        """The Denoiser's stats once ``images`` images wait behind the held batch."""
+        stats = wait_until(lambda: (s := self.cluster.stats("Denoiser"))["waiting"] == images and s, "queued images")
+        assert stats["active"] == 4, stats  # still held: nothing of the test's has started
+        return stats
+
+    def release(self) -> None:
+        import requests
+
+        for job_id in self.jobs:
+            r = requests.delete(f"{self.cluster.url}/v1/jobs/{job_id}", timeout=60)
+            assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        self.jobs = []
+
+    def ticks_besides(self, after: dict, rows_besides: int) -> int:
+        """Ticks since the hold began that were not the holding jobs', given the other rows run meanwhile."""
+        held_rows = after["rows"] - self.before["rows"] - rows_besides
+        assert held_rows >= 0 and held_rows % self.ROWS == 0, (held_rows, self.before, after)
+        return after["ticks"] - self.before["ticks"] - held_rows // self.ROWS
+
+    def __enter__(self) -> HeldDenoiser:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.jobs:
+            self.release()

@@ -12,6 +12,7 @@ from deployments.engine.config import LoRAConfig
 from deployments.engine.loop import DenoiseLoop
 from lora_registry.canonical import LoraWeights
 
+from conftest import until
 from engine_helpers import Engine
 
 
@@ -39,7 +40,7 @@ class GatedRegistry:
         return None, Adapter()
 
 
-def test_load_runs_beside_the_running_batch(tiny):
+def test_load_runs_beside_the_running_batch(tiny, tick_gate):
     engine = Engine(tiny, max_rows_per_tick=8)
     registry = GatedRegistry(engine.unet)
     adapters = ModelAdapters(
@@ -47,24 +48,26 @@ def test_load_runs_beside_the_running_batch(tiny):
     )
     engine.steps.lora = adapters.lora
     loop = DenoiseLoop(engine.steps)
+    gate = tick_gate(engine.steps)  # the test lets each tick through: no race between the batch and the load
 
     async def main():
         running = asyncio.create_task(loop.run([engine.request("base", steps=40, seed=1, scheduler="ddim")]))
-        while engine.steps.ticks_run < 2:
-            await asyncio.sleep(0.01)
+        await gate.ticks(2)
         acquiring = asyncio.create_task(adapters.acquire(["style@1"]))
         await asyncio.to_thread(registry.loading.wait, 30)
-        ticks_at_load_start = engine.steps.ticks_run
-        while engine.steps.ticks_run < ticks_at_load_start + 3:  # the batch keeps stepping during the load
-            await asyncio.sleep(0.01)
-        assert not acquiring.done()
+        await gate.ticks(3)  # the batch keeps stepping while the load is held
+        assert engine.steps.ticks_run == 5 and not acquiring.done()
         registry.gate.set()
         (slot,) = await acquiring
         request = engine.request("styled", steps=3, seed=2, scheduler="ddim")
         request.adapters = ((slot, 1.0),)
-        (styled,) = await loop.run([request])  # joins the running batch
+        styled_run = asyncio.create_task(loop.run([request]))
+        await until(lambda: len(engine.steps.waiting) == 1)  # submitted; it joins the batch at the next tick
+        gate.allow(3)
+        (styled,) = await styled_run  # joined the running batch: three ticks, one per step
         await adapters.release(["style@1"])
-        assert not running.done()  # the long request is still going: the short one finished first
+        assert engine.steps.ticks_run == 8 and not running.done()  # the long request is still going
+        gate.open()
         (long_job,) = await running
         return slot, styled, long_job
 

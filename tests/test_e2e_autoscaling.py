@@ -107,8 +107,9 @@ def test_gpu_nodes_and_denoiser_replicas_follow_the_load(fake_cluster):
         cluster.wait_for(lambda: state() == (2, 2), 240, "a second GPU node and a second Denoiser replica")
         nodes_of_replicas = {r["node_id"] for r in cluster.running_replicas(APP, "Denoiser")}
         assert len(nodes_of_replicas) == 2  # one replica per (single-GPU) node
-        # Both replicas take traffic before the load eases.
+        # Both replicas take traffic, and ten requests have been answered, before the load eases.
         cluster.wait_for(lambda: len(heavy.replicas) == 2, 60, "requests served by both replicas")
+        cluster.wait_for(lambda: heavy.codes[200] >= 10, 240, "ten requests answered under the load")
         # Every process of the cluster listens on loopback only, but for one socket Ray Serve 2.60
         # hard-codes: each replica's inter-deployment gRPC server binds "[::]:0" (serve/_private/replica.py).
         listening = cluster.listening_addresses()

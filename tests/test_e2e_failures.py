@@ -53,7 +53,10 @@ def body(seed: int, steps: int) -> dict:
 @pytest.mark.parametrize("deployment, steps", [("Denoiser", 40), ("TextEncoder", 6), ("VAE", 6)])
 def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
     import ray
+    from ray import serve
     from test_e2e_metrics import scrape, total, wait_for
+
+    from conftest import wait_until
 
     retried_before = total(scrape(cluster), "ray_lorafleet_replica_failures", "_total", attempt="1")
     actor, actor_id = replica_actor(cluster, deployment)
@@ -69,9 +72,17 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
                 outcomes.append((seed, r.status_code, r.json()))
             seed += 1
 
+    def successes() -> int:
+        with lock:
+            return sum(status == 200 for _, status, _ in outcomes)
+
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, k) for k in range(6)]
-        time.sleep(3.0)  # requests in flight at every stage
+        # Traffic flows through every stage, and the Denoiser holds requests (not: some seconds have passed).
+        wait_until(lambda: successes() >= 1, "a first answer")
+        if deployment == "Denoiser":
+            denoiser = serve.get_deployment_handle("Denoiser", app_name="failures")
+            wait_until(lambda: denoiser.stats.remote().result(timeout_s=30)["active"] >= 2, "requests on the Denoiser")
         ray.kill(actor, no_restart=True)
         killed_at = time.monotonic()
         while time.monotonic() - killed_at < 25:
@@ -83,7 +94,9 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
             if new_id != actor_id:
                 break
             time.sleep(0.5)
-        time.sleep(2.0)  # traffic on the replacement
+        # Traffic on the replacement: six more answers (not: two more seconds).
+        answered = successes()
+        wait_until(lambda: successes() >= answered + 6, "six answers after the replacement", timeout_s=240)
         stop.set()
         for f in futures:
             f.result(timeout=240)  # no client hangs

@@ -15,6 +15,8 @@ import requests
 from PIL import Image
 from test_e2e_http import BAD
 
+from conftest import HeldDenoiser, wait_until
+
 pytestmark = pytest.mark.e2e
 
 SMALL = {"width": 64, "height": 64}
@@ -92,22 +94,28 @@ def png(data_url_or_b64: str) -> Image.Image:
 
 def test_a_job_is_accepted_polled_to_done_and_equals_the_synchronous_image(cluster):
     body = {"prompt": "a lighthouse at dusk", "seed": 11, "steps": 30, "num_images": 2, **SMALL}
-    created = create(cluster, body)
-    job_id = created["id"]
-    assert created == {
-        "id": job_id,
-        "status": "queued",
-        "url": f"/v1/jobs/{job_id}",
-        "events_url": f"/v1/jobs/{job_id}/events",
-    }
-    assert len(job_id) >= 16
+    with HeldDenoiser(cluster) as held:  # the job waits until released, however fast the machine
+        created = create(cluster, body)
+        job_id = created["id"]
+        assert created == {
+            "id": job_id,
+            "status": "queued",
+            "url": f"/v1/jobs/{job_id}",
+            "events_url": f"/v1/jobs/{job_id}/events",
+        }
+        assert len(job_id) >= 16
+        held.wait_waiting(2)
+        queued = wait_job(cluster, job_id, lambda j: j["position"] is not None)[-1]
+        assert (queued["status"], queued["position"], queued["step"], queued["progress"]) == ("queued", 0, 0, 0.0)
+        assert queued["eta_s"] > 0
     seen = wait_job(cluster, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
     done = seen[-1]
     assert done["status"] == "done", done
-    assert {s["status"] for s in seen} <= {"queued", "running", "done"}
+    order = {"queued": 0, "running": 1, "done": 2}
+    statuses = [order[s["status"]] for s in seen]  # a KeyError: a status it should never have
+    assert statuses == sorted(statuses)  # queued, running, done: never back
     steps_seen = [s["step"] for s in seen]
     assert steps_seen == sorted(steps_seen)  # never goes back
-    assert any(s["status"] == "running" and 0 < s["step"] < 30 for s in seen), steps_seen
     assert (done["step"], done["steps"], done["progress"], done["position"]) == (30, 30, 1.0, None)
     assert done["seed"] == 11 and done["loras"] == [] and done["updated"] >= done["created"]
     assert [(im["seed"], im["width"], im["height"]) for im in done["images"]] == [(11, 64, 64), (12, 64, 64)]
@@ -116,15 +124,18 @@ def test_a_job_is_accepted_polled_to_done_and_equals_the_synchronous_image(clust
 
 
 def test_events_stream_status_previews_and_the_final_event(cluster):
+    held = HeldDenoiser(cluster)  # the job waits until released: its first event comes while it is queued
     created = create(cluster, {"prompt": "a red boat", "seed": 5, "steps": 40, "width": 128, "height": 128})
     url = cluster.url + created["events_url"] + "?previews=true"
-    with requests.get(url, stream=True, timeout=120) as r:
+    with held, requests.get(url, stream=True, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = []
         for name, data in sse_events(r):
             if not events:
-                # Streamed as it happens, not buffered until the end: the job is still going.
-                assert get(cluster, created["id"]).json()["status"] in ("queued", "running")
+                # Streamed as it happens, not buffered until the end: the job has not even started.
+                assert (name, data["status"]) == ("status", "queued")
+                assert get(cluster, created["id"]).json()["status"] == "queued"
+                held.release()
             events.append((name, data))
     names = [n for n, _ in events]
     assert names[0] == "status" and names[-1] == "done" and names.count("done") == 1
@@ -155,10 +166,11 @@ def test_delete_cancels_a_running_job_and_frees_the_denoiser(cluster):
     wait_job(cluster, created["id"], lambda j: j["status"] == "running" and j["step"] >= 2)
     r = requests.delete(f"{cluster.url}/v1/jobs/{created['id']}", timeout=60)
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and "images" not in r.json()
-    at_cancel = cluster.stats("Denoiser")
     after = wait_idle(cluster, timeout_s=60)
+    # Its slot freed before its end (that it leaves at the very next step, test_jobs.py shows with the
+    # ticks under its control; here ticks and the cancel's trip through Serve race each other).
     assert after["cancelled"] == before["cancelled"] + 1
-    assert after["ticks"] - at_cancel["ticks"] < 20  # its slot freed at the next step, not 140 steps later
+    assert after["ticks"] - before["ticks"] < 150
     job = get(cluster, created["id"]).json()
     assert job["status"] == "cancelled" and job["step"] < 150
     # Deleting a finished job removes it.
@@ -198,14 +210,15 @@ def test_a_job_waiting_behind_a_saturated_denoiser_reports_position_and_eta(clus
     # max_rows_per_tick is 8 in the e2e config: two 2-image requests with guidance fill the batch.
     long = [create(cluster, {**LONG, "num_images": 2, "seed": s}) for s in (1, 2, 3)]
     try:
-        wait_busy(cluster)
+        # The first two requests' four images run, the third's two wait: only then does the later one come.
+        wait_until(lambda: (s := cluster.stats("Denoiser"))["active"] == 4 and s["waiting"] == 2, "a full batch")
         later = create(cluster, {**LONG, "seed": 9})
         long.append(later)
         seen = wait_job(
             cluster, later["id"], lambda j: j["status"] == "queued" and j["position"] is not None and j["eta_s"]
         )
         job = seen[-1]
-        assert job["position"] >= 1  # the third request's two images go first
+        assert job["position"] == 2  # the third request's two images go first
         assert job["eta_s"] > 0 and job["step"] == 0 and job["progress"] == 0.0
         first = wait_job(cluster, long[0]["id"], lambda j: j["status"] == "running")[-1]
         assert first["position"] is None and first["eta_s"] > 0
@@ -226,14 +239,12 @@ def test_a_synchronous_client_that_hangs_up_cancels_its_denoising(cluster):
     )
     try:
         busy = wait_busy(cluster)
-        time.sleep(1.0)
+        wait_until(lambda: cluster.stats("Denoiser")["ticks"] >= busy["ticks"] + 2, "it to be denoising")
     finally:
         sock.close()
-    at_close = cluster.stats("Denoiser")
     after = wait_idle(cluster, timeout_s=60)
     assert busy["active"] == 1
     assert after["cancelled"] == before["cancelled"] + 1
-    assert after["ticks"] - at_close["ticks"] < 20  # not the 100-odd steps left
     assert after["ticks"] - before["ticks"] < 150  # it never ran to its end
 
 

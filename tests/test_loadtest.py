@@ -279,39 +279,86 @@ def _run_python(code: str, timeout_s: float = 60) -> str:
     return result.stdout
 
 
+PACER_ON_A_VIRTUAL_CLOCK = """
+    import heapq, itertools, json, random
+    import gevent, gevent.event
+    from loadtest.pacing import Pacer
+
+    class VirtualTime:
+        \"\"\"A clock that moves only when the test moves it; a sleeper wakes when the clock passes its time.\"\"\"
+
+        def __init__(self):
+            self.now = 1000.0
+            self.wakes = []  # (time, seq, event) of sleeping greenlets: the pacer's emitter
+            self._seq = itertools.count()
+
+        def clock(self):
+            return self.now
+
+        def sleep(self, seconds):
+            woken = gevent.event.Event()
+            heapq.heappush(self.wakes, (self.now + seconds, next(self._seq), woken))
+            woken.wait()
+
+    def lane(rate, users, latency_s, poisson, stop_s=None, segments_s=(0.5, 1.5)):
+        \"\"\"A lane's users, simulated: each takes a ticket the moment it is free, as a blocked take() does.\"\"\"
+        vt = VirtualTime()
+        pacer = Pacer(random.Random(0), poisson=poisson, max_lag_s=0.3, clock=vt.clock, sleep=vt.sleep)
+        start, total = vt.now, round(rate * sum(segments_s))
+        free_at = [start] * users
+        sent = []  # (scheduled, taken), offsets from the start
+        pacer.set_rate(rate, segments_s)
+        while True:
+            while not vt.wakes and pacer.emitted < total:  # the emitter runs until it sleeps or is done
+                gevent.sleep(0)
+            for u in range(users):
+                while free_at[u] <= vt.now and (at := pacer.take(0)) is not None:
+                    sent.append((at - start, vt.now - start))
+                    free_at[u] = vt.now + latency_s
+            upcoming = [t for t in free_at if t > vt.now] + [w[0] for w in vt.wakes[:1]]
+            if not upcoming or (stop_s is not None and min(upcoming) > start + stop_s):
+                break
+            vt.now = min(upcoming)
+            while vt.wakes and vt.wakes[0][0] <= vt.now:
+                heapq.heappop(vt.wakes)[2].set()
+        pacer.set_rate(0)
+        return {"total": total, "sent": sent, "dropped": pacer.dropped, "voided": pacer.voided}
+
+    print(json.dumps({
+        "free_poisson": lane(20, 4, 0.01, True),
+        "free_uniform": lane(20, 4, 0.01, False),
+        "busy": lane(40, 2, 0.2, True),
+        "stopped": lane(20, 4, 0.01, False, stop_s=1.0),
+    }))
+"""
+
+
 def test_pacer_offers_the_rate_and_drops_what_busy_users_cannot_take():
-    out = _run_python(
-        """
-        from gevent import monkey; monkey.patch_all()
-        import gevent, json, random, time
-        from loadtest.pacing import Pacer
-
-        def lane(rate, users, latency_s, poisson):
-            pacer = Pacer(random.Random(0), poisson=poisson, max_lag_s=0.3)
-            sent = []
-            def user():
-                while True:
-                    if pacer.take(0.05) is not None:
-                        sent.append(time.time())
-                        gevent.sleep(latency_s)
-            gs = [gevent.spawn(user) for _ in range(users)]
-            start = time.time()
-            pacer.set_rate(rate, (0.5, 1.5))
-            gevent.sleep(2.3)
-            pacer.set_rate(0)
-            gevent.killall(gs)
-            return {"sent": len(sent), "dropped": pacer.dropped, "late": sum(t > start + 2.1 for t in sent)}
-
-        print(json.dumps([lane(20, 4, 0.01, True), lane(20, 4, 0.01, False), lane(40, 2, 0.2, True)]))
-        """
-    )
-    free_poisson, free_uniform, busy = json.loads(out)
-    # exactly rate x stage length arrivals, none after the stage, none dropped while users are free
-    assert free_poisson == {"sent": 40, "dropped": 0, "late": 0}
-    assert free_uniform == {"sent": 40, "dropped": 0, "late": 0}
+    lanes = json.loads(_run_python(PACER_ON_A_VIRTUAL_CLOCK))
+    for name in ("free_poisson", "free_uniform"):
+        lane = lanes[name]
+        scheduled = [at for at, _ in lane["sent"]]
+        # exactly rate x segment length arrivals per segment, none after the stage, none dropped while
+        # users are free, each taken the moment it was due
+        assert lane["total"] == len(lane["sent"]) == 40 and lane["dropped"] == lane["voided"] == 0, name
+        assert sum(0 <= at < 0.5 for at in scheduled) == 10 and sum(0.5 <= at <= 2.0 for at in scheduled) == 30
+        assert all(taken == at for at, taken in lane["sent"]), name
+    uniform = [at for at, _ in lanes["free_uniform"]["sent"]]
+    evenly = [(k + 0.5) * 0.05 for k in range(10)] + [0.5 + (k + 0.5) * 0.05 for k in range(30)]
+    assert uniform == pytest.approx(evenly)
     # 2 users x 5 requests/s cannot take 40/s: most tickets are dropped, not replayed later as a burst
-    assert busy["sent"] <= 2 * 2 / 0.2 + 2 and busy["dropped"] >= 40
-    assert busy["sent"] + busy["dropped"] <= 80
+    busy = lanes["busy"]
+    assert busy["total"] == 80 and busy["voided"] == 0
+    assert len(busy["sent"]) + busy["dropped"] == 80
+    assert all(0 <= taken - at <= 0.3 for at, taken in busy["sent"])  # never older than max_lag_s
+    assert all(taken <= 2.0 + 0.3 for _, taken in busy["sent"])
+    taken = sorted(t for _, t in busy["sent"])
+    assert len(busy["sent"]) <= 2 * (int(2.3 / 0.2) + 1) and busy["dropped"] >= 80 - 2 * (int(2.3 / 0.2) + 1)
+    assert all(b - a >= 0.2 - 1e-9 for a, b in zip(taken, taken[2:], strict=False))  # two users, 0.2 s each
+    # A new schedule voids the old one's tickets not handed out yet: nothing is lost, nothing sent late.
+    stopped = lanes["stopped"]
+    assert len(stopped["sent"]) == 20 and stopped["dropped"] == 0 and stopped["voided"] == 20
+    assert max(taken for _, taken in stopped["sent"]) <= 1.0
 
 
 def test_locustfile_runs_a_plan_with_knobs_from_cli_and_environment(tmp_path):
@@ -336,10 +383,16 @@ def test_locustfile_runs_a_plan_with_knobs_from_cli_and_environment(tmp_path):
     assert [(t["name"], t["share"]) for t in doc["tenants"]] == [("x", 0.75), ("y", 0.25)]
     (stage,) = doc["stages"]
     assert stage["rate_rps"] == 4.0 and not stage["passed"]
+    assert {api for lane in stage["lanes"].values() for api in lane["users"]} == {"native", "openai"}
     records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
-    assert stage["stats"]["requests"] == len(records) == 8  # 4 req/s x 2 s, split over the lanes exactly
+    # 4 req/s x 2 s, split over the lanes exactly: every arrival was sent, or dropped or voided by a client
+    # too slow to take it in time (which only a stalled machine is), never lost or sent twice.
+    lanes = stage["lanes"].values()
+    assert len(records) + sum(ln["dropped_arrivals"] + ln["voided_arrivals"] for ln in lanes) == 8
+    in_window = [r for r in records if stage["start"] <= r["t"] < stage["end"]]
+    assert stage["stats"]["requests"] == stage["stats"]["failed"] == len(in_window)
     assert all(not r["ok"] and r["error"] for r in records)
-    assert {r["api"] for r in records} == {"native", "openai"} and {r["tenant"] for r in records} <= {"x", "y"}
+    assert {r["api"] for r in records} <= {"native", "openai"} and {r["tenant"] for r in records} <= {"x", "y"}
 
 
 # -- synthetic adapters and the baseline ---------------------------------------------------------------

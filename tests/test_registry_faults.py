@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 from botocore.awsrequest import AWSResponse
 
 from lora_registry import DiskCache, MemoryCache, Registry, layout, open_store
+from lora_registry import cache as cache_module
 from lora_registry.errors import RegistryCorruptionError, RegistryUnavailableError
 
 from registry_helpers import GatedStore, MotoServer, small_lora_bytes
@@ -32,11 +32,13 @@ def test_s3_down_cached_versions_keep_serving(registry_tiny_spec, tmp_path):
     _node(open_store(uri, **options), registry_tiny_spec, tmp_path / "node").load("cached")
     server.stop()
 
-    # A replica restarting on the same node while S3 is down: fresh memory, same disk cache.
-    node = _node(open_store(uri, **options), registry_tiny_spec, tmp_path / "node")
-    start = time.monotonic()
+    # A replica restarting on the same node while S3 is down: fresh memory, same disk cache. Its clock
+    # stands still, so every call below falls inside outage_backoff_s of the first failure.
+    gated = GatedStore(open_store(uri, **options))
+    node = _node(gated, registry_tiny_spec, tmp_path / "node", clock=lambda: 1000.0)
     manifest, adapter = node.load("cached")
     assert manifest == cached and adapter.rank == 4
+    assert gated.calls == {"list": 1}  # the one try that found S3 down; the weights came from the disk cache
     assert node.load("cached@1")[1] is adapter
     assert node.fetch("cached")[1] == tmp_path / "node" / "blobs" / cached.sha256
     with pytest.raises(RegistryUnavailableError) as e:
@@ -44,9 +46,10 @@ def test_s3_down_cached_versions_keep_serving(registry_tiny_spec, tmp_path):
     assert e.value.status == 503 and "uncached" in e.value.message
     with pytest.raises(RegistryUnavailableError):
         node.list()
-    with pytest.raises(RegistryUnavailableError):
+    with pytest.raises(RegistryUnavailableError, match="next try in 5.0s"):
         node.register(small_lora_bytes(registry_tiny_spec, seed=3), name="new")
-    assert time.monotonic() - start < 5.0
+    # Nothing waited on S3's retries again: no call after the first reached the store.
+    assert gated.calls == {"list": 1}
 
 
 def test_s3_that_accepts_but_never_answers_times_out(registry_tiny_spec, tmp_path):
@@ -64,17 +67,25 @@ def test_s3_that_accepts_but_never_answers_times_out(registry_tiny_spec, tmp_pat
             read_timeout_s=0.5,
             max_attempts=2,
         )
-        node = _node(store, registry_tiny_spec, tmp_path / "node", outage_backoff_s=30.0)
-        start = time.monotonic()
+        sent = []
+        store.client.meta.events.register("before-send.s3", lambda request, **kwargs: sent.append(request.url))
+        now = [1000.0]
+        node = _node(store, registry_tiny_spec, tmp_path / "node", outage_backoff_s=30.0, clock=lambda: now[0])
         with pytest.raises(RegistryUnavailableError) as e:
             node.resolve("anything")
-        first = time.monotonic() - start
-        assert e.value.code == "store_unreachable"
-        assert first < 4.0  # two attempts of 0.5 s plus backoff, not a hang
-        start = time.monotonic()
-        with pytest.raises(RegistryUnavailableError, match="next try in"):
+        assert e.value.code == "store_unreachable" and "ReadTimeoutError" in e.value.message
+        # Every request ended by the read timeout, none hung: the first try and botocore's retries
+        # (its max_attempts counts retries, so max_attempts=2 is three requests).
+        assert len(sent) == 3
+        now[0] += 29.9
+        with pytest.raises(RegistryUnavailableError, match=r"next try in 0\.1s"):
             node.resolve("anything")
-        assert time.monotonic() - start < 0.1  # inside outage_backoff_s: no new attempt at all
+        assert len(sent) == 3  # inside outage_backoff_s: no new attempt at all
+        now[0] += 0.1
+        with pytest.raises(RegistryUnavailableError) as e:
+            node.resolve("anything")
+        assert e.value.code == "store_unreachable" and "ReadTimeoutError" in e.value.message
+        assert len(sent) == 6  # the backoff is over: S3 is tried again
 
 
 class _Raw:
@@ -143,11 +154,29 @@ def test_corrupt_store_blob_is_an_error_and_is_not_cached(adapter_store, registr
     assert e.value.code == "missing_blob"
 
 
-def test_concurrent_loads_fetch_once(adapter_store, registry_tiny_spec, tmp_path):
+def test_concurrent_loads_fetch_once(adapter_store, registry_tiny_spec, tmp_path, monkeypatch):
     writer = Registry(adapter_store, base=registry_tiny_spec)
     m = writer.register(small_lora_bytes(registry_tiny_spec), name="w")
     gated = GatedStore(adapter_store)
     in_download, release = threading.Event(), threading.Event()
+    followers_waiting = threading.Semaphore(0)  # released once per caller waiting on the leader's load
+
+    class SpyFlight(cache_module._Flight):
+        def __init__(self):
+            super().__init__()
+            done = self.done
+
+            class Done:
+                set, is_set = done.set, done.is_set
+
+                @staticmethod
+                def wait(timeout=None):
+                    followers_waiting.release()
+                    return done.wait(timeout)
+
+            self.done = Done
+
+    monkeypatch.setattr(cache_module, "_Flight", SpyFlight)
 
     def hold(key):
         in_download.set()
@@ -161,9 +190,12 @@ def test_concurrent_loads_fetch_once(adapter_store, registry_tiny_spec, tmp_path
     assert in_download.wait(10)
     for t in threads[1:]:
         t.start()
+    for _ in threads[1:]:  # all three wait on the first one's load before it may finish
+        assert followers_waiting.acquire(timeout=10)
     release.set()
     for t in threads:
         t.join(10)
-    assert gated.calls["download"] == 1
+        assert not t.is_alive()
+    assert gated.calls["download"] == 1 and node.memory.loads == 1
     assert len(results) == 4 and all(r is results[0] for r in results)
     assert node.memory.keys() == [m.sha256]
