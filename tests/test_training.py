@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -37,8 +36,9 @@ from training import (
     train,
     training_settings,
 )
-from training.checkpoints import checkpoint_dirs
+from training.checkpoints import checkpoint_dirs, read_checkpoint
 from training.config import DEFAULT_UNET_TARGETS
+from training.train import INTERRUPT_AT_STEP_ENV
 
 from engine_helpers import Engine
 
@@ -341,39 +341,67 @@ def test_registration_against_another_base_model_is_refused_before_training(trai
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
 
 
+def _sigint_as_default() -> None:
+    """In the child, before exec: SIGINT's default disposition, even if whoever runs the tests ignores it
+    (a background job without job control does), so Python installs its ``KeyboardInterrupt`` handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_interrupted_then_rerun_resumes_and_matches_an_uninterrupted_run(red_folder, cache_dir, tmp_path):
     out = tmp_path / "cli-run"
-    args = ["train", str(red_folder), "--output-dir", str(out), "--steps", "30", "--checkpoint-every", "2"]
-    args += ["--resolution", "64", "--learning-rate", "1e-2", "--batch-size", "1"]
+    args = ["train", str(red_folder), "--output-dir", str(out), "--steps", "8", "--checkpoint-every", "2"]
+    args += ["--resolution", "64", "--learning-rate", "1e-2", "--batch-size", "1", "--quiet"]
     env = {**os.environ, "LORAFLEET_CACHE_DIR": str(cache_dir)}
-    first = subprocess.Popen([LORAFLEET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    # Interrupt once the progress bar shows step 3 or later: the step-2 checkpoint is on disk by then.
-    seen = b""
-    while (m := re.findall(rb"\| *(\d+)/30 \[", seen)) == [] or int(m[-1]) < 3:
-        chunk = first.stderr.read1(4096)
-        assert chunk, f"training ended before step 3: {seen[-2000:]!r}"
-        seen += chunk
-    first.send_signal(signal.SIGINT)
-    stdout, _ = first.communicate(timeout=120)
-    assert first.returncode == 130, seen[-2000:]
-    assert b"interrupted; rerun the same command to resume" in stdout
-    newest = checkpoint_dirs(out / "checkpoints")[-1].name
-    assert newest != "step-00000030"
-
-    rerun = subprocess.run(
-        [LORAFLEET, *args, "--quiet", "--json"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming from {newest}" in rerun.stderr
-    result = json.loads(rerun.stdout)
+    env.pop(INTERRUPT_AT_STEP_ENV, None)
+    # The run sends itself SIGINT right after step 5, as a Ctrl-C landing there would: the newest
+    # checkpoint is step 4, whatever the machine's speed.
+    first = subprocess.run(
+        [LORAFLEET, *args], capture_output=True, text=True, env={**env, INTERRUPT_AT_STEP_ENV: "5"}, timeout=300,
+        preexec_fn=_sigint_as_default,
+    )  # fmt: skip
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert "interrupted; rerun the same command to resume" in first.stdout
+    root = out / "checkpoints"
+    assert [p.name for p in checkpoint_dirs(root)] == ["step-00000002", "step-00000004"]
+    assert not (out / "training.json").exists()
 
     straight = config_for(
-        red_folder, tmp_path / "straight", cache_dir, steps=30, checkpoint_every=2, batch_size=1,
+        red_folder, tmp_path / "straight", cache_dir, steps=8, checkpoint_every=2, batch_size=1,
         target_modules=DEFAULT_UNET_TARGETS,  # the command's default
     )  # fmt: skip
     expected = train(prepare(straight), progress=False)
+    state = read_checkpoint(root / "step-00000004")
+    assert state["step"] == 4 and state["losses"] == expected.losses[:4]
+
+    rerun = subprocess.run([LORAFLEET, *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from step-00000004" in rerun.stderr
+    result = json.loads(rerun.stdout)
     assert result["sha256"] == expected.sha256
     assert json.loads((out / "training.json").read_text())["losses"] == expected.losses
+
+
+def test_the_interrupt_hook_is_a_real_sigint_after_that_steps_checkpoint(red_folder, cache_dir, tmp_path, monkeypatch):
+    config = config_for(red_folder, tmp_path / "run", cache_dir, steps=4, checkpoint_every=3, batch_size=1)
+    seen = []
+
+    def on_sigint(signum, frame):
+        seen.append(sorted(p.name for p in checkpoint_dirs(Path(config.output_dir) / "checkpoints")))
+        raise Interrupt
+
+    monkeypatch.setenv(INTERRUPT_AT_STEP_ENV, "3")
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        steps_run = []
+        with pytest.raises(Interrupt):
+            train(prepare(config), progress=False, on_step=lambda step, loss: steps_run.append(step))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert steps_run == [1, 2, 3]
+    assert seen == [["step-00000003"]]  # the signal came once, after step 3's checkpoint was in place
+    monkeypatch.setenv(INTERRUPT_AT_STEP_ENV, "three")
+    with pytest.raises(ValueError, match=f"{INTERRUPT_AT_STEP_ENV}='three' is not a step number"):
+        train(prepare(config), progress=False)
 
 
 def test_cli_bad_input_exits_2_before_training(tmp_path, cache_dir):

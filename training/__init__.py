@@ -20,7 +20,8 @@ from .export import (
     training_settings,
 )
 from .plan import TrainingPlan, prepare
-from .train import Trainer, train
+from .train import train
+from .trainer import Trainer
 
 __all__ = [
     "TrainedAdapter",

@@ -36,7 +36,7 @@ def _train_worker(loop_config: dict) -> None:
     from ray.experimental.tqdm_ray import tqdm
 
     from .plan import resolve_base_model
-    from .train import Trainer
+    from .trainer import Trainer
 
     config = TrainingConfig(**loop_config["config"])
     context = ray.train.get_context()

@@ -1,190 +1,53 @@
-"""The training loop: plain PyTorch, no Ray (``distributed`` runs the same ``Trainer`` on each worker).
+"""``lorafleet train``'s loop: ``run_local`` trains in this process, ``train`` picks it or Ray Train.
 
-One step, as in diffusers' ``train_text_to_image_lora.py``::
-
-    z_0  = (mean + std * n) * scaling_factor         VAE posterior sample of the image (frozen VAE)
-    x_t  = sqrt(abar_t) * z_0 + sqrt(1 - abar_t) * eps      t ~ U{0, T-1}, eps ~ N(0, I)  (DDPMScheduler)
-    loss = || unet(x_t, t, clip(caption)) - eps ||^2      (v-prediction models: target get_velocity)
-
-AdamW updates the LoRA weights only. Every random draw for a sample (flip,
-posterior noise, eps, t) comes from a generator seeded by (seed, sample id),
-and sample ids are a function of the step (``data.sample_ids``), so a run
-resumed from a checkpoint, or spread over N workers, computes what one
-uninterrupted process computes.
+The arithmetic of a step is ``trainer.Trainer``'s (see its module); ``distributed`` runs the same
+``Trainer`` on each Ray Train worker.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
+import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 from deployments.engine import models
 
-from . import checkpoints
-from .checkpoints import checkpoint_name, compatible, remove_staging, restore_checkpoint, save_checkpoint
-from .config import TrainingConfig, TrainingInputError
-from .data import CaptionedImages, derive_seed, sample_ids
-from .lora import LoRAModel
+from .checkpoints import checkpoint_name, remove_staging, save_checkpoint
+from .trainer import StepCallback, Trainer
 
-StepCallback = Callable[[int, float], None]  # (steps done, loss of that step)
+# For tests: the in-process loop sends itself SIGINT right after this step (and its checkpoint, if due),
+# so an interrupt lands at a step the test chooses instead of racing the progress bar.
+INTERRUPT_AT_STEP_ENV = "LORAFLEET_TRAIN_INTERRUPT_AT_STEP"
 
 
-class Trainer:
-    """One process's share of a training run: the model, the optimizer and the step counter.
-
-    ``wrap`` wraps each trained module for data parallelism (``ray.train.torch.prepare_model``:
-    DDP, which averages gradients across the ``world_size`` workers).
-    """
-
-    def __init__(
-        self,
-        config: TrainingConfig,
-        model_dir: Path,
-        dataset: CaptionedImages,
-        record: dict,
-        *,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    ):
-        from diffusers import DDPMScheduler
-
-        self.config = config
-        self.dataset = dataset
-        self.record = record
-        self.device = device
-        self.rank, self.world_size = rank, world_size
-        self.model = LoRAModel(model_dir, config, device)
-        info = models.read_model_info(config.base_model, model_dir)
-        self.noise_scheduler = DDPMScheduler.from_config(info.scheduler_config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        vae_config = self.model.vae.config
-        self.scaling_factor = vae_config.scaling_factor
-        self.shift_factor = vae_config.get("shift_factor")
-        self.params = self.model.parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.unet = wrap(self.model.unet) if wrap else self.model.unet
-        self.text_encoder = self.model.text_encoder
-        if wrap and config.train_text_encoder:
-            self.text_encoder = wrap(self.text_encoder)
-        self._embeddings: dict[str, torch.Tensor] = {}  # caption -> [max_length, hidden], frozen text encoder
-        self.step = 0  # optimizer steps done
-        self.losses: list[float] = []  # per step, averaged over the workers
-
-    # -- one step ------------------------------------------------------------------------------
-
-    def encode_prompt(self, captions: list[str]) -> torch.Tensor:
-        """CLIP's last hidden state for each caption: ``[batch, max_length, hidden]``."""
-        tokenizer = self.model.tokenizer
-
-        def tokenize(texts: list[str]) -> torch.Tensor:
-            return tokenizer(
-                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-
-        if self.config.train_text_encoder:
-            return self.text_encoder(tokenize(captions), return_dict=False)[0]
-        todo = sorted({c for c in captions if c not in self._embeddings})
-        if todo:
-            with torch.no_grad():
-                hidden = self.text_encoder(tokenize(todo), return_dict=False)[0]
-            self._embeddings.update(zip(todo, hidden, strict=True))
-        return torch.stack([self._embeddings[c] for c in captions])
-
-    def loss(self, ids: list[int]) -> torch.Tensor:
-        """The denoising loss of the samples with these global ids (gradients flow into the LoRA weights)."""
-        seed = self.config.seed
-        index = [self.dataset.index(i, seed) for i in ids]
-        generators = [torch.Generator().manual_seed(derive_seed(seed, "sample", i)) for i in ids]
-        pixels = self.dataset.pixels[index].float().div(127.5).sub(1)  # [b, 3, H, W] in [-1, 1]
-        if self.config.random_flip:
-            flip = [bool(torch.rand((), generator=g) < 0.5) for g in generators]
-            pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flip, strict=True)])
-        with torch.no_grad():
-            posterior = self.model.vae.encode(pixels.to(self.device)).latent_dist
-        shape = posterior.mean.shape[1:]  # [c, h, w]
-
-        def normal() -> torch.Tensor:  # one draw per sample, from that sample's generator, on the CPU
-            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-
-        z_0 = posterior.mean + posterior.std * normal()
-        if self.shift_factor is not None:
-            z_0 = z_0 - self.shift_factor
-        z_0 = z_0 * self.scaling_factor  # [b, c, h, w]
-        eps = normal()
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in generators]).to(self.device)
-        x_t = self.noise_scheduler.add_noise(z_0, eps, t)
-        c = self.encode_prompt([self.dataset.captions[i] for i in index])
-        pred = self.unet(x_t, t, encoder_hidden_states=c, return_dict=False)[0]
-        target = eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(z_0, eps, t)
-        return F.mse_loss(pred.float(), target.float())
-
-    def train_step(self) -> float:
-        """One optimizer step on this worker's share of the step's samples; returns the loss averaged over all."""
-        cfg = self.config
-        passes = cfg.gradient_accumulation_steps
-        total = torch.zeros((), device=self.device)
-        for micro in range(passes):
-            ids = sample_ids(self.step, self.rank, self.world_size, cfg.batch_size, passes, micro)
-            # DDP averages gradients across workers in the last pass's backward only.
-            with self._no_sync() if micro < passes - 1 else contextlib.nullcontext():
-                loss = self.loss(ids) / passes
-                loss.backward()
-            total += loss.detach()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(total)
-            total = total / self.world_size
-        self.step += 1
-        self.losses.append(float(total))
-        return self.losses[-1]
-
-    def _no_sync(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        for module in (self.unet, self.text_encoder):
-            if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-                stack.enter_context(module.no_sync())
-        return stack
-
-    @torch.no_grad()
-    def evaluate(self, ids: list[int]) -> float:
-        """The loss on fixed samples (same noise and timesteps every call), without a step."""
-        return float(self.loss(ids))
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def write_checkpoint(self, directory: Path) -> None:
-        checkpoints.write_checkpoint(
-            directory, self.model, self.optimizer, step=self.step, losses=self.losses, record=self.record
-        )
-
-    def restore(self, directory: Path) -> None:
-        """Continue from a checkpoint of a run with the same settings, base model and data."""
-        state = restore_checkpoint(directory, self.model, self.optimizer)
-        problems = compatible(self.record, state["record"])
-        if problems:
-            raise TrainingInputError(f"checkpoint {directory} is from a different run: {'; '.join(problems)}")
-        self.step = state["step"]
-        self.losses = list(state["losses"])
+def _interrupt_at_step() -> int | None:
+    """The step named by ``$LORAFLEET_TRAIN_INTERRUPT_AT_STEP``, or ``None`` when it is unset or empty."""
+    value = os.environ.get(INTERRUPT_AT_STEP_ENV, "")
+    if value == "":
+        return None
+    try:
+        step = int(value)
+    except ValueError as e:
+        raise ValueError(f"{INTERRUPT_AT_STEP_ENV}={value!r} is not a step number") from e
+    if step < 1:
+        raise ValueError(f"{INTERRUPT_AT_STEP_ENV}={value!r} must be a step >= 1")
+    return step
 
 
 def run_local(plan, *, progress: bool = True, on_step: StepCallback | None = None) -> Path:
     """Train in this process from ``plan`` (``plan.prepare``); returns the final checkpoint's directory.
 
     ``on_step(step, loss)`` runs after each step (and after its checkpoint, if one is due).
+
+    With ``$LORAFLEET_TRAIN_INTERRUPT_AT_STEP=N`` set (a test seam; unset in production), the loop
+    sends this process SIGINT right after step ``N``, its checkpoint and ``on_step``: exactly what a
+    Ctrl-C landing there does (Python's default handler raises ``KeyboardInterrupt``; ``lorafleet
+    train`` exits 130). Only the in-process loop honours it, not Ray Train workers.
     """
     from tqdm import tqdm
 
+    interrupt_at = _interrupt_at_step()
     config = plan.config
     device = models.resolve_device(config.device)
     trainer = Trainer(config, plan.model_dir, plan.dataset, plan.record, device=device)
@@ -204,6 +67,8 @@ def run_local(plan, *, progress: bool = True, on_step: StepCallback | None = Non
                 final = save_checkpoint(root, trainer.step, trainer.write_checkpoint, config.checkpoints_to_keep)
             if on_step is not None:
                 on_step(trainer.step, loss)
+            if trainer.step == interrupt_at:
+                signal.raise_signal(signal.SIGINT)  # the handler runs before raise_signal returns
     if final is None or final.name != checkpoint_name(config.steps):
         raise RuntimeError(f"training stopped at step {trainer.step} without a final checkpoint")
     return final
@@ -230,6 +95,8 @@ def train(
     else:
         if on_step is not None:
             raise ValueError("on_step is only available when training in this process (num_workers=0)")
+        if _interrupt_at_step() is not None:
+            raise ValueError(f"{INTERRUPT_AT_STEP_ENV} is only honoured when training in this process (num_workers=0)")
         from .distributed import run_distributed
 
         final = run_distributed(
