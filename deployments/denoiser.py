@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
 import torch
 from ray import serve
 
 from lora_registry.config import RegistryConfig
 
+from .config import DenoiserConfig
 from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
-from .engine.config import DenoiserConfig, LoRAConfig, ModelConfig
+from .engine.conditioning import ImageConditioning
+from .engine.config import LoRAConfig, ModelConfig
 from .engine.loop import DenoiseLoop
 from .engine.previews import preview_data_url, unit_variance
 from .engine.runtime import prepare_runtime
 from .engine.schedulers import SchedulerFactory
 from .engine.step_scheduler import DenoiseJob, DenoiseRequest, StepScheduler
+from .messages import Denoised, DenoiseEvent, DenoiseParams, Preview, PromptEmbeddings, Queued, Step, Trace
 from .metrics import DenoiserMetrics, adapter_label
 
 
@@ -51,17 +57,20 @@ class Denoiser:
         await self.adapters.release([ref])
         return ref
 
-    async def denoise(self, encoded: dict, params: dict, conditioning: list | None = None) -> dict:
-        """Denoise ``params["num_images"]`` images; image k uses seed ``params["seed"] + k``.
+    async def denoise(
+        self,
+        encoded: PromptEmbeddings,
+        params: DenoiseParams,
+        conditioning: list[ImageConditioning] | None = None,
+    ) -> Denoised:
+        """Denoise ``params.num_images`` images; image k uses seed ``params.seed + k``.
 
-        ``encoded`` is the TextEncoder's output (a chained DeploymentResponse,
-        resolved by Serve). ``params["adapters"]``: ``[[ref, weight], ...]``
-        (UNet parts, pinned ``name@version`` refs). ``conditioning``: for img2img and inpainting,
-        the VAE's ``encode`` output (one ``ImageConditioning`` per image; chained, resolved by Serve).
-        Returns latents ``[n, c, h, w]`` and timings.
+        ``encoded`` is the TextEncoder's answer (a chained DeploymentResponse, resolved by Serve).
+        ``conditioning``: for img2img and inpainting, the VAE's ``encode`` answer (one
+        ``ImageConditioning`` per image; chained, resolved by Serve).
         """
         await self._route()
-        refs = [ref for ref, _ in params["adapters"]]
+        refs = [a.ref for a in params.adapters]
         slots = await self.adapters.acquire(refs)
         try:
             requests = self._build_requests(encoded, params, slots, conditioning)
@@ -73,23 +82,24 @@ class Denoiser:
         return self._result(encoded, jobs)
 
     async def denoise_stream(
-        self, encoded: dict, params: dict, preview_every_steps: int = 0, conditioning: list | None = None
-    ):
+        self,
+        encoded: PromptEmbeddings,
+        params: DenoiseParams,
+        preview_every_steps: int = 0,
+        conditioning: list[ImageConditioning] | None = None,
+    ) -> AsyncIterator[DenoiseEvent]:
         """``denoise`` with progress: call with ``handle.options(stream=True)``.
 
-        Yields, as they change:
-        ``{"type": "queued", "position": int, "eta_s": float | None}`` while no image has
-        started (position 0 = next), ``{"type": "step", "step": i, "steps": N, "eta_s": ...}``
-        (the slowest image's step), with ``preview_every_steps > 0`` also
-        ``{"type": "preview", "step": i, "steps": N, "image": "data:image/png;base64,..."}``
-        (a latent-resolution approximation of the slowest image, ``engine/previews.py``),
-        and finally ``{"type": "result", **denoise's result}``. Closing or cancelling the
-        stream cancels the images: they leave the batch at the next tick.
+        Yields, as they change: ``Queued`` while no image has started, ``Step`` (the slowest
+        image's step), with ``preview_every_steps > 0`` also ``Preview`` (a latent-resolution
+        approximation of the slowest image, ``engine/previews.py``), and finally the ``Denoised``
+        result. Closing or cancelling the stream cancels the images: they leave the batch at the
+        next tick.
         """
         await self._route()
-        refs = [ref for ref, _ in params["adapters"]]
+        refs = [a.ref for a in params.adapters]
         slots = await self.adapters.acquire(refs)
-        last: dict | None = None
+        last: Queued | Step | None = None
         previewed = 0
         try:
             requests = self._build_requests(encoded, params, slots, conditioning)
@@ -98,11 +108,12 @@ class Denoiser:
                 if finished:
                     break
                 p = self.steps.progress(jobs)
+                event: Queued | Step
                 if p["position"] is not None:
-                    event = {"type": "queued", "position": p["position"], "eta_s": p["eta_s"]}
+                    event = Queued(position=p["position"], eta_s=p["eta_s"])
                 else:
-                    event = {"type": "step", "step": p["step"], "steps": p["steps"], "eta_s": p["eta_s"]}
-                if last is None or {**event, "eta_s": None} != {**last, "eta_s": None}:
+                    event = Step(step=p["step"], steps=p["steps"], eta_s=p["eta_s"])
+                if last is None or replace(event, eta_s=None) != replace(last, eta_s=None):
                     last = event
                     yield event
                 step, steps = p["step"], p["steps"]
@@ -110,11 +121,11 @@ class Denoiser:
                     previewed = step // preview_every_steps
                     slowest = min(jobs, key=lambda j: j.index)
                     latents = unit_variance(slowest.x_t, slowest.scheduler, slowest.index)[0]  # [c, h, w]
-                    yield {"type": "preview", "step": step, "steps": steps, "image": preview_data_url(latents)}
+                    yield Preview(step=step, steps=steps, image=preview_data_url(latents))
         finally:
             await self.adapters.release(refs)
             self._update_gauges()
-        yield {"type": "result", **self._result(encoded, jobs)}
+        yield self._result(encoded, jobs)
 
     async def _route(self) -> None:
         routed = serve.get_multiplexed_model_id()
@@ -124,36 +135,40 @@ class Denoiser:
             getattr(self, "__serve_multiplex_wrapper").max_num_models_per_replica = self.max_routed_adapters
 
     def _build_requests(
-        self, encoded: dict, params: dict, slots: list[int], conditioning: list | None = None
+        self,
+        encoded: PromptEmbeddings,
+        params: DenoiseParams,
+        slots: list[int],
+        conditioning: list[ImageConditioning] | None = None,
     ) -> list[DenoiseRequest]:
-        """One ``DenoiseRequest`` per image from the encoder's output, the plan's params, adapter slots
-        and (img2img / inpainting) the VAE's per-image conditioning."""
-        adapters = tuple((slot, float(w)) for slot, (_, w) in zip(slots, params["adapters"], strict=True))
+        """One ``DenoiseRequest`` per image from the encoder's answer, the request's params, adapter
+        slots and (img2img / inpainting) the VAE's per-image conditioning."""
+        adapters = tuple((slot, float(a.weight)) for slot, a in zip(slots, params.adapters, strict=True))
         return [
             DenoiseRequest(
-                prompt_embeds=encoded["prompt_embeds"],
-                negative_prompt_embeds=encoded["negative_prompt_embeds"],
-                height=params["height"],
-                width=params["width"],
-                steps=params["steps"],
-                guidance_scale=params["guidance_scale"],
-                seed=params["seed"] + k,
-                scheduler=params["scheduler"],
+                prompt_embeds=encoded.prompt_embeds,
+                negative_prompt_embeds=encoded.negative_prompt_embeds,
+                height=params.height,
+                width=params.width,
+                steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                seed=params.seed + k,
+                scheduler=params.scheduler,
                 adapters=adapters,
-                tenant=params["tenant"],
+                tenant=params.tenant,
                 conditioning=conditioning[k] if conditioning else None,
             )
-            for k in range(params["num_images"])
+            for k in range(params.num_images)
         ]
 
-    def _result(self, encoded: dict, jobs: list[DenoiseJob]) -> dict:
-        return {
-            "latents": torch.cat([j.x_t for j in jobs]).cpu(),  # [n, c, h, w]
-            "encode_ms": encoded["encode_ms"],
-            "queue_ms": max(j.queue_ms for j in jobs),
-            "denoise_ms": max(j.denoise_ms for j in jobs),
-            "trace": {"denoiser_replica": self.replica_id, "denoiser_adapter_loads": self.adapters.slots.loads},
-        }
+    def _result(self, encoded: PromptEmbeddings, jobs: list[DenoiseJob]) -> Denoised:
+        return Denoised(
+            latents=torch.cat([j.x_t for j in jobs]).cpu(),  # [n, c, h, w]
+            encode_ms=encoded.encode_ms,
+            queue_ms=max(j.queue_ms for j in jobs),
+            denoise_ms=max(j.denoise_ms for j in jobs),
+            trace=Trace(denoiser_replica=self.replica_id, denoiser_adapter_loads=self.adapters.slots.loads),
+        )
 
     def _on_tick(self, rows: int, seconds: float) -> None:
         m = self.metrics

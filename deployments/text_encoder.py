@@ -10,11 +10,13 @@ from ray import serve
 
 from lora_registry.config import RegistryConfig
 
+from .config import TextEncoderConfig
 from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
-from .engine.config import LoRAConfig, ModelConfig, TextEncoderConfig
+from .engine.config import LoRAConfig, ModelConfig
 from .engine.prompts import PromptEncoder
 from .engine.runtime import prepare_runtime
+from .messages import EncodeRequest, PromptEmbeddings
 
 
 @serve.deployment(name="TextEncoder")
@@ -36,28 +38,22 @@ class TextEncoder:
         self._encode_batch.set_max_batch_size(config.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    async def encode(self, prompt: str, negative_prompt: str, adapters: list | None = None) -> dict:
-        """``{prompt_embeds [tokens, hidden], negative_prompt_embeds [tokens, hidden], encode_ms}``.
+    async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
+        """Both prompts' embeddings, with the same number of 77-token chunks.
 
-        The prompts may use A1111's weighting syntax (``(word:1.3)``); ``tokens`` is 77 times the
-        number of 75-token chunks, equal for both (the planner has bounded it by
-        ``limits.max_prompt_chunks``). ``adapters``: ``[[ref, weight], ...]`` with text-encoder
-        weights (pinned refs).
+        The prompts may use A1111's weighting syntax (``(word:1.3)``); the planner has bounded
+        their length by ``limits.max_prompt_chunks``. ``request.adapters`` are those with
+        text-encoder weights.
         """
         start = time.perf_counter()
-        adapters = adapters or []
-        refs = [ref for ref, _ in adapters]
+        refs = [a.ref for a in request.adapters]
         slots = await self.adapters.acquire(refs)
         try:
-            text = tuple((slot, float(w), ref) for slot, (ref, w) in zip(slots, adapters, strict=True))
-            pos, neg = await self._encode_batch((prompt, negative_prompt, text))
+            text = tuple((slot, a.weight, a.ref) for slot, a in zip(slots, request.adapters, strict=True))
+            pos, neg = await self._encode_batch((request.prompt, request.negative_prompt, text))
         finally:
             await self.adapters.release(refs)
-        return {
-            "prompt_embeds": pos,
-            "negative_prompt_embeds": neg,
-            "encode_ms": 1000.0 * (time.perf_counter() - start),
-        }
+        return PromptEmbeddings(pos, neg, encode_ms=1000.0 * (time.perf_counter() - start))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _encode_batch(self, items: list[tuple[str, str, tuple]]) -> list[tuple]:

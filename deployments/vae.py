@@ -9,11 +9,13 @@ import time
 import torch
 from ray import serve
 
+from .config import VAEConfig
 from .engine import models
 from .engine.conditioning import ConditioningInput, ImageConditioning, encode_conditioning, overlay_unmasked
-from .engine.config import ModelConfig, VAEConfig
+from .engine.config import ModelConfig
 from .engine.images import decode, encode_image, to_uint8
 from .engine.runtime import prepare_runtime
+from .messages import DecodedImages, DecodeParams, Denoised
 
 
 @serve.deployment(name="VAE")
@@ -46,27 +48,26 @@ class VAE:
             per_image=self.per_image,
         )
 
-    async def decode(self, denoised: dict, output_format: str, overlay: tuple | None = None) -> dict:
+    async def decode(self, denoised: Denoised, params: DecodeParams) -> DecodedImages:
         """Decode a request's latents and encode each image; passes the earlier stages' timings on.
 
-        ``overlay`` (inpainting with ``preserve_unmasked``): ``(original uint8 [H, W, 3], mask [H, W])``;
-        the original's pixels are pasted back where the mask is 0, so they come out exactly as sent.
+        ``params.overlay`` (inpainting with ``preserve_unmasked``): the original's pixels are pasted
+        back where the mask is 0, so they come out exactly as sent.
         """
         start = time.perf_counter()
-        images = await self._decode_batch(denoised["latents"])  # [n, 3, H, W] in [0, 1]
+        images = await self._decode_batch(denoised.latents)  # [n, 3, H, W] in [0, 1]
         pixels = to_uint8(images)  # [n, H, W, 3]
-        if overlay is not None:
-            original, mask = overlay
-            pixels = [overlay_unmasked(original, p, mask) for p in pixels]
-        files = await asyncio.to_thread(lambda: [encode_image(p, output_format) for p in pixels])
-        return {
-            "images": files,
-            "encode_ms": denoised["encode_ms"],
-            "queue_ms": denoised["queue_ms"],
-            "denoise_ms": denoised["denoise_ms"],
-            "decode_ms": 1000.0 * (time.perf_counter() - start),
-            "trace": denoised.get("trace", {}),
-        }
+        if params.overlay is not None:
+            pixels = [overlay_unmasked(params.overlay.original, p, params.overlay.mask) for p in pixels]
+        files = await asyncio.to_thread(lambda: [encode_image(p, params.output_format) for p in pixels])
+        return DecodedImages(
+            images=tuple(files),
+            encode_ms=denoised.encode_ms,
+            queue_ms=denoised.queue_ms,
+            denoise_ms=denoised.denoise_ms,
+            decode_ms=1000.0 * (time.perf_counter() - start),
+            trace=denoised.trace,
+        )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _decode_batch(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:

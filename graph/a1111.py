@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.engine.config import LimitsConfig
-
+from .config import LimitsConfig
 from .errors import APIError
 from .schemas import MAX_SEED
 

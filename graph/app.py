@@ -10,8 +10,8 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.config import ResourceConfig
 from deployments.denoiser import Denoiser
-from deployments.engine.config import ResourceConfig
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
 

@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.engine.adapters import SlotWaitTimeoutError
 from deployments.engine.conditioning import ImageInputError
 from deployments.engine.step_scheduler import QueueFullError
+from deployments.messages import DecodedImages, Denoised, Preview, Queued, Step
 from lora_registry.errors import RegistryError
 
 from .config import LimitsConfig
@@ -73,17 +74,17 @@ class GraphClient:
     async def run(
         self,
         plan: Plan,
-        on_event: Callable[[dict], None] | None = None,
+        on_event: Callable[[Queued | Step | Preview], None] | None = None,
         preview_every_steps: int = 0,
-    ) -> dict:
-        """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's output with all timings.
+    ) -> DecodedImages:
+        """TextEncoder -> Denoiser -> VAE, chained; returns the VAE's answer, with every stage's timing.
 
         With ``on_event``, the Denoiser is called as a stream (``denoise_stream``) and
-        each progress event (queued / step / preview dicts) goes to ``on_event`` as it
-        comes. If a replica dies under the request, the whole chain is retried once: the
-        seed makes the retry give the same image. A second failure is a 503, never a hang.
-        If the caller is cancelled (the HTTP client went away, a job was deleted), every
-        call still in flight is cancelled too, so the denoiser drops the images.
+        each progress event goes to ``on_event`` as it comes. If a replica dies under the
+        request, the whole chain is retried once: the seed makes the retry give the same image.
+        A second failure is a 503, never a hang. If the caller is cancelled (the HTTP client
+        went away, a job was deleted), every call still in flight is cancelled too, so the
+        denoiser drops the images.
         """
         received = time.perf_counter()
         deadline = received + self.limits.request_timeout_s
@@ -101,20 +102,22 @@ class GraphClient:
                         None,
                         {"Retry-After": "5"},
                     ) from e
-        result["total_ms"] = 1000.0 * (time.perf_counter() - received)
         m = self.metrics()
         m.images.inc(plan.num_images)
-        for stage in ("encode", "queue", "denoise", "decode"):
-            m.stage_latency.observe(result[f"{stage}_ms"], tags={"stage": stage})
+        for stage, ms in (
+            ("encode", result.encode_ms),
+            ("queue", result.queue_ms),
+            ("denoise", result.denoise_ms),
+            ("decode", result.decode_ms),
+        ):
+            m.stage_latency.observe(ms, tags={"stage": stage})
         return result
 
     async def _run_once(
-        self, plan: Plan, deadline: float, on_event: Callable[[dict], None] | None, preview_every_steps: int
-    ) -> dict:
+        self, plan: Plan, deadline: float, on_event: Callable | None, preview_every_steps: int
+    ) -> DecodedImages:
         inflight: list = []  # every DeploymentResponse(Generator) of this attempt, to cancel
-        encoded = self.text_encoder.encode.remote(
-            plan.prompt, plan.negative_prompt, [list(a) for a in plan.text_adapters]
-        )
+        encoded = self.text_encoder.encode.remote(plan.encode_request())
         inflight.append(encoded)
         conditioning = None
         if plan.conditioning is not None:
@@ -127,7 +130,7 @@ class GraphClient:
             denoiser = denoiser.options(multiplexed_model_id=plan.unet_adapters[0][0])
         if on_event is None:
             denoised = denoiser.denoise.remote(encoded, plan.denoise_params(), conditioning)
-            decoded = self.vae.decode.remote(denoised, plan.output_format, plan.overlay)
+            decoded = self.vae.decode.remote(denoised, plan.decode_params())
             inflight += [denoised, decoded]
             chain = resolve(decoded)
         else:
@@ -152,20 +155,20 @@ class GraphClient:
 
     async def _stream(
         self, denoiser, encoded, conditioning, plan: Plan, on_event, preview_every_steps: int, inflight: list
-    ) -> dict:
+    ) -> DecodedImages:
         stream = denoiser.options(stream=True).denoise_stream.remote(
             encoded, plan.denoise_params(), preview_every_steps, conditioning
         )
         inflight.append(stream)
         denoised = None
         async for event in stream:
-            if event["type"] == "result":
+            if isinstance(event, Denoised):
                 denoised = event
             else:
                 on_event(event)
         if denoised is None:
             raise RuntimeError("the Denoiser's stream ended without a result")
-        decoded = self.vae.decode.remote(denoised, plan.output_format, plan.overlay)
+        decoded = self.vae.decode.remote(denoised, plan.decode_params())
         inflight.append(decoded)
         return await decoded
 

@@ -12,15 +12,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from deployments.engine.config import (
-    DenoiserConfig,
-    LimitsConfig,
-    LoRAConfig,
-    ModelConfig,
-    TextEncoderConfig,
-    VAEConfig,
-    _Strict,
-)
+from deployments.config import DenoiserConfig, TextEncoderConfig, VAEConfig
+from deployments.engine.config import LoRAConfig, ModelConfig, StrictConfig
 from lora_registry.config import RegistryConfig
 
 
@@ -28,9 +21,11 @@ class ConfigError(ValueError):
     """Bad configuration; the message names each offending field."""
 
 
-class AppConfig(_Strict):
+class AppConfig(StrictConfig):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how to run it.")
-    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits checked at the edge.")
+    limits: LimitsConfig = Field(
+        default_factory=lambda: LimitsConfig(), description="Per-request limits checked at the edge."
+    )
     ingress: IngressConfig = Field(default_factory=lambda: IngressConfig(), description="HTTP ingress replicas.")
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
@@ -65,7 +60,40 @@ class AppConfig(_Strict):
             raise ConfigError(f"invalid lorafleet config: {problems}") from e
 
 
-class IngressConfig(_Strict):
+class LimitsConfig(StrictConfig):
+    """Per-request limits, checked at the edge (the ingress) before any work is queued."""
+
+    max_side: int = Field(1024, ge=64, le=4096, description="Largest width or height in pixels.")
+    min_side: int = Field(64, ge=8, description="Smallest width or height in pixels.")
+    max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps per request.")
+    max_num_images: int = Field(8, ge=1, le=64, description="Most images per request.")
+    max_guidance_scale: float = Field(30.0, ge=0, description="Largest guidance_scale.")
+    max_prompt_chunks: int = Field(
+        3,
+        ge=1,
+        description=(
+            "Longest prompt (and negative prompt), in CLIP chunks of 75 tokens: 3 = 225 tokens. Each chunk "
+            "adds 77 tokens to the UNet's cross-attention context."
+        ),
+    )
+    max_image_bytes: int = Field(
+        10_000_000, ge=1024, description="Largest uploaded image or mask (img2img, inpainting), in bytes."
+    )
+    max_image_pixels: int = Field(
+        16_777_216,
+        ge=4096,
+        description="Most pixels an uploaded image may declare (4096 x 4096); checked before decoding.",
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="A request still unanswered after this gets 504.")
+
+    @model_validator(mode="after")
+    def _sides(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self
+
+
+class IngressConfig(StrictConfig):
     num_replicas: int = Field(1, ge=1, le=1024, description="HTTP ingress replicas.")
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests an ingress replica handles at once.")
@@ -74,7 +102,7 @@ class IngressConfig(_Strict):
     )
 
 
-class AdminConfig(_Strict):
+class AdminConfig(StrictConfig):
     token: str | None = Field(
         None, description="Bearer token for registry writes; default: $LORAFLEET_ADMIN_TOKEN. Unset: writes refused."
     )
@@ -86,7 +114,7 @@ class AdminConfig(_Strict):
         return self.token or os.environ.get("LORAFLEET_ADMIN_TOKEN") or None
 
 
-class JobsConfig(_Strict):
+class JobsConfig(StrictConfig):
     """The ``Jobs`` deployment: one replica holds every async job, so any ingress replica sees each one."""
 
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved for the Jobs replica.")

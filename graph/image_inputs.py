@@ -11,8 +11,9 @@ from dataclasses import replace
 import numpy as np
 
 from deployments.engine import conditioning as cond
-from deployments.engine.config import LimitsConfig
+from deployments.messages import Overlay
 
+from .config import LimitsConfig
 from .errors import APIError
 from .planning import Plan, Planner
 
@@ -61,7 +62,7 @@ def plan_image_request(
     mask_tensor = cond.preprocess_mask(mask_image, w, h) if mask_image is not None else None  # [1, 1, H, W]
     overlay = None
     if mask_tensor is not None and preserve_unmasked:
-        overlay = (cond.original_pixels(picture, w, h), mask_tensor[0, 0].numpy().astype(np.uint8))
+        overlay = Overlay(cond.original_pixels(picture, w, h), mask_tensor[0, 0].numpy().astype(np.uint8))
     return replace(
         plan,
         conditioning=cond.ConditioningInput(

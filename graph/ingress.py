@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.engine import models
 from deployments.engine.adapters import open_model_registry
 from deployments.engine.images import MIME_TYPES
+from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
 
 from . import a1111, errors, jobs, page
@@ -180,11 +181,11 @@ class Ingress:
             "tenant": tenant_of(request, body.user),
         }
 
-    def generated(self, plan: Plan, result: dict, raw: str | None):
+    def generated(self, plan: Plan, result: DecodedImages, raw: str | None):
         """The native answer: the raw image (``Accept: image/...``, one image) or ``GenerateResponse``."""
         if raw and plan.num_images == 1:
             return Response(
-                result["images"][0],
+                result.images[0],
                 media_type=MIME_TYPES[raw],
                 headers={"X-Seed": str(plan.seed), "X-Model": self.model_name},
             )
@@ -193,16 +194,16 @@ class Ingress:
                 GeneratedImage(
                     b64=base64.b64encode(data).decode(), seed=plan.seed + k, width=plan.width, height=plan.height
                 )
-                for k, data in enumerate(result["images"])
+                for k, data in enumerate(result.images)
             ],
             model=self.model_name,
             loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
-            trace=result.get("trace", {}),
+            trace=result.trace.to_dict(),
             timings=Timings(
-                queue_ms=result["queue_ms"],
-                encode_ms=result["encode_ms"],
-                denoise_ms=result["denoise_ms"],
-                decode_ms=result["decode_ms"],
+                queue_ms=result.queue_ms,
+                encode_ms=result.encode_ms,
+                denoise_ms=result.denoise_ms,
+                decode_ms=result.decode_ms,
             ),
         )
 
@@ -240,7 +241,7 @@ class Ingress:
         result = await self.graph.run(plan)
         return OpenAIImagesResponse(
             created=int(time.time()),
-            data=[OpenAIImage(b64_json=base64.b64encode(d).decode()) for d in result["images"]],
+            data=[OpenAIImage(b64_json=base64.b64encode(d).decode()) for d in result.images],
         )
 
     async def plan_async(self, **kwargs) -> Plan:
@@ -355,7 +356,7 @@ class Ingress:
         plan = await self.plan_async(**call.body, tenant=tenant_of(request, None), fields=call.fields)
         result = await self.graph.run(plan)
         mhash = a1111.model_hash(self.base_spec.fingerprint)
-        return a1111.a1111_response(body, call, plan, result["images"], self.model_name, mhash)
+        return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
 
     @app.post("/sdapi/v1/img2img", responses=_ERRORS)
     async def a1111_img2img(self, body: a1111.Img2ImgRequest, request: Request) -> dict:
@@ -371,7 +372,7 @@ class Ingress:
         )
         result = await self.graph.run(plan)
         mhash = a1111.model_hash(self.base_spec.fingerprint)
-        return a1111.a1111_response(body, call, plan, result["images"], self.model_name, mhash)
+        return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
 
     @app.get("/sdapi/v1/sd-models")
     async def a1111_sd_models(self) -> list[dict]:

@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.messages import DecodedImages, Preview, Queued, Step
+
 from .chain import GraphClient
 from .config import AppConfig
 from .errors import APIError
@@ -204,16 +206,16 @@ def _detached(coro) -> asyncio.Task:
 class JobManager:
     """Starts, tracks, cancels and streams jobs (no Ray: ``run`` is the graph call).
 
-    ``run(plan, on_event)`` produces the chain's result (``{"images": [bytes, ...], ...}``)
-    and calls ``on_event`` with each progress event of the Denoiser's stream
-    (``Denoiser.denoise_stream``); it raises ``APIError`` as the sync route would.
+    ``run(plan, on_event)`` produces the chain's result (``DecodedImages``) and calls
+    ``on_event`` with each progress event of the Denoiser's stream (``Queued``, ``Step``,
+    ``Preview``); it raises ``APIError`` as the sync route would.
     ``on_finish(outcome)`` is told each job's end (for metrics).
     """
 
     def __init__(
         self,
         store: JobStore,
-        run: Callable[[Plan, Callable[[dict], None]], Awaitable[dict]],
+        run: Callable[[Plan, Callable[[Queued | Step | Preview], None]], Awaitable[DecodedImages]],
         heartbeat_s: float = 15.0,
         on_finish: Callable[[str], None] | None = None,
     ):
@@ -255,26 +257,25 @@ class JobManager:
                     "width": plan.width,
                     "height": plan.height,
                 }
-                for k, data in enumerate(result["images"])
+                for k, data in enumerate(result.images)
             ]
             self._finish(job, "done", images=images, step=job.steps)
 
-    def _on_event(self, job: Job, event: dict) -> None:
+    def _on_event(self, job: Job, event: Queued | Step | Preview) -> None:
         """A progress event of the Denoiser's stream -> the job object."""
         if job.finished:
             return
         now = self.store.clock()
-        kind = event["type"]
-        if kind == "queued":
-            job.status, job.position, job.eta_s = "queued", event["position"], event["eta_s"]
-        elif kind == "step":
-            job.status, job.position, job.eta_s, job.step = "running", None, event["eta_s"], event["step"]
-        elif kind == "preview":
-            job.preview = {"step": event["step"], "steps": event["steps"], "image": event["image"]}
+        if isinstance(event, Queued):
+            job.status, job.position, job.eta_s = "queued", event.position, event.eta_s
+        elif isinstance(event, Step):
+            job.status, job.position, job.eta_s, job.step = "running", None, event.eta_s, event.step
+        elif isinstance(event, Preview):
+            job.preview = {"step": event.step, "steps": event.steps, "image": event.image}
             job.touch(now, preview=True)
             return
         else:
-            raise ValueError(f"unknown progress event {kind!r}")
+            raise TypeError(f"unknown progress event {event!r}")
         job.touch(now)
 
     def _finish(self, job: Job, status: str, **fields) -> None:
@@ -352,7 +353,7 @@ class Jobs:
         graph_metrics = IngressMetrics()  # images, stage latencies and replica failures of the jobs' chains
         graph = GraphClient(text_encoder, denoiser, vae, config.limits, lambda: graph_metrics)
 
-        def run(plan: Plan, on_event: Callable[[dict], None]) -> Awaitable[dict]:
+        def run(plan: Plan, on_event: Callable[[Queued | Step | Preview], None]) -> Awaitable[DecodedImages]:
             return graph.run(plan, on_event=on_event, preview_every_steps=cfg.preview_every_steps)
 
         self.metrics = JobsMetrics()

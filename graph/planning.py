@@ -15,6 +15,7 @@ from deployments.engine.images import MIME_TYPES
 from deployments.engine.models import ModelInfo
 from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags
 from deployments.engine.prompts import chunk_count, tokenize_weighted
+from deployments.messages import AdapterUse, DecodeParams, DenoiseParams, EncodeRequest, Overlay
 
 from .adapters_api import AdapterResolver
 from .config import LimitsConfig
@@ -42,9 +43,9 @@ class Plan:
     text_adapters: tuple[tuple[str, float], ...] = ()
     applied: tuple[tuple[str, float], ...] = ()
     # img2img / inpainting (graph/image_inputs.py): what the VAE stage encodes, and for inpainting
-    # with preserve_unmasked the pixels pasted back: (original uint8 [H, W, 3], mask uint8 [H, W], 1 = repaint).
+    # with preserve_unmasked the pixels pasted back.
     conditioning: ConditioningInput | None = None
-    overlay: tuple | None = None
+    overlay: Overlay | None = None
 
     @property
     def mode(self) -> str:
@@ -52,18 +53,28 @@ class Plan:
             return "txt2img"
         return "inpaint" if self.conditioning.mask is not None else "img2img"
 
-    def denoise_params(self) -> dict:
-        return {
-            "adapters": [list(a) for a in self.unet_adapters],
-            "tenant": self.tenant,
-            "width": self.width,
-            "height": self.height,
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "seed": self.seed,
-            "num_images": self.num_images,
-            "scheduler": self.scheduler,
-        }
+    def encode_request(self) -> EncodeRequest:
+        """What the TextEncoder gets (``deployments/messages.py``)."""
+        adapters = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters)
+        return EncodeRequest(self.prompt, self.negative_prompt, adapters)
+
+    def denoise_params(self) -> DenoiseParams:
+        """What the Denoiser gets besides the embeddings."""
+        return DenoiseParams(
+            num_images=self.num_images,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            adapters=tuple(AdapterUse(ref, float(w)) for ref, w in self.unet_adapters),
+            tenant=self.tenant,
+        )
+
+    def decode_params(self) -> DecodeParams:
+        """What the VAE's decode gets besides the latents."""
+        return DecodeParams(self.output_format, self.overlay)
 
 
 class Planner:

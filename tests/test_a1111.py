@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.engine.config import LimitsConfig
 from graph import a1111, page
+from graph.config import LimitsConfig
 from graph.errors import APIError
 from graph.planning import Plan
 

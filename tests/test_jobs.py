@@ -9,10 +9,12 @@ import json
 import pytest
 
 from deployments.engine.loop import DenoiseLoop
+from deployments.messages import DecodedImages, Preview, Queued, Step
 from graph.errors import APIError
 from graph.jobs import KEEP_ALIVE, Job, JobManager, JobStore, StoreFullError, sse
 from graph.planning import Plan
 
+from conftest import until
 from engine_helpers import Engine
 
 
@@ -142,12 +144,16 @@ class FakeGraph:
                 item = await self.events.get()
                 if isinstance(item, BaseException):
                     raise item
-                if "images" in item:
+                if isinstance(item, DecodedImages):
                     return item
                 on_event(item)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+
+
+def finished(*images: bytes) -> DecodedImages:
+    return DecodedImages(images=images, encode_ms=1.0, queue_ms=0.0, denoise_ms=2.0, decode_ms=1.0)
 
 
 def parse(chunks: list[str]) -> list[tuple[str, dict | None]]:
@@ -194,20 +200,20 @@ def test_job_lifecycle_and_its_event_stream():
         listener = asyncio.create_task(listen())
         await settle()
         for event in (
-            {"type": "queued", "position": 3, "eta_s": 9.0},
-            {"type": "queued", "position": 1, "eta_s": 4.0},
-            {"type": "step", "step": 1, "steps": 4, "eta_s": 3.0},
-            {"type": "step", "step": 2, "steps": 4, "eta_s": 2.0},
-            {"type": "preview", "step": 2, "steps": 4, "image": "data:image/png;base64,AAAA"},
-            {"type": "step", "step": 3, "steps": 4, "eta_s": 1.0},
+            Queued(position=3, eta_s=9.0),
+            Queued(position=1, eta_s=4.0),
+            Step(step=1, steps=4, eta_s=3.0),
+            Step(step=2, steps=4, eta_s=2.0),
+            Preview(step=2, steps=4, image="data:image/png;base64,AAAA"),
+            Step(step=3, steps=4, eta_s=1.0),
         ):
             clock.now += 1
             await graph.events.put(event)
             await settle()
-        await asyncio.sleep(0.12)  # idle: keep-alive comments
+        await until(lambda: KEEP_ALIVE in chunks)  # idle for heartbeat_s: a keep-alive comment
         assert manager.get(j.id).to_dict()["status"] == "running"
         assert manager.get(j.id).to_dict()["progress"] == 0.75
-        await graph.events.put({"images": [b"png-0", b"png-1"]})
+        await graph.events.put(finished(b"png-0", b"png-1"))
         await asyncio.wait_for(listener, 5)
         events = parse(chunks)
         statuses = [(d["status"], d["position"], d["step"]) for name, d in events if name == "status"]
@@ -270,7 +276,7 @@ def test_cancel_stops_the_graph_call_and_deleting_a_finished_job_removes_it():
         manager = JobManager(JobStore(10, 60), graph.run, on_finish=outcomes.append)
         j = manager.submit(plan())
         await settle()
-        await graph.events.put({"type": "step", "step": 1, "steps": 4, "eta_s": 3.0})
+        await graph.events.put(Step(step=1, steps=4, eta_s=3.0))
         await settle()
         listener = asyncio.create_task(_collect(manager.events(j.id)))
         await settle()
@@ -279,7 +285,7 @@ def test_cancel_stops_the_graph_call_and_deleting_a_finished_job_removes_it():
         assert graph.cancelled == 1 and j.task.cancelled()
         events = parse(await asyncio.wait_for(listener, 5))
         assert [name for name, _ in events] == ["status", "cancelled"]
-        await graph.events.put({"type": "step", "step": 2, "steps": 4, "eta_s": 1.0})  # nobody listens any more
+        await graph.events.put(Step(step=2, steps=4, eta_s=1.0))  # nobody listens any more
         assert manager.get(j.id) is j  # kept (cancelled) until its TTL ...
         assert manager.cancel(j.id) is j and manager.get(j.id) is None  # ... or a second DELETE
         assert manager.cancel(j.id) is None
@@ -295,8 +301,8 @@ async def _collect(stream) -> list[str]:
 def test_unknown_progress_events_fail_loudly():
     manager = JobManager(JobStore(10, 60), FakeGraph().run)
     j = job("a")
-    with pytest.raises(ValueError, match="unknown progress event 'tick'"):
-        manager._on_event(j, {"type": "tick"})
+    with pytest.raises(TypeError, match="unknown progress event 'tick'"):
+        manager._on_event(j, "tick")
 
 
 # -- the denoiser's progress: position, step, ETA -----------------------------------------
@@ -348,13 +354,16 @@ def test_eta_counts_turns_of_the_shape_buckets_and_steps_are_the_requests_own(en
     assert steps.progress([small])["step"] == 6 and steps.progress([small])["eta_s"] == 0.0
 
 
-def test_loop_stream_reports_each_tick_and_cancels_when_left(engine):
+def test_loop_stream_reports_each_tick_and_cancels_when_left(engine, tick_gate):
     loop_ = DenoiseLoop(engine.steps)
+    gate = tick_gate(engine.steps)  # one tick per look: what the stream shows cannot outrun the test
 
     async def main():
         seen = []
         async for jobs, finished in loop_.stream([engine.request("x", steps=3, seed=1, scheduler="ddim")] * 2):
             seen.append((engine.steps.progress(jobs)["step"], finished))
+            if not finished:
+                gate.allow()
         assert seen == [(0, False), (1, False), (2, False), (3, True)]
         assert loop_.cancelled_jobs == 0
 
@@ -363,33 +372,37 @@ def test_loop_stream_reports_each_tick_and_cancels_when_left(engine):
         async for jobs, _ in stream:
             if engine.steps.progress(jobs)["step"] >= 2:
                 break  # the client went away
+            gate.allow()
         await stream.aclose()
         assert loop_.cancelled_jobs == 1 and jobs[0].cancelled
-        while not engine.steps.idle:  # it leaves the batch at the next tick
-            await asyncio.sleep(0.01)
-        assert engine.steps.ticks_run - ticks < 6 and jobs[0].index < 6
+        assert not engine.steps.idle  # it leaves the batch at the next tick ...
+        await gate.ticks(1)
+        await until(lambda: engine.steps.idle)
+        assert engine.steps.ticks_run - ticks == 2 and jobs[0].index == 2  # ... without another step
 
         # Cancelling the consumer (DELETE of a job, a closed connection) cancels the images too.
         async def consume():
-            async for _ in loop_.stream([engine.request("long", steps=40, seed=3, scheduler="ddim")]):
-                pass
+            async for jobs, _ in loop_.stream([engine.request("long", steps=40, seed=3, scheduler="ddim")]):
+                running.append(jobs[0])
 
+        running = []
         task = asyncio.create_task(consume())
         start = engine.steps.ticks_run
-        while engine.steps.ticks_run < start + 2:
-            await asyncio.sleep(0.01)
+        await gate.ticks(2)
+        await until(lambda: len(running) == 3)  # the stream has shown both ticks
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        while not engine.steps.idle:
-            await asyncio.sleep(0.01)
-        assert loop_.cancelled_jobs == 2 and engine.steps.ticks_run - start < 10
+        await gate.ticks(1)
+        await until(lambda: engine.steps.idle)
+        assert loop_.cancelled_jobs == 2 and engine.steps.ticks_run - start == 2 and running[0].index == 2
 
     asyncio.run(main())
 
 
-def test_loop_stream_tells_a_queued_request_its_position_as_it_moves(engine):
+def test_loop_stream_tells_a_queued_request_its_position_as_it_moves(engine, tick_gate):
     loop_ = DenoiseLoop(engine.steps)
+    gate = tick_gate(engine.steps)
 
     async def main():
         # Two CFG images fill the batch (4 rows); the next request waits behind two more.
@@ -399,16 +412,16 @@ def test_loop_stream_tells_a_queued_request_its_position_as_it_moves(engine):
         waiting = asyncio.create_task(
             loop_.run([engine.request("b", steps=3, seed=s, scheduler="ddim") for s in (3, 4)])
         )
-        while engine.steps.ticks_run < 1:  # a's pair is in the batch
-            await asyncio.sleep(0.005)
+        await gate.ticks(1)  # a's pair is in the batch
         positions = []
-        async for jobs, _ in loop_.stream([engine.request("c", steps=2, seed=5, scheduler="ddim")]):
-            p = engine.steps.progress(jobs)["position"]
-            if not positions or positions[-1] != p:
-                positions.append(p)
+        async for jobs, finished in loop_.stream([engine.request("c", steps=2, seed=5, scheduler="ddim")]):
+            positions.append(engine.steps.progress(jobs)["position"])
+            if not finished:
+                gate.allow()
         await asyncio.gather(running, waiting)
-        # 2 ahead, then (a's pair done, b's admitted) next in line, then running.
-        assert positions == [2, 0, None]
+        # After each tick: 2 ahead while a's pair finishes, next in line while b's pair runs, then running.
+        assert positions == [2, 2, 2, 0, 0, 0, None, None]
+        assert engine.steps.ticks_run == 8 and gate.ran == 8
 
     asyncio.run(main())
 

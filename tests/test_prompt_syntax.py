@@ -3,8 +3,9 @@ planner turns tags into the request's adapters and limits prompts in 75-token ch
 
 import pytest
 
-from deployments.engine.config import LimitsConfig, LoRAConfig
+from deployments.engine.config import LoRAConfig
 from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags, parse_prompt_attention
+from graph.config import LimitsConfig
 from graph.errors import APIError
 from graph.planning import Planner
 from graph.schemas import LoRASpec

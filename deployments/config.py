@@ -1,0 +1,55 @@
+"""Typed configuration of the deployments: replicas, resources, batching, queues (Ray-shaped).
+
+The engine's own settings (the model, adapter slots) are in ``engine/config.py``; the edge's
+(request limits, ingress, admin, jobs) in ``graph/config.py``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .engine.config import StrictConfig
+
+
+class ResourceConfig(StrictConfig):
+    num_replicas: int = Field(1, ge=1, le=1024, description="Replicas of this deployment (without autoscaling).")
+    autoscaling: dict | None = Field(
+        None,
+        description=(
+            "Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, delays, policy); "
+            "when set, num_replicas is ignored."
+        ),
+    )
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per replica (fractions allowed).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1: unbounded)."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, gt=0, description="On scale-down, how long a replica may finish its requests before it is stopped."
+    )
+
+
+class TextEncoderConfig(ResourceConfig):
+    max_batch_size: int = Field(16, ge=1, le=512, description="Prompts encoded in one forward.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before encoding.")
+    cache_size: int = Field(4096, ge=0, description="Prompt embeddings kept in the LRU cache.")
+
+
+class DenoiserConfig(ResourceConfig):
+    max_rows_per_tick: int = Field(
+        16, ge=2, le=1024, description="UNet rows per step across requests (an image with guidance takes 2)."
+    )
+    max_queued_images: int = Field(
+        64, ge=1, description="Images one tenant may have waiting per replica; beyond it, 503 with Retry-After."
+    )
+    max_queued_images_total: int = Field(256, ge=1, description="Images waiting per replica over all tenants.")
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="Fair-share weight per tenant (API key or `user`); others get 1."
+    )
+
+
+class VAEConfig(ResourceConfig):
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded (or images encoded) in one call.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before decoding.")

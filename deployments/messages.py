@@ -1,0 +1,157 @@
+"""The stage contract: every message that crosses a replica boundary, one frozen dataclass each.
+
+Read top to bottom, this is one request's trip through the graph::
+
+    Ingress ──EncodeRequest──────────► TextEncoder.encode ──PromptEmbeddings──┐
+    Ingress ──ConditioningInput──────► VAE.encode ──list[ImageConditioning]───┤ (img2img, inpainting)
+    Ingress ──DenoiseParams──────────► Denoiser.denoise ◄─────────────────────┘
+                                       Denoiser.denoise ──Denoised──┐
+    Ingress ──DecodeParams───────────► VAE.decode ◄─────────────────┘
+                                       VAE.decode ──DecodedImages──► Ingress
+
+``Denoiser.denoise_stream`` yields ``Queued`` / ``Step`` / ``Preview`` progress events, then the
+``Denoised`` result. Responses are chained (``DeploymentResponse`` passed as an argument), so tensors
+go replica to replica through Ray's object store; nothing here is ever JSON. ``ConditioningInput``
+and ``ImageConditioning`` live with the code that makes them (``engine/conditioning.py``).
+
+No Ray in this module: the engine's tests and the ingress import it alike. Every field is read by
+name on the other side, so a typo is an ``AttributeError`` at the sender's tests, not a ``KeyError``
+inside a replica, and a type checker sees every seam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter of a request as a stage sees it: a pinned reference and its weight."""
+
+    ref: str  # "name@version": immutable, so every replica loads the same weights
+    weight: float
+
+
+# -- Ingress -> TextEncoder -> Denoiser ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    """A request's prompts; ``adapters`` are those with text-encoder weights, in the request's order."""
+
+    prompt: str  # may use A1111's weighting syntax; <lora:...> tags are already removed
+    negative_prompt: str
+    adapters: tuple[AdapterUse, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """The TextEncoder's answer: both embeddings have the same number of 77-token chunks."""
+
+    prompt_embeds: torch.Tensor  # [tokens, hidden]; tokens = 77 * chunks
+    negative_prompt_embeds: torch.Tensor  # [tokens, hidden]
+    encode_ms: float
+
+
+# -- Ingress -> Denoiser ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenoiseParams:
+    """What the Denoiser needs of a request besides its embeddings: image ``k`` uses ``seed + k``."""
+
+    num_images: int
+    seed: int
+    width: int  # pixels, a multiple of the VAE's scale factor
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str  # a name of engine/schedulers.py
+    adapters: tuple[AdapterUse, ...] = ()  # those with UNet weights, in the request's order
+    tenant: str = "anonymous"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Where a request ran: shown to clients as ``trace`` (tests and operators read it)."""
+
+    denoiser_replica: str = ""
+    denoiser_adapter_loads: int = 0  # the replica's adapter loads so far
+
+    def to_dict(self) -> dict:
+        return {"denoiser_replica": self.denoiser_replica, "denoiser_adapter_loads": self.denoiser_adapter_loads}
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """The Denoiser's result: a request's final latents and the timings so far."""
+
+    latents: torch.Tensor  # [num_images, latent channels, height / 8, width / 8], on the CPU
+    encode_ms: float
+    queue_ms: float  # the longest any of its images waited for the batch
+    denoise_ms: float  # the slowest image's time in the batch
+    trace: Trace = field(default_factory=Trace)
+
+
+# Progress events of ``Denoiser.denoise_stream``, as they change.
+
+
+@dataclass(frozen=True)
+class Queued:
+    """No image of the request has started: ``position`` images go first (0 = next)."""
+
+    position: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class Step:
+    """The slowest image of the request is at ``step`` of ``steps`` (the request's own steps)."""
+
+    step: int
+    steps: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A low-resolution look at the slowest image (``engine/previews.py``)."""
+
+    step: int
+    steps: int
+    image: str  # "data:image/png;base64,..."
+
+
+DenoiseEvent = Queued | Step | Preview | Denoised
+
+
+# -- Ingress -> VAE -> Ingress ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """Inpainting with ``preserve_unmasked``: the input's own pixels, pasted back where kept."""
+
+    original: np.ndarray  # [H, W, 3] uint8, at the output size
+    mask: np.ndarray  # [H, W] uint8: 1 = repaint, 0 = keep
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    output_format: str  # "png", "jpeg" or "webp" (engine/images.py)
+    overlay: Overlay | None = None
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """The VAE's answer: one encoded file per image, and every stage's timing."""
+
+    images: tuple[bytes, ...]
+    encode_ms: float
+    queue_ms: float
+    denoise_ms: float
+    decode_ms: float
+    trace: Trace = field(default_factory=Trace)
