@@ -20,7 +20,7 @@ from deployments.engine.images import MIME_TYPES
 from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
 
-from . import a1111, errors, jobs, page
+from . import a1111, errors, job_routes, page
 from .adapters_api import AdapterResolver, AdminAuth
 from .chain import GraphClient, resolve
 from .config import AppConfig
@@ -423,7 +423,7 @@ class Ingress:
 
     # -- async jobs ------------------------------------------------------------------------
     # POST /v1/jobs plans exactly as /v1/generate (same 4xx), then the Jobs deployment
-    # (graph/jobs.py) runs the job and holds it; these routes only relay.
+    # (graph/jobs.py) runs the job and holds it; these routes only relay (graph/job_routes.py).
 
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, responses=_ERRORS)
     async def create_job(self, body: JobRequest, request: Request):
@@ -446,12 +446,12 @@ class Ingress:
             raise APIError(422, "invalid_value", f"{field} needs an image (img2img / inpainting)", field)
         else:
             plan = await self.plan_async(**kwargs)
-        return await jobs.create(self.jobs, plan)
+        return await job_routes.create(self.jobs, plan)
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):
         """The job object: queued (position, ETA), running (step of steps), done (images), failed (error)."""
-        return await jobs.fetch(self.jobs, job_id)
+        return await job_routes.fetch(self.jobs, job_id)
 
     @app.get(
         "/v1/jobs/{job_id}/events",
@@ -460,9 +460,9 @@ class Ingress:
     async def job_events(self, job_id: str, previews: bool = False):
         """Server-Sent Events: ``status`` on each change, ``preview`` (with ``previews=true``), then
         ``done`` / ``failed`` / ``cancelled`` and the end of the stream."""
-        return await jobs.event_stream(self.jobs, job_id, previews)
+        return await job_routes.event_stream(self.jobs, job_id, previews)
 
     @app.delete("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def cancel_job(self, job_id: str):
         """Cancel a job (its batch slot frees at the next step); a finished job is removed."""
-        return await jobs.cancel(self.jobs, job_id)
+        return await job_routes.cancel(self.jobs, job_id)

@@ -1,31 +1,16 @@
-"""Async jobs: ``POST /v1/jobs`` starts a generation and answers at once; poll it, stream it, cancel it.
+"""The ``Jobs`` deployment: one replica holds every async job, so any ingress replica sees each one.
 
-The ``Jobs`` deployment (one replica) holds the job store, so whichever ingress
-replica answers a poll sees every job. Each job is an asyncio task in that
-replica running the same chain as ``/v1/generate`` (``GraphClient.run``), with
-the Denoiser called as a stream so that queue position, step and previews
-arrive as they change. The store is bounded (``jobs.max_jobs``: finished jobs
-are evicted oldest-first, then new jobs get 503 ``job_store_full``) and
-finished jobs expire after ``jobs.ttl_s``. It lives in that replica's memory:
-if the replica dies, its jobs are gone (their ids answer 404).
-
-The ingress side (``create``, ``fetch``, ``cancel``, ``event_stream``) turns
-the deployment's answers into HTTP: 202, 404 ``job_not_found``, Server-Sent Events.
+``POST /v1/jobs`` starts a generation and answers at once; poll it, stream it, cancel it. Each job
+is an asyncio task in this replica (``job_store.JobManager``) running TextEncoder -> Denoiser
+(stream) -> VAE. The store lives in this replica's memory: if the replica dies, its jobs are gone
+(their ids answer 404). The ingress side is ``job_routes.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextvars
-import json
-import secrets
-import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
-from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -33,298 +18,8 @@ from deployments.messages import DecodedImages, Preview, Queued, Step
 
 from .chain import GraphClient
 from .config import AppConfig
-from .errors import APIError
+from .job_store import JobManager, JobStore, StoreFullError, detached
 from .planning import Plan
-
-FINISHED = ("done", "failed", "cancelled")
-KEEP_ALIVE = ": keep-alive\n\n"
-
-
-# -- the job and its store (no Ray) -------------------------------------------------
-
-
-@dataclass(eq=False)
-class Job:
-    """One async job: the public job object's fields, plus what its event streams wait on."""
-
-    id: str
-    seed: int
-    steps: int
-    loras: list[dict]
-    created: float
-    updated: float
-    status: str = "queued"  # queued | running | done | failed | cancelled
-    position: int | None = None  # images ahead in the denoiser's queue (0 = next), while queued there
-    eta_s: float | None = None
-    step: int = 0
-    images: list[dict] | None = None  # done only
-    error: dict | None = None  # failed only: {"code", "message", "field"}, as the sync route answers
-    preview: dict | None = None  # the latest {"step", "steps", "image": data URL}
-    version: int = 0  # bumped on every change of the job object (one `status` event each)
-    preview_version: int = 0
-    finished_at: float | None = None
-    task: asyncio.Task | None = field(default=None, repr=False)
-    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    def to_dict(self, images: bool = True) -> dict:
-        """The job object of the HTTP API (``images`` only when done and asked for, ``error`` only when failed)."""
-        out = {
-            "id": self.id,
-            "status": self.status,
-            "position": self.position,
-            "eta_s": self.eta_s,
-            "step": self.step,
-            "steps": self.steps,
-            "progress": 1.0 if self.status == "done" else self.step / self.steps,
-            "created": self.created,
-            "updated": self.updated,
-            "loras": self.loras,
-            "seed": self.seed,
-        }
-        if self.status == "done" and images:
-            out["images"] = self.images
-        if self.status == "failed":
-            out["error"] = self.error
-        return out
-
-    def touch(self, now: float, preview: bool = False) -> None:
-        """Record a change and wake every stream waiting on this job."""
-        self.updated = now
-        if preview:
-            self.preview_version += 1
-        else:
-            self.version += 1
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
-
-
-class StoreFullError(RuntimeError):
-    def __init__(self, limit: int, retry_after_s: float):
-        self.limit = limit
-        self.retry_after_s = retry_after_s
-        super().__init__(f"the job store holds {limit} unfinished jobs, its limit; retry in {retry_after_s:.0f}s")
-
-
-class JobStore:
-    """Jobs by id, bounded: at most ``max_jobs``; finished ones expire ``ttl_s`` after finishing.
-
-    When a new job finds the store full, the finished job that finished first is evicted
-    (it would have expired first); with none finished, ``StoreFullError``.
-    """
-
-    def __init__(self, max_jobs: int, ttl_s: float, clock: Callable[[], float] = time.time):
-        if max_jobs < 1:
-            raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
-        self.max_jobs = max_jobs
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self._jobs: dict[str, Job] = {}
-        self._finished: OrderedDict[str, Job] = OrderedDict()  # in finishing order
-        self.evicted = 0
-        self.expired = 0
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def __contains__(self, job_id: str) -> bool:
-        return job_id in self._jobs
-
-    @property
-    def unfinished(self) -> int:
-        return len(self._jobs) - len(self._finished)
-
-    def add(self, job: Job) -> None:
-        self.sweep()
-        if job.id in self._jobs:
-            raise ValueError(f"job {job.id!r} is already in the store")
-        if len(self._jobs) >= self.max_jobs:
-            if not self._finished:
-                known = [j.eta_s for j in self._jobs.values() if j.eta_s is not None]
-                raise StoreFullError(self.max_jobs, max(1.0, min(known, default=5.0)))
-            oldest, _ = self._finished.popitem(last=False)
-            del self._jobs[oldest]
-            self.evicted += 1
-        self._jobs[job.id] = job
-
-    def get(self, job_id: str) -> Job | None:
-        self.sweep()
-        return self._jobs.get(job_id)
-
-    def finish(self, job: Job, status: str, **fields) -> None:
-        """Move a job to a final status (``images=`` or ``error=`` with it); its TTL starts now."""
-        if status not in FINISHED:
-            raise ValueError(f"a job finishes as one of {FINISHED}, not {status!r}")
-        if job.finished:
-            raise ValueError(f"job {job.id} already finished as {job.status}")
-        for name, value in fields.items():
-            setattr(job, name, value)
-        now = self.clock()
-        job.status = status
-        job.position = None
-        job.eta_s = None if status != "done" else 0.0
-        job.finished_at = now
-        if job.id in self._jobs:
-            self._finished[job.id] = job
-        job.touch(now)
-
-    def remove(self, job_id: str) -> Job | None:
-        job = self._jobs.pop(job_id, None)
-        self._finished.pop(job_id, None)
-        return job
-
-    def sweep(self) -> int:
-        """Drop finished jobs older than ``ttl_s``; returns how many."""
-        now = self.clock()
-        n = 0
-        while self._finished:
-            job_id, job = next(iter(self._finished.items()))
-            if now - job.finished_at < self.ttl_s:
-                break
-            self._finished.popitem(last=False)
-            del self._jobs[job_id]
-            n += 1
-        self.expired += n
-        return n
-
-
-def sse(event: str, data: dict) -> str:
-    """One Server-Sent Event: ``event: <name>`` and one line of JSON ``data``."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _detached(coro) -> asyncio.Task:
-    """A task outside the current Serve request's context: the request that starts a job ends
-    (or is cancelled) long before the job, and the job's calls must not count as its children."""
-    loop = asyncio.get_running_loop()
-    return contextvars.Context().run(loop.create_task, coro)
-
-
-class JobManager:
-    """Starts, tracks, cancels and streams jobs (no Ray: ``run`` is the graph call).
-
-    ``run(plan, on_event)`` produces the chain's result (``DecodedImages``) and calls
-    ``on_event`` with each progress event of the Denoiser's stream (``Queued``, ``Step``,
-    ``Preview``); it raises ``APIError`` as the sync route would.
-    ``on_finish(outcome)`` is told each job's end (for metrics).
-    """
-
-    def __init__(
-        self,
-        store: JobStore,
-        run: Callable[[Plan, Callable[[Queued | Step | Preview], None]], Awaitable[DecodedImages]],
-        heartbeat_s: float = 15.0,
-        on_finish: Callable[[str], None] | None = None,
-    ):
-        self.store = store
-        self.run = run
-        self.heartbeat_s = heartbeat_s
-        self.on_finish = on_finish
-
-    def submit(self, plan: Plan) -> Job:
-        """Store a job for ``plan`` and start it (``StoreFullError`` when the store is full)."""
-        now = self.store.clock()
-        job = Job(
-            id=secrets.token_urlsafe(16),
-            seed=plan.seed,
-            steps=plan.steps,
-            loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
-            created=now,
-            updated=now,
-        )
-        self.store.add(job)
-        job.task = _detached(self._run(job, plan))
-        return job
-
-    async def _run(self, job: Job, plan: Plan) -> None:
-        try:
-            result = await self.run(plan, lambda event: self._on_event(job, event))
-        except asyncio.CancelledError:
-            raise  # cancel() has recorded it
-        except APIError as e:
-            self._finish(job, "failed", error={"code": e.code, "message": e.message, "field": e.field})
-        except Exception as e:  # an unexpected failure still ends the job, with what went wrong
-            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
-            self._finish(job, "failed", error={"code": "internal_error", "message": message, "field": None})
-        else:
-            images = [
-                {
-                    "b64": base64.b64encode(data).decode(),
-                    "seed": plan.seed + k,
-                    "width": plan.width,
-                    "height": plan.height,
-                }
-                for k, data in enumerate(result.images)
-            ]
-            self._finish(job, "done", images=images, step=job.steps)
-
-    def _on_event(self, job: Job, event: Queued | Step | Preview) -> None:
-        """A progress event of the Denoiser's stream -> the job object."""
-        if job.finished:
-            return
-        now = self.store.clock()
-        if isinstance(event, Queued):
-            job.status, job.position, job.eta_s = "queued", event.position, event.eta_s
-        elif isinstance(event, Step):
-            job.status, job.position, job.eta_s, job.step = "running", None, event.eta_s, event.step
-        elif isinstance(event, Preview):
-            job.preview = {"step": event.step, "steps": event.steps, "image": event.image}
-            job.touch(now, preview=True)
-            return
-        else:
-            raise TypeError(f"unknown progress event {event!r}")
-        job.touch(now)
-
-    def _finish(self, job: Job, status: str, **fields) -> None:
-        if job.finished:  # cancelled while its last step was completing: the cancellation stands
-            return
-        self.store.finish(job, status, **fields)
-        if self.on_finish is not None:
-            self.on_finish(status)
-
-    def get(self, job_id: str) -> Job | None:
-        return self.store.get(job_id)
-
-    def cancel(self, job_id: str) -> Job | None:
-        """Cancel an unfinished job (its images leave the denoiser's batch at the next step);
-        remove a finished one. Returns the job, None if unknown."""
-        job = self.store.get(job_id)
-        if job is None:
-            return None
-        if job.finished:
-            self.store.remove(job_id)
-            return job
-        if job.task is not None:
-            job.task.cancel()  # GraphClient cancels its calls in flight: the Denoiser's stream too
-        self._finish(job, "cancelled")
-        return job
-
-    async def events(self, job_id: str, previews: bool = False) -> AsyncIterator[str]:
-        """The job's Server-Sent Events, as text: ``status`` on each change (without images),
-        ``preview`` (if asked), then the final ``done``/``failed``/``cancelled`` (with images);
-        a keep-alive comment every ``heartbeat_s`` while nothing changes. Nothing for an unknown id."""
-        job = self.store.get(job_id)
-        if job is None:
-            return
-        sent, sent_preview = -1, 0
-        while True:
-            changed = job.changed  # taken before reading, so no change in between is missed
-            if job.finished:
-                yield sse(job.status, job.to_dict())
-                return
-            if job.version != sent:
-                sent = job.version
-                yield sse("status", job.to_dict(images=False))
-            if previews and job.preview_version != sent_preview and job.preview is not None:
-                sent_preview = job.preview_version
-                yield sse("preview", job.preview)
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=self.heartbeat_s)
-            except asyncio.TimeoutError:
-                yield KEEP_ALIVE
 
 
 class JobsMetrics:
@@ -335,9 +30,6 @@ class JobsMetrics:
             "lorafleet_jobs_total", "Async jobs by outcome (done, failed, cancelled).", tag_keys=("outcome",)
         )
         self.in_store = Gauge("lorafleet_jobs_in_store", "Async jobs held in the store, by state.", tag_keys=("state",))
-
-
-# -- the deployment ---------------------------------------------------------------------
 
 
 @serve.deployment(name="Jobs")
@@ -368,7 +60,7 @@ class Jobs:
         except StoreFullError as e:
             return {"rejected": {"message": str(e), "retry_after_s": e.retry_after_s}}
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = _detached(self._sweep_forever())
+            self._sweeper = detached(self._sweep_forever())
         self._update_gauges()
         return {"job": job.to_dict()}
 
@@ -407,62 +99,3 @@ class Jobs:
 
     def ready(self) -> bool:
         return True
-
-
-# -- the ingress side -------------------------------------------------------------------
-
-
-def _not_found(job_id: str) -> APIError:
-    return APIError(404, "job_not_found", f"no job {job_id!r}: unknown, expired or removed", None)
-
-
-async def create(jobs: DeploymentHandle, plan: Plan) -> JSONResponse:
-    """Start a job for a validated plan: 202 with its id and URLs, or 503 ``job_store_full``."""
-    answer = await jobs.submit.remote(plan)
-    if "rejected" in answer:
-        rejected = answer["rejected"]
-        raise APIError(
-            503, "job_store_full", rejected["message"], None, {"Retry-After": str(round(rejected["retry_after_s"]))}
-        )
-    job_id = answer["job"]["id"]
-    return JSONResponse(
-        {
-            "id": job_id,
-            "status": answer["job"]["status"],
-            "url": f"/v1/jobs/{job_id}",
-            "events_url": f"/v1/jobs/{job_id}/events",
-        },
-        status_code=202,
-    )
-
-
-async def fetch(jobs: DeploymentHandle, job_id: str) -> dict:
-    job = await jobs.get.remote(job_id)
-    if job is None:
-        raise _not_found(job_id)
-    return job
-
-
-async def cancel(jobs: DeploymentHandle, job_id: str) -> dict:
-    job = await jobs.cancel.remote(job_id)
-    if job is None:
-        raise _not_found(job_id)
-    return job
-
-
-async def event_stream(jobs: DeploymentHandle, job_id: str, previews: bool) -> StreamingResponse:
-    """``text/event-stream`` of the job's events, relayed from the Jobs replica as they come."""
-    if await jobs.get.remote(job_id, images=False) is None:
-        raise _not_found(job_id)
-    stream = jobs.options(stream=True).events.remote(job_id, previews)
-
-    async def relay():
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:  # the client went away (or the job ended): stop the Jobs replica's generator
-            stream.cancel()
-
-    return StreamingResponse(
-        relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )

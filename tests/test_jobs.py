@@ -11,7 +11,7 @@ import pytest
 from deployments.engine.loop import DenoiseLoop
 from deployments.messages import DecodedImages, Preview, Queued, Step
 from graph.errors import APIError
-from graph.jobs import KEEP_ALIVE, Job, JobManager, JobStore, StoreFullError, sse
+from graph.job_store import KEEP_ALIVE, Job, JobManager, JobStore, StoreFullError, sse
 from graph.planning import Plan
 
 from conftest import until
