@@ -22,6 +22,7 @@ from .engine.schedulers import SchedulerFactory
 from .engine.step_scheduler import DenoiseJob, DenoiseRequest, StepScheduler
 from .messages import Denoised, DenoiseEvent, DenoiseParams, Preview, PromptEmbeddings, Queued, Step, Trace
 from .metrics import DenoiserMetrics, adapter_label
+from .routing import routing_stats
 
 
 @serve.deployment(name="Denoiser")
@@ -43,19 +44,10 @@ class Denoiser:
             lora=self.adapters.lora,
         )
         self.loop = DenoiseLoop(self.steps)
-        self.max_routed_adapters = lora.max_loras_per_replica
         self.metrics = DenoiserMetrics()
         self.steps.on_tick = self._on_tick
         self.adapters.slots.observer = self._on_adapter_event
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-
-    @serve.multiplexed(max_num_models_per_replica=8)
-    async def _route_adapter(self, ref: str) -> str:
-        """Serve's multiplexing records which adapters this replica holds, so the router sends
-        requests for an adapter to replicas that already have it (README: Routing)."""
-        await self.adapters.acquire([ref])
-        await self.adapters.release([ref])
-        return ref
 
     async def denoise(
         self,
@@ -69,7 +61,6 @@ class Denoiser:
         ``conditioning``: for img2img and inpainting, the VAE's ``encode`` answer (one
         ``ImageConditioning`` per image; chained, resolved by Serve).
         """
-        await self._route()
         refs = [a.ref for a in params.adapters]
         slots = await self.adapters.acquire(refs)
         try:
@@ -96,7 +87,6 @@ class Denoiser:
         result. Closing or cancelling the stream cancels the images: they leave the batch at the
         next tick.
         """
-        await self._route()
         refs = [a.ref for a in params.adapters]
         slots = await self.adapters.acquire(refs)
         last: Queued | Step | None = None
@@ -126,13 +116,6 @@ class Denoiser:
             await self.adapters.release(refs)
             self._update_gauges()
         yield self._result(encoded, jobs)
-
-    async def _route(self) -> None:
-        routed = serve.get_multiplexed_model_id()
-        if routed:
-            await self._route_adapter(routed)
-            # Serve's record holds as many adapters as this replica has slots.
-            getattr(self, "__serve_multiplex_wrapper").max_num_models_per_replica = self.max_routed_adapters
 
     def _build_requests(
         self,
@@ -196,6 +179,11 @@ class Denoiser:
             m.adapter_load_latency.observe(1000.0 * seconds)
         elif event == "evict":
             m.adapter_evictions.inc()
+
+    def record_routing_stats(self) -> dict:
+        """For ``routing.AdapterAffinityRouter``: the adapters this replica's slots really hold."""
+        slots = self.adapters.slots
+        return routing_stats(slots.resident(), slots.capacity, len(slots.pinned()))
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics (deployments/autoscaling.py scales on pending denoise work)."""

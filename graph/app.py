@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import ResourceConfig
 from deployments.denoiser import Denoiser
+from deployments.routing import ROUTING_STATS_PERIOD_S, AdapterAffinityRouter
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
 
@@ -40,7 +42,11 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     text_encoder = TextEncoder.options(**_options(config.text_encoder)).bind(
         config.model, config.text_encoder, config.lora, config.registry
     )
-    denoiser = Denoiser.options(**_options(config.denoiser)).bind(
+    # Requests go to replicas that already hold their adapters (deployments/routing.py).
+    router = RequestRouterConfig(
+        request_router_class=AdapterAffinityRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
+    )
+    denoiser = Denoiser.options(**_options(config.denoiser), request_router_config=router).bind(
         config.model, config.denoiser, config.lora, config.registry
     )
     vae = VAE.options(**_options(config.vae)).bind(config.model, config.vae)

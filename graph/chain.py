@@ -124,10 +124,8 @@ class GraphClient:
             # img2img / inpainting: the VAE encodes the image beside the prompt encoding.
             conditioning = self.vae.encode.remote(plan.conditioning)
             inflight.append(conditioning)
+        # The Denoiser's router (deployments/routing.py) prefers replicas that hold the adapters.
         denoiser = self.denoiser
-        if plan.unet_adapters:
-            # Prefer replicas that already hold the request's first adapter (Serve multiplexing).
-            denoiser = denoiser.options(multiplexed_model_id=plan.unet_adapters[0][0])
         if on_event is None:
             denoised = denoiser.denoise.remote(encoded, plan.denoise_params(), conditioning)
             decoded = self.vae.decode.remote(denoised, plan.decode_params())
