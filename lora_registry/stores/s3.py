@@ -54,7 +54,7 @@ class S3Options:
 
     def make_client(self):
         config = botocore.config.Config(
-            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},  # tries, not retries
             connect_timeout=self.connect_timeout_s,
             read_timeout=self.read_timeout_s,
             max_pool_connections=32,
