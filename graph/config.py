@@ -129,6 +129,13 @@ class JobsConfig(StrictConfig):
         5, ge=0, description="A latent preview every this many steps for event streams with previews=true; 0: none."
     )
     heartbeat_s: float = Field(15.0, gt=0, description="A `: keep-alive` comment on an idle event stream this often.")
+    durable: bool = Field(
+        True,
+        description=(
+            "Keep job records and results in the registry's store (jobs/<app>/), so that they outlive the Jobs "
+            "replica: after a restart a finished job is readable until its TTL, a running one reads failed/interrupted."
+        ),
+    )
 
 
 AppConfig.model_rebuild()

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from deployments.messages import DecodedImages, Preview, Queued, Step
@@ -51,6 +52,7 @@ class Job:
     finished_at: float | None = None
     task: asyncio.Task | None = field(default=None, repr=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    saved: Future | None = field(default=None, repr=False)  # the write of its creation record
 
     @property
     def finished(self) -> bool:
@@ -77,6 +79,18 @@ class Job:
             out["error"] = self.error
         return out
 
+    # What outlives the replica (``JobRecords``): the job object, not its progress or preview.
+    _RECORD_FIELDS = ("id", "seed", "steps", "loras", "created", "updated", "status", "step", "images", "error")
+
+    def to_record(self) -> dict:
+        return {**{name: getattr(self, name) for name in self._RECORD_FIELDS}, "finished_at": self.finished_at}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Job:
+        job = cls(**{name: record[name] for name in (*cls._RECORD_FIELDS, "finished_at")})
+        job.eta_s = 0.0 if job.status == "done" else None  # as JobStore.finish leaves it
+        return job
+
     def touch(self, now: float, preview: bool = False) -> None:
         """Record a change and wake every stream waiting on this job."""
         self.updated = now
@@ -86,6 +100,48 @@ class Job:
             self.version += 1
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+
+class JobRecords:
+    """Where job records outlive the replica: one JSON object per job under ``prefix`` in a store
+    (the adapter registry's: S3 or a local directory, ``lora_registry.stores``).
+
+    Writes go through one background thread, in order, so the event loop never waits on S3;
+    ``save`` returns a future for a caller that must know the record is durable (job creation).
+    A record is written when a job is created and when it finishes, not on every step: after a
+    restart, a job that was queued or running is known, as ``failed`` / ``interrupted``.
+    """
+
+    def __init__(self, store, prefix: str = "jobs/"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self.prefix = prefix
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-records")
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}{job_id}.json"
+
+    def save(self, record: dict) -> Future:
+        data = json.dumps(record, separators=(",", ":")).encode()
+        return self._io.submit(self.store.put_bytes, self._key(record["id"]), data)
+
+    def delete(self, job_id: str) -> Future:
+        return self._io.submit(self.store.delete, self._key(job_id))
+
+    def load_all(self) -> list[dict]:
+        """Every stored record (blocking: for start-up); unreadable ones are skipped."""
+        records = []
+        for obj in self.store.list(self.prefix):
+            try:
+                records.append(json.loads(self.store.get_bytes(obj.key)))
+            except (ValueError, KeyError):
+                continue
+        return records
+
+    def flush(self) -> None:
+        """Wait for every write queued so far."""
+        self._io.submit(lambda: None).result()
 
 
 class StoreFullError(RuntimeError):
@@ -102,12 +158,16 @@ class JobStore:
     (it would have expired first); with none finished, ``StoreFullError``.
     """
 
-    def __init__(self, max_jobs: int, ttl_s: float, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, max_jobs: int, ttl_s: float, clock: Callable[[], float] = time.time, records: JobRecords | None = None
+    ):
+        """``records``: where jobs outlive this process (``recover`` reads them back); None: memory only."""
         if max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self.clock = clock
+        self.records = records
         self._jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in finishing order
         self.evicted = 0
@@ -123,7 +183,8 @@ class JobStore:
     def unfinished(self) -> int:
         return len(self._jobs) - len(self._finished)
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job) -> Future | None:
+        """Store a new job; returns the future of its record's write (None without ``records``)."""
         self.sweep()
         if job.id in self._jobs:
             raise ValueError(f"job {job.id!r} is already in the store")
@@ -133,8 +194,50 @@ class JobStore:
                 raise StoreFullError(self.max_jobs, max(1.0, min(known, default=5.0)))
             oldest, _ = self._finished.popitem(last=False)
             del self._jobs[oldest]
+            self._forget(oldest)
             self.evicted += 1
         self._jobs[job.id] = job
+        return self._save(job)
+
+    def _save(self, job: Job) -> Future | None:
+        return None if self.records is None else self.records.save(job.to_record())
+
+    def _forget(self, job_id: str) -> None:
+        if self.records is not None:
+            self.records.delete(job_id)
+
+    def recover(self) -> int:
+        """Read back the records a previous replica left (at start-up, before any job is added).
+
+        A finished job is kept until its TTL; one that was queued or running when that replica
+        stopped is finished now as ``failed`` with code ``interrupted`` (its images were never
+        made); expired records are deleted. Returns how many jobs were restored.
+        """
+        if self.records is None:
+            return 0
+        now = self.clock()
+        restored = []
+        for record in self.records.load_all():
+            try:
+                job = Job.from_record(record)
+            except (KeyError, TypeError):
+                continue
+            if job.finished and now - job.finished_at >= self.ttl_s:
+                self._forget(job.id)
+                continue
+            restored.append(job)
+        restored.sort(key=lambda j: j.finished_at or now)  # finishing order: the oldest evicted first
+        kept, dropped = restored[-self.max_jobs :], restored[: -self.max_jobs]
+        for job in kept:
+            self._jobs[job.id] = job
+            if job.finished:
+                self._finished[job.id] = job
+            else:
+                message = "the server restarted while this job ran; submit it again"
+                self.finish(job, "failed", error={"code": "interrupted", "message": message, "field": None})
+        for job in dropped:
+            self._forget(job.id)
+        return len(kept)
 
     def get(self, job_id: str) -> Job | None:
         self.sweep()
@@ -155,11 +258,14 @@ class JobStore:
         job.finished_at = now
         if job.id in self._jobs:
             self._finished[job.id] = job
+            self._save(job)
         job.touch(now)
 
     def remove(self, job_id: str) -> Job | None:
         job = self._jobs.pop(job_id, None)
         self._finished.pop(job_id, None)
+        if job is not None:
+            self._forget(job_id)
         return job
 
     def sweep(self) -> int:
@@ -172,6 +278,7 @@ class JobStore:
                 break
             self._finished.popitem(last=False)
             del self._jobs[job_id]
+            self._forget(job_id)
             n += 1
         self.expired += n
         return n
@@ -221,7 +328,7 @@ class JobManager:
             created=now,
             updated=now,
         )
-        self.store.add(job)
+        job.saved = self.store.add(job)
         job.task = detached(self._run(job, plan))
         return job
 

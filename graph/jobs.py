@@ -18,7 +18,7 @@ from deployments.messages import DecodedImages, Preview, Queued, Step
 
 from .chain import GraphClient
 from .config import AppConfig
-from .job_store import JobManager, JobStore, StoreFullError, detached
+from .job_store import JobManager, JobRecords, JobStore, StoreFullError, detached
 from .planning import Plan
 
 
@@ -48,8 +48,17 @@ class Jobs:
         def run(plan: Plan, on_event: Callable[[Queued | Step | Preview], None]) -> Awaitable[DecodedImages]:
             return graph.run(plan, on_event=on_event, preview_every_steps=cfg.preview_every_steps)
 
+        records = None
+        if cfg.durable:
+            from lora_registry.stores import open_store
+
+            # Beside the adapters, in a prefix of this application's own (apps may share a registry).
+            app = serve.get_replica_context().app_name or "default"
+            records = JobRecords(open_store(config.registry.uri, **config.registry.s3_options()), f"jobs/{app}/")
+        store = JobStore(cfg.max_jobs, cfg.ttl_s, records=records)
+        self.recovered = store.recover()
         self.metrics = JobsMetrics()
-        self.manager = JobManager(JobStore(cfg.max_jobs, cfg.ttl_s), run, cfg.heartbeat_s, self._on_finish)
+        self.manager = JobManager(store, run, cfg.heartbeat_s, self._on_finish)
         self.sweep_every_s = min(60.0, max(1.0, cfg.ttl_s / 4))
         self._sweeper: asyncio.Task | None = None
 
@@ -59,6 +68,8 @@ class Jobs:
             job = self.manager.submit(plan)
         except StoreFullError as e:
             return {"rejected": {"message": str(e), "retry_after_s": e.retry_after_s}}
+        if job.saved is not None:  # the job is answered for only once its record is durable
+            await asyncio.wrap_future(job.saved)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = detached(self._sweep_forever())
         self._update_gauges()
@@ -95,7 +106,13 @@ class Jobs:
 
     def stats(self) -> dict:
         store = self.manager.store
-        return {"jobs": len(store), "unfinished": store.unfinished, "evicted": store.evicted, "expired": store.expired}
+        return {
+            "jobs": len(store),
+            "unfinished": store.unfinished,
+            "evicted": store.evicted,
+            "expired": store.expired,
+            "recovered": self.recovered,
+        }
 
     def ready(self) -> bool:
         return True

@@ -119,3 +119,48 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
         if status == 200:
             again = requests.post(app_url + "/v1/generate", json=body(seed, steps), timeout=180).json()
             assert again["images"][0]["b64"] == payload["images"][0]["b64"]
+
+
+def test_jobs_outlive_a_restart_of_the_jobs_replica(app_url, cluster):
+    """Job records live in the registry's store: a finished job reads the same after the Jobs replica
+    is replaced, and one that was running reads failed / interrupted, never 404."""
+    import ray
+    from ray.util.state import list_actors
+
+    from conftest import wait_until
+
+    def create(steps: int, seed: int) -> str:
+        r = requests.post(app_url + "/v1/jobs", json=body(seed, steps), timeout=60)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def job(job_id: str) -> dict:
+        r = requests.get(f"{app_url}/v1/jobs/{job_id}", timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    finished = create(steps=4, seed=51)
+    done = wait_until(lambda: (j := job(finished))["status"] == "done" and j, "a finished job")
+    running = create(steps=150, seed=52)
+    wait_until(lambda: job(running)["status"] == "running", "a running job")
+
+    actor, actor_id = replica_actor(cluster, "Jobs")
+    ray.kill(actor, no_restart=False)
+
+    def replaced() -> bool:
+        alive = list_actors(
+            address=cluster.dashboard_url,
+            filters=[("class_name", "=", "ServeReplica:failures:Jobs"), ("state", "=", "ALIVE")],
+            timeout=30,
+        )
+        return bool(alive) and alive[0].actor_id != actor_id
+
+    wait_until(replaced, "a new Jobs replica")
+    after = wait_until(
+        lambda: (r := requests.get(f"{app_url}/v1/jobs/{finished}", timeout=60)).status_code == 200 and r.json(),
+        "the job store back",
+    )
+    assert after["status"] == "done" and after["images"] == done["images"] and after["seed"] == 51
+    interrupted = job(running)
+    assert interrupted["status"] == "failed" and interrupted["error"]["code"] == "interrupted"
+    assert len(interrupted["error"]["message"]) < 200

@@ -11,7 +11,7 @@ import pytest
 from deployments.engine.loop import DenoiseLoop
 from deployments.messages import DecodedImages, Preview, Queued, Step
 from graph.errors import APIError
-from graph.job_store import KEEP_ALIVE, Job, JobManager, JobStore, StoreFullError, sse
+from graph.job_store import KEEP_ALIVE, Job, JobManager, JobRecords, JobStore, StoreFullError, sse
 from graph.planning import Plan
 
 from conftest import until
@@ -112,6 +112,72 @@ def test_sse_format():
 
 
 # -- the manager, against a fake graph ----------------------------------------------------
+
+
+# -- durable records: jobs outlive the Jobs replica -------------------------------------
+
+
+def records(root) -> JobRecords:
+    from lora_registry.stores import LocalStore
+
+    return JobRecords(LocalStore(root), prefix="jobs/app/")
+
+
+def test_finished_jobs_outlive_the_replica_and_running_ones_read_interrupted(tmp_path):
+    clock = Clock()
+    first = JobStore(max_jobs=10, ttl_s=60, clock=clock, records=records(tmp_path))
+    done, running, old = job("done"), job("running"), job("old")
+    for j in (old, done, running):
+        first.add(j).result()  # the creation record is durable before the job is answered for
+    first.finish(old, "done", images=[])
+    clock.now += 30
+    first.finish(done, "done", images=[{"b64": "cG5n", "seed": 1, "width": 64, "height": 64}], step=10)
+    first.records.flush()
+
+    clock.now += 31  # "old" has outlived its 60 s TTL; "done" has not
+    second = JobStore(max_jobs=10, ttl_s=60, clock=clock, records=records(tmp_path))  # a new replica
+    assert second.recover() == 2
+    assert second.get("old") is None
+    again = second.get("done").to_dict()
+    assert again == {**done.to_dict(), "updated": again["updated"]}
+    assert again["images"] == [{"b64": "cG5n", "seed": 1, "width": 64, "height": 64}]
+    interrupted = second.get("running").to_dict()
+    assert interrupted["status"] == "failed" and interrupted["error"]["code"] == "interrupted"
+    second.records.flush()
+    keys = sorted(o.key for o in second.records.store.list("jobs/"))
+    assert keys == ["jobs/app/done.json", "jobs/app/running.json"]  # the expired record is deleted
+
+    third = JobStore(max_jobs=10, ttl_s=60, clock=clock, records=records(tmp_path))
+    assert third.recover() == 2 and third.get("running").to_dict()["error"]["code"] == "interrupted"
+    third.remove("done")
+    third.records.flush()
+    assert [o.key for o in third.records.store.list("jobs/")] == ["jobs/app/running.json"]
+
+
+def test_recovery_keeps_the_newest_jobs_within_the_bound(tmp_path):
+    clock = Clock()
+    first = JobStore(max_jobs=5, ttl_s=600, clock=clock, records=records(tmp_path))
+    for k in range(5):
+        j = job(f"j{k}")
+        first.add(j)
+        clock.now += 1
+        first.finish(j, "done", images=[])
+    first.records.flush()
+    second = JobStore(max_jobs=3, ttl_s=600, clock=clock, records=records(tmp_path))
+    assert second.recover() == 3
+    assert [k for k in ("j0", "j1", "j2", "j3", "j4") if second.get(k) is not None] == ["j2", "j3", "j4"]
+
+
+def test_a_manager_job_carries_the_write_of_its_record(tmp_path):
+    async def main():
+        manager = JobManager(JobStore(10, 60, records=records(tmp_path)), FakeGraph().run)
+        j = manager.submit(plan())
+        await asyncio.wrap_future(j.saved)
+        stored = json.loads((tmp_path / "jobs" / "app" / f"{j.id}.json").read_bytes())
+        assert stored["status"] == "queued" and stored["seed"] == 40 and stored["loras"] == j.loras
+        manager.cancel(j.id)
+
+    asyncio.run(main())
 
 
 def plan(**kw) -> Plan:
