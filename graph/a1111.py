@@ -1,8 +1,9 @@
 """The AUTOMATIC1111 web UI's API (``/sdapi/v1/...``), translated at the edge into the native API.
 
-An A1111 request becomes the same planner call as ``POST /v1/generate`` (``txt2img_call``) or the
-same body as ``POST /v1/img2img`` / ``/v1/inpaint`` (``img2img_call``); the answer is shaped back into
-A1111's ``{images, parameters, info}``. Nothing below the ingress knows A1111 exists.
+An A1111 request becomes the same native request as ``POST /v1/generate`` (``txt2img_call``) or
+``POST /v1/img2img`` / ``/v1/inpaint`` (``img2img_call``), checked by the same ``Planner.check_inputs``;
+its errors name the A1111 fields (``NativeCall.names``), and the answer is shaped back into A1111's
+``{images, parameters, info}``. Nothing below the ingress knows A1111 exists.
 
 Compatibility rules, in one place:
 
@@ -25,18 +26,17 @@ Compatibility rules, in one place:
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
-import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import LimitsConfig
-from .errors import APIError
+from .errors import APIError, FieldError
 from .schemas import MAX_SEED
+from .validation import FieldNames, GenerationInput
 
 # -- samplers -----------------------------------------------------------------------------
 
@@ -233,83 +233,76 @@ def ignored_fields(req: _A1111Body) -> list[str]:
 class NativeCall:
     """An A1111 request in native terms.
 
-    ``body``: the native request's fields: ``Planner.plan`` keyword arguments for txt2img (the
-    ``/v1/generate`` body's names), plus ``image``, ``strength`` and for inpainting ``mask``,
-    ``preserve_unmasked`` (the ``/v1/img2img`` / ``/v1/inpaint`` bodies). ``fields``: native field
-    name -> A1111 field name, for ``Planner.plan(fields=...)`` so that errors name the A1111 field.
+    ``request``: the native request (``Planner.check_inputs`` checks it, as any other); for
+    img2img the ``/v1/img2img`` fields, for inpainting the ``/v1/inpaint`` ones. ``names``: the
+    A1111 names of its fields, for the errors it may get (``guidance_scale`` -> ``cfg_scale``, ...).
     """
 
     mode: str  # "txt2img" | "img2img" | "inpaint"
-    body: dict
-    fields: dict[str, str]
+    request: GenerationInput
+    names: FieldNames
     sampler: Sampler
     ignored: list[str] = field(default_factory=list)
 
 
-def _check_limits(req: Txt2ImgRequest, limits: LimitsConfig) -> None:
-    """The limits whose native error would name a native field (guidance_scale, num_images)."""
-    if req.cfg_scale > limits.max_guidance_scale:
-        raise APIError(
-            422,
-            "invalid_value",
-            f"cfg_scale must be in [0, {limits.max_guidance_scale}], got {req.cfg_scale}",
-            "cfg_scale",
-        )
-    total = req.batch_size * req.n_iter
-    if total > limits.max_num_images:
-        where = "batch_size" if req.batch_size > limits.max_num_images or req.n_iter == 1 else "n_iter"
-        raise APIError(
-            422,
-            "invalid_value",
-            f"batch_size × n_iter must be at most {limits.max_num_images} images, "
-            f"got {req.batch_size} × {req.n_iter} = {total}",
-            where,
-        )
+# native field -> A1111 field, where they differ (num_images and scheduler depend on the request).
+_NAMES = {"guidance_scale": "cfg_scale", "image": "init_images", "strength": "denoising_strength"}
 
 
-def txt2img_call(req: Txt2ImgRequest, limits: LimitsConfig, samplers: tuple[Sampler, ...]) -> NativeCall:
-    """Translate a txt2img request; the route passes ``body`` and ``fields`` to ``Planner.plan``.
+def _field_names(req: Txt2ImgRequest, limits: LimitsConfig, sampler_field: str) -> FieldNames:
+    """Errors in A1111's names: ``num_images`` is ``batch_size × n_iter``, named by the factor at fault."""
+    at_fault = "batch_size" if req.batch_size > limits.max_num_images or req.n_iter == 1 else "n_iter"
+
+    def num_images(error: FieldError) -> str:
+        total = req.batch_size * req.n_iter
+        return (
+            f"batch_size × n_iter must be at most {error.values['high']} images, "
+            f"got {req.batch_size} × {req.n_iter} = {total}"
+        )
+
+    names = {**_NAMES, "num_images": at_fault, "scheduler": sampler_field}
+    return FieldNames(names, messages={"num_images": num_images})
+
+
+def txt2img_call(
+    req: Txt2ImgRequest, limits: LimitsConfig, samplers: tuple[Sampler, ...], tenant: str = "anonymous"
+) -> NativeCall:
+    """Translate a txt2img request; the route checks ``request`` and answers errors in ``names``.
 
     >>> call = txt2img_call(Txt2ImgRequest(prompt="a boat", seed=-1, batch_size=2, n_iter=2,
     ...                                    sampler_name="Euler a"), LimitsConfig(), sampler_table("PNDMScheduler"))
-    >>> call.body["seed"], call.body["num_images"], call.body["scheduler"]
+    >>> call.request.seed, call.request.num_images, call.request.scheduler
     (None, 4, 'euler_a')
     """
-    _check_limits(req, limits)
-    if req.sampler_name is not None:
-        sampler = resolve_sampler(req.sampler_name, samplers, "sampler_name")
-    else:
-        sampler = resolve_sampler(req.sampler_index, samplers, "sampler_index")
-    body = {
-        "prompt": req.prompt,
-        "negative_prompt": req.negative_prompt,
-        "model": None,
-        "width": req.width,
-        "height": req.height,
-        "steps": req.steps,
-        "guidance_scale": req.cfg_scale,
-        "seed": None if req.seed is None or req.seed == -1 else req.seed,
-        "num_images": req.batch_size * req.n_iter,
-        "scheduler": sampler.scheduler,
-        "output_format": "png",
-        "loras": [],
-    }
-    fields = {"num_images": "batch_size", "guidance_scale": "cfg_scale"}
-    return NativeCall("txt2img", body, fields, sampler, ignored_fields(req))
+    sampler_field = "sampler_name" if req.sampler_name is not None else "sampler_index"
+    sampler = resolve_sampler(getattr(req, sampler_field), samplers, sampler_field)
+    request = GenerationInput(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=req.width,
+        height=req.height,
+        steps=req.steps,
+        guidance_scale=req.cfg_scale,
+        seed=None if req.seed is None or req.seed == -1 else req.seed,
+        num_images=req.batch_size * req.n_iter,
+        scheduler=sampler.scheduler,
+        output_format="png",
+        tenant=tenant,
+    )
+    return NativeCall("txt2img", request, _field_names(req, limits, sampler_field), sampler, ignored_fields(req))
 
 
 def img2img_call(
-    req: Img2ImgRequest, limits: LimitsConfig, samplers: tuple[Sampler, ...], max_mask_pixels: int
+    req: Img2ImgRequest, limits: LimitsConfig, samplers: tuple[Sampler, ...], tenant: str = "anonymous"
 ) -> NativeCall:
     """Translate an img2img request: ``mode`` "img2img", or "inpaint" when a mask is given.
 
-    ``body`` is the ``/v1/img2img`` body (``image``, ``strength``) or the ``/v1/inpaint`` body (plus
-    ``mask``, white = repaint, already inverted when ``inpainting_mask_invert`` is 1, and
-    ``preserve_unmasked``: A1111 pastes the unmasked original back too). ``width`` / ``height`` are
-    None unless the request sent them (the native image routes' rule then applies).
-    ``max_mask_pixels`` bounds the one image decoded here (the mask, only to invert it).
+    ``request`` is the ``/v1/img2img`` request (``image``, ``strength``) or the ``/v1/inpaint`` one
+    (plus ``mask``, white = repaint, or black with ``inpainting_mask_invert: 1``, which the decoding
+    inverts; and ``preserve_unmasked``: A1111 pastes the unmasked original back too). ``width`` /
+    ``height`` are None unless the request sent them (the native image routes' rule then applies).
     """
-    call = txt2img_call(req, limits, samplers)
+    call = txt2img_call(req, limits, samplers, tenant)
     if len(req.init_images) != 1:
         raise APIError(
             422,
@@ -324,45 +317,16 @@ def img2img_call(
             f"inpainting_mask_invert must be 0 or 1, got {req.inpainting_mask_invert}",
             "inpainting_mask_invert",
         )
-    body = {**call.body, "image": req.init_images[0], "strength": req.denoising_strength}
-    fields = {**call.fields, "image": "init_images", "strength": "denoising_strength"}
-    mode = "img2img"
-    if req.mask is not None:
-        mode = "inpaint"
-        body["mask"] = invert_mask(req.mask, max_mask_pixels) if req.inpainting_mask_invert else req.mask
-        body["preserve_unmasked"] = True
-    return NativeCall(mode, body, fields, call.sampler, call.ignored)
-
-
-def _decode_b64_image(text: str, field_name: str) -> bytes:
-    data = text.split(",", 1)[1] if text.startswith("data:") else text
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise APIError(422, "invalid_image", f"{field_name} is not valid base64: {e}", field_name) from e
-
-
-def invert_mask(mask: str, max_pixels: int) -> str:
-    """White <-> black, as A1111's ``inpainting_mask_invert: 1``; returns a PNG data URL (grayscale)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    raw = _decode_b64_image(mask, "mask")
-    try:
-        image = Image.open(io.BytesIO(raw))
-        width, height = image.size  # read from the header: nothing decoded yet
-        if width * height > max_pixels:
-            raise APIError(
-                422,
-                "image_too_large",
-                f"mask is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                "mask",
-            )
-        inverted = ImageOps.invert(image.convert("L"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise APIError(422, "invalid_image", f"mask is not a readable PNG/JPEG/WebP image: {e}", "mask") from e
-    out = io.BytesIO()
-    inverted.save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    request = replace(
+        call.request,
+        image=req.init_images[0],
+        strength=req.denoising_strength,
+        mask=req.mask,
+        invert_mask=req.mask is not None and bool(req.inpainting_mask_invert),
+        preserve_unmasked=True,
+    )
+    mode = "img2img" if req.mask is None else "inpaint"
+    return NativeCall(mode, request, call.names, call.sampler, call.ignored)
 
 
 # -- native -> A1111 ------------------------------------------------------------------------
@@ -399,7 +363,7 @@ def a1111_response(req: Txt2ImgRequest, call: NativeCall, plan, images: list[byt
     seeds = [plan.seed + k for k in range(plan.num_images)]
     extra = {}
     if call.mode != "txt2img":
-        extra["Denoising strength"] = call.body["strength"]
+        extra["Denoising strength"] = call.request.strength
     if plan.applied:
         extra["Lora"] = " ".join(f"{ref}:{scale:g}" for ref, scale in plan.applied)
     infotexts = [
@@ -441,7 +405,7 @@ def a1111_response(req: Txt2ImgRequest, call: NativeCall, plan, images: list[byt
         "sd_model_hash": mhash,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": call.body.get("strength"),
+        "denoising_strength": call.request.strength,
         "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": infotexts,

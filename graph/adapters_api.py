@@ -11,11 +11,13 @@ from fastapi import Request
 
 from deployments.engine.config import LoRAConfig
 from lora_registry.base_model import BaseModelSpec
+from lora_registry.errors import AdapterNotFoundError, InvalidAdapterError, RegistryError
 from lora_registry.manifest import Manifest
 from lora_registry.registry import Registry
 
 from .config import AdminConfig
-from .errors import APIError
+from .errors import APIError, FieldError
+from .schemas import LoRASpec
 
 
 def _split_list(text: str) -> list[str]:
@@ -26,50 +28,60 @@ def _suffix_match(path: str, targets) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
+@dataclass(frozen=True)
+class Adapters:
+    """A request's adapters, each ``((ref, scale), ...)`` in the request's order; refs are pinned ``name@version``."""
+
+    unet: tuple[tuple[str, float], ...] = ()  # those with UNet weights
+    text: tuple[tuple[str, float], ...] = ()  # those with text-encoder weights
+    applied: tuple[tuple[str, float], ...] = ()  # all of them
+
+    def __add__(self, other: Adapters) -> Adapters:
+        return Adapters(self.unet + other.unet, self.text + other.text, self.applied + other.applied)
+
+
 @dataclass
 class AdapterResolver:
     registry: Registry
     base: BaseModelSpec
     lora: LoRAConfig
 
-    def resolve(self, loras: list, field: str = "loras"):
-        """``[LoRASpec]`` -> (unet adapters, text-encoder adapters, applied), each ``((ref, scale), ...)``.
+    def resolve(self, loras: list[LoRASpec], field: str = "loras", indexed: bool = True) -> Adapters:
+        """``[LoRASpec]`` -> ``Adapters``, checked against the limits, the registry and the served model.
 
-        Unknown adapter or version -> 404 naming it; an adapter this server cannot apply
-        (another base model, modules without slots, rank over the slot size) -> 422.
+        Errors name ``field``: with ``indexed``, the item's path (``loras[1]``, ``loras[1].scale``);
+        without (``<lora:...>`` tags, ``field="prompt"``), the field itself. Unknown adapter or
+        version -> 404 naming it; an adapter this server cannot apply (another base model, modules
+        without slots, rank over the slot size) -> 422; the registry unreachable -> its 503.
         """
         cfg = self.lora
         if len(loras) > cfg.max_loras_per_request:
-            raise APIError(
+            raise FieldError(
                 422,
                 "invalid_value",
-                f"{field}: at most {cfg.max_loras_per_request} adapters per request, got {len(loras)}",
                 field,
+                "{field}: at most {limit} adapters per request, got {count}",
+                limit=cfg.max_loras_per_request,
+                count=len(loras),
             )
         unet, text, applied = [], [], []
         seen = set()
         for i, spec in enumerate(loras):
-            where = f"{field}[{i}]" if field == "loras" else field
+            where = f"{field}[{i}]" if indexed else field
             if not 0 <= spec.scale <= cfg.max_scale:
-                raise APIError(
+                raise FieldError(
                     422,
                     "invalid_value",
-                    f"{where}.scale must be in [0, {cfg.max_scale}], got {spec.scale}",
-                    f"{where}.scale" if field == "loras" else field,
+                    f"{where}.scale" if indexed else where,
+                    "{field} must be in [0, {high}], got {value}",
+                    high=cfg.max_scale,
+                    value=spec.scale,
                 )
-            ref = spec.name if spec.version is None else f"{spec.name}@{spec.version}"
-            try:
-                manifest = self.registry.resolve(ref)
-            except Exception as e:
-                from lora_registry.errors import AdapterNotFoundError, InvalidAdapterError
-
-                if isinstance(e, AdapterNotFoundError):
-                    raise APIError(404, "adapter_not_found", f"unknown adapter {ref!r}: {e.message}", where) from e
-                if isinstance(e, InvalidAdapterError):  # a malformed name
-                    raise APIError(422, "invalid_value", f"{where}.name: {e.message}", where) from e
-                raise
+            manifest = self._manifest(spec, field, where)
             if manifest.ref in seen:
-                raise APIError(422, "invalid_value", f"{where}: adapter {manifest.ref} is listed twice", where)
+                raise FieldError(
+                    422, "invalid_value", where, "{field}: adapter {ref} is listed twice", ref=manifest.ref
+                )
             seen.add(manifest.ref)
             self.check_compatible(manifest, where)
             applied.append((manifest.ref, float(spec.scale)))
@@ -77,24 +89,42 @@ class AdapterResolver:
                 unet.append((manifest.ref, float(spec.scale)))
             if manifest.has_text_encoder:
                 text.append((manifest.ref, float(spec.scale)))
-        return tuple(unet), tuple(text), tuple(applied)
+        return Adapters(tuple(unet), tuple(text), tuple(applied))
+
+    def _manifest(self, spec: LoRASpec, field: str, where: str) -> Manifest:
+        ref = spec.name if spec.version is None else f"{spec.name}@{spec.version}"
+        try:
+            return self.registry.resolve(ref)
+        except AdapterNotFoundError as e:
+            raise FieldError(
+                404, "adapter_not_found", where, "unknown adapter {ref!r}: {detail}", ref=ref, detail=e.message
+            ) from e
+        except InvalidAdapterError as e:  # a malformed name
+            raise FieldError(422, "invalid_value", where, "{field}.name: {detail}", detail=e.message) from e
+        except RegistryError as e:  # unreachable, corrupt: the registry's own status and code
+            raise FieldError(e.status, e.code, field, "{detail}", detail=e.message) from e
 
     def check_compatible(self, manifest: Manifest, where: str) -> None:
+        """422 ``adapter_incompatible`` unless this server can apply ``manifest``: the served base model,
+        rank within the slots, only modules that carry slots."""
+
+        def incompatible(template: str, **values) -> FieldError:
+            return FieldError(
+                422, "adapter_incompatible", where, "adapter {ref} " + template, ref=manifest.ref, **values
+            )
+
         if manifest.base_model.fingerprint != self.base.fingerprint:
-            raise APIError(
-                422,
-                "adapter_incompatible",
-                f"adapter {manifest.ref} was registered for base model {manifest.base_model.family} "
-                f"({manifest.base_model.fingerprint}), not the served one ({self.base.fingerprint})",
-                where,
+            raise incompatible(
+                "was registered for base model {family} ({fingerprint}), not the served one ({served})",
+                family=manifest.base_model.family,
+                fingerprint=manifest.base_model.fingerprint,
+                served=self.base.fingerprint,
             )
         if manifest.rank > self.lora.max_rank:
-            raise APIError(
-                422,
-                "adapter_incompatible",
-                f"adapter {manifest.ref} has rank {manifest.rank}; this server's slots hold rank <= "
-                f"{self.lora.max_rank} (lora.max_rank)",
-                where,
+            raise incompatible(
+                "has rank {rank}; this server's slots hold rank <= {max_rank} (lora.max_rank)",
+                rank=manifest.rank,
+                max_rank=self.lora.max_rank,
             )
         unsupported = []
         for module in manifest.target_modules:
@@ -103,12 +133,10 @@ class AdapterResolver:
             if not _suffix_match(path, targets):
                 unsupported.append(module)
         if unsupported:
-            raise APIError(
-                422,
-                "adapter_incompatible",
-                f"adapter {manifest.ref} targets modules this server does not adapt "
-                f"(lora.unet_target_modules / lora.text_encoder_target_modules): {unsupported[:5]}",
-                where,
+            raise incompatible(
+                "targets modules this server does not adapt "
+                "(lora.unet_target_modules / lora.text_encoder_target_modules): {modules}",
+                modules=unsupported[:5],
             )
 
     # -- admin API ------------------------------------------------------------------------

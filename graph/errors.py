@@ -1,6 +1,12 @@
-"""One error shape for every endpoint: ``{"error": {"code", "message", "field"}}``."""
+"""One error shape for every endpoint: ``{"error": {"code", "message", "field"}}``.
+
+Field paths have one spelling everywhere, pydantic's type errors included: ``width``,
+``loras[0].scale`` (``field_path``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +24,51 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class FieldError(APIError):
+    """Bad input in one field of the canonical request (``graph/validation.py``), at its canonical path.
+
+    ``template`` is the message with the fields it mentions left open: ``{field}`` is this field,
+    ``{f[image]}`` another one; ``values`` fill in the rest, so text a client sent is never read as a
+    template. Rendered with canonical names it is ``message``; an API front end renders it with its
+    own names (``FieldNames.translate``)::
+
+        FieldError(422, "invalid_value", "guidance_scale", "{field} must be in [0, {high}], got {value}",
+                   high=30.0, value=99.0)
+        # .message: "guidance_scale must be in [0, 30.0], got 99.0"; A1111: "cfg_scale must be ..."
+    """
+
+    def __init__(self, status: int, code: str, field: str, template: str, **values):
+        self.template = template
+        self.values = values
+        super().__init__(status, code, template.format(field=field, f=_Names(_same), **values), field)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message, each field mentioned as ``name(canonical path)``."""
+        return self.template.format(field=name(self.field), f=_Names(name), **self.values)
+
+
+def _same(path: str) -> str:
+    return path
+
+
+class _Names:
+    """``{f[image]}`` in a template: the field ``image`` as the front end calls it."""
+
+    def __init__(self, name: Callable[[str], str]):
+        self.name = name
+
+    def __getitem__(self, path: str) -> str:
+        return self.name(path)
+
+
+def field_path(parts: Iterable[str | int]) -> str | None:
+    """The one spelling of a field path: ``("loras", 0, "scale")`` -> ``"loras[0].scale"``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or None
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message, "field": field}}, status_code=status, headers=headers
@@ -25,8 +76,10 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 
 def _field(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    """A pydantic error's ``loc`` without where FastAPI read it from (``body``, ``query``, ...)."""
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]
+    return field_path(loc)
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:

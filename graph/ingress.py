@@ -1,7 +1,9 @@
 """HTTP routes: the native API, the OpenAI Images API, the adapter registry, models, health, readiness.
 
-A route parses its body (``schemas``), turns it into a checked ``Plan``
-(``planning``), runs it through the graph (``chain``) and shapes the answer.
+A generation route parses its body (``schemas``), translates it into the native request
+(``validation.native_input``, ``openai_images``, ``a1111``), has ``Planner.check_inputs`` turn that
+into a checked ``Plan`` (errors renamed back into the route's own field names), runs it through the
+graph (``chain``) and shapes the answer.
 """
 
 import asyncio
@@ -20,13 +22,12 @@ from deployments.engine.images import MIME_TYPES
 from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
 
-from . import a1111, errors, job_routes, page
+from . import a1111, errors, job_routes, openai_images, page
 from .adapters_api import AdapterResolver, AdminAuth
 from .chain import GraphClient, resolve
 from .config import AppConfig
-from .errors import APIError
-from .image_inputs import plan_image_request
-from .planning import Plan, Planner, parse_openai_model, parse_size, raw_format, tenant_of
+from .errors import APIError, FieldError
+from .planning import Plan, Planner, raw_format, tenant_of
 from .schemas import (
     GeneratedImage,
     GenerateRequest,
@@ -36,11 +37,11 @@ from .schemas import (
     JobCreated,
     JobObject,
     JobRequest,
-    OpenAIImage,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
     Timings,
 )
+from .validation import NATIVE, FieldNames, GenerationInput, native_input
 
 _metrics = None
 
@@ -129,9 +130,7 @@ class Ingress:
     )
     async def generate(self, body: GenerateRequest, request: Request):
         """Generate images. With ``num_images=1`` and ``Accept: image/png`` (or jpeg, webp) the raw image comes back."""
-        raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.plan_async(**self.plan_kwargs(body, request, raw))
-        return self.generated(plan, await self.graph.run(plan), raw)
+        return await self.native(body, request)
 
     @app.post(
         "/v1/img2img", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS}
@@ -141,11 +140,7 @@ class Ingress:
 
         Runs in the same step-level batches as text-to-image requests. ``Accept: image/png`` as for /v1/generate.
         """
-        raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.image_plan_async(
-            image=body.image, mask=None, strength=body.strength, **self.plan_kwargs(body, request, raw)
-        )
-        return self.generated(plan, await self.graph.run(plan), raw)
+        return await self.native(body, request)
 
     @app.post(
         "/v1/inpaint", response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **_ERRORS}
@@ -153,33 +148,21 @@ class Ingress:
     async def inpaint(self, body: InpaintRequest, request: Request):
         """Repaint the white part of ``mask``. Works with ordinary checkpoints (latent blending) and with
         9-channel inpainting UNets; with ``preserve_unmasked`` the black part comes back pixel for pixel."""
+        return await self.native(body, request)
+
+    async def native(self, body: GenerateRequest, request: Request):
+        """A native generation route: the body's names are the canonical ones."""
         raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.image_plan_async(
-            image=body.image,
-            mask=body.mask,
-            strength=body.strength,
-            preserve_unmasked=body.preserve_unmasked,
-            **self.plan_kwargs(body, request, raw),
-        )
+        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user), raw))
         return self.generated(plan, await self.graph.run(plan), raw)
 
-    def plan_kwargs(self, body: GenerateRequest, request: Request, raw: str | None = None) -> dict:
-        """``Planner.plan``'s arguments from a ``/v1/generate``-shaped body (also img2img, inpaint, jobs)."""
-        return {
-            "prompt": body.prompt,
-            "negative_prompt": body.negative_prompt,
-            "model": body.model,
-            "width": body.width,
-            "height": body.height,
-            "steps": body.steps,
-            "guidance_scale": body.guidance_scale,
-            "seed": body.seed,
-            "num_images": body.num_images,
-            "scheduler": body.scheduler,
-            "output_format": raw if raw and body.num_images == 1 else body.output_format,
-            "loras": body.loras,
-            "tenant": tenant_of(request, body.user),
-        }
+    async def check_inputs(self, request: GenerationInput, names: FieldNames = NATIVE) -> Plan:
+        """``Planner.check_inputs`` in a thread (it decodes uploads and may read the registry's store);
+        its errors in the route's own field names."""
+        try:
+            return await asyncio.to_thread(self.planner.check_inputs, request)
+        except FieldError as e:
+            raise names.translate(e) from e
 
     def generated(self, plan: Plan, result: DecodedImages, raw: str | None):
         """The native answer: the raw image (``Accept: image/...``, one image) or ``GenerateResponse``."""
@@ -213,50 +196,9 @@ class Ingress:
 
         ``model`` may name an adapter: ``"tiny-sd:watercolor"`` or ``"tiny-sd:watercolor@2"``.
         """
-        if body.response_format != "b64_json":
-            raise APIError(
-                400,
-                "unsupported_response_format",
-                f'response_format {body.response_format!r} is not served; use "b64_json"',
-                "response_format",
-            )
-        width, height = parse_size(body.size)
-        base, loras = parse_openai_model(body.model)
-        plan = await self.plan_async(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            model=base,
-            width=width,
-            height=height,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            seed=body.seed,
-            num_images=body.n,
-            scheduler=body.scheduler,
-            output_format=body.output_format,
-            loras=loras + list(body.loras),
-            tenant=tenant_of(request, body.user),
-            fields={"width": "size", "height": "size", "num_images": "n", "loras": "model" if loras else "loras"},
-        )
-        result = await self.graph.run(plan)
-        return OpenAIImagesResponse(
-            created=int(time.time()),
-            data=[OpenAIImage(b64_json=base64.b64encode(d).decode()) for d in result.images],
-        )
-
-    async def plan_async(self, **kwargs) -> Plan:
-        """``Planner.plan`` in a thread: resolving adapters may read the registry's store."""
-        return await self._in_thread(self.planner.plan, kwargs)
-
-    async def image_plan_async(self, **kwargs) -> Plan:
-        """``image_inputs.plan_image_request`` in a thread: decoding and resizing images is blocking work."""
-        return await self._in_thread(functools.partial(plan_image_request, self.planner, self.limits), kwargs)
-
-    async def _in_thread(self, fn, kwargs: dict) -> Plan:
-        try:
-            return await asyncio.to_thread(fn, **kwargs)
-        except RegistryError as e:
-            raise APIError(e.status, e.code, e.message, (kwargs.get("fields") or {}).get("loras", "loras")) from e
+        openai_request, names = openai_images.to_input(body, tenant_of(request, body.user))
+        plan = await self.check_inputs(openai_request, names)
+        return openai_images.to_response((await self.graph.run(plan)).images)
 
     # -- adapter registry (admin API) -------------------------------------------------
 
@@ -352,8 +294,9 @@ class Ingress:
     @app.post("/sdapi/v1/txt2img", responses=_ERRORS)
     async def a1111_txt2img(self, body: a1111.Txt2ImgRequest, request: Request) -> dict:
         """AUTOMATIC1111's txt2img: ``{images: [base64 PNG], parameters, info}``; unknown fields are ignored."""
-        call = a1111.txt2img_call(body, self.limits, a1111.sampler_table(self.info.scheduler_class))
-        plan = await self.plan_async(**call.body, tenant=tenant_of(request, None), fields=call.fields)
+        samplers = a1111.sampler_table(self.info.scheduler_class)
+        call = a1111.txt2img_call(body, self.limits, samplers, tenant_of(request, None))
+        plan = await self.check_inputs(call.request, call.names)
         result = await self.graph.run(plan)
         mhash = a1111.model_hash(self.base_spec.fingerprint)
         return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
@@ -361,15 +304,9 @@ class Ingress:
     @app.post("/sdapi/v1/img2img", responses=_ERRORS)
     async def a1111_img2img(self, body: a1111.Img2ImgRequest, request: Request) -> dict:
         """AUTOMATIC1111's img2img (inpainting when ``mask`` is sent): the /v1/img2img and /v1/inpaint paths."""
-        call = a1111.img2img_call(
-            body,
-            self.limits,
-            a1111.sampler_table(self.info.scheduler_class),
-            max_mask_pixels=self.limits.max_image_pixels,
-        )
-        plan = await self.image_plan_async(
-            **{"mask": None, **call.body}, tenant=tenant_of(request, None), fields=call.fields
-        )
+        samplers = a1111.sampler_table(self.info.scheduler_class)
+        call = a1111.img2img_call(body, self.limits, samplers, tenant_of(request, None))
+        plan = await self.check_inputs(call.request, call.names)
         result = await self.graph.run(plan)
         mhash = a1111.model_hash(self.base_spec.fingerprint)
         return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
@@ -431,21 +368,7 @@ class Ingress:
 
         With ``image`` (and ``mask``) it is an img2img (inpainting) job, planned as /v1/img2img (/v1/inpaint).
         """
-        kwargs = self.plan_kwargs(body, request)
-        if body.image is not None:
-            strength = body.strength if body.strength is not None else (0.75 if body.mask is None else 1.0)
-            plan = await self.image_plan_async(
-                image=body.image,
-                mask=body.mask,
-                strength=strength,
-                preserve_unmasked=body.preserve_unmasked,
-                **kwargs,
-            )
-        elif body.mask is not None or body.strength is not None:
-            field = "mask" if body.mask is not None else "strength"
-            raise APIError(422, "invalid_value", f"{field} needs an image (img2img / inpainting)", field)
-        else:
-            plan = await self.plan_async(**kwargs)
+        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user)))
         return await job_routes.create(self.jobs, plan)
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})

@@ -1,7 +1,11 @@
-"""Turn an HTTP request into a validated ``Plan``: limits, prompt length, seed, adapters.
+"""The one validation step: a ``GenerationInput`` (native names) becomes a checked ``Plan``.
 
-Everything a request can get wrong is found here, before any work is queued. ``<lora:name:weight>``
-tags in the prompt become adapters of the request here, so every endpoint understands them.
+``Planner.check_inputs`` is diffusers' ``check_inputs`` for the whole request: everything a request
+can get wrong is found here, before any work is queued, in small named steps (the uploads, the
+model, the prompt, the size, steps / guidance / images, prompt length, adapters). Each step raises
+``FieldError`` at a canonical field path (``width``, ``loras[0].scale``); the front ends rename them
+(``graph/validation.py``). ``<lora:name:weight>`` tags in the prompt become adapters of the request
+here, so every endpoint understands them.
 """
 
 import hashlib
@@ -17,10 +21,13 @@ from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags
 from deployments.engine.prompts import chunk_count, tokenize_weighted
 from deployments.messages import AdapterUse, DecodeParams, DenoiseParams, EncodeRequest, Overlay
 
-from .adapters_api import AdapterResolver
+from .adapters_api import AdapterResolver, Adapters
 from .config import LimitsConfig
-from .errors import APIError
-from .schemas import LoRASpec
+from .errors import FieldError
+from .image_decoding import check_side
+from .image_inputs import ImageInputs, check_image_inputs
+from .schemas import MAX_SEED, LoRASpec
+from .validation import GenerationInput
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +84,19 @@ class Plan:
         return DecodeParams(self.output_format, self.overlay)
 
 
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise FieldError(
+            422,
+            "invalid_value",
+            field,
+            "{field} must be in [{low}, {high}], got {value}",
+            low=low,
+            high=high,
+            value=value,
+        )
+
+
 class Planner:
     def __init__(self, info: ModelInfo, model_name: str, limits: LimitsConfig, tokenizer, resolver: AdapterResolver):
         self.info = info
@@ -85,150 +105,164 @@ class Planner:
         self.tokenizer = tokenizer
         self.resolver = resolver
 
-    def plan(
-        self,
-        *,
-        prompt: str,
-        negative_prompt: str,
-        model: str | None,
-        width: int | None,
-        height: int | None,
-        steps: int,
-        guidance_scale: float,
-        seed: int | None,
-        num_images: int,
-        scheduler: str,
-        output_format: str,
-        loras: list[LoRASpec] = (),
-        tenant: str = "anonymous",
-        fields: dict[str, str] | None = None,
-    ) -> Plan:
-        """Check a request against the limits; ``fields`` maps names to the endpoint's own field names."""
-        f = {
-            "width": "width",
-            "height": "height",
-            "num_images": "num_images",
-            "model": "model",
-            "prompt": "prompt",
-            "negative_prompt": "negative_prompt",
-            **(fields or {}),
-        }
-        lim = self.limits
+    def check_inputs(self, request: GenerationInput) -> Plan:
+        """Check ``request`` against the limits and the registry; the ``Plan`` the graph runs.
+
+        Blocking (decodes uploads, may read the registry's store): call it in a thread.
+        """
+        images = check_image_inputs(request, self.limits)
+        self.check_model(request.model)
+        self.check_prompt(request.prompt)
+        width, height = self.check_size(request.width, request.height, images)
+        self.check_steps(request.steps)
+        self.check_guidance_scale(request.guidance_scale)
+        self.check_num_images(request.num_images)
+        prompt, tags = self.split_lora_tags(request.prompt)
+        self.check_prompt_length(prompt, "prompt")
+        self.check_prompt_length(request.negative_prompt, "negative_prompt")
+        adapters = self.check_adapters(request.loras, tags)
+        seed = self.check_seed(request.seed)
+        conditioning, overlay = None, None
+        if images is not None:
+            conditioning, overlay = images.prepare([seed + k for k in range(request.num_images)])
+        return Plan(
+            prompt=prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            steps=request.steps,
+            guidance_scale=float(request.guidance_scale),
+            seed=seed,
+            num_images=request.num_images,
+            scheduler=request.scheduler,
+            output_format=request.output_format,
+            tenant=request.tenant,
+            unet_adapters=adapters.unet,
+            text_adapters=adapters.text,
+            applied=adapters.applied,
+            conditioning=conditioning,
+            overlay=overlay,
+        )
+
+    # -- the steps, in order -----------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, "model_not_found", f"unknown model {model!r}; served: {self.model_name!r}", f["model"])
+            raise FieldError(
+                404,
+                "model_not_found",
+                "model",
+                "unknown {field} {value!r}; served: {served!r}",
+                value=model,
+                served=self.model_name,
+            )
+
+    def check_prompt(self, prompt: str) -> None:
         if not prompt.strip():
-            raise APIError(422, "invalid_value", "prompt must not be empty", f["prompt"])
+            raise FieldError(422, "invalid_value", "prompt", "{field} must not be empty")
+
+    def check_size(self, width: int | None, height: int | None, images: ImageInputs | None) -> tuple[int, int]:
+        """The output size: the uploads' (settled by ``check_image_inputs``), else as given, else native."""
+        if images is not None:
+            return images.width, images.height
+        lim = self.limits
         width = self.info.default_side if width is None else width
         height = self.info.default_side if height is None else height
         for name, value in (("width", width), ("height", height)):
-            if value % 8 or not lim.min_side <= value <= lim.max_side:
-                raise APIError(
-                    422,
-                    "invalid_value",
-                    f"{name} must be a multiple of 8 in [{lim.min_side}, {lim.max_side}], got {value}",
-                    f[name],
-                )
-        if not 1 <= steps <= lim.max_steps:
-            raise APIError(422, "invalid_value", f"steps must be in [1, {lim.max_steps}], got {steps}", "steps")
-        if not 0 <= guidance_scale <= lim.max_guidance_scale:
-            raise APIError(
-                422,
-                "invalid_value",
-                f"guidance_scale must be in [0, {lim.max_guidance_scale}], got {guidance_scale}",
-                "guidance_scale",
-            )
-        if not 1 <= num_images <= lim.max_num_images:
-            raise APIError(
-                422,
-                "invalid_value",
-                f"{f['num_images']} must be in [1, {lim.max_num_images}], got {num_images}",
-                f["num_images"],
-            )
-        # A1111 takes <lora:...> tags from the positive prompt only; in the negative prompt they stay text.
+            check_side(name, value, multiple=8, min_side=lim.min_side, max_side=lim.max_side)
+        return width, height
+
+    def check_steps(self, steps: int) -> None:
+        _check_range("steps", steps, 1, self.limits.max_steps)
+
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        _check_range("guidance_scale", guidance_scale, 0, self.limits.max_guidance_scale)
+
+    def check_num_images(self, num_images: int) -> None:
+        _check_range("num_images", num_images, 1, self.limits.max_num_images)
+
+    def split_lora_tags(self, prompt: str) -> tuple[str, list[LoraTag]]:
+        """The prompt without its ``<lora:...>`` tags, and the tags. As in A1111, tags are read from the
+        positive prompt only; in the negative prompt they stay text."""
         try:
-            prompt, tags = extract_lora_tags(prompt)
+            return extract_lora_tags(prompt)
         except ValueError as e:
-            raise APIError(422, "invalid_value", f"prompt: {e}", f["prompt"]) from e
-        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            self.check_prompt_length(text, f[name])
-        if seed is None:
-            seed = secrets.randbelow(2**31)
-        unet_adapters, text_adapters, applied = self.resolver.resolve(list(loras), field=f.get("loras", "loras"))
-        if tags:  # after the body's own adapters
-            tag_unet, tag_text, tag_applied = self.resolver.resolve(
-                self.tag_specs(tags, f["prompt"]), field=f["prompt"]
-            )
-            self.check_combined(applied, tag_applied, f["prompt"])
-            unet_adapters, text_adapters, applied = (
-                unet_adapters + tag_unet,
-                text_adapters + tag_text,
-                applied + tag_applied,
-            )
-        return Plan(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=float(guidance_scale),
-            seed=seed,
-            num_images=num_images,
-            scheduler=scheduler,
-            output_format=output_format,
-            tenant=tenant,
-            unet_adapters=unet_adapters,
-            text_adapters=text_adapters,
-            applied=applied,
-        )
+            raise FieldError(422, "invalid_value", "prompt", "{field}: {error}", error=e) from e
 
     def check_prompt_length(self, text: str, field: str) -> None:
         """At most ``limits.max_prompt_chunks`` chunks of 75 tokens; a malformed weight is a 422 too."""
         try:
             ids, _ = tokenize_weighted(self.tokenizer, text)
         except ValueError as e:
-            raise APIError(422, "invalid_value", f"{field}: {e}", field) from e
+            raise FieldError(422, "invalid_value", field, "{field}: {error}", error=e) from e
         chunk_length = self.tokenizer.model_max_length - 2
         max_chunks = self.limits.max_prompt_chunks
         if chunk_count(len(ids), chunk_length) > max_chunks:
-            raise APIError(
+            raise FieldError(
                 422,
                 "prompt_too_long",
-                f"{field} is {len(ids)} tokens; the limit is {chunk_length * max_chunks} tokens "
-                f"({max_chunks} chunks of {chunk_length}: limits.max_prompt_chunks)",
                 field,
+                "{field} is {tokens} tokens; the limit is {limit} tokens "
+                "({chunks} chunks of {chunk_length}: limits.max_prompt_chunks)",
+                tokens=len(ids),
+                limit=chunk_length * max_chunks,
+                chunks=max_chunks,
+                chunk_length=chunk_length,
             )
 
-    def tag_specs(self, tags: list[LoraTag], field: str) -> list[LoRASpec]:
+    def check_adapters(self, loras: tuple[LoRASpec, ...], tags: list[LoraTag]) -> Adapters:
+        """The body's ``loras``, then the prompt's tags: resolved, applicable, together within the limits."""
+        adapters = self.resolver.resolve(list(loras))
+        if not tags:
+            return adapters
+        from_tags = self.resolver.resolve(self.tag_specs(tags), field="prompt", indexed=False)
+        self.check_combined(adapters, from_tags)
+        return adapters + from_tags
+
+    def tag_specs(self, tags: list[LoraTag]) -> list[LoRASpec]:
         max_scale = self.resolver.lora.max_scale
-        specs = []
         for tag in tags:
             if not 0 <= tag.weight <= max_scale:
-                raise APIError(
+                raise FieldError(
                     422,
                     "invalid_value",
-                    f"{field}: <lora:{tag.name}:{tag.weight:g}>: the weight must be in [0, {max_scale}] "
-                    "(lora.max_scale)",
-                    field,
+                    "prompt",
+                    "{field}: <lora:{name}:{weight:g}>: the weight must be in [0, {high}] (lora.max_scale)",
+                    name=tag.name,
+                    weight=tag.weight,
+                    high=max_scale,
                 )
-            specs.append(LoRASpec(name=tag.name, version=tag.version, scale=tag.weight))
-        return specs
+        return [LoRASpec(name=tag.name, version=tag.version, scale=tag.weight) for tag in tags]
 
-    def check_combined(self, body: tuple, from_tags: tuple, field: str) -> None:
+    def check_combined(self, body: Adapters, from_tags: Adapters) -> None:
         """The body's adapters and the prompt's tags together: within the per-request limit, none twice."""
         limit = self.resolver.lora.max_loras_per_request
-        if len(body) + len(from_tags) > limit:
-            raise APIError(
+        count = len(body.applied) + len(from_tags.applied)
+        if count > limit:
+            raise FieldError(
                 422,
                 "invalid_value",
-                f"{field}: at most {limit} adapters per request (loras and <lora:...> tags together), "
-                f"got {len(body) + len(from_tags)}",
-                field,
+                "prompt",
+                "{field}: at most {limit} adapters per request ({f[loras]} and <lora:...> tags together), got {count}",
+                limit=limit,
+                count=count,
             )
-        twice = sorted({ref for ref, _ in body} & {ref for ref, _ in from_tags})
+        twice = sorted({ref for ref, _ in body.applied} & {ref for ref, _ in from_tags.applied})
         if twice:
-            raise APIError(
-                422, "invalid_value", f"{field}: adapter {twice[0]} is both in loras and a <lora:...> tag", field
+            raise FieldError(
+                422,
+                "invalid_value",
+                "prompt",
+                "{field}: adapter {ref} is both in {f[loras]} and a <lora:...> tag",
+                ref=twice[0],
             )
+
+    def check_seed(self, seed: int | None) -> int:
+        """The seed, chosen if the request has none."""
+        if seed is None:
+            return secrets.randbelow(2**31)
+        _check_range("seed", seed, 0, MAX_SEED)
+        return seed
 
 
 def tenant_of(request: Request, user: str | None) -> str:
@@ -239,26 +273,7 @@ def tenant_of(request: Request, user: str | None) -> str:
     return f"user:{user}" if user else "anonymous"
 
 
-def parse_openai_model(model: str | None) -> tuple[str | None, list[LoRASpec]]:
-    """``"tiny-sd:watercolor@2"`` -> (``"tiny-sd"``, [watercolor v2 at scale 1])."""
-    if model is None or ":" not in model:
-        return model, []
-    base, _, adapter = model.partition(":")
-    name, _, version = adapter.partition("@")
-    if not name or (version and not version.isdigit()):
-        raise APIError(422, "invalid_value", f'model must look like "base:adapter[@version]", got {model!r}', "model")
-    return base or None, [LoRASpec(name=name, version=int(version) if version else None)]
-
-
 def raw_format(accept: str) -> str | None:
+    """The image format an ``Accept: image/...`` header asks for, if any."""
     first = accept.split(",")[0].split(";")[0].strip().lower()
     return {v: k for k, v in MIME_TYPES.items()}.get(first)
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    if size is None:
-        return None, None
-    w, sep, h = size.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit():
-        raise APIError(422, "invalid_value", f'size must look like "512x512", got {size!r}', "size")
-    return int(w), int(h)

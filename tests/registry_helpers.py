@@ -96,13 +96,32 @@ def adapter_store(request, tmp_path) -> Store:
 @pytest.fixture
 def adapter_registry(adapter_store, registry_tiny_spec, tmp_path) -> Registry:
     """A registry on ``adapter_store`` for the tiny model, with fresh caches and no listing TTL."""
+    return fresh_registry(registry_tiny_spec, tmp_path, adapter_store)
+
+
+def fresh_registry(spec: BaseModelSpec, root: Path, store: Store | None = None) -> Registry:
+    """A registry for ``spec`` on ``store`` (default: a local directory under ``root``), with fresh caches
+    under ``root`` and no listing TTL."""
     return Registry(
-        adapter_store,
-        base=registry_tiny_spec,
-        cache=DiskCache(tmp_path / "cache", 1 << 30),
+        store if store is not None else make_store("local", root),
+        base=spec,
+        cache=DiskCache(root / "cache", 1 << 30),
         memory=MemoryCache(1 << 30),
         manifest_ttl_s=0.0,
     )
+
+
+@pytest.fixture(scope="module")
+def served_adapters(registry_tiny_spec, tmp_path_factory) -> Registry:
+    """A local registry holding ink@1, ink@2 (UNet attention, rank 4), pastel@1 (UNet and text encoder)
+    and wide@1 (rank 8), for tests of how requests use adapters."""
+    spec = registry_tiny_spec
+    registry = fresh_registry(spec, tmp_path_factory.mktemp("served-adapters"))
+    registry.register(small_lora_bytes(spec, seed=1), name="ink")
+    registry.register(small_lora_bytes(spec, seed=2), name="ink")
+    registry.register(to_bytes(diffusers_state(random_lora(spec, seed=3, te_targets=TE_TARGETS))), name="pastel")
+    registry.register(small_lora_bytes(spec, seed=4, rank=8), name="wide")
+    return registry
 
 
 def store_keys(store: Store) -> list[str]:

@@ -168,7 +168,7 @@ BAD = [
     ([{"name": "nosuch"}], 404, "adapter_not_found", "loras[0]"),
     ([{"name": "ink", "version": 9}], 404, "adapter_not_found", "loras[0]"),
     ([{"name": "ink", "scale": 4.5}], 422, "invalid_value", "loras[0].scale"),
-    ([{"name": "ink", "scale": -1}], 422, "invalid_value", "loras.0.scale"),
+    ([{"name": "ink", "scale": -1}], 422, "invalid_value", "loras[0].scale"),
     ([{"name": "Bad Name!"}], 422, "invalid_value", "loras[0]"),
     ([{"name": "ink"}, {"name": "ink"}], 422, "invalid_value", "loras[1]"),
     ([{"name": "ink"}] * 5, 422, "invalid_value", "loras"),

@@ -15,16 +15,11 @@ from PIL import Image
 from test_e2e_http import run_alone
 
 from conftest import HeldDenoiser
+from image_helpers import png_b64
 
 pytestmark = pytest.mark.e2e
 
 SIZE = 64
-
-
-def png_b64(pixels: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def picture(seed: int = 0) -> np.ndarray:
@@ -51,7 +46,7 @@ def image_of(response) -> np.ndarray:
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:
-    from deployments.engine.conditioning import load_image
+    from graph.image_decoding import load_image
 
     return load_image(base64.b64decode(png_b64(pixels)), max_bytes=1 << 20, max_pixels=1 << 20)
 

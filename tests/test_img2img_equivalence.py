@@ -19,12 +19,10 @@ from deployments.engine.conditioning import (
     ImageConditioning,
     ImageInputError,
     encode_conditioning,
-    load_image,
-    preprocess_image,
-    resolve_size,
 )
 from deployments.engine.images import decode
 from deployments.engine.step_scheduler import DenoiseRequest
+from graph.image_decoding import load_image, preprocess_image, resolve_size
 
 from engine_helpers import Engine
 

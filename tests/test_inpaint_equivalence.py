@@ -15,18 +15,10 @@ import torch
 from PIL import Image
 
 from deployments.engine.batch_invariance import make_batch_invariant
-from deployments.engine.conditioning import (
-    ConditioningInput,
-    encode_conditioning,
-    latent_mask,
-    load_image,
-    original_pixels,
-    overlay_unmasked,
-    preprocess_image,
-    preprocess_mask,
-)
+from deployments.engine.conditioning import ConditioningInput, encode_conditioning, latent_mask, overlay_unmasked
 from deployments.engine.images import decode, to_uint8
 from deployments.engine.step_scheduler import DenoiseRequest
+from graph.image_decoding import load_image, original_pixels, preprocess_image, preprocess_mask
 
 from engine_helpers import Engine
 from lora_helpers import UNET_ATTN, make_peft_lora_file

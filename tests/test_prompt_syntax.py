@@ -5,10 +5,12 @@ import pytest
 
 from deployments.engine.config import LoRAConfig
 from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags, parse_prompt_attention
+from graph.adapters_api import Adapters
 from graph.config import LimitsConfig
-from graph.errors import APIError
+from graph.errors import APIError, FieldError
 from graph.planning import Planner
 from graph.schemas import LoRASpec
+from graph.validation import FieldNames, GenerationInput
 
 W = 1.1
 # AUTOMATIC1111's own examples (modules/prompt_parser.py docstring), then nesting, numbers and edge cases.
@@ -133,17 +135,18 @@ class FakeResolver:
     lora = LoRAConfig(max_loras_per_request=3)
     known = {"ink": True, "pastel": False}  # name -> has text-encoder weights
 
-    def resolve(self, loras, field="loras"):
+    def resolve(self, loras, field="loras", indexed=True):
         unet, text, applied = [], [], []
-        for spec in loras:
+        for i, spec in enumerate(loras):
             if spec.name not in self.known or spec.version not in (None, 1):
-                raise APIError(404, "adapter_not_found", f"unknown adapter {spec.name!r}", field)
+                where = f"{field}[{i}]" if indexed else field
+                raise FieldError(404, "adapter_not_found", where, "unknown adapter {name!r}", name=spec.name)
             ref = f"{spec.name}@1"
             applied.append((ref, spec.scale))
             unet.append((ref, spec.scale))
             if self.known[spec.name]:
                 text.append((ref, spec.scale))
-        return tuple(unet), tuple(text), tuple(applied)
+        return Adapters(tuple(unet), tuple(text), tuple(applied))
 
 
 @pytest.fixture
@@ -151,22 +154,9 @@ def planner(tiny):
     return Planner(tiny["info"], "tiny-sd", LimitsConfig(max_prompt_chunks=2), tiny["tokenizer"], FakeResolver())
 
 
-def plan(planner, prompt, negative_prompt="", loras=(), fields=None):
-    return planner.plan(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        model=None,
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=7.5,
-        seed=1,
-        num_images=1,
-        scheduler="default",
-        output_format="png",
-        loras=list(loras),
-        fields=fields,
-    )
+def plan(planner, prompt, negative_prompt="", loras=()):
+    request = GenerationInput(prompt, negative_prompt, width=64, height=64, steps=4, seed=1, loras=tuple(loras))
+    return planner.check_inputs(request)
 
 
 def test_planner_moves_lora_tags_after_the_bodys_loras(planner):
@@ -220,13 +210,15 @@ def test_prompt_length_is_limited_in_chunks(planner):
     assert plan(planner, "cat " * 150 + "<lora:ink:0.5>").applied == (("ink@1", 0.5),)
 
 
-def test_planner_names_the_endpoints_own_prompt_field(planner):
-    with pytest.raises(APIError) as e:
-        plan(planner, "x <lora:missing>", fields={"prompt": "input"})
-    assert e.value.field == "input"
-    with pytest.raises(APIError) as e:
-        plan(planner, "x", negative_prompt="y " * 200, fields={"negative_prompt": "negative"})
-    assert e.value.field == "negative" and e.value.message.startswith("negative is 200 tokens")
+def test_an_endpoint_names_the_prompt_fields_its_own_way(planner):
+    names = FieldNames({"prompt": "input", "negative_prompt": "negative"})
+    with pytest.raises(FieldError) as e:
+        plan(planner, "x <lora:missing>")
+    assert names.translate(e.value).field == "input"
+    with pytest.raises(FieldError) as e:
+        plan(planner, "x", negative_prompt="y " * 200)
+    error = names.translate(e.value)
+    assert error.field == "negative" and error.message.startswith("negative is 200 tokens")
 
 
 def test_max_prompt_chunks_is_checked_at_start_naming_the_field():

@@ -1,20 +1,16 @@
-"""Image inputs for img2img and inpainting: decode safely, preprocess as diffusers does, encode.
+"""Image conditioning for img2img and inpainting, from tensors: VAE-encode, draw the noise, paste back.
 
-The path of an uploaded image, top to bottom:
+The ingress decodes and checks uploads and makes the tensors (``graph/image_decoding.py``:
+base64, formats, pixel caps, the output size, diffusers' ``VaeImageProcessor.preprocess``); this
+module starts from those tensors (``ConditioningInput``):
 
-1. ``decode_base64`` (base64 or a data URL) and ``load_image``: PNG, JPEG or
-   WebP only, a byte cap before decoding and a pixel cap read from the header
-   before the pixels are decoded (decompression bombs), RGB out.
-2. ``resolve_size``: the output size (see its rule) and ``check_mask_size``.
-3. ``preprocess_image`` / ``preprocess_mask``: tensors exactly as diffusers'
-   ``VaeImageProcessor.preprocess`` makes them (Lanczos resize, [-1, 1]; the
-   mask binarised to {0, 1}, white = repaint).
-4. ``encode_conditioning`` (the VAE stage): VAE-encodes, draws the initial
+1. ``encode_conditioning`` (the VAE stage): VAE-encodes, draws the initial
    noise, and returns one ``ImageConditioning`` per output image for the
    denoiser (``DenoiseRequest.conditioning``).
-5. ``overlay_unmasked``: pastes the input's pixels back where the mask keeps them.
+2. ``overlay_unmasked`` (after decoding): pastes the input's pixels back where the mask keeps them.
 
-Every check raises ``ImageInputError(field, message)`` before any model runs.
+Inputs that would break the engine (a strength outside (0, 1], tensors of the wrong shape) raise
+``ImageInputError(field, message)`` before any model runs; the ingress has refused them already.
 
 Generator convention (what makes a served image equal diffusers'): image ``k``
 of a request has its own CPU generator seeded ``seed + k``. The VAE stage makes
@@ -34,30 +30,20 @@ draw (``ImageConditioning.generator_state``): the denoiser's scheduler steps
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .images import latent_dist, sample_latents
 
-# PIL format name -> MIME type: the only formats accepted as input.
-INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-# diffusers' VaeImageProcessor default (``resample="lanczos"``, ``reducing_gap=None``).
-RESAMPLE = Image.Resampling.LANCZOS
-
 
 class ImageInputError(ValueError):
-    """A bad image-conditioning input (image, mask, size or strength): the client's fault, a 400.
+    """A bad image-conditioning input (image, mask or strength): the client's fault, a 422.
 
-    ``field`` names the request field (``"image"``, ``"mask"``, ``"strength"``,
-    ``"width"``, ``"height"``); the message names the limit that was broken.
+    ``field`` names the request field (``"image"``, ``"mask"``, ``"strength"``);
+    the message names the limit that was broken.
     """
 
     def __init__(self, field: str, message: str):
@@ -67,128 +53,6 @@ class ImageInputError(ValueError):
 
     def __reduce__(self):  # crosses process boundaries through Ray
         return type(self), (self.field, self.message)
-
-
-# -- decoding -------------------------------------------------------------------
-
-
-def decode_base64(value: str, *, field: str, max_bytes: int) -> bytes:
-    """Plain base64 or a ``data:image/...;base64,`` URL -> bytes, size-checked before decoding.
-
-    >>> decode_base64("data:image/png;base64,iVBORw0KGgo=", field="image", max_bytes=1024)
-    b'\\x89PNG\\r\\n\\x1a\\n'
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise ImageInputError(field, "must be a non-empty base64 string or data URL")
-    payload = value.strip()
-    if payload.startswith("data:"):
-        header, sep, payload = payload.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ImageInputError(field, "a data URL must look like data:image/png;base64,<data>")
-        mime = header.removeprefix("data:").split(";")[0].lower()
-        if mime and mime not in INPUT_FORMATS.values():
-            raise ImageInputError(field, f"data URL type {mime!r} is not one of {sorted(INPUT_FORMATS.values())}")
-    payload = "".join(payload.split())  # line breaks are common in pasted base64
-    size = len(payload) * 3 // 4 - payload[-2:].count("=")
-    if size > max_bytes:
-        raise ImageInputError(field, f"is {size} bytes; the limit is {max_bytes} bytes")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageInputError(field, f"is not valid base64 ({e})") from e
-    if not data:
-        raise ImageInputError(field, "is empty")
-    return data
-
-
-def load_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
-    """File bytes -> an RGB ``PIL.Image``, refusing anything that is not a safe PNG, JPEG or WebP.
-
-    Checked in this order, each before the work it guards: the byte count
-    (``max_bytes``); the format, from the header; the pixel count, from the
-    header (``max_pixels``; PIL's own decompression-bomb guard raises first for
-    absurd sizes); then the full decode (a truncated or corrupt file fails
-    here). The EXIF orientation is applied, as diffusers' ``load_image`` does,
-    and any alpha channel is dropped (``convert("RGB")``).
-    """
-    if len(data) > max_bytes:
-        raise ImageInputError(field, f"is {len(data)} bytes; the limit is {max_bytes} bytes")
-    pixel_limit = f"the limit is {max_pixels} pixels"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(INPUT_FORMATS))  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageInputError(field, f"has too many pixels ({e}); {pixel_limit}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageInputError(field, "is not a PNG, JPEG or WebP image") from e
-    if image.format not in INPUT_FORMATS:
-        raise ImageInputError(field, f"is a {image.format} image; accepted: PNG, JPEG, WebP")
-    width, height = image.size
-    if width < 1 or height < 1 or width * height > max_pixels:
-        raise ImageInputError(field, f"is {width}x{height} = {width * height} pixels; {pixel_limit}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as e:
-        raise ImageInputError(field, f"could not be decoded: truncated or corrupt {image.format} ({e})") from e
-
-
-# -- size -------------------------------------------------------------------------
-
-
-def resolve_size(
-    image_size: tuple[int, int],
-    width: int | None,
-    height: int | None,
-    *,
-    multiple: int = 8,
-    min_side: int = 64,
-    max_side: int = 2048,
-) -> tuple[int, int]:
-    """The output ``(width, height)`` for an input image of ``image_size`` ``(w, h)``.
-
-    The rule: a side that is not given is the image's, rounded DOWN to a
-    multiple of ``multiple`` (the VAE scale factor; diffusers'
-    ``VaeImageProcessor.get_default_height_width``); a side that is given must
-    be a multiple of it. Both must lie in ``[min_side, max_side]``. The image
-    (and mask) are then resized to that size with Lanczos, as diffusers does;
-    an image already at that size is left as it is.
-
-    >>> resolve_size((517, 300), None, None)
-    (512, 296)
-    >>> resolve_size((517, 300), 256, 256)
-    (256, 256)
-    """
-    sides = {}
-    for name, given, own in (("width", width, image_size[0]), ("height", height, image_size[1])):
-        if given is not None:
-            if given % multiple or not min_side <= given <= max_side:
-                raise ImageInputError(
-                    name, f"must be a multiple of {multiple} in [{min_side}, {max_side}], got {given}"
-                )
-            sides[name] = given
-            continue
-        side = own - own % multiple
-        if not min_side <= side <= max_side:
-            raise ImageInputError(
-                "image",
-                f"image is {image_size[0]}x{image_size[1]}: its {name} rounded down to a multiple of {multiple} "
-                f"is {side}, outside [{min_side}, {max_side}]; give width and height to resize it",
-            )
-        sides[name] = side
-    return sides["width"], sides["height"]
-
-
-def check_mask_size(image: Image.Image, mask: Image.Image) -> None:
-    """The mask must have the image's size (both as uploaded, before any resize)."""
-    if mask.size != image.size:
-        raise ImageInputError(
-            "mask", f"mask size {mask.width}x{mask.height} does not match image size {image.width}x{image.height}"
-        )
 
 
 def check_strength(strength: float, steps: int | None = None) -> None:
@@ -206,37 +70,7 @@ def check_strength(strength: float, steps: int | None = None) -> None:
         )
 
 
-def resize_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """``image`` at ``width`` x ``height``, resampled exactly as diffusers' ``VaeImageProcessor.resize``."""
-    return image.resize((width, height), resample=RESAMPLE, reducing_gap=None)
-
-
 # -- tensors ----------------------------------------------------------------------
-
-
-def preprocess_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB image -> ``[1, 3, height, width]`` float32 in [-1, 1], bit-identical to ``VaeImageProcessor.preprocess``.
-
-    The result keeps diffusers' channels-last memory layout (``from_numpy`` of
-    an HWC array), which the VAE's CPU convolutions are sensitive to.
-    """
-    pixels = np.array(resize_image(image, width, height)).astype(np.float32) / 255.0  # [H, W, 3]
-    x = torch.from_numpy(np.stack([pixels]).transpose(0, 3, 1, 2))  # [1, 3, H, W]
-    return 2.0 * x - 1.0
-
-
-def preprocess_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Mask image -> ``[1, 1, height, width]`` float32 in {0, 1}: 1 (white) = repaint, 0 (black) = keep.
-
-    As diffusers' inpainting ``mask_processor`` (resize, then grayscale, then
-    ``binarize``: values >= 0.5 become 1, the rest 0).
-    """
-    gray = resize_image(mask, width, height).convert("L")
-    m = np.stack([np.array(gray).astype(np.float32) / 255.0])[..., None]  # [1, H, W, 1]
-    m = torch.from_numpy(m.transpose(0, 3, 1, 2))  # [1, 1, H, W]
-    m[m < 0.5] = 0
-    m[m >= 0.5] = 1
-    return m
 
 
 def latent_mask(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
@@ -245,16 +79,11 @@ def latent_mask(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
     return F.interpolate(mask, size=(h // vae_scale_factor, w // vae_scale_factor))
 
 
-def original_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """The input image as ``uint8`` ``[height, width, 3]``: what ``overlay_unmasked`` pastes back."""
-    return np.array(resize_image(image, width, height).convert("RGB"))
-
-
 def overlay_unmasked(original: np.ndarray, generated: np.ndarray, mask: torch.Tensor | np.ndarray) -> np.ndarray:
     """Paste ``original`` pixels where ``mask`` is 0 (keep): unmasked pixels come out exactly as they went in.
 
     ``original`` and ``generated``: ``uint8`` ``[H, W, 3]``; ``mask``: ``[1, 1, H, W]``
-    or ``[H, W]`` in {0, 1} (``preprocess_mask``). The VAE cannot reproduce
+    or ``[H, W]`` in {0, 1} (1 = repaint). The VAE cannot reproduce
     pixels exactly, so without this the kept region drifts slightly.
     """
     m = np.asarray(mask).reshape(mask.shape[-2:])
@@ -268,12 +97,12 @@ def overlay_unmasked(original: np.ndarray, generated: np.ndarray, mask: torch.Te
 
 @dataclass
 class ConditioningInput:
-    """One request's image input after ``preprocess_*``: what the VAE stage encodes."""
+    """One request's image input, preprocessed by the ingress: what the VAE stage encodes."""
 
-    image: torch.Tensor  # [1, 3, H, W] in [-1, 1] (preprocess_image)
+    image: torch.Tensor  # [1, 3, H, W] in [-1, 1], as diffusers' VaeImageProcessor.preprocess
     seeds: list[int]  # one per output image: seed + k
     strength: float  # (0, 1]
-    mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}, 1 = repaint (preprocess_mask); None: img2img
+    mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}, 1 = repaint; None: img2img
 
 
 @dataclass
@@ -331,7 +160,7 @@ def encode_conditioning(
             raise ValueError(f"image must be [1, 3, H, W], got {list(inp.image.shape)}")
         height, width = inp.image.shape[-2:]
         if height % s or width % s:
-            raise ImageInputError("image", f"size {width}x{height} is not a multiple of {s}; use resolve_size")
+            raise ImageInputError("image", f"size {width}x{height} is not a multiple of {s}")
         mask = inp.mask
         if mask is None and unet_in_channels == 9:
             mask = torch.ones(1, 1, height, width)

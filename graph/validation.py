@@ -1,0 +1,106 @@
+"""The seam between the API front ends and the one validation step (``Planner.check_inputs``).
+
+Every front end (native ``/v1/...``, OpenAI ``/v1/images/generations``, AUTOMATIC1111 ``/sdapi/v1/...``)
+renames its fields once on the way in, into a ``GenerationInput`` (the native names), and once on the
+way out, for errors (``FieldNames``). The checks themselves run once, on the canonical request, and
+raise ``FieldError`` at canonical field paths (``width``, ``loras[0].scale``)::
+
+    request, names = openai_images.to_input(body, tenant)     # n -> num_images, size -> width/height
+    try:
+        plan = planner.check_inputs(request)
+    except FieldError as e:
+        raise names.translate(e)                              # num_images -> n, in field and message
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import APIError, FieldError
+from .schemas import GenerateRequest, LoRASpec
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One generation request in native terms, before any check: what every front end produces.
+
+    ``image`` (and ``mask``) make it img2img (inpainting); they are base64 or data URLs, decoded
+    by the check. ``None`` sizes and ``strength`` take their defaults there.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str = "default"
+    output_format: str = "png"
+    loras: tuple[LoRASpec, ...] = ()
+    tenant: str = "anonymous"
+    image: str | None = None
+    mask: str | None = None  # white = repaint
+    strength: float | None = None  # default: 0.75 for img2img, 1.0 for inpainting
+    preserve_unmasked: bool = True
+    invert_mask: bool = False  # white = keep instead (A1111's inpainting_mask_invert)
+
+
+def native_input(body: GenerateRequest, tenant: str, output_format: str | None = None) -> GenerationInput:
+    """A ``/v1/generate``-shaped body (``/v1/img2img``, ``/v1/inpaint``, ``/v1/jobs`` too): the native names
+    are the canonical ones. ``output_format``: the format an ``Accept: image/...`` header asked for."""
+    return GenerationInput(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=body.model,
+        width=body.width,
+        height=body.height,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+        num_images=body.num_images,
+        scheduler=body.scheduler,
+        output_format=output_format if output_format and body.num_images == 1 else body.output_format,
+        loras=tuple(body.loras),
+        tenant=tenant,
+        image=getattr(body, "image", None),
+        mask=getattr(body, "mask", None),
+        strength=getattr(body, "strength", None),
+        preserve_unmasked=getattr(body, "preserve_unmasked", True),
+    )
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How one front end names the canonical fields, for the errors it answers with.
+
+    ``names``: canonical path (or a path's head: ``loras[0]`` covers ``loras[0].scale``) -> the
+    endpoint's; the longest match wins, the rest of the path is kept. ``messages``: canonical field
+    -> the whole message, where one field of the request stands for several canonical ones or for
+    part of one (OpenAI's ``size``, A1111's ``batch_size × n_iter``).
+
+    >>> names = FieldNames({"guidance_scale": "cfg_scale", "loras[0]": "model"})
+    >>> names.outward("loras[0].scale"), names.outward("guidance_scale"), names.outward("steps")
+    ('model.scale', 'cfg_scale', 'steps')
+    """
+
+    names: Mapping[str, str] = field(default_factory=dict)
+    messages: Mapping[str, Callable[[FieldError], str]] = field(default_factory=dict)
+
+    def outward(self, path: str) -> str:
+        head = max(
+            (key for key in self.names if path == key or path.startswith((key + ".", key + "["))), key=len, default=None
+        )
+        return path if head is None else self.names[head] + path[len(head) :]
+
+    def translate(self, error: FieldError) -> APIError:
+        """``error`` as this front end's clients see it: its field, and every field its message names."""
+        custom = self.messages.get(error.field)
+        message = custom(error) if custom is not None else error.render(self.outward)
+        return APIError(error.status, error.code, message, self.outward(error.field), error.headers)
+
+
+NATIVE = FieldNames()
