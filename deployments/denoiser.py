@@ -103,7 +103,12 @@ class Denoiser:
                     event = Queued(position=p["position"], eta_s=p["eta_s"])
                 else:
                     event = Step(step=p["step"], steps=p["steps"], eta_s=p["eta_s"])
-                if last is None or replace(event, eta_s=None) != replace(last, eta_s=None):
+                # A new position or step is news; so is the first ETA (None before the first tick ran).
+                if (
+                    last is None
+                    or replace(event, eta_s=None) != replace(last, eta_s=None)
+                    or (last.eta_s is None) != (event.eta_s is None)
+                ):
                     last = event
                     yield event
                 step, steps = p["step"], p["steps"]
