@@ -129,6 +129,16 @@ class JobsConfig(StrictConfig):
         5, ge=0, description="A latent preview every this many steps for event streams with previews=true; 0: none."
     )
     heartbeat_s: float = Field(15.0, gt=0, description="A `: keep-alive` comment on an idle event stream this often.")
+    webhook_secret: str | None = Field(
+        None,
+        description=(
+            "Key that signs job webhooks (HMAC-SHA256); default: $LORAFLEET_WEBHOOK_SECRET. Unset: jobs with a "
+            "webhook_url get 422."
+        ),
+    )
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery (backoff doubles).")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Seconds one webhook POST may take.")
+    webhook_backoff_s: float = Field(1.0, ge=0, le=300, description="Wait before the first retry; doubles after.")
     durable: bool = Field(
         True,
         description=(
@@ -136,6 +146,13 @@ class JobsConfig(StrictConfig):
             "replica: after a restart a finished job is readable until its TTL, a running one reads failed/interrupted."
         ),
     )
+
+    def resolved_webhook_secret(self) -> str | None:
+        import os
+
+        from .webhooks import SECRET_ENV
+
+        return self.webhook_secret or os.environ.get(SECRET_ENV) or None
 
 
 AppConfig.model_rebuild()

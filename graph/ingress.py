@@ -42,6 +42,7 @@ from .schemas import (
     Timings,
 )
 from .validation import NATIVE, FieldNames, GenerationInput, native_input
+from .webhooks import check_webhook_url
 
 _metrics = None
 
@@ -368,8 +369,14 @@ class Ingress:
 
         With ``image`` (and ``mask``) it is an img2img (inpainting) job, planned as /v1/img2img (/v1/inpaint).
         """
+        if body.webhook_url is not None:
+            problem = check_webhook_url(body.webhook_url)
+            if problem is None and self.config.jobs.resolved_webhook_secret() is None:
+                problem = "needs a signing secret on the server (jobs.webhook_secret or $LORAFLEET_WEBHOOK_SECRET)"
+            if problem is not None:
+                raise APIError(422, "invalid_value", f"webhook_url {problem}", "webhook_url")
         plan = await self.check_inputs(native_input(body, tenant_of(request, body.user)))
-        return await job_routes.create(self.jobs, plan)
+        return await job_routes.create(self.jobs, plan, body.webhook_url)
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):

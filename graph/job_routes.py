@@ -13,9 +13,9 @@ def _not_found(job_id: str) -> APIError:
     return APIError(404, "job_not_found", f"no job {job_id!r}: unknown, expired or removed", None)
 
 
-async def create(jobs: DeploymentHandle, plan: Plan) -> JSONResponse:
+async def create(jobs: DeploymentHandle, plan: Plan, webhook_url: str | None = None) -> JSONResponse:
     """Start a job for a validated plan: 202 with its id and URLs, or 503 ``job_store_full``."""
-    answer = await jobs.submit.remote(plan)
+    answer = await jobs.submit.remote(plan, webhook_url)
     if "rejected" in answer:
         rejected = answer["rejected"]
         raise APIError(

@@ -25,6 +25,7 @@ from deployments.messages import DecodedImages, Preview, Queued, Step
 
 from .errors import APIError
 from .planning import Plan
+from .webhooks import WebhookSender
 
 FINISHED = ("done", "failed", "cancelled")
 KEEP_ALIVE = ": keep-alive\n\n"
@@ -53,6 +54,7 @@ class Job:
     task: asyncio.Task | None = field(default=None, repr=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     saved: Future | None = field(default=None, repr=False)  # the write of its creation record
+    webhook_url: str | None = None  # POSTed the job object when it ends (graph/webhooks.py)
 
     @property
     def finished(self) -> bool:
@@ -83,11 +85,13 @@ class Job:
     _RECORD_FIELDS = ("id", "seed", "steps", "loras", "created", "updated", "status", "step", "images", "error")
 
     def to_record(self) -> dict:
-        return {**{name: getattr(self, name) for name in self._RECORD_FIELDS}, "finished_at": self.finished_at}
+        record = {name: getattr(self, name) for name in self._RECORD_FIELDS}
+        return {**record, "finished_at": self.finished_at, "webhook_url": self.webhook_url}
 
     @classmethod
     def from_record(cls, record: dict) -> Job:
         job = cls(**{name: record[name] for name in (*cls._RECORD_FIELDS, "finished_at")})
+        job.webhook_url = record.get("webhook_url")
         job.eta_s = 0.0 if job.status == "done" else None  # as JobStore.finish leaves it
         return job
 
@@ -168,6 +172,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self.clock = clock
         self.records = records
+        self.interrupted: list[Job] = []  # jobs ``recover`` found unfinished (their webhooks are due)
         self._jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in finishing order
         self.evicted = 0
@@ -235,6 +240,7 @@ class JobStore:
             else:
                 message = "the server restarted while this job ran; submit it again"
                 self.finish(job, "failed", error={"code": "interrupted", "message": message, "field": None})
+                self.interrupted.append(job)
         for job in dropped:
             self._forget(job.id)
         return len(kept)
@@ -302,7 +308,8 @@ class JobManager:
     ``run(plan, on_event)`` produces the chain's result (``DecodedImages``) and calls
     ``on_event`` with each progress event of the Denoiser's stream (``Queued``, ``Step``,
     ``Preview``); it raises ``APIError`` as the sync route would.
-    ``on_finish(outcome)`` is told each job's end (for metrics).
+    ``on_finish(outcome)`` is told each job's end (for metrics). ``webhooks`` delivers the
+    job object of a job created with a ``webhook_url`` when it ends.
     """
 
     def __init__(
@@ -311,14 +318,19 @@ class JobManager:
         run: Callable[[Plan, Callable[[Queued | Step | Preview], None]], Awaitable[DecodedImages]],
         heartbeat_s: float = 15.0,
         on_finish: Callable[[str], None] | None = None,
+        webhooks: WebhookSender | None = None,
     ):
         self.store = store
         self.run = run
         self.heartbeat_s = heartbeat_s
         self.on_finish = on_finish
+        self.webhooks = webhooks
+        self.deliveries: set[asyncio.Task] = set()
 
-    def submit(self, plan: Plan) -> Job:
+    def submit(self, plan: Plan, webhook_url: str | None = None) -> Job:
         """Store a job for ``plan`` and start it (``StoreFullError`` when the store is full)."""
+        if webhook_url is not None and self.webhooks is None:
+            raise ValueError("a webhook_url needs a WebhookSender (jobs.webhook_secret)")
         now = self.store.clock()
         job = Job(
             id=secrets.token_urlsafe(16),
@@ -327,6 +339,7 @@ class JobManager:
             loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
             created=now,
             updated=now,
+            webhook_url=webhook_url,
         )
         job.saved = self.store.add(job)
         job.task = detached(self._run(job, plan))
@@ -377,6 +390,15 @@ class JobManager:
         self.store.finish(job, status, **fields)
         if self.on_finish is not None:
             self.on_finish(status)
+        self.notify(job)
+
+    def notify(self, job: Job) -> None:
+        """Deliver the ended job's webhook, if it asked for one (in the background)."""
+        if job.webhook_url is None or self.webhooks is None:
+            return
+        task = detached(self.webhooks.deliver(job.webhook_url, f"job.{job.status}", job.to_dict()))
+        self.deliveries.add(task)
+        task.add_done_callback(self.deliveries.discard)
 
     def get(self, job_id: str) -> Job | None:
         return self.store.get(job_id)

@@ -20,6 +20,7 @@ from .chain import GraphClient
 from .config import AppConfig
 from .job_store import JobManager, JobRecords, JobStore, StoreFullError, detached
 from .planning import Plan
+from .webhooks import WebhookSender
 
 
 class JobsMetrics:
@@ -58,24 +59,42 @@ class Jobs:
         store = JobStore(cfg.max_jobs, cfg.ttl_s, records=records)
         self.recovered = store.recover()
         self.metrics = JobsMetrics()
-        self.manager = JobManager(store, run, cfg.heartbeat_s, self._on_finish)
+        secret = cfg.resolved_webhook_secret()
+        webhooks = None
+        if secret is not None:
+            webhooks = WebhookSender(
+                secret.encode(),
+                max_attempts=cfg.webhook_max_attempts,
+                timeout_s=cfg.webhook_timeout_s,
+                backoff_s=cfg.webhook_backoff_s,
+            )
+        self.manager = JobManager(store, run, cfg.heartbeat_s, self._on_finish, webhooks)
         self.sweep_every_s = min(60.0, max(1.0, cfg.ttl_s / 4))
         self._sweeper: asyncio.Task | None = None
 
-    async def submit(self, plan: Plan) -> dict:
+    async def submit(self, plan: Plan, webhook_url: str | None = None) -> dict:
         """Start a job: ``{"job": job object}``, or ``{"rejected": {"message", "retry_after_s"}}`` when full."""
+        self._start_background()
         try:
-            job = self.manager.submit(plan)
+            job = self.manager.submit(plan, webhook_url)
         except StoreFullError as e:
             return {"rejected": {"message": str(e), "retry_after_s": e.retry_after_s}}
         if job.saved is not None:  # the job is answered for only once its record is durable
             await asyncio.wrap_future(job.saved)
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = detached(self._sweep_forever())
         self._update_gauges()
         return {"job": job.to_dict()}
 
+    def _start_background(self) -> None:
+        """On the first call (the constructor has no event loop): the sweeper, and the webhooks of
+        jobs that a previous replica left unfinished."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = detached(self._sweep_forever())
+        store = self.manager.store
+        while store.interrupted:
+            self.manager.notify(store.interrupted.pop())
+
     async def get(self, job_id: str, images: bool = True) -> dict | None:
+        self._start_background()
         job = self.manager.get(job_id)
         return None if job is None else job.to_dict(images=images)
 
@@ -112,6 +131,8 @@ class Jobs:
             "evicted": store.evicted,
             "expired": store.expired,
             "recovered": self.recovered,
+            "webhooks_delivered": self.manager.webhooks.delivered if self.manager.webhooks else 0,
+            "webhooks_failed": self.manager.webhooks.failed if self.manager.webhooks else 0,
         }
 
     def ready(self) -> bool:

@@ -130,6 +130,11 @@ class JobRequest(GenerateRequest):
     mask: str | None = Field(None, description="Inpainting: white = repaint (needs image).")
     strength: float | None = Field(None, description="In (0, 1]; default 0.75 for img2img, 1.0 for inpainting.")
     preserve_unmasked: bool = Field(True, description="Inpainting: paste the unmasked pixels back.")
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="POSTed the job object, signed (X-Lorafleet-Signature), when the job ends; retried with backoff.",
+    )
 
 
 class JobCreated(BaseModel):

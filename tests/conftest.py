@@ -155,6 +155,7 @@ E2E_OVERRIDES = {
     "denoiser": {"max_queued_images": 8, "max_rows_per_tick": 8, "autoscaling": None, "num_replicas": 1},
     "text_encoder": {"autoscaling": None, "num_replicas": 1},
     "vae": {"autoscaling": None, "num_replicas": 1},
+    "jobs": {"webhook_secret": "e2e-webhook-secret"},
 }
 
 
@@ -306,3 +307,36 @@ class HeldDenoiser:
     def __exit__(self, *exc) -> None:
         if self.jobs:
             self.release()
+
+
+class WebhookReceiver:
+    """A local HTTP server (webhook receiver) that records each POST and answers with the next of ``statuses``."""
+
+    def __init__(self, statuses=(200,)):
+        self.statuses = list(statuses)
+        self.requests: list[tuple[dict, bytes]] = []
+        outer = self
+        from http.server import BaseHTTPRequestHandler
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = outer.statuses.pop(0) if len(outer.statuses) > 1 else outer.statuses[0]
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        from http.server import ThreadingHTTPServer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -256,3 +256,24 @@ def test_jobs_are_counted_by_outcome(cluster):
     wait_job(cluster, created["id"], lambda j: j["status"] == "done")
     after = wait_for(cluster, lambda f: total(f, "ray_lorafleet_jobs", "_total", outcome="done") >= done_before + 1)
     assert total(after, "ray_lorafleet_jobs_in_store", state="finished") >= 1
+
+
+def test_a_job_with_a_webhook_posts_its_signed_job_object_when_done(cluster):
+    from graph.webhooks import verify
+
+    from conftest import WebhookReceiver, wait_until
+
+    hook = WebhookReceiver([200])
+    try:
+        job = create(cluster, {"prompt": "a webhook job", "seed": 8, "steps": 3, **SMALL, "webhook_url": hook.url})
+        done = wait_job(cluster, job["id"], lambda j: j["status"] == "done")[-1]
+        wait_until(lambda: len(hook.requests) == 1, "the webhook")
+        headers, body = hook.requests[0]
+        assert verify(b"e2e-webhook-secret", headers["x-lorafleet-timestamp"], body, headers["x-lorafleet-signature"])
+        payload = json.loads(body)
+        assert payload["event"] == "job.done"
+        assert payload["job"]["images"] == done["images"] and payload["job"]["id"] == job["id"]
+    finally:
+        hook.close()
+    r = requests.post(cluster.url + "/v1/jobs", json={"prompt": "x", **SMALL, "webhook_url": "ftp://x/y"}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "webhook_url"
