@@ -15,10 +15,10 @@ random ``encoder_hidden_states`` [16, 77, 768] and a timestep per row:
    adapters as peft layers (``unet.add_adapter``), 8 forwards of 2 rows with
    ``unet.set_adapters([name])`` before each; the time is the whole loop.
 4. **CUDA graphs**: the lorafleet 16-row step, the 16-row and the 2-row base
-   step, captured once and replayed, against eager. ``LoRARouting`` groups rows
-   by slot on the host and keeps the row indices as device tensors, so a graph
-   is valid for the one routing it was captured with (one graph per routing
-   pattern, not per batch-size bucket).
+   step, captured once and replayed, against eager. ``MultiLoRAModel.routed``
+   writes the routing into preallocated buffers; the gather kernel reads only
+   those, so its graph replays whatever routing is written there later (same
+   rows and depth), while the grouped kernel's per-slot loop is fixed at capture.
 5. **gather + bmm sketch** (here only, the engine is untouched): every row
    gathers its slot's A and B and each layer runs two ``bmm``, routing in
    static device tensors, so one graph per batch size replays any routing;
@@ -115,8 +115,8 @@ class GraphStep:
 
     def __init__(self, unet, x, t, context, routed=None):
         self.x, self.t, self.context = x.clone(), t.clone(), context.clone()  # static inputs
-        # LoRARouting's row-index tensors are made (host-to-device) when ``routed`` is built, before
-        # capture; the graph then holds their addresses, so it replays that routing only.
+        # Entering ``routed`` writes the routing into the model's preallocated buffers, before capture;
+        # the graph holds their addresses (and, for the grouped kernel, the per-slot loop it unrolled).
         ctx = routed if routed is not None else contextlib.nullcontext()
         with ctx:
             side = torch.cuda.Stream()
@@ -259,20 +259,20 @@ def run(s: Settings, unet_config: dict) -> dict:
                 return step(fleet_unet)
 
         res["lorafleet_ms"] = time_ms(fleet_step, s)
-        res["lorafleet_kernel"] = lora.state.kernel
+        res["lorafleet_kernel"] = lora.kernel.name
         print(
-            f"lorafleet ({lora.state.kernel} kernel): {res['lorafleet_ms']:.2f} ms ({len(lora.layers)} LoRA layers)",
+            f"lorafleet ({lora.kernel.name} kernel): {res['lorafleet_ms']:.2f} ms ({len(lora.layers)} LoRA layers)",
             flush=True,
         )
-        other = "grouped" if lora.state.kernel == "gather" else "gather"
-        lora.state.kernel = other
+        other = "grouped" if lora.kernel.name == "gather" else "gather"
+        lora.use_kernel(other)
 
         def other_step():
             with lora.routed(routing):
                 return step(fleet_unet)
 
         res["lorafleet_other_kernel_ms"] = time_ms(other_step, s)
-        lora.state.kernel = res["lorafleet_kernel"]
+        lora.use_kernel(res["lorafleet_kernel"])
         print(f"lorafleet ({other} kernel): {res['lorafleet_other_kernel_ms']:.2f} ms", flush=True)
 
         sketch_unet = copy.deepcopy(base)

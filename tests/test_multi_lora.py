@@ -3,11 +3,22 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deployments.engine.batch_invariance import make_batch_invariant
-from deployments.engine.multi_lora import LoRARouting, MultiLoRAModel, text_encoder_key_prefix
+from deployments.engine.multi_lora import (
+    GatherKernel,
+    GroupedKernel,
+    MultiLoRAModel,
+    RoutingBuffers,
+    RowInvariantKernel,
+    make_kernel,
+    text_encoder_key_prefix,
+)
 from lora_registry.base_model import base_model_spec_from_dir
 from lora_registry.validation import prepare_adapter
 
@@ -135,12 +146,14 @@ def test_adapter_scale_zero_equals_no_adapter(tiny, canonical):
 
 
 def test_routing_groups_rows_by_slot_in_request_order():
-    routing = LoRARouting([((1, 1.0),), (), ((2, 0.5), (1, 0.25)), ((1, 2.0),)])
+    routing = RoutingBuffers(max_rows=4, max_depth=2).write([((1, 1.0),), (), ((2, 0.5), (1, 0.25)), ((1, 2.0),)])
     assert routing.num_rows == 4
     first, second = routing.passes
     assert [(g.slot, g.rows.tolist(), g.weights) for g in first] == [(1, [0, 3], (1.0, 2.0)), (2, [2], (0.5,))]
     assert [(g.slot, g.rows.tolist(), g.weights) for g in second] == [(1, [2], (0.25,))]
-    assert LoRARouting([(), ()]).empty
+    assert routing.slot_ids.tolist() == [[1, 0], [0, 0], [2, 1], [1, 0]]  # slot 0 (empty) pads
+    assert routing.weights.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.5, 0.25], [2.0, 0.0]]
+    assert RoutingBuffers().write([(), ()]).empty
 
 
 def test_layers_refuse_what_they_cannot_carry(tiny, canonical):
@@ -156,8 +169,8 @@ def test_layers_refuse_what_they_cannot_carry(tiny, canonical):
 
 
 @torch.inference_mode()
-def test_gather_kernel_equals_grouped(tiny, canonical):
-    """The gather+bmm kernel (for GPUs) computes what the grouped one does, ranks stacked per row."""
+def test_kernels_agree_on_the_unet(tiny, canonical):
+    """The gather+bmm kernel (for GPUs) and the row-invariant one compute what the grouped one does."""
     import copy
 
     outs = {}
@@ -166,15 +179,161 @@ def test_gather_kernel_equals_grouped(tiny, canonical):
     t = torch.tensor([999.0, 999.0, 500.0, 500.0, 20.0, 20.0])
     c = torch.randn(6, 77, 64)
     rows = [((1, 0.7), (2, 1.2)), ((1, 0.7), (2, 1.2)), ((2, 0.5),), ((2, 0.5),), (), ()]
-    for kernel in ("grouped", "gather"):
+    for kernel in ("grouped", "gather", "row-invariant"):
         unet = copy.deepcopy(tiny["unet"])
         lora = MultiLoRAModel(unet, UNET_TARGETS, num_slots=4, max_rank=8, kernel=kernel)
-        assert lora.state.kernel == kernel
+        assert lora.kernel.name == kernel
         for slot, name in ((1, "style_a"), (2, "style_b")):
             lora.load(slot, {p: (w.A, w.B, w.alpha) for p, w in canonical[name].component("unet").items()})
         with lora.routed(rows):
             outs[kernel] = unet(x, t, encoder_hidden_states=c).sample
         outs[kernel + "-base"] = unet(x, t, encoder_hidden_states=c).sample
     assert (outs["gather"] - outs["grouped"]).abs().max().item() < 1e-5
+    assert (outs["row-invariant"] - outs["grouped"]).abs().max().item() < 1e-5
     assert (outs["grouped"] - outs["grouped-base"]).abs().max().item() > 1e-2  # adapters matter
-    assert torch.equal(outs["grouped"][4:], outs["grouped-base"][4:])  # rows without adapters: untouched
+    for kernel in ("grouped", "gather", "row-invariant"):
+        assert torch.equal(outs[kernel][4:], outs[kernel + "-base"][4:]), kernel  # rows without adapters: untouched
+
+
+@pytest.mark.parametrize(
+    "name, deterministic, on_cuda, kernel, fallback",
+    [
+        ("auto", False, False, GroupedKernel, None),
+        ("auto", False, True, GatherKernel, GroupedKernel),
+        ("auto", True, False, RowInvariantKernel, None),
+        ("auto", True, True, RowInvariantKernel, None),
+        ("grouped", False, True, GroupedKernel, None),
+        ("grouped", True, False, RowInvariantKernel, None),  # deterministic: no row may depend on its batch
+        ("gather", False, False, GatherKernel, GroupedKernel),
+        ("gather", True, True, GatherKernel, RowInvariantKernel),  # k x k convs it cannot gather
+        ("row-invariant", False, True, RowInvariantKernel, None),
+    ],
+)
+def test_kernel_choice(name, deterministic, on_cuda, kernel, fallback):
+    chosen = make_kernel(name, deterministic=deterministic, on_cuda=on_cuda)
+    assert type(chosen) is kernel
+    assert type(getattr(chosen, "fallback", None)) is (type(None) if fallback is None else fallback)
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="'bgmv'"):
+        make_kernel("bgmv", deterministic=False, on_cuda=False)
+
+
+# ---- one layer, every kernel, against peft's per-row formula -----------------------------------------
+
+
+class _Layers(torch.nn.Module):
+    """A Linear over tokens, a 1x1 conv (gathered) and a 3x3 conv (the gather kernel's fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 5)
+        self.pointwise = torch.nn.Conv2d(3, 4, 1)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+
+def _layer_lora(kernel: str):
+    """The three layers with slots 1 (rank 2) and 2 (rank 3) loaded; ``{path: (A, B, alpha)}`` per slot."""
+    g = torch.Generator().manual_seed(0)
+    model = _Layers()
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    lora = MultiLoRAModel(model, ["linear", "pointwise", "conv"], num_slots=3, max_rank=4, kernel=kernel, max_rows=2)
+    adapters = {}
+    for slot, rank, alpha in ((1, 2, 3.0), (2, 3, 1.5)):
+        adapters[slot] = {
+            path: (
+                torch.randn(rank, *layer.lora_A.shape[2:], generator=g),
+                torch.randn(layer.lora_B.shape[1], rank, *layer.lora_B.shape[3:], generator=g),
+                alpha,
+            )
+            for path, layer in lora.layers.items()
+        }
+        lora.load(slot, adapters[slot])
+    return model, lora, adapters
+
+
+def _peft_row(base, x, adapters, row_adapters, path):
+    """peft's arithmetic for one row alone: ``base(x) + lora_B(lora_A(x)) * weight * alpha / r``, in order."""
+    out = base(x)
+    for slot, weight in row_adapters:
+        A, B, alpha = adapters[slot][path]
+        if isinstance(base, torch.nn.Conv2d):
+            delta = F.conv2d(F.conv2d(x, A, None, base.stride, base.padding), B)
+        else:
+            delta = F.linear(F.linear(x, A), B)
+        out = out + delta * (weight * alpha / A.shape[0])
+    return out
+
+
+INPUTS = {"linear": (7, 6), "pointwise": (3, 5, 5), "conv": (3, 5, 5)}  # per row
+ROWS = [((1, 0.5), (2, 2.0)), (), ((2, 1.0),), ((2, 0.25), (1, 1.0)), ((1, 0.5),)]
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "gather", "row-invariant"])
+@pytest.mark.parametrize("path", list(INPUTS))
+@torch.inference_mode()
+def test_each_kernel_equals_peft_per_row(kernel, path):
+    model, lora, adapters = _layer_lora(kernel)
+    layer = lora.layers[path]
+    x = torch.randn(len(ROWS), *INPUTS[path], generator=torch.Generator().manual_seed(1))
+    with lora.routed(ROWS):  # 5 rows, 2 adapters deep: more than max_rows=2, the buffers grow
+        out = layer(x)
+    assert lora.routing_buffers.max_rows == len(ROWS)
+    for i, row in enumerate(ROWS):
+        ref = _peft_row(layer.base, x[i : i + 1], adapters, row, path)
+        assert (out[i : i + 1] - ref).abs().max().item() < 1e-4, (i, row)
+    assert (out[0] - layer.base(x[:1])[0]).abs().max().item() > 0.1  # the adapters matter
+    assert torch.equal(out[1], layer.base(x)[1])  # no adapter: base only, bit for bit
+
+
+@contextlib.contextmanager
+def host_tensors():
+    """Records every tensor made from host data (``torch.tensor``, ``torch.as_tensor``) inside the block."""
+    made = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("tensor", "as_tensor"):
+            real = getattr(torch, name)
+
+            def spy(*args, _real=real, _name=name, **kwargs):
+                made.append(_name)
+                return _real(*args, **kwargs)
+
+            mp.setattr(torch, name, spy)
+        yield made
+
+
+@torch.inference_mode()
+def test_gather_kernel_reads_only_the_preallocated_routing():
+    """What a CUDA graph needs: no tensor made on the host per forward, the routing read from fixed buffers.
+
+    A routing taken before the buffers are rewritten reads the new mix: a graph captured over the
+    buffers would replay whatever routing was written last (same rows and depth).
+    """
+    model, lora, _ = _layer_lora("gather")
+    gather = lora.kernel
+    layer = lora.layers["linear"]
+    x = torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(2))
+    buffers = lora.routing_buffers
+    mixed = [((1, 0.5), (2, 2.0)), ((1, 0.7),)]  # slot 1 at two scales: the grouped kernel makes a tensor
+    other = [((2, 1.5),), ((1, 1.0), (2, 0.25))]
+    with lora.routed(mixed) as first:
+        pointers = (buffers.slot_ids.data_ptr(), buffers.weights.data_ptr())
+        with host_tensors() as made:
+            gathered = layer(x)
+        assert made == []
+        lora.state.kernel = GroupedKernel()
+        with host_tensors() as made:
+            layer(x)
+        assert made == ["tensor"]  # the check sees the grouped kernel's per-row scales; it would see gather's
+        lora.state.kernel = gather
+        buffers.write(other)  # in place: the same storage
+        assert (buffers.slot_ids.data_ptr(), buffers.weights.data_ptr()) == pointers
+        assert first.slot_ids.tolist() == [[2, 0], [1, 2]] and first.weights.tolist() == [[1.5, 0.0], [1.0, 0.25]]
+        with host_tensors() as made:
+            replayed = layer(x)  # still through ``first``'s views
+        assert made == []
+    with lora.routed(other):
+        fresh = layer(x)
+    assert torch.equal(replayed, fresh) and not torch.equal(replayed, gathered)

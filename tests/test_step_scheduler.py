@@ -1,6 +1,7 @@
 """Step-level batching: admission, buckets, bounds, cancellation — exact state after each tick."""
 
 import asyncio
+import itertools
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ def engine(tiny):
 
 def test_short_request_admitted_mid_way_finishes_first(engine):
     steps = engine.steps
+    steps.clock = itertools.count().__next__  # each reading later than the one before, at any speed
     (long_job,) = steps.submit([engine.request("a long one", steps=10, seed=1, scheduler="ddim")])
     for _ in range(3):
         assert steps.tick() == []
@@ -57,10 +59,11 @@ def test_guidance_at_most_one_uses_a_single_row(engine):
 
 def test_queue_bound_is_all_or_nothing(engine):
     steps = engine.steps
-    steps.submit([engine.request("x", steps=1, seed=s) for s in range(2)])
+    steps.submit([engine.request("x", steps=10, seed=s, scheduler="ddim") for s in range(2)])
     with pytest.raises(QueueFullError, match="2 of 3 images waiting") as err:
         steps.submit([engine.request("y", steps=1, seed=s) for s in range(2)])
-    assert err.value.retry_after_s >= 1
+    # Before any tick the estimate assumes 0.5 s per tick: 2 x 10 steps waiting, nothing running.
+    assert err.value.retry_after_s == 0.5 * 20
     assert len(steps.waiting) == 2  # nothing of the rejected request was queued
 
 
@@ -70,7 +73,7 @@ def test_cancelled_jobs_leave_at_next_tick(engine):
     steps.tick()
     steps.cancel([a])
     assert steps.tick() == [a]
-    assert [j.id for j in steps.active] == [b.id] and b.index == 2
+    assert [j.id for j in steps.active] == [b.id] and (a.index, b.index) == (1, 2)  # a took no other step
 
 
 def test_failed_forward_fails_its_jobs_not_the_loop(engine, monkeypatch):
@@ -88,22 +91,38 @@ def test_failed_forward_fails_its_jobs_not_the_loop(engine, monkeypatch):
     assert steps.tick() == [good] and good.error is None
 
 
-def test_async_loop_runs_and_cancels(engine):
+def test_async_loop_runs_and_cancels(engine, tick_gate):
+    """A loop-driven job that is cancelled leaves at the very next tick, without another step."""
     loop_ = DenoiseLoop(engine.steps)
+    gate = tick_gate(engine.steps)  # one tick per ``allow``: nothing runs while the test looks
 
     async def main():
-        jobs = await loop_.run([engine.request("x", steps=2, seed=1), engine.request("y", steps=3, seed=2)])
-        assert [j.done for j in jobs] == [True, True]
-        task = asyncio.create_task(loop_.run([engine.request("z", steps=50, seed=3)]))
-        while engine.steps.ticks_run < 7:
-            await asyncio.sleep(0.01)
+        # Two CFG images fill max_rows_per_tick=4: one batch, x done after 2 ticks, y after 3.
+        first = asyncio.create_task(
+            loop_.run(
+                [
+                    engine.request("x", steps=2, seed=1, scheduler="ddim"),
+                    engine.request("y", steps=3, seed=2, scheduler="ddim"),
+                ]
+            )
+        )
+        await gate.ticks(3)
+        jobs = await first
+        assert [(j.index, j.done) for j in jobs] == [(2, True), (3, True)] and engine.steps.ticks_run == 3
+
+        task = asyncio.create_task(loop_.run([engine.request("z", steps=50, seed=3, scheduler="ddim")]))
+        await gate.ticks(7)
+        (job,) = engine.steps.active
+        assert (job.index, engine.steps.ticks_run) == (7, 10)  # the loop's next tick waits at the gate
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        while not engine.steps.idle:  # the cancelled job leaves at the next tick
-            await asyncio.sleep(0.01)
+        assert job.cancelled and loop_.cancelled_jobs == 1 and not engine.steps.idle
+        await gate.ticks(1)
+        # That tick dropped the job and ran no forward; without the cancel it would have stepped it.
+        assert engine.steps.idle and job.index == 7 and not job.done
+        assert engine.steps.ticks_run == 10 and gate.ran == 11
         return jobs
 
     jobs = asyncio.run(main())
-    assert torch.isfinite(jobs[0].x_t).all()
-    assert engine.steps.ticks_run < 7 + 50
+    assert all(torch.isfinite(j.x_t).all() for j in jobs)

@@ -55,12 +55,13 @@ class LoRAConfig(StrictConfig):
         ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         description="Text-encoder modules (path suffixes) that carry adapter slots.",
     )
-    kernel: Literal["auto", "grouped", "gather"] = Field(
+    kernel: Literal["auto", "grouped", "gather", "row-invariant"] = Field(
         "auto",
         description=(
-            "Multi-LoRA kernel: grouped (one product per adapter in the batch; exact, best on CPU) or gather "
-            "(stacked ranks, two bmm per layer; fixed kernel count for GPUs); auto = gather on CUDA unless "
-            "deterministic."
+            "Multi-LoRA kernel (engine/multi_lora.py): grouped (one product per adapter in the batch; exact, best "
+            "on CPU), gather (stacked ranks, two bmm per layer; fixed kernel count for GPUs and CUDA graphs) or "
+            "row-invariant (grouped through the batch-invariant tiles); auto = row-invariant when deterministic, "
+            "else gather on CUDA, else grouped."
         ),
     )
     slot_wait_timeout_s: float = Field(

@@ -176,80 +176,29 @@ class StepScheduler:
     # -- admission ---------------------------------------------------------
 
     def prepare(self, request: DenoiseRequest) -> DenoiseJob:
-        """Build a job: its scheduler, timesteps and initial latents ``x_T``.
+        """Build a job: its scheduler, timesteps, initial latents ``x_T`` and step arguments.
 
-        Mirrors the pipelines' order: ``set_timesteps`` first, because
-        ``init_noise_sigma`` depends on it for sigma-based schedulers. Text-to-
-        image starts from ``randn(seed) * init_noise_sigma``. An image-conditioned
-        job runs the last ``int(steps * strength)`` timesteps (diffusers'
-        ``get_timesteps``, with ``set_begin_index`` where the scheduler has it)
-        and starts from ``add_noise(image_latents, noise, t_start)``, or from
-        ``noise * init_noise_sigma`` for inpainting at strength 1
-        (``is_strength_max``). Its noise and generator come from the conditioning
-        (the VAE stage made the draws before the loop; see ``conditioning``).
+        The steps of ``StableDiffusionPipeline.__call__`` before its denoising loop
+        (and of ``StableDiffusionImg2ImgPipeline`` / ``StableDiffusionInpaintPipeline``
+        for an image-conditioned job), in the pipelines' order, one method per step
+        so that each reads against the diffusers function it mirrors:
+        ``check_inputs``, ``prepare_prompt_embeds`` (``encode_prompt`` ran in the
+        TextEncoder stage), ``retrieve_timesteps`` then ``get_timesteps``,
+        ``prepare_latents``, ``prepare_mask_latents``, ``prepare_extra_step_kwargs``.
         Bad input raises here, in ``submit``, before any UNet work.
         """
-        s = self.vae_scale_factor
-        if request.height % s or request.width % s:
-            raise ValueError(f"height and width must be multiples of {s}, got {request.height}x{request.width}")
-        shape = (1, self.latent_channels, request.height // s, request.width // s)
+        shape = self.check_inputs(request)
+        context = self.prepare_prompt_embeds(request)
+        scheduler = self.schedulers.create(request.scheduler)
+        # Timesteps before latents: init_noise_sigma depends on them for sigma-based schedulers.
+        timesteps = self.retrieve_timesteps(scheduler, request.steps)
         cond = request.conditioning
         if cond is not None:
-            check_strength(cond.strength, request.steps)
-            self._check_conditioning(cond, shape)
-        pos = request.prompt_embeds.to(self.device, self.dtype)
-        if request.guidance_scale > 1.0:
-            neg = request.negative_prompt_embeds.to(self.device, self.dtype)
-            if neg.shape != pos.shape:
-                raise ValueError(
-                    f"negative_prompt_embeds {list(neg.shape)} must have the shape of prompt_embeds {list(pos.shape)}"
-                )
-            context = torch.stack([neg, pos])
-        else:
-            context = pos[None]
-        scheduler = self.schedulers.create(request.scheduler)
-        scheduler.set_timesteps(request.steps, device=self.device)
-        timesteps = scheduler.timesteps
-        job_tensors: dict = {}
-        if cond is None:
-            # Noise is drawn on the CPU so a seed gives the same image on any device.
-            generator = torch.Generator("cpu").manual_seed(request.seed)
-            x_T = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-            x_T = x_T * scheduler.init_noise_sigma
-        else:
-            generator = torch.Generator("cpu")
-            generator.set_state(cond.generator_state)
-            t_start = max(request.steps - min(int(request.steps * cond.strength), request.steps), 0)
-            timesteps = timesteps[t_start * scheduler.order :]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(t_start * scheduler.order)
-            noise = cond.noise.to(self.device, self.dtype)
-            image_latents = None
-            if cond.image_latents is not None:
-                image_latents = cond.image_latents.to(self.device, self.dtype)
-            if cond.inpaint and cond.strength == 1.0:
-                x_T = noise * scheduler.init_noise_sigma
-            else:
-                x_T = scheduler.add_noise(image_latents, noise, timesteps[:1])
-            if cond.inpaint and self.unet_in_channels == self.latent_channels:
-                job_tensors = {
-                    "blend_mask": cond.mask.to(self.device, self.dtype),
-                    "image_latents": image_latents,
-                    "noise": noise,
-                }
-        if self.unet_in_channels != self.latent_channels:
-            if cond is not None:
-                mask, masked = cond.mask, cond.masked_image_latents
-            else:  # text-to-image on an inpainting UNet: repaint everything, nothing to keep
-                mask, masked = torch.ones(1, 1, *shape[2:]), torch.zeros(shape)
-            extra = torch.cat([mask, masked], dim=1).to(self.device, self.dtype)  # [1, 5, h, w]
-            job_tensors["unet_extra"] = torch.cat([extra] * context.shape[0])  # [rows, 5, h, w], as CFG duplicates
-        params = inspect.signature(scheduler.step).parameters
-        step_kwargs: dict = {}
-        if "eta" in params:
-            step_kwargs["eta"] = 0.0
-        if "generator" in params:
-            step_kwargs["generator"] = generator
+            timesteps = self.get_timesteps(scheduler, request.steps, cond.strength)
+        generator = self._generator(request)
+        x_T, noise, image_latents = self.prepare_latents(scheduler, shape, generator, timesteps, cond)
+        mask_tensors = self.prepare_mask_latents(cond, shape, context.shape[0], noise, image_latents)
+        step_kwargs = self.prepare_extra_step_kwargs(scheduler, generator, eta=0.0)
         return DenoiseJob(
             id=next(self._ids),
             request=request,
@@ -260,8 +209,32 @@ class StepScheduler:
             context=context,
             step_kwargs=step_kwargs,
             enqueued_at=self.clock(),
-            **job_tensors,
+            **mask_tensors,
         )
+
+    def check_inputs(self, request: DenoiseRequest) -> tuple[int, int, int, int]:
+        """Refuse a request this UNet cannot run; return its latent shape ``(1, channels, h, w)``.
+
+        ``StableDiffusionPipeline.check_inputs`` (a size divisible by the VAE's scale factor;
+        ``prompt_embeds`` and ``negative_prompt_embeds`` of one shape when guidance uses both),
+        ``StableDiffusionImg2ImgPipeline.check_inputs`` (strength, here with at least one step
+        left) and ``StableDiffusionInpaintPipeline.__call__``'s check that mask, masked image
+        and latents fit the UNet (``_check_conditioning``).
+        """
+        s = self.vae_scale_factor
+        if request.height % s or request.width % s:
+            raise ValueError(f"height and width must be multiples of {s}, got {request.height}x{request.width}")
+        shape = (1, self.latent_channels, request.height // s, request.width // s)
+        cond = request.conditioning
+        if cond is not None:
+            check_strength(cond.strength, request.steps)
+            self._check_conditioning(cond, shape)
+        pos, neg = request.prompt_embeds, request.negative_prompt_embeds
+        if request.guidance_scale > 1.0 and neg.shape != pos.shape:
+            raise ValueError(
+                f"negative_prompt_embeds {list(neg.shape)} must have the shape of prompt_embeds {list(pos.shape)}"
+            )
+        return shape
 
     def _check_conditioning(self, cond: ImageConditioning, shape: tuple[int, ...]) -> None:
         """The conditioning's tensors fit this request's size and this UNet (a wiring error otherwise)."""
@@ -282,6 +255,137 @@ class StepScheduler:
                 f"conditioning lacks {missing} for a {self.unet_in_channels}-channel UNet "
                 f"({'inpainting' if cond.inpaint else 'img2img'}, strength {cond.strength})"
             )
+
+    def prepare_prompt_embeds(self, request: DenoiseRequest) -> torch.Tensor:
+        """The job's UNet ``encoder_hidden_states``: ``[2, tokens, hidden]`` with guidance, else ``[1, ...]``.
+
+        ``StableDiffusionPipeline.__call__`` right after ``encode_prompt``: with classifier-free
+        guidance (``guidance_scale > 1``), ``torch.cat([negative_prompt_embeds, prompt_embeds])``,
+        the unconditional row first.
+        """
+        pos = request.prompt_embeds.to(self.device, self.dtype)  # [tokens, hidden]
+        if request.guidance_scale <= 1.0:
+            return pos[None]
+        neg = request.negative_prompt_embeds.to(self.device, self.dtype)  # [tokens, hidden]
+        return torch.stack([neg, pos])
+
+    def retrieve_timesteps(self, scheduler, steps: int) -> torch.Tensor:
+        """``scheduler.set_timesteps(steps)``, then its timesteps ``[num_ticks]``.
+
+        diffusers' ``retrieve_timesteps`` (``pipeline_stable_diffusion.py``), without custom
+        timesteps or sigmas.
+        """
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler.timesteps
+
+    @staticmethod
+    def get_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+        """The last ``int(steps * strength)`` of the scheduler's timesteps, and the scheduler told so.
+
+        ``StableDiffusionImg2ImgPipeline.get_timesteps`` (the inpainting pipeline's is a copy):
+        the first ``t_start * scheduler.order`` timesteps are skipped, and ``set_begin_index``
+        (where the scheduler has it) makes its step index start there.
+        """
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        return timesteps
+
+    @staticmethod
+    def _generator(request: DenoiseRequest) -> torch.Generator:
+        """The image's CPU generator (the pipelines' ``generator=torch.Generator().manual_seed(seed)``).
+
+        Text-to-image: freshly seeded (``prepare_latents`` draws ``x_T`` from it next). Image-
+        conditioned: where the VAE stage left it after its draws (see ``conditioning``).
+        """
+        if request.conditioning is None:
+            return torch.Generator("cpu").manual_seed(request.seed)
+        generator = torch.Generator("cpu")
+        generator.set_state(request.conditioning.generator_state)
+        return generator
+
+    def prepare_latents(
+        self,
+        scheduler,
+        shape: tuple[int, int, int, int],
+        generator: torch.Generator,
+        timesteps: torch.Tensor,
+        cond: ImageConditioning | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(x_T, noise, image_latents)``, each ``[1, 4, h, w]``; the last two None for text-to-image.
+
+        - Text-to-image, ``StableDiffusionPipeline.prepare_latents``: ``randn(shape, generator)
+          * init_noise_sigma``, drawn on the CPU so a seed gives the same image on any device.
+        - img2img, ``StableDiffusionImg2ImgPipeline.prepare_latents``: ``add_noise(image_latents,
+          noise, timesteps[:1])``.
+        - Inpainting, ``StableDiffusionInpaintPipeline.prepare_latents``: the same, or
+          ``noise * init_noise_sigma`` at strength 1 (``is_strength_max``).
+
+        An image-conditioned job's noise and image latents come from the conditioning: the VAE
+        stage encoded the image and drew the noise from this generator, in the pipelines' order.
+        """
+        if cond is None:
+            x_T = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+            return x_T * scheduler.init_noise_sigma, None, None
+        noise = cond.noise.to(self.device, self.dtype)
+        image_latents = None
+        if cond.image_latents is not None:
+            image_latents = cond.image_latents.to(self.device, self.dtype)
+        if cond.inpaint and cond.strength == 1.0:
+            x_T = noise * scheduler.init_noise_sigma
+        else:
+            x_T = scheduler.add_noise(image_latents, noise, timesteps[:1])
+        return x_T, noise, image_latents
+
+    def prepare_mask_latents(
+        self,
+        cond: ImageConditioning | None,
+        shape: tuple[int, int, int, int],
+        rows: int,
+        noise: torch.Tensor | None,
+        image_latents: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The job's mask tensors (``DenoiseJob`` fields), by UNet kind.
+
+        - A 9-channel (inpainting) UNet reads ``[x_t, mask, masked_image_latents]``:
+          ``unet_extra``, as ``StableDiffusionInpaintPipeline.prepare_mask_latents`` makes them
+          (duplicated for the ``rows`` guidance rows). Text-to-image there: mask 1 (repaint
+          everything) and masked-image latents 0.
+        - Inpainting on a 4-channel UNet blends after every step (the loop's ``init_mask`` and
+          ``init_latents_proper``): ``blend_mask``, ``image_latents``, ``noise``.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        if self.unet_in_channels == self.latent_channels:
+            if cond is not None and cond.inpaint:
+                tensors = {
+                    "blend_mask": cond.mask.to(self.device, self.dtype),  # [1, 1, h, w]
+                    "image_latents": image_latents,
+                    "noise": noise,
+                }
+            return tensors
+        if cond is not None:
+            mask, masked = cond.mask, cond.masked_image_latents
+        else:  # text-to-image on an inpainting UNet: repaint everything, nothing to keep
+            mask, masked = torch.ones(1, 1, *shape[2:]), torch.zeros(shape)
+        extra = torch.cat([mask, masked], dim=1).to(self.device, self.dtype)  # [1, 5, h, w]
+        tensors["unet_extra"] = torch.cat([extra] * rows)  # [rows, 5, h, w], as CFG duplicates
+        return tensors
+
+    @staticmethod
+    def prepare_extra_step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict:
+        """``eta`` and ``generator`` for the schedulers whose ``step`` takes them.
+
+        The pipelines' ``prepare_extra_step_kwargs``: eta (DDIM's η) is 0, as their default.
+        """
+        params = inspect.signature(scheduler.step).parameters
+        step_kwargs: dict = {}
+        if "eta" in params:
+            step_kwargs["eta"] = eta
+        if "generator" in params:
+            step_kwargs["generator"] = generator
+        return step_kwargs
 
     def _check_room(self, tenant: str, n: int) -> None:
         mine = self.waiting.depth(tenant)
