@@ -6,6 +6,7 @@ become the HTTP errors clients see.
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -23,16 +24,25 @@ from .config import LimitsConfig
 from .errors import APIError
 from .planning import Plan
 
+logger = logging.getLogger("ray.serve")
+
+
+_KNOWN = (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError, ImageInputError)
+
 
 def _cause(e: BaseException) -> BaseException:
-    """The original exception behind Ray's wrappers (RayTaskError subclasses its cause's type)."""
+    """The original exception behind Ray's wrappers.
+
+    ``RayTaskError`` subclasses its cause's type (so ``isinstance`` sees a QueueFullError) but
+    carries only the remote traceback as text; the original, with its fields, is its ``cause``.
+    """
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if inner is None or isinstance(
-            e, (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError, ImageInputError)
-        ):
+        inner = getattr(e, "cause", None)
+        if not isinstance(inner, BaseException):
+            inner = None if isinstance(e, _KNOWN) else e.__cause__
+        if inner is None:
             break
         e = inner
     return e
@@ -98,7 +108,7 @@ class GraphClient:
                     raise APIError(
                         503,
                         "replica_failed",
-                        f"a replica failed twice while serving this request: {e}",
+                        "a replica failed twice while serving this request; retry later",
                         None,
                         {"Retry-After": "5"},
                     ) from e
@@ -182,18 +192,30 @@ def _cancel(responses: list) -> None:
 
 
 def _api_error(e: Exception) -> Exception:
-    """The HTTP error a failed chain means (or ``ReplicaFailedError``, or ``e`` itself)."""
+    """The HTTP error a failed chain means (or ``ReplicaFailedError``, or ``e`` itself).
+
+    Messages are built from the errors' fields, never from ``str()`` of what Ray raised: the
+    exception Ray hands back is a subclass of the original whose text is the remote traceback
+    (paths, pids, the node's IP, actor ids). The log keeps that; clients get one line.
+    """
     cause = _cause(e)
     if isinstance(cause, QueueFullError):
-        return APIError(503, "overloaded", str(cause), None, {"Retry-After": str(round(cause.retry_after_s))})
+        retry = round(cause.retry_after_s)
+        message = f"the denoiser queue is full ({cause.queued} of {cause.limit} images waiting); retry in {retry} s"
+        return APIError(503, "overloaded", message, None, {"Retry-After": str(retry)})
     if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
         return APIError(503, "overloaded", "the server is at capacity; retry later", None, {"Retry-After": "2"})
     if isinstance(cause, SlotWaitTimeoutError):
-        return APIError(503, "adapter_slots_busy", str(cause), "loras", {"Retry-After": "5"})
+        message = f"no adapter slot became free within {cause.timeout_s:.0f} s; retry later"
+        return APIError(503, "adapter_slots_busy", message, "loras", {"Retry-After": "5"})
     if isinstance(cause, RegistryError):
+        if cause.status >= 500:  # the store's own words name buckets, endpoints and addresses: logged only
+            logger.warning("registry error while serving a request: %s", cause.message)
+            return APIError(cause.status, cause.code, "the adapter registry is unavailable; retry later", "loras")
         return APIError(cause.status, cause.code, cause.message, "loras")
     if isinstance(cause, ImageInputError):
         return APIError(422, "invalid_image", cause.message, cause.field)
     if _replica_died(e):
-        return ReplicaFailedError(str(e).splitlines()[0][:300])
+        logger.warning("a replica died under a request: %s", e)
+        return ReplicaFailedError("a replica stopped while it held this request")
     return e

@@ -6,12 +6,15 @@ Field paths have one spelling everywhere, pydantic's type errors included: ``wid
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("ray.serve")
 
 
 class APIError(Exception):
@@ -70,6 +73,7 @@ def field_path(parts: Iterable[str | int]) -> str | None:
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+    message = one_line(message)
     return JSONResponse(
         {"error": {"code": code, "message": message, "field": field}}, status_code=status, headers=headers
     )
@@ -112,9 +116,34 @@ async def _registry_error(request: Request, exc) -> JSONResponse:
     return response
 
 
+MAX_MESSAGE_CHARS = 300
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def request_id(request: Request) -> str:
+    """The request's id (Serve's proxy sets ``x-request-id``), kept to a safe charset and length."""
+    raw = request.headers.get("x-request-id", "")
+    clean = "".join(c for c in raw[:64] if c in _REQUEST_ID_OK)
+    return clean or "-"
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message clients see: one line, at most ``limit`` characters (long values are cut, not echoed)."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    rid = request_id(request)
+    logger.error("internal error in request %s (%s %s)", rid, request.method, request.url.path, exc_info=exc)
+    message = f"internal error (request id {rid}); the server log has the details"
+    return error_response(500, "internal_error", message, None)
+
+
 def install(app) -> None:
     from lora_registry.errors import RegistryError
 
+    app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -78,7 +78,12 @@ _GENERATION_ROUTES = {
 @app.middleware("http")
 async def _count_requests(request: Request, call_next):
     start = time.perf_counter()
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception:  # answered 500 by errors._internal_error, outside this middleware: count it here
+        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+        metrics().requests.inc(tags={"route": route, "status": "500"})
+        raise
     route = request.scope.get("route")
     path = getattr(route, "path", None) or "unmatched"
     m = metrics()

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextvars
 import json
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from deployments.messages import DecodedImages, Preview, Queued, Step
 from .errors import APIError
 from .planning import Plan
 from .webhooks import WebhookSender
+
+logger = logging.getLogger("ray.serve")
 
 FINISHED = ("done", "failed", "cancelled")
 KEEP_ALIVE = ": keep-alive\n\n"
@@ -352,8 +355,9 @@ class JobManager:
             raise  # cancel() has recorded it
         except APIError as e:
             self._finish(job, "failed", error={"code": e.code, "message": e.message, "field": e.field})
-        except Exception as e:  # an unexpected failure still ends the job, with what went wrong
-            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+        except Exception as e:  # an unexpected failure still ends the job; the detail goes to the log
+            logger.error("job %s failed", job.id, exc_info=e)
+            message = f"internal error (job {job.id}); the server log has the details"
             self._finish(job, "failed", error={"code": "internal_error", "message": message, "field": None})
         else:
             images = [

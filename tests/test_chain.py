@@ -271,3 +271,48 @@ def test_the_deadline_is_a_504_and_cancels_the_calls():
         asyncio.run(client.run(PLAN))
     assert (e.value.status, e.value.code) == (504, "timeout")
     assert log["cancel"] == 3
+
+
+LEAKS = ("Traceback", "ray::", "/home/ray", "10.1.2.3", "pid=")
+
+
+def ray_wrapped(error: Exception) -> Exception:
+    """What a handle raises when a replica raised ``error``: Ray's dual subclass, its text the remote traceback."""
+    from ray.exceptions import RayTaskError
+
+    traceback = 'Traceback (most recent call last):\n  File "/home/ray/lorafleet/deployments/denoiser.py", line 1\n'
+    task = RayTaskError(
+        "ray::ServeReplica:Denoiser", traceback, error, proctitle="ray::Denoiser", pid=4321, ip="10.1.2.3"
+    )
+    return task.as_instanceof_cause()
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (QueueFullError(8, 8, 23.0), "overloaded"),
+        (SlotWaitTimeoutError(60), "adapter_slots_busy"),
+        (RegistryUnavailableError("store s3://bucket/adapters at http://10.1.2.3:9000 unreachable"), "unavailable"),
+        (AdapterNotFoundError("no adapter named 'ink'"), "not_found"),
+        (ImageInputError("image", "is not a PNG, JPEG or WebP image"), "invalid_image"),
+    ],
+)
+def test_errors_raised_through_ray_reach_clients_as_one_clean_line(error, code):
+    wrapped = ray_wrapped(error)
+    assert any(leak in str(wrapped) for leak in LEAKS)  # what used to reach clients
+    client, _, _, _ = graph(denoise=raising(wrapped))
+    with pytest.raises(APIError) as e:
+        asyncio.run(client.run(PLAN))
+    message = e.value.message
+    assert e.value.code == code and "\n" not in message and len(message) < 200
+    assert not any(leak in message for leak in (*LEAKS, "s3://", "http://"))
+
+
+def test_a_replica_death_message_names_no_replica():
+    async def denoise(log):
+        raise ActorDiedError()
+
+    client, _, _, _ = graph(denoise=denoise)
+    with pytest.raises(APIError) as e:
+        asyncio.run(client.run(PLAN))
+    assert e.value.message == "a replica failed twice while serving this request; retry later"
