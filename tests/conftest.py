@@ -45,6 +45,25 @@ def tiny(tiny_dir):
     }
 
 
+def make_plan(**overrides):
+    """A checked ``graph.planning.Plan`` for tests that need one without a Planner: a 64x64 two-image request."""
+    from graph.planning import Plan
+
+    fields = {
+        "prompt": "a boat",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 7.5,
+        "seed": 0,
+        "num_images": 2,
+        "scheduler": "default",
+        "output_format": "png",
+    }
+    return Plan(**{**fields, **overrides})
+
+
 async def until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
     """Wait for ``condition()`` to hold; the deadline only turns a hang into a failure (never a race)."""
     deadline = time.monotonic() + timeout_s

@@ -14,7 +14,7 @@ from graph.errors import APIError
 from graph.job_store import KEEP_ALIVE, Job, JobManager, JobRecords, JobStore, StoreFullError, sse
 from graph.planning import Plan
 
-from conftest import until
+from conftest import make_plan, until
 from engine_helpers import Engine
 
 
@@ -181,20 +181,7 @@ def test_a_manager_job_carries_the_write_of_its_record(tmp_path):
 
 
 def plan(**kw) -> Plan:
-    base = dict(
-        prompt="a boat",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=7.5,
-        seed=40,
-        num_images=2,
-        scheduler="default",
-        output_format="png",
-        applied=(("ink@2", 0.5),),
-    )
-    return Plan(**{**base, **kw})
+    return make_plan(**{"seed": 40, "applied": (("ink@2", 0.5),), **kw})
 
 
 class FakeGraph:
