@@ -66,7 +66,12 @@ def test_same_request_is_byte_identical(cluster):
 
 def run_alone(cluster, post_body) -> tuple[np.ndarray, int, int]:
     """One request with nothing else on the Denoiser: its image, and the UNet forwards (ticks) and rows it took."""
-    before = cluster.stats("Denoiser")
+    from conftest import wait_until
+
+    # Whatever an earlier test left (a cancelled job's last tick) must not count as this request's.
+    before = wait_until(
+        lambda: (s := cluster.stats("Denoiser"))["active"] == 0 and s["waiting"] == 0 and s, "an idle Denoiser"
+    )
     r = post_body()
     assert r.status_code == 200, r.text
     after = cluster.stats("Denoiser")
