@@ -70,3 +70,15 @@ def peft_to_kohya_file(peft_file: Path, out: Path, alpha: float) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(kohya, str(out))
     return out
+
+
+def random_slot_weights(lora, rank: int, generator, scale: float = 1.0, alpha: float | None = None) -> dict:
+    """``{module path: (A [rank, ...], B [out, rank, ...], alpha)}`` for every layer of a ``MultiLoRAModel``."""
+    import torch
+
+    weights = {}
+    for path, (a_shape, b_shape) in lora.module_shapes().items():
+        A = scale * torch.randn(rank, *a_shape[1:], generator=generator)
+        B = scale * torch.randn(b_shape[0], rank, *b_shape[2:], generator=generator)
+        weights[path] = (A, B, float(rank if alpha is None else alpha))
+    return weights

@@ -15,6 +15,8 @@ from deployments.engine.images import decode
 from deployments.engine.multi_lora import MultiLoRAModel
 from deployments.engine.prompts import PromptEncoder
 
+from lora_helpers import random_slot_weights
+
 # Batch compositions drawn from a pool: every size from alone to the whole pool, items in new places.
 COMPOSITIONS = [[0], [3, 1], [2, 0, 4], [4, 3, 2, 1, 0], [1, 5, 0, 6, 2, 7, 3], [8, 7, 6, 5, 4, 3, 2, 1, 0]]
 
@@ -211,15 +213,7 @@ def lora_unet(tiny):
     lora = MultiLoRAModel(unet, targets, num_slots=3, max_rank=8, deterministic=True)
     g = torch.Generator().manual_seed(3)
     for slot, rank in ((1, 4), (2, 8)):
-        weights = {
-            path: (
-                0.1 * torch.randn(rank, *layer.lora_A.shape[2:], generator=g),
-                0.1 * torch.randn(layer.lora_B.shape[1], rank, *layer.lora_B.shape[3:], generator=g),
-                float(rank),
-            )
-            for path, layer in lora.layers.items()
-        }
-        lora.load(slot, weights)
+        lora.load(slot, random_slot_weights(lora, rank, g, scale=0.1))
     return unet, lora
 
 

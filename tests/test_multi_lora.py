@@ -23,7 +23,7 @@ from lora_registry.base_model import base_model_spec_from_dir
 from lora_registry.validation import prepare_adapter
 
 from engine_helpers import Engine
-from lora_helpers import UNET_ATTN, make_peft_lora_file
+from lora_helpers import UNET_ATTN, make_peft_lora_file, random_slot_weights
 
 UNET_TARGETS = [*UNET_ATTN, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -242,14 +242,7 @@ def _layer_lora(kernel: str):
     lora = MultiLoRAModel(model, ["linear", "pointwise", "conv"], num_slots=3, max_rank=4, kernel=kernel, max_rows=2)
     adapters = {}
     for slot, rank, alpha in ((1, 2, 3.0), (2, 3, 1.5)):
-        adapters[slot] = {
-            path: (
-                torch.randn(rank, *layer.lora_A.shape[2:], generator=g),
-                torch.randn(layer.lora_B.shape[1], rank, *layer.lora_B.shape[3:], generator=g),
-                alpha,
-            )
-            for path, layer in lora.layers.items()
-        }
+        adapters[slot] = random_slot_weights(lora, rank, g, alpha=alpha)
         lora.load(slot, adapters[slot])
     return model, lora, adapters
 

@@ -1,10 +1,20 @@
 """Multi-LoRA layers: one forward serves rows with different adapters, scales, or none.
 
-Every targeted ``nn.Linear`` / ``nn.Conv2d`` is wrapped in a layer that keeps
-``num_slots`` adapter slots, preallocated with ranks padded to ``max_rank``:
+Every targeted ``nn.Linear`` / ``nn.Conv2d`` is wrapped in a layer whose adapter
+weights live in **pages**, one rank each (S-LoRA's unified paging):
 
-    A: [slots, max_rank, in_features]          (conv: [slots, max_rank, in, kh, kw])
-    B: [slots, out_features, max_rank]         (conv: [slots, out, max_rank, 1, 1])
+    A: [pages, in_features]          (conv: [pages, in, kh, kw])   row j of an adapter's A
+    B: [pages, out_features]                                       column j of its B
+
+An adapter of rank r in a *slot* (a handle: slot 0 means "no adapter") owns r
+pages, the same page numbers in every layer (its largest rank over the layers;
+where a layer's own rank is smaller, or the layer is not targeted, the extra
+pages are zero there). Memory is paid in proportion to rank: a rank-4 adapter
+takes a sixteenth of a rank-64 one. Page 0 is always zero (it pads). The
+model's ``pages`` (the byte budget divided by one page's bytes over every
+layer) are allocated and freed by ``MultiLoRAModel.load`` / ``clear``,
+contiguous runs first; ``page_table`` [slots, max_rank] maps each slot to its
+pages for the gather kernel.
 
 Layers keep only these buffers; the maths lives in a kernel object, one per
 ``MultiLoRAModel`` (as vLLM's ``lora/punica_wrapper`` does): a layer's forward
@@ -158,59 +168,95 @@ class RoutingBuffers:
 # -- layers: buffers only ------------------------------------------------------------
 
 
+class NoFreePagesError(RuntimeError):
+    """Not enough free pages for an adapter: free some (evict an unused adapter) first."""
+
+
 @dataclass
 class LoRAState:
-    """Shared by every layer of one model: its kernel and the routing of the forward in progress."""
+    """Shared by every layer of one model: its kernel, its slots' pages, the routing of the forward."""
 
     kernel: MultiLoRAKernel
+    page_table: torch.Tensor  # [slots, max_rank] int64: each slot's pages, then page 0 (zero) as padding
+    pages: list[list[int]]  # per slot: its pages (the page numbers of ranks 0, 1, ...); [] when empty
     routing: LoRARouting | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def run(self, slot: int, r: int) -> slice | list[int]:
+        """The first ``r`` pages of ``slot``: a slice where they are contiguous (the usual case)."""
+        pages = self.pages[slot][:r]
+        start = pages[0]
+        return slice(start, start + r) if pages[-1] - start == r - 1 and len(pages) == r else pages
+
 
 class MultiLoRALayer(torch.nn.Module):
-    """A base layer plus ``num_slots`` adapter slots; its forward is ``base(x)`` plus the model's kernel."""
+    """A base layer plus paged adapter weights; its forward is ``base(x)`` plus the model's kernel."""
 
-    def __init__(self, base: torch.nn.Module, state: LoRAState, a_shape: tuple, b_shape: tuple, num_slots: int):
+    def __init__(self, base: torch.nn.Module, state: LoRAState, a_shape: tuple, out: int, num_pages: int):
         super().__init__()
         self.base = base
         self.state = state
         w = base.weight
-        self.register_buffer("lora_A", torch.zeros((num_slots, *a_shape), dtype=w.dtype, device=w.device))
-        self.register_buffer("lora_B", torch.zeros((num_slots, *b_shape), dtype=w.dtype, device=w.device))
+        num_slots = state.page_table.shape[0]
+        self.register_buffer("lora_A", torch.zeros((num_pages, *a_shape), dtype=w.dtype, device=w.device))
+        self.register_buffer("lora_B", torch.zeros((num_pages, out), dtype=w.dtype, device=w.device))
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.alphas = [0.0] * num_slots
-        # [slots]: alpha / r of each slot's adapter in this module, 0 where none (its A and B are zeros)
+        # [slots]: alpha / r of each slot's adapter in this module, 0 where none (its pages are zeros here)
         self.register_buffer("slot_scale", torch.zeros(num_slots, dtype=torch.float32, device=w.device))
 
     @property
-    def max_rank(self) -> int:
-        return self.lora_A.shape[1]
+    def a_shape(self) -> tuple[int, ...]:
+        """One page of A: ``(in,)`` or a conv's ``(in, kh, kw)``."""
+        return tuple(self.lora_A.shape[1:])
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[1]
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page takes in this layer (A's row and B's column)."""
+        return (self.lora_A[0].numel() + self.lora_B[0].numel()) * self.lora_A.element_size()
 
     @property
     def tokenwise(self) -> bool:
         """Whether the LoRA product is one matmul per token (or pixel): what the gather kernel handles."""
         return True
 
-    def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float = 0.0) -> None:
-        """Copy one adapter's ``A`` [r, ...] and ``B`` [out, r, ...] into ``slot`` (or clear it)."""
-        if A is None or B is None:
-            self.ranks[slot] = 0
-            self.slot_scale[slot] = 0.0
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
-            return
-        r = A.shape[0]
-        if r > self.max_rank:
-            raise ValueError(f"adapter rank {r} exceeds max_rank {self.max_rank}")
+    def load_slot(
+        self, slot: int, pages: list[int], A: torch.Tensor | None, B: torch.Tensor | None, alpha: float = 0.0
+    ) -> None:
+        """Write one adapter's ``A`` [r, ...] and ``B`` [out, r, ...] into ``pages`` (zeros past r), or clear them."""
         self.ranks[slot] = 0  # never half-loaded while a forward reads it
         self.slot_scale[slot] = 0.0
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :r].copy_(A)
-        self.lora_B[slot, :, :r].copy_(B)
+        index = torch.tensor(pages, dtype=torch.long, device=self.lora_A.device)
+        self.lora_A.index_fill_(0, index, 0.0)
+        self.lora_B.index_fill_(0, index, 0.0)
+        if A is None or B is None:
+            return
+        r = A.shape[0]
+        if r > len(pages):
+            raise ValueError(f"adapter rank {r} needs {r} pages, the slot has {len(pages)}")
+        self.lora_A.index_copy_(0, index[:r], A.to(self.lora_A.dtype))
+        self.lora_B.index_copy_(0, index[:r], B.reshape(B.shape[0], r).t().to(self.lora_B.dtype))  # [r, out]
         self.alphas[slot] = float(alpha)
         self.slot_scale[slot] = float(alpha) / r
         self.ranks[slot] = r
+
+    def adapter(self, slot: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slot``'s ``A`` [r, in] (conv: [r, in, kh, kw]) and ``B`` [out, r] (conv: [out, r, 1, 1]),
+        contiguous, as peft's ``lora_A.weight`` / ``lora_B.weight`` are."""
+        run = self.state.run(slot, r)
+        if isinstance(run, slice):
+            A, B_rows = self.lora_A[run], self.lora_B[run]  # [r, ...], [r, out]: views
+        else:
+            index = torch.tensor(run, dtype=torch.long, device=self.lora_A.device)
+            A, B_rows = self.lora_A.index_select(0, index), self.lora_B.index_select(0, index)
+        return A, self._b_weight(B_rows.t().contiguous())
+
+    def _b_weight(self, B: torch.Tensor) -> torch.Tensor:
+        return B  # [out, r]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
@@ -223,21 +269,22 @@ class MultiLoRALayer(torch.nn.Module):
 
 
 class MultiLoRALinear(MultiLoRALayer):
-    def __init__(self, base: torch.nn.Linear, state: LoRAState, num_slots: int, max_rank: int):
-        super().__init__(base, state, (max_rank, base.in_features), (base.out_features, max_rank), num_slots)
+    def __init__(self, base: torch.nn.Linear, state: LoRAState, num_pages: int):
+        super().__init__(base, state, (base.in_features,), base.out_features, num_pages)
 
 
 class MultiLoRAConv2d(MultiLoRALayer):
-    def __init__(self, base: torch.nn.Conv2d, state: LoRAState, num_slots: int, max_rank: int):
+    def __init__(self, base: torch.nn.Conv2d, state: LoRAState, num_pages: int):
         kh, kw = base.kernel_size
-        super().__init__(
-            base, state, (max_rank, base.in_channels, kh, kw), (base.out_channels, max_rank, 1, 1), num_slots
-        )
+        super().__init__(base, state, (base.in_channels, kh, kw), base.out_channels, num_pages)
 
     @property
     def tokenwise(self) -> bool:
         b = self.base
         return b.kernel_size == (1, 1) and b.stride == (1, 1) and b.padding in ((0, 0), 0)
+
+    def _b_weight(self, B: torch.Tensor) -> torch.Tensor:
+        return B.view(*B.shape, 1, 1)  # [out, r, 1, 1]
 
 
 # -- kernels: the maths ---------------------------------------------------------------
@@ -272,8 +319,7 @@ class GroupedKernel(MultiLoRAKernel):
                 # peft: scaling = weight * lora_alpha / r, then result + lora_B(lora_A(x)) * scaling
                 scalings = [w * layer.alphas[g.slot] / r for w in g.weights]
                 xs = x.index_select(0, g.rows)
-                A = layer.lora_A[g.slot, :r]  # [r, in] (conv: [r, in, kh, kw])
-                B = layer.lora_B[g.slot, :, :r]  # [out, r] (conv: [out, r, 1, 1])
+                A, B = layer.adapter(g.slot, r)  # [r, in] and [out, r] (conv: [r, in, kh, kw], [out, r, 1, 1])
                 if isinstance(layer, MultiLoRAConv2d):
                     delta = self.conv_delta(xs, A, B, layer.base)
                 else:
@@ -325,13 +371,12 @@ class GatherKernel(MultiLoRAKernel):
         if not layer.tokenwise:
             return self.fallback.apply(layer, x, result, routing)
         rows, depth = routing.slot_ids.shape
-        R = layer.max_rank
         ids = routing.slot_ids  # [rows, depth]
-        A = layer.lora_A.flatten(2)[ids]  # [rows, depth, R, in]
-        B = layer.lora_B.flatten(2)[ids]  # [rows, depth, out, R]
+        pages = layer.state.page_table[ids]  # [rows, depth, R]: each adapter's pages, page 0 (zero) past its rank
+        R = pages.shape[2]
+        A = layer.lora_A.flatten(1)[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, in]: ranks stacked
+        B = layer.lora_B[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, out]
         scale = (routing.weights * layer.slot_scale[ids]).to(x.dtype)  # [rows, depth]: weight * alpha / r
-        A = A.reshape(rows, depth * R, -1)  # [rows, depth*R, in]: ranks stacked
-        B = B.permute(0, 1, 3, 2).reshape(rows, depth * R, -1)  # [rows, depth*R, out]
         h = torch.bmm(self._tokens(layer, x), A.transpose(1, 2))  # [rows, tokens, depth*R]
         h = h * scale.repeat_interleave(R, dim=1)[:, None, :]
         return result + self._untokens(layer, torch.bmm(h, B), result)  # [rows, tokens, out] -> result's shape
@@ -383,8 +428,29 @@ def _matches(path: str, targets: Iterable[str]) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
+def _adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.groups == 1)
+
+
+def pages_for(memory_bytes: int, modules: Sequence[torch.nn.Module]) -> int:
+    """How many pages (one rank of one adapter over every module) ``memory_bytes`` holds.
+
+    >>> pages_for(1 << 20, [torch.nn.Linear(64, 64)])   # (64 + 64) * 4 bytes a page
+    2048
+    """
+    per_page = 0
+    for m in modules:
+        w = m.weight
+        if isinstance(m, torch.nn.Linear):
+            per_page += (m.in_features + m.out_features) * w.element_size()
+        else:
+            kh, kw = m.kernel_size
+            per_page += (m.in_channels * kh * kw + m.out_channels) * w.element_size()
+    return memory_bytes // per_page if per_page else 0
+
+
 class MultiLoRAModel:
-    """A model whose targeted layers carry adapter slots.
+    """A model whose targeted layers carry paged adapter weights, in slots.
 
     >>> lora = MultiLoRAModel(unet, targets=["to_q", "to_k"], num_slots=8, max_rank=64)   # doctest: +SKIP
     >>> lora.load(slot=1, weights={"down_blocks.0...attn1.to_q": (A, B, alpha), ...})
@@ -403,37 +469,95 @@ class MultiLoRAModel:
         kernel: str = "auto",
         max_rows: int = 64,
         max_depth: int = 4,
+        num_pages: int | None = None,
+        memory_bytes: int | None = None,
     ):
         """``key_prefix`` is prepended to module paths to form the keys adapters use.
 
         ``kernel``: ``"grouped"``, ``"gather"``, ``"row-invariant"`` or ``"auto"`` (see
         ``make_kernel``). ``max_rows`` x ``max_depth``: the routing buffers' size (rows of one
-        forward x adapters per row); a larger forward grows them.
+        forward x adapters per row); a larger forward grows them. Memory: ``num_pages`` pages,
+        or as many as ``memory_bytes`` holds (``pages_for``); default ``(num_slots - 1) * max_rank``,
+        room for every slot at ``max_rank``.
         """
+        if num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2 (slot 0 is 'no adapter'), got {num_slots}")
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.deterministic = deterministic
         self.device = next(model.parameters()).device
-        self.state = LoRAState(make_kernel(kernel, deterministic=deterministic, on_cuda=self.device.type == "cuda"))
+        targets = list(targets)
+        found = [(p, m) for p, m in model.named_modules() if p and _matches(p, targets) and _adaptable(m)]
+        if not found:
+            raise ValueError(f"no Linear or Conv2d module of the model matches the LoRA targets {targets}")
+        if num_pages is None and memory_bytes is not None:
+            num_pages = pages_for(memory_bytes, [m for _, m in found])
+        if num_pages is None:
+            num_pages = (num_slots - 1) * max_rank
+        if num_pages < 1:
+            raise ValueError(f"the adapter memory holds no page (num_pages {num_pages})")
+        self.num_pages = num_pages + 1  # page 0: always zero
+        self.state = LoRAState(
+            make_kernel(kernel, deterministic=deterministic, on_cuda=self.device.type == "cuda"),
+            page_table=torch.zeros(num_slots, max_rank, dtype=torch.long, device=self.device),
+            pages=[[] for _ in range(num_slots)],
+        )
+        self._free_pages = list(range(1, self.num_pages))  # sorted
         self.routing_buffers = RoutingBuffers(max_rows, max_depth, self.device)
         self.layers: dict[str, MultiLoRALayer] = {}
-        targets = list(targets)
-        for path, module in list(model.named_modules()):
-            if not path or not _matches(path, targets):
-                continue
-            if type(module) is torch.nn.Linear or isinstance(module, torch.nn.Linear):
-                layer: MultiLoRALayer = MultiLoRALinear(module, self.state, num_slots, max_rank)
-            elif isinstance(module, torch.nn.Conv2d) and module.groups == 1:
-                layer = MultiLoRAConv2d(module, self.state, num_slots, max_rank)
+        for path, module in found:
+            if isinstance(module, torch.nn.Linear):
+                layer: MultiLoRALayer = MultiLoRALinear(module, self.state, self.num_pages)
             else:
-                continue
+                layer = MultiLoRAConv2d(module, self.state, self.num_pages)
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, name, layer)
             self.layers[key_prefix + path] = layer
-        if not self.layers:
-            raise ValueError(f"no Linear or Conv2d module of the model matches the LoRA targets {targets}")
+
+    # -- memory --------------------------------------------------------------------------
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page takes over every layer."""
+        return sum(layer.page_bytes for layer in self.layers.values())
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def total_pages(self) -> int:
+        return self.num_pages - 1
+
+    def pages_needed(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> int:
+        """Pages an adapter takes: its largest rank over the modules it targets."""
+        return max((A.shape[0] for A, _, _ in weights.values()), default=0)
+
+    def _allocate(self, n: int) -> list[int]:
+        """``n`` free pages: the first contiguous run that fits, else the lowest free ones."""
+        if n > len(self._free_pages):
+            raise NoFreePagesError(f"an adapter of rank {n} needs {n} pages; {len(self._free_pages)} are free")
+        free = self._free_pages
+        run_start = 0
+        for i in range(len(free)):
+            if i > 0 and free[i] != free[i - 1] + 1:
+                run_start = i
+            if i - run_start + 1 == n:
+                taken = free[run_start : i + 1]
+                del free[run_start : i + 1]
+                return taken
+        taken = free[:n]
+        del free[:n]
+        return taken
+
+    def _free(self, slot: int) -> None:
+        pages = self.state.pages[slot]
+        if pages:
+            self._free_pages = sorted(self._free_pages + pages)
+            self.state.pages[slot] = []
+            self.state.page_table[slot].zero_()
 
     @property
     def kernel(self) -> MultiLoRAKernel:
@@ -448,8 +572,8 @@ class MultiLoRAModel:
         """Per adaptable module: the (A, B) shapes of a rank-1 adapter, for validation."""
         out = {}
         for path, layer in self.layers.items():
-            a, b = layer.lora_A.shape[2:], layer.lora_B.shape[1:]
-            out[path] = ((1, *a), (b[0], 1, *b[2:]))
+            b = (layer.out_features, 1) if isinstance(layer, MultiLoRALinear) else (layer.out_features, 1, 1, 1)
+            out[path] = ((1, *layer.a_shape), b)
         return out
 
     def unsupported(self, weights: dict) -> list[str]:
@@ -457,30 +581,51 @@ class MultiLoRAModel:
         bad = []
         for path, (A, B, _alpha) in weights.items():
             layer = self.layers.get(path)
-            if layer is None or tuple(A.shape[1:]) != tuple(layer.lora_A.shape[2:]) or A.shape[0] > self.max_rank:
+            if layer is None or tuple(A.shape[1:]) != layer.a_shape or A.shape[0] > self.max_rank:
                 bad.append(path)
-            elif B.shape[0] != layer.lora_B.shape[1] or B.shape[1] != A.shape[0]:
+            elif B.shape[0] != layer.out_features or B.shape[1] != A.shape[0]:
                 bad.append(path)
         return bad
 
     def load(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Put one adapter (``{module_path: (A, B, alpha)}``) into ``slot`` of every layer."""
+        """Put one adapter (``{module_path: (A, B, alpha)}``) into ``slot``: pages for its rank, every layer.
+
+        Raises ``NoFreePagesError`` (and changes nothing) when its pages are not free: the caller
+        evicts an unused adapter first (``AdapterSlots`` does).
+        """
         if not 0 < slot < self.num_slots:
             raise ValueError(f"slot must be in [1, {self.num_slots - 1}] (0 means no adapter), got {slot}")
         bad = self.unsupported(weights)
         if bad:
             raise ValueError(f"adapter targets modules these layers cannot carry: {bad[:5]}")
-        for path, layer in self.layers.items():
-            entry = weights.get(path)
-            if entry is None:
-                layer.load_slot(slot, None, None)
-            else:
-                A, B, alpha = entry
-                layer.load_slot(slot, A, B, alpha)
+        self.clear(slot)
+        n = self.pages_needed(weights)
+        pages = self._allocate(n) if n else []
+        try:
+            for path, layer in self.layers.items():
+                entry = weights.get(path)
+                if entry is None:
+                    layer.load_slot(slot, pages, None, None)
+                else:
+                    A, B, alpha = entry
+                    layer.load_slot(slot, pages, A, B, alpha)
+        except BaseException:
+            self.state.pages[slot] = pages
+            self.clear(slot)
+            raise
+        self.state.pages[slot] = pages
+        if pages:
+            self.state.page_table[slot, :n] = torch.tensor(pages, dtype=torch.long)
 
     def clear(self, slot: int) -> None:
+        """Empty ``slot`` and free its pages (a forward must not be reading it)."""
+        pages = self.state.pages[slot]
         for layer in self.layers.values():
-            layer.load_slot(slot, None, None)
+            layer.ranks[slot] = 0
+            layer.slot_scale[slot] = 0.0
+            if pages:
+                layer.load_slot(slot, pages, None, None)
+        self._free(slot)
 
     def routed(self, rows: Sequence[RowAdapters]) -> _Routed:
         """A context in which this model's forwards apply ``rows[i]`` to batch row i.
