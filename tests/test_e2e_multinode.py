@@ -56,6 +56,8 @@ def two_nodes(tmp_path_factory, cache_dir, tiny_dir, s3_server):
             "manifest_ttl_s": 1.0,
         }
         url = cluster.deploy(config, http_port=http_port)
+        # /readyz answers once one Denoiser replica is ready; the tests need both.
+        cluster.wait_for(lambda: len(cluster.running_replicas(APP, "Denoiser")) == 2, 300, "two Denoiser replicas")
         yield cluster, url, caches, s3_server
     finally:
         cluster.down()
