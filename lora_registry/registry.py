@@ -16,6 +16,10 @@ at once; other replicas learn it on their next listing, at most
 ``manifest_ttl_s`` later (``resolve`` is the authority, so callers resolve on
 every request and drop what it no longer returns).
 
+Nothing here lists the whole registry except ``gc()``: ``resolve`` / ``load`` /
+``fetch`` / ``versions`` list one name's prefix (``adapters/<name>/``), and
+``list`` reads one page of names from its cursor on (see ``listing``).
+
 All methods are synchronous and thread-safe; call them from a worker thread in
 async code.
 """
@@ -27,7 +31,9 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -42,11 +48,18 @@ from .errors import (
     RegistryCorruptionError,
     RegistryUnavailableError,
 )
+from .listing import group_by_name, in_name_order, listing_start
 from .manifest import BaseModelRef, Manifest, check_metadata, check_name, check_training, parse_ref, utc_now_iso
-from .stores.base import ObjectNotFound, ProgressCallback, Store
+from .stores.base import ObjectInfo, ObjectNotFound, ProgressCallback, Store
 from .validation import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_RANK, PreparedAdapter, check_size, prepare_adapter
 
 MAX_COMMIT_ATTEMPTS = 64
+DEFAULT_LIST_SCAN_NAMES = 1000
+# How far a listing reads past a name that may have a shorter name sorting before it (``ink`` for
+# ``ink-wash``) before looking that name up on its own; see ``listing.in_name_order``.
+LIST_READ_AHEAD_NAMES = 64
+MANIFEST_FETCH_THREADS = 8  # parallel manifest GETs for one listing page on a cold cache
+MAX_CACHED_PAGES = 256
 Source = bytes | str | Path | BinaryIO
 
 
@@ -70,6 +83,7 @@ class GcReport:
 
 # name -> {version: deleted}
 _Index = dict[str, dict[int, bool]]
+_Page = tuple[tuple[AdapterListing, ...], str | None]
 
 
 class Registry:
@@ -94,10 +108,13 @@ class Registry:
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         manifest_ttl_s: float = 5.0,
         outage_backoff_s: float = 5.0,
+        list_scan_names: int = DEFAULT_LIST_SCAN_NAMES,
         clock: Callable[[], float] = time.monotonic,
     ):
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        if list_scan_names < 1:
+            raise ValueError(f"list_scan_names must be >= 1, got {list_scan_names}")
         if max_adapter_bytes < 1:
             raise ValueError(f"max_adapter_bytes must be >= 1, got {max_adapter_bytes}")
         if manifest_ttl_s < 0 or outage_backoff_s < 0:
@@ -110,18 +127,20 @@ class Registry:
         self.max_adapter_bytes = max_adapter_bytes
         self.manifest_ttl_s = manifest_ttl_s
         self.outage_backoff_s = outage_backoff_s
+        self.list_scan_names = list_scan_names
         self.manifests = ManifestCache(cache.root if cache is not None else None)
         self._clock = clock
         self._lock = threading.Lock()
         self._name_index: dict[str, tuple[float, dict[int, bool]]] = {}
-        self._full_index: tuple[float, _Index] | None = None
+        self._pages: OrderedDict[tuple[str | None, int, str | None], tuple[float, _Page]] = OrderedDict()
+        self._generation = 0  # bumped by every write this node makes: pages computed before it are stale
         self._down_until = 0.0
         self._down_reason = ""
 
     # -- store access -------------------------------------------------------------------------
 
-    def _call(self, fn, *args):
-        """Call the store; after an outage, fail fast for ``outage_backoff_s`` instead of waiting on retries."""
+    def _check_outage(self) -> None:
+        """Within ``outage_backoff_s`` of a store outage, fail fast instead of waiting on retries."""
         with self._lock:
             wait = self._down_until - self._clock()
             reason = self._down_reason
@@ -129,58 +148,61 @@ class Registry:
             raise RegistryUnavailableError(
                 f"store {self.store.uri} is unreachable ({reason}); next try in {wait:.1f}s", code="store_unreachable"
             )
+
+    def _note_outage(self, e: RegistryUnavailableError) -> None:
+        with self._lock:
+            self._down_until = self._clock() + self.outage_backoff_s
+            self._down_reason = e.message
+
+    def _call(self, fn, *args):
+        """Call the store, failing fast during an outage's backoff."""
+        self._check_outage()
         try:
             return fn(*args)
         except RegistryUnavailableError as e:
-            with self._lock:
-                self._down_until = self._clock() + self.outage_backoff_s
-                self._down_reason = e.message
+            self._note_outage(e)
+            raise
+
+    def _list_store(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """``store.list`` as a lazy stream, with the same outage handling as ``_call``."""
+        self._check_outage()
+        try:
+            if start_after is None:  # store wrappers written before start_after existed still list prefixes
+                yield from self.store.list(prefix)
+            else:
+                yield from self.store.list(prefix, start_after=start_after)
+        except RegistryUnavailableError as e:
+            self._note_outage(e)
             raise
 
     def _scan(self, prefix: str) -> _Index:
-        index: _Index = {}
-        for obj in self._call(lambda: list(self.store.list(prefix))):
-            parsed = layout.parse_entry_key(obj.key)
-            if parsed is None:
-                continue
-            name, version, kind = parsed
-            versions = index.setdefault(name, {})
-            versions[version] = versions.get(version, False) or kind == "deleted"
+        index: _Index = dict(group_by_name(self._call(lambda: list(self.store.list(prefix)))))
         for name, versions in index.items():
-            for version, deleted in versions.items():
-                if deleted:
-                    self.manifests.discard(name, version)
+            self._forget_deleted(name, versions)
         return index
 
+    def _forget_deleted(self, name: str, versions: dict[int, bool]) -> None:
+        for version, deleted in versions.items():
+            if deleted:
+                self.manifests.discard(name, version)
+
     def _versions(self, name: str, fresh: bool = False) -> dict[int, bool]:
+        """``{version: deleted}`` for one name, from one listing of ``adapters/<name>/`` (kept ``manifest_ttl_s``)."""
         now = self._clock()
         with self._lock:
             hit = self._name_index.get(name)
             if not fresh and hit is not None and now - hit[0] < self.manifest_ttl_s:
                 return hit[1]
-            full = self._full_index
-            if not fresh and full is not None and now - full[0] < self.manifest_ttl_s:
-                return full[1].get(name, {})
         versions = self._scan(layout.name_prefix(name)).get(name, {})
         with self._lock:
             self._name_index[name] = (now, versions)
         return versions
 
-    def _index(self) -> _Index:
-        now = self._clock()
-        with self._lock:
-            full = self._full_index
-            if full is not None and now - full[0] < self.manifest_ttl_s:
-                return full[1]
-        index = self._scan(layout.ADAPTERS_PREFIX)
-        with self._lock:
-            self._full_index = (now, index)
-        return index
-
     def _invalidate(self, name: str) -> None:
         with self._lock:
             self._name_index.pop(name, None)
-            self._full_index = None
+            self._pages.clear()
+            self._generation += 1
 
     def _manifest(self, name: str, version: int) -> Manifest:
         cached = self.manifests.get(name, version)
@@ -245,25 +267,99 @@ class Registry:
     ) -> tuple[list[AdapterListing], str | None]:
         """One ``AdapterListing`` per adapter name with a live version, sorted by name.
 
-        Paged: pass the returned cursor as ``after`` for the next page (``None`` at the end).
-        ``tag`` keeps the names whose latest version carries that tag.
+        Paged: pass the returned cursor (the last name listed) as ``after`` for
+        the next page; it is ``None`` when no live name follows. ``tag`` keeps
+        the names whose latest version carries that tag.
+
+        Reads only the page: the store is listed from ``after`` on and stops
+        once ``limit`` names (and one more live name, for the cursor) are found;
+        manifests are read for the names listed (in parallel when not cached).
+        A call examines at most ``limit + list_scan_names`` names, so a page
+        that must pass many deleted names or names without ``tag`` comes back
+        short, with the last name examined as its cursor: callers page until
+        the cursor is ``None``, never until a short page. Pages are kept
+        ``manifest_ttl_s``; this node's own writes drop them at once.
+
+        >>> page, cursor = registry.list(limit=2)                   # doctest: +SKIP
+        >>> [e.name for e in page], cursor
+        (['ink', 'ink-wash'], 'ink-wash')
+        >>> registry.list(limit=2, after=cursor)[0][0].name         # doctest: +SKIP
+        'pastel'
         """
         if not 1 <= limit <= 1000:
             raise ValueError(f"limit must be in [1, 1000], got {limit}")
         if after is not None:
             check_name(after)
-        index = self._index()
-        names = sorted(n for n, vs in index.items() if not all(vs.values()) and (after is None or n > after))
+        key = (tag, limit, after)
+        now = self._clock()
+        with self._lock:
+            hit = self._pages.get(key)
+            if hit is not None and now - hit[0] < self.manifest_ttl_s:
+                return list(hit[1][0]), hit[1][1]
+            generation = self._generation
+        page, seen = self._read_page(tag, limit, after)
+        with self._lock:
+            if generation == self._generation:  # no write of ours landed meanwhile
+                self._pages[key] = (now, page)
+                while len(self._pages) > MAX_CACHED_PAGES:
+                    self._pages.popitem(last=False)
+                for name, versions in seen.items():
+                    if self._name_index.get(name, (now,))[0] <= now:  # never replace a newer listing of the name
+                        self._name_index[name] = (now, versions)
+        return list(page[0]), page[1]
+
+    def _read_page(self, tag: str | None, limit: int, after: str | None) -> tuple[_Page, _Index]:
+        """One page from the store, and every name examined on the way (``{version: deleted}``)."""
+        names = in_name_order(
+            group_by_name(self._list_store(layout.ADAPTERS_PREFIX, listing_start(after))),
+            after=after,
+            lookup=lambda name: self._versions(name) or None,
+            read_ahead=LIST_READ_AHEAD_NAMES,
+        )
+        budget = limit + self.list_scan_names
         out: list[AdapterListing] = []
-        for i, name in enumerate(names):
-            live = tuple(sorted(v for v, deleted in index[name].items() if not deleted))
-            latest = self._manifest(name, live[-1])
-            if tag is not None and tag not in latest.tags:
-                continue
-            out.append(AdapterListing(name=name, latest=latest, versions=live))
+        seen: _Index = {}
+        pending: deque[tuple[str, tuple[int, ...]]] = deque()  # live names, in order, manifests not yet read
+        exhausted = False
+        while True:
+            need = limit - len(out)
+            # Enough live names to fill the page, plus one to know whether the cursor is needed.
+            while not exhausted and len(pending) <= need and len(seen) < budget:
+                item = next(names, None)
+                if item is None:
+                    exhausted = True
+                    break
+                name, versions = item
+                seen[name] = versions
+                self._forget_deleted(name, versions)
+                live = tuple(sorted(v for v, deleted in versions.items() if not deleted))
+                if live:
+                    pending.append((name, live))
+            self._prefetch_manifests([(name, live[-1]) for name, live in list(pending)[:need]])
+            while pending and len(out) < limit:
+                name, live = pending.popleft()
+                latest = self._manifest(name, live[-1])
+                if tag is None or tag in latest.tags:
+                    out.append(AdapterListing(name=name, latest=latest, versions=live))
             if len(out) == limit:
-                return out, (name if i < len(names) - 1 else None)
-        return out, None
+                if pending or (not exhausted and len(seen) >= budget):
+                    return (tuple(out), out[-1].name), seen  # a live name follows (or may: out of budget)
+                if exhausted:
+                    return (tuple(out), None), seen
+                continue  # read on: is there a live name after the page?
+            if exhausted:
+                return (tuple(out), None), seen
+            if len(seen) >= budget:
+                return (tuple(out), next(reversed(seen))), seen  # the last name examined
+
+    def _prefetch_manifests(self, refs: list[tuple[str, int]]) -> None:
+        """Read the manifests a page needs in parallel (one GET each on a cold cache)."""
+        missing = [(name, version) for name, version in refs if self.manifests.get(name, version) is None]
+        if len(missing) < 2:
+            return
+        with ThreadPoolExecutor(min(MANIFEST_FETCH_THREADS, len(missing)), "registry-manifests") as pool:
+            for _ in pool.map(lambda ref: self._manifest(*ref), missing):
+                pass
 
     def versions(self, name: str) -> list[Manifest]:
         """Every live version of ``name``, oldest first (empty if none)."""
@@ -505,5 +601,6 @@ class Registry:
                 self._call(self.store.delete, obj.key)
                 report.blobs.append(obj.key)
         with self._lock:
-            self._full_index = None
+            self._pages.clear()
+            self._generation += 1
         return report

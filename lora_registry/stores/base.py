@@ -66,8 +66,19 @@ class Store(ABC):
         """Remove ``key``; no error if it is absent."""
 
     @abstractmethod
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, in key order."""
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (and is greater than ``start_after``), in key order.
+
+        Lazy: objects are read from the backing service as the caller consumes
+        them, so a caller that stops early reads little more than it used (S3:
+        ``ListObjectsV2`` requests of 128 keys, then more per request; local: one
+        directory at a time). Order is by key, character by character, so
+        ``adapters/a-b/...`` comes before ``adapters/a/...`` (``-`` and ``.``
+        sort before ``/``).
+
+        >>> [o.key for o in store.list("adapters/", start_after="adapters/ink")]   # doctest: +SKIP
+        ['adapters/ink/00000001.json', 'adapters/pastel/00000001.json']
+        """
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo | None: ...

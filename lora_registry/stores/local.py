@@ -91,27 +91,40 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        # Walk only the deepest directory the prefix names, then filter by the full prefix.
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        # Start at the deepest directory the prefix names, then walk in key order, skipping whole
+        # directories that lie outside the prefix or at or before ``start_after``.
         base = prefix.rpartition("/")[0]
         start = self.root / base if base else self.root
-        if not start.is_dir():
+        yield from self._walk(start, f"{base}/" if base else "", prefix, start_after)
+
+    def _walk(self, directory: Path, rel: str, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
+        """Keys under ``directory`` (whose keys start with ``rel``), in key order, lazily, one directory at a time."""
+        try:
+            with os.scandir(directory) as it:
+                # A directory's keys all start with "<name>/": sorting it as "<name>/" among the files
+                # gives exactly the order of the keys ("a-b" < "a.b" < "a/..." < "a0").
+                entries = sorted(
+                    (f"{e.name}/" if e.is_dir() else e.name, e.is_symlink())
+                    for e in it
+                    if not e.name.startswith(_TMP_PREFIX)
+                )
+        except (FileNotFoundError, NotADirectoryError):
             return
-        found = []
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames[:] = [d for d in dirnames if not d.startswith(_TMP_PREFIX)]
-            for filename in filenames:
-                if filename.startswith(_TMP_PREFIX):
+        for name, is_symlink in entries:
+            key = rel + name
+            if key.endswith("/"):
+                if is_symlink or not (key.startswith(prefix) or prefix.startswith(key)):
                     continue
-                path = Path(dirpath) / filename
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    try:
-                        st = path.stat()
-                    except FileNotFoundError:
-                        continue  # removed while listing
-                    found.append(ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime))
-        yield from sorted(found, key=lambda o: o.key)
+                if start_after is not None and key < start_after and not start_after.startswith(key):
+                    continue  # every key inside is before start_after
+                yield from self._walk(directory / name[:-1], key, prefix, start_after)
+            elif key.startswith(prefix) and (start_after is None or key > start_after):
+                try:
+                    st = (directory / name).stat()
+                except FileNotFoundError:
+                    continue  # removed while listing
+                yield ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

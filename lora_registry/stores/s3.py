@@ -30,6 +30,9 @@ from .base import ObjectInfo, ObjectNotFound, ProgressCallback, Store, check_key
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _CHUNK = 1 << 20
+# A listing asks for this many keys first, then four times more per request up to list_page_keys: a caller
+# that needs one page of names does not pay for parsing a thousand keys, and a long scan soon reads 1000 a time.
+_FIRST_LIST_PAGE_KEYS = 128
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,13 @@ class S3Options:
     read_timeout_s: float = 20.0
     max_attempts: int = 3  # total tries per request, botocore "standard" retry mode
     multipart_threshold_bytes: int = 16 << 20
+    list_page_keys: int = 1000  # most keys per ListObjectsV2 request (its MaxKeys; S3 returns at most 1000)
 
     def __post_init__(self):
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 1 <= self.list_page_keys <= 1000:
+            raise ValueError(f"list_page_keys must be in [1, 1000], got {self.list_page_keys}")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("connect_timeout_s and read_timeout_s must be > 0")
 
@@ -96,6 +102,10 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _full(self, key_or_prefix: str) -> str:
+        """The bucket key for a store key, prefix or listing bound (not checked: ``adapters/`` is one)."""
+        return f"{self.prefix}/{key_or_prefix}" if self.prefix else key_or_prefix
 
     def _unkey(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
@@ -199,16 +209,23 @@ class S3Store(Store):
         with self._errors("delete", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        with self._errors("list", prefix):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full_prefix)
-            found = [
-                ObjectInfo(key=self._unkey(o["Key"]), size=o["Size"], modified=o["LastModified"].timestamp())
-                for page in pages
-                for o in page.get("Contents", [])
-            ]
-        yield from found
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """``ListObjectsV2`` page by page (``StartAfter`` for the first), growing from 128 keys a request to
+        ``list_page_keys``: a caller that stops early stops the requests too."""
+        page_keys = min(_FIRST_LIST_PAGE_KEYS, self.options.list_page_keys)
+        request = {"Bucket": self.bucket, "Prefix": self._full(prefix), "MaxKeys": page_keys}
+        if start_after is not None:
+            request["StartAfter"] = self._full(start_after)
+        while True:
+            with self._errors("list", prefix):
+                page = self.client.list_objects_v2(**request)
+            for o in page.get("Contents", []):
+                yield ObjectInfo(key=self._unkey(o["Key"]), size=o["Size"], modified=o["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            request.pop("StartAfter", None)
+            request["ContinuationToken"] = page["NextContinuationToken"]
+            request["MaxKeys"] = min(4 * request["MaxKeys"], self.options.list_page_keys)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
