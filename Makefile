@@ -49,6 +49,11 @@ LOADTEST_ARGS ?=
 loadtest: venv  ## lorafleet vs a plain diffusers server under locust, on 127.0.0.1: make loadtest LOADTEST_ARGS="--slo-ms 800"
 	$(PY) -m loadtest.run $(LOADTEST_ARGS)
 
+.PHONY: soak
+SOAK_ARGS ?=
+soak: venv  ## chaos soak on 127.0.0.1, 5 min: kills and an S3 outage under load; nothing lost or hung (make soak SOAK_ARGS=--short)
+	$(PY) -m loadtest.soak $(SOAK_ARGS)
+
 export-model: venv  ## write builtin:tiny-sd as a diffusers directory: make export-model DIR=/tmp/tiny-sd
 	$(VENV)/bin/lorafleet export-model builtin:tiny-sd $(DIR)
 
