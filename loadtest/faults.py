@@ -179,13 +179,16 @@ class OutageS3Server:
             self._thread.join(timeout=10)
         return len(open_connections)
 
-    def object_count(self, bucket: str) -> int:
-        """Objects in ``bucket``, read through moto's in-process backend (works while the listener is down)."""
+    def object_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Keys in ``bucket`` under ``prefix``, read from moto's in-process backend (also while down)."""
         from moto.s3.models import s3_backends
 
-        total = 0
+        keys = []
         for account in s3_backends.values():
             for backend in account.values():
                 if bucket in backend.buckets:
-                    total += len(backend.buckets[bucket].keys)
-        return total
+                    keys += [k for k in backend.buckets[bucket].keys.keys() if k.startswith(prefix)]
+        return sorted(keys)
+
+    def object_count(self, bucket: str) -> int:
+        return len(self.object_keys(bucket))

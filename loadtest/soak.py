@@ -10,7 +10,7 @@ the adapter registry and the job records in a bucket), a Ray instance of its own
 ``serve_config.yaml``, one replica per stage (so that each kill takes the whole stage away).
 
 1. Synthetic adapters are registered (into S3), the graph warmed up.
-2. Capacity: ``--probe-concurrency`` closed-loop clients send ``generate`` requests for
+2. Capacity: ``--probe-concurrency`` closed-loop clients run ops of the soak's mix for
    ``--probe-s`` seconds (or ``--rate-rps`` is given); the soak offers ``--load`` (80 %) of it.
 3. Traffic (``soak_client``): open-loop Poisson arrivals of a mix of synchronous requests
    (native and OpenAI), clients hanging up mid-request, jobs polled to their end, and jobs
@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 APP = "lorafleet"
 BUCKET = "lorafleet-soak"
+JOB_RECORDS = f"registry/jobs/{APP}/"  # the Jobs deployment's records, beside the adapters (jobs.durable)
 # fault name -> Serve deployment whose replica is killed (s3: the outage)
 FAULTS = {"denoiser": "Denoiser", "text_encoder": "TextEncoder", "vae": "VAE", "jobs": "Jobs", "s3": None}
 DEFAULT_FAULTS = "denoiser,text_encoder,vae,s3,jobs"  # Jobs last: its restart reads back every job record
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-rps", type=float, default=None, help="offered ops/s (default: --load x measured capacity)")
     p.add_argument("--load", type=float, default=0.8, help="share of the measured capacity to offer")
     p.add_argument("--probe-s", type=float, default=20.0, help="capacity probe length")
-    p.add_argument("--probe-concurrency", type=int, default=8)
+    p.add_argument("--probe-concurrency", type=int, default=12)
     p.add_argument("--mix", default="generate=5,disconnect=1,job=3,job_cancel=1", help="operations, weighted")
     p.add_argument("--cancel-after-s", default="0.2-2.0", help="hang-up / DELETE delay range LO-HI")
     p.add_argument("--poll-s", type=float, default=1.0, help="how often a job is read while it runs")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             if capacity <= 0:
                 raise RuntimeError(f"the capacity probe completed nothing: {probe}")
             rate = args.load * capacity
-        log(f"offering {rate:.2f} ops/s" + (f" ({args.load:.0%} of {capacity:.2f} req/s)" if capacity else ""))
+        log(f"offering {rate:.2f} ops/s" + (f" ({args.load:.0%} of {capacity:.2f} ops/s)" if capacity else ""))
 
         arrivals = Arrivals(client, rate, args.concurrency, seed=args.seed).start()
         traffic_start = time.time()
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(op) + "\n")
         log("waiting for the server to drain ...")
         server_after = server_drained(args.drain_timeout_s)
+        # Job records no client was ever given an id for: a job the server refused, yet started.
+        given = {op["job_id"] for op in ops if op["job_id"]}
+        records = s3.object_keys(BUCKET, JOB_RECORDS)
+        orphans = sorted({k.removeprefix(JOB_RECORDS).removesuffix(".json") for k in records} - given)
         machine_line = (
             f"{machine['cpu']}, {machine['cpus']} vCPU, {machine['memory_gib']} GiB; torch "
             f"{machine['versions']['torch']}, ray {machine['versions']['ray']}"
@@ -270,12 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             rate_rps=rate, capacity_rps=capacity, load_share=args.load if capacity else None,
             traffic_s=traffic_end - traffic_start, mix=args.mix, skipped_arrivals=arrivals.skipped,
             client_threads_stuck=still_running, server_after=server_after, machine_line=machine_line,
-            jobs_reread_changed=len(rereads), **info,
+            job_records=len(records), jobs_reread_changed=len(rereads), **info,
         )  # fmt: skip
-        if not server_after.get("drained") or still_running:
-            summary["passed"] = False
-            summary["problems"]["server_not_drained"] = [server_after] if not server_after.get("drained") else []
-            summary["problems"]["client_threads_stuck"] = still_running
+        summary["problems"]["orphan_jobs"] = orphans
+        summary["problems"]["server_not_drained"] = [] if server_after.get("drained") else [server_after]
+        summary["problems"]["client_threads_stuck"] = [still_running] if still_running else []
+        summary["passed"] = not any(summary["problems"].values())
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         report = markdown(summary)
         (out / "report.md").write_text(report)

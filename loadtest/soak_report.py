@@ -110,6 +110,12 @@ def _brief(op: dict, traffic_start: float) -> dict:
     return out
 
 
+def _share(s: dict) -> str:
+    if not s.get("capacity_rps"):
+        return " (a given rate)"
+    return f" ({s['load_share']:.0%} of a measured capacity of {s['capacity_rps']:.2f} ops/s of this mix)"
+
+
 def _fmt_ms(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}"
 
@@ -122,8 +128,8 @@ def markdown(summary: dict) -> str:
         "",
         f"{s.get('machine_line', '')}".strip(),
         "",
-        f"Offered {s.get('rate_rps', 0):.2f} ops/s ({s.get('load_share', 0):.0%} of a measured capacity of "
-        f"{s.get('capacity_rps', 0):.2f} req/s) for {s.get('traffic_s', 0):.0f} s; mix {s.get('mix', '')}.",
+        f"Offered {s.get('rate_rps') or 0:.2f} ops/s{_share(s)} for {s.get('traffic_s') or 0:.0f} s; "
+        f"mix {s.get('mix', '')}.",
         "",
         "| sent | succeeded | failed, clean error | cancelled by the client | lost | hung | unclean |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -154,7 +160,7 @@ def markdown(summary: dict) -> str:
     if server:
         lines += ["", f"Server after the run: {server}."]
     p = s["problems"]
-    for name in ("lost", "hung", "unclean", "unclean_answers", "faults_not_recovered"):
+    for name in p:
         if p[name]:
             lines += ["", f"**{name}** ({len(p[name])}):", ""]
             lines += [f"- `{item}`" for item in p[name][:20]]

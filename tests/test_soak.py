@@ -336,6 +336,11 @@ FINAL_RECORD_NOT_DURABLE = (
     "retried): after the Jobs replica restarts it reads failed/interrupted, its images gone (graph/job_store.py)"
 )
 
+ORPHAN_JOB = (
+    "a job whose POST /v1/jobs got that 503 runs anyway and keeps a record no client knows (JobManager.submit "
+    "starts the task before Jobs.submit learns that the creation record failed)"
+)
+
 
 def known_bug(op: dict, outage: dict, poll_s: float) -> str | None:
     """Which known serving bug explains this op's problem, if one does."""
@@ -384,7 +389,9 @@ def test_short_chaos_soak(cache_dir, tmp_path):
         else:
             assert op["outcome"] in ("ok", "failed", "cancelled"), op
             assert op["outcome"] != "failed" or op["code"], op  # a clean error names its code
+    if s["problems"]["orphan_jobs"]:
+        known[ORPHAN_JOB] = len(s["problems"]["orphan_jobs"])
     if known:
-        pytest.xfail("; ".join(f"{n} ops: {bug}" for bug, n in known.items()))
+        pytest.xfail("; ".join(f"{n}: {bug}" for bug, n in known.items()))
     assert s["lost"] == 0 and s["hung"] == 0 and s["unclean"] == 0, report
-    assert proc.returncode == 0, report
+    assert s["passed"] and proc.returncode == 0, report
