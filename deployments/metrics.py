@@ -73,6 +73,11 @@ class IngressMetrics:
         self.registry_errors = Counter(
             "lorafleet_registry_errors_total", "Registry errors by code.", tag_keys=("code",)
         )
+        self.request_body_bytes = Counter(
+            "lorafleet_request_body_bytes_total",
+            "Request body bytes the ingress read, by route (a refused upload adds 0: it is never read).",
+            tag_keys=("route",),
+        )
 
 
 class DenoiserMetrics:

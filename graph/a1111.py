@@ -264,6 +264,29 @@ def _field_names(req: Txt2ImgRequest, limits: LimitsConfig, sampler_field: str) 
     return FieldNames(names, messages={"num_images": num_images})
 
 
+def check_extra_text(req: _A1111Body) -> None:
+    """The fields lorafleet ignores are echoed back (``parameters``), so they must be text the answer
+    can carry: a lone surrogate anywhere in them (legal in JSON, not in UTF-8) is a 422 naming the field."""
+    for key, value in (req.model_extra or {}).items():
+        if not _encodable(key) or not _encodable(value):
+            name = key.encode("utf-8", "replace").decode()
+            raise APIError(422, "invalid_value", f"{name!r} is not valid Unicode text (a lone surrogate)", name)
+
+
+def _encodable(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
+
+
 def txt2img_call(
     req: Txt2ImgRequest, limits: LimitsConfig, samplers: tuple[Sampler, ...], tenant: str = "anonymous"
 ) -> NativeCall:
@@ -274,6 +297,7 @@ def txt2img_call(
     >>> call.request.seed, call.request.num_images, call.request.scheduler
     (None, 4, 'euler_a')
     """
+    check_extra_text(req)
     sampler_field = "sampler_name" if req.sampler_name is not None else "sampler_index"
     sampler = resolve_sampler(getattr(req, sampler_field), samplers, sampler_field)
     request = GenerationInput(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -26,6 +27,31 @@ def _split_list(text: str) -> list[str]:
 
 def _suffix_match(path: str, targets) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
+
+
+MAX_ADAPTER_CONFIG_CHARS = 65_536  # a PEFT adapter_config.json is about 1 KB
+
+
+def parse_adapter_config(text: str) -> dict:
+    """A PEFT ``adapter_config.json``'s text -> its object; 422 ``adapter_config`` for anything else.
+
+    Bounded before parsing (length), and nesting too deep for the parser is a 422 too, not a crash.
+    """
+
+    def bad(message: str) -> APIError:
+        return APIError(422, "invalid_value", f"adapter_config {message}", "adapter_config")
+
+    if len(text) > MAX_ADAPTER_CONFIG_CHARS:
+        raise bad(f"is {len(text)} characters; the limit is {MAX_ADAPTER_CONFIG_CHARS}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise bad("is nested too deeply") from e
+    if not isinstance(config, dict):
+        raise bad(f"must be a JSON object, got {type(config).__name__}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -142,12 +168,7 @@ class AdapterResolver:
     # -- admin API ------------------------------------------------------------------------
 
     def register(self, fileobj, name, description, trigger_words, tags, adapter_config) -> Manifest:
-        config = None
-        if adapter_config:
-            try:
-                config = json.loads(adapter_config)
-            except json.JSONDecodeError as e:
-                raise APIError(422, "invalid_value", f"adapter_config is not valid JSON: {e}", "adapter_config") from e
+        config = parse_adapter_config(adapter_config) if adapter_config else None
         return self.registry.register(
             fileobj,
             name=name,
@@ -180,12 +201,19 @@ class AdminAuth:
 
     def check(self, request: Request, *, write: bool) -> None:
         """Writes (and reads, if configured) need ``Authorization: Bearer <admin token>``."""
+        problem = self.problem(request.headers, write=write)
+        if problem is not None:
+            raise problem
+
+    def problem(self, headers: Mapping[str, str], *, write: bool) -> APIError | None:
+        """What is wrong with these headers for this access (401, 403), or None. Headers only, so
+        ``graph/edge.py`` can refuse an upload before reading it."""
         if not write and not self.config.protect_reads:
-            return
+            return None
         token = self.config.resolved_token()
-        header = request.headers.get("authorization", "")
+        header = headers.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
-            raise APIError(
+            return APIError(
                 401,
                 "unauthorized",
                 "this endpoint needs Authorization: Bearer <admin token>",
@@ -193,11 +221,22 @@ class AdminAuth:
                 {"WWW-Authenticate": "Bearer"},
             )
         if token is None:
-            raise APIError(
+            return APIError(
                 403,
                 "forbidden",
                 "registry writes are disabled: no admin token is configured (admin.token or LORAFLEET_ADMIN_TOKEN)",
                 None,
             )
         if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
-            raise APIError(403, "forbidden", "wrong admin token", None)
+            return APIError(403, "forbidden", "wrong admin token", None)
+        return None
+
+    def is_admin(self, headers: Mapping[str, str]) -> bool:
+        """The headers carry the configured admin token (it sees internal URIs and ids)."""
+        token = self.config.resolved_token()
+        header = headers.get("authorization", "")
+        return (
+            token is not None
+            and header.lower().startswith("bearer ")
+            and hmac.compare_digest(header[7:].strip().encode(), token.encode())
+        )

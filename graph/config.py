@@ -48,6 +48,12 @@ class AppConfig(StrictConfig):
                     raise ValueError(f"{name}.autoscaling: {e}") from e
         return self
 
+    def upload_limit_bytes(self) -> int:
+        """The ``POST /v1/adapters`` body cap: ``limits.max_upload_bytes``, or the adapter cap plus the form."""
+        if self.limits.max_upload_bytes is not None:
+            return self.limits.max_upload_bytes
+        return self.registry.max_adapter_bytes + (1 << 20)
+
     @classmethod
     def load(cls, args: dict[str, Any] | None) -> AppConfig:
         """Validate ``args``; raise ``ConfigError`` naming every bad field."""
@@ -85,12 +91,59 @@ class LimitsConfig(StrictConfig):
         description="Most pixels an uploaded image may declare (4096 x 4096); checked before decoding.",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="A request still unanswered after this gets 504.")
+    max_prompt_chars: int = Field(
+        8192,
+        ge=1,
+        description=(
+            "Longest prompt (and negative prompt) in characters, checked before tokenizing; the token limit "
+            "(max_prompt_chunks) still applies."
+        ),
+    )
+    max_prompt_bytes: int = Field(
+        32_768, ge=1, description="Longest prompt (and negative prompt) in UTF-8 bytes, checked before tokenizing."
+    )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest request body of a route without images (/v1/generate, the OpenAI and A1111 txt2img); 413.",
+    )
+    max_image_body_bytes: int = Field(
+        32_000_000,
+        ge=1024,
+        description=(
+            "Largest request body of a route that carries images (/v1/img2img, /v1/inpaint, /v1/jobs, "
+            "/sdapi/v1/img2img); 413. Must hold an image and a mask of max_image_bytes, base64-encoded."
+        ),
+    )
+    max_upload_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description=(
+            "Largest POST /v1/adapters body (multipart), counted while it streams in; 413. Default: "
+            "registry.max_adapter_bytes + 1 MiB for the form's other fields."
+        ),
+    )
 
     @model_validator(mode="after")
     def _sides(self):
         if self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
         return self
+
+    @model_validator(mode="after")
+    def _image_bodies(self):
+        need = 2 * base64_length(self.max_image_bytes) + 65_536  # image + mask + the other fields
+        if self.max_image_body_bytes < need:
+            raise ValueError(
+                f"max_image_body_bytes ({self.max_image_body_bytes}) must be >= {need}: an image and a mask of "
+                f"max_image_bytes ({self.max_image_bytes}) in base64, and the other fields"
+            )
+        return self
+
+
+def base64_length(size: int) -> int:
+    """Characters of ``size`` bytes in base64 (padded)."""
+    return 4 * ((size + 2) // 3)
 
 
 class IngressConfig(StrictConfig):

@@ -72,10 +72,22 @@ def field_path(parts: Iterable[str | int]) -> str | None:
     return out or None
 
 
+# On every response (graph/edge.py adds them; error bodies carry them themselves, since the 500s of
+# unexpected exceptions are sent from outside the middleware stack).
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
     message = one_line(message)
     return JSONResponse(
-        {"error": {"code": code, "message": message, "field": field}}, status_code=status, headers=headers
+        {"error": {"code": code, "message": message, "field": field}},
+        status_code=status,
+        headers={**SECURITY_HEADERS, **(headers or {})},
     )
 
 
@@ -102,12 +114,27 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(422, "unknown_field", f"unknown field {field}", field)
     if first.get("type") == "model_attributes_type":
         return error_response(400, "invalid_body", "request body must be a JSON object", None)
-    return error_response(422, "invalid_value", f"{field}: {first.get('msg')}", field)
+    return error_response(422, "invalid_value", f"{field or 'request body'}: {first.get('msg')}", field)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body" and exc.__cause__ is not None:
+        return _unparsable_body(request, exc.__cause__)
+    code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     return error_response(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
+
+
+def _unparsable_body(request: Request, cause: BaseException) -> JSONResponse:
+    """A body FastAPI could not parse, for a reason other than a JSON syntax error: nesting deeper than the
+    parser's recursion limit, bytes that are not UTF-8 (JSON), a malformed multipart form."""
+    if "json" in request.headers.get("content-type", "") or not request.headers.get("content-type"):
+        reason = {RecursionError: "it is nested too deeply", UnicodeDecodeError: "it is not UTF-8"}.get(
+            type(cause), "it could not be parsed"
+        )
+        return error_response(400, "invalid_json", f"request body is not valid JSON: {reason}", None)
+    return error_response(400, "invalid_body", "request body could not be parsed as a form", None)
 
 
 async def _registry_error(request: Request, exc) -> JSONResponse:

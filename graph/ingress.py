@@ -9,10 +9,12 @@ graph (``chain``) and shapes the answer.
 import asyncio
 import base64
 import functools
+import hashlib
 import time
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -26,6 +28,7 @@ from . import a1111, errors, job_routes, openai_images, page
 from .adapters_api import AdapterResolver, AdminAuth
 from .chain import GraphClient, resolve
 from .config import AppConfig
+from .edge import EdgeLimits, EdgePolicy, SecurityHeaders
 from .errors import APIError, FieldError
 from .planning import Plan, Planner, raw_format, tenant_of
 from .schemas import (
@@ -41,7 +44,7 @@ from .schemas import (
     OpenAIImagesResponse,
     Timings,
 )
-from .validation import NATIVE, FieldNames, GenerationInput, native_input
+from .validation import NATIVE, FieldNames, GenerationInput, check_text, native_input
 from .webhooks import check_webhook_url
 
 _metrics = None
@@ -65,6 +68,21 @@ app = FastAPI(
 errors.install(app)
 
 
+def _edge_policy() -> EdgePolicy | None:
+    """This replica's ``EdgePolicy`` (``Ingress.edge``), found as Serve's class-based view finds the replica."""
+    try:
+        replica = serve.get_replica_context().servable_object
+    except Exception:  # not in a replica (yet): nothing to check against
+        return None
+    return getattr(replica, "edge", None)
+
+
+# Declares the admin routes' bearer scheme in OpenAPI; the check itself is AdminAuth (and EdgeLimits for uploads).
+_admin_bearer = HTTPBearer(
+    scheme_name="adminToken", description="The admin token (admin.token or $LORAFLEET_ADMIN_TOKEN).", auto_error=False
+)
+_ADMIN = [Security(_admin_bearer)]
+
 _GENERATION_ROUTES = {
     "/v1/generate",
     "/v1/images/generations",
@@ -75,22 +93,64 @@ _GENERATION_ROUTES = {
 }
 
 
-@app.middleware("http")
-async def _count_requests(request: Request, call_next):
-    start = time.perf_counter()
-    try:
-        response = await call_next(request)
-    except Exception:  # answered 500 by errors._internal_error, outside this middleware: count it here
-        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
-        metrics().requests.inc(tags={"route": route, "status": "500"})
-        raise
-    route = request.scope.get("route")
-    path = getattr(route, "path", None) or "unmatched"
-    m = metrics()
-    m.requests.inc(tags={"route": path, "status": str(response.status_code)})
-    if path in _GENERATION_ROUTES and response.status_code < 300:
-        m.request_latency.observe(1000.0 * (time.perf_counter() - start), tags={"route": path})
-    return response
+class RequestMetrics:
+    """``lorafleet_requests_total`` by route and status, unhandled exceptions as 500 (the global handler
+    answers them outside the middleware stack), and the latency of successful generations (to the
+    response's start). A plain ASGI middleware: it passes ``receive`` through untouched, so a body cap
+    raised while the route reads (``edge.BodyTooLarge``) reaches FastAPI as itself."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = None
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                path = _route_template(scope)
+                if path in _GENERATION_ROUTES and status < 300:
+                    metrics().request_latency.observe(1000.0 * (time.perf_counter() - start), tags={"route": path})
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            status = 500 if status is None else status
+            raise
+        finally:
+            metrics().requests.inc(tags={"route": _route_template(scope), "status": str(status or 500)})
+
+
+def _route_template(scope) -> str:
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+# Middleware order, outermost first: SecurityHeaders, EdgeLimits (it counts its own refusals: they never
+# reach a route), the request metric, then the routes.
+app.add_middleware(RequestMetrics)
+app.add_middleware(EdgeLimits, policy=_edge_policy)
+app.add_middleware(SecurityHeaders)
+
+
+def _record_body(route: str, nbytes: int) -> None:
+    if nbytes > 0:
+        metrics().request_body_bytes.inc(nbytes, tags={"route": route})
+
+
+def _count_refusal(route: str, status: int) -> None:
+    metrics().requests.inc(tags={"route": route, "status": str(status)})
+
+
+def replica_alias(replica_id: str) -> str:
+    """What a caller without the admin token sees of a replica id: stable per replica (so a client can
+    still tell replicas apart), not the id Ray and Serve know it by."""
+    return "r-" + hashlib.sha256(f"lorafleet-replica:{replica_id}".encode()).hexdigest()[:12] if replica_id else ""
 
 
 _ERRORS = {
@@ -121,6 +181,13 @@ class Ingress:
         self.registry, self.base_spec = open_model_registry(config.registry, directory)
         self.resolver = AdapterResolver(self.registry, self.base_spec, config.lora)
         self.auth = AdminAuth(config.admin)
+        self.edge = EdgePolicy(
+            limits=config.limits,
+            upload_bytes=config.upload_limit_bytes(),
+            admin_check=lambda headers: self.auth.problem(headers, write=True),
+            record_body=_record_body,
+            count_refusal=_count_refusal,
+        )
         self.planner = Planner(info, self.model_name, self.limits, self.tokenizer, self.resolver)
         self.graph = GraphClient(text_encoder, denoiser, vae, self.limits, metrics)
         self.text_encoder = text_encoder
@@ -160,18 +227,21 @@ class Ingress:
         """A native generation route: the body's names are the canonical ones."""
         raw = raw_format(request.headers.get("accept", ""))
         plan = await self.check_inputs(native_input(body, tenant_of(request, body.user), raw))
-        return self.generated(plan, await self.graph.run(plan), raw)
+        return self.generated(plan, await self.graph.run(plan), raw, admin=self.auth.is_admin(request.headers))
 
     async def check_inputs(self, request: GenerationInput, names: FieldNames = NATIVE) -> Plan:
         """``Planner.check_inputs`` in a thread (it decodes uploads and may read the registry's store);
         its errors in the route's own field names."""
         try:
+            check_text(request, self.limits)  # before any tokenizing: cheap, and first
             return await asyncio.to_thread(self.planner.check_inputs, request)
         except FieldError as e:
             raise names.translate(e) from e
 
-    def generated(self, plan: Plan, result: DecodedImages, raw: str | None):
-        """The native answer: the raw image (``Accept: image/...``, one image) or ``GenerateResponse``."""
+    def generated(self, plan: Plan, result: DecodedImages, raw: str | None, admin: bool = False):
+        """The native answer: the raw image (``Accept: image/...``, one image) or ``GenerateResponse``.
+
+        ``trace`` names the Denoiser replica by its id for admins, by an alias (``replica_alias``) for others."""
         if raw and plan.num_images == 1:
             return Response(
                 result.images[0],
@@ -187,7 +257,9 @@ class Ingress:
             ],
             model=self.model_name,
             loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
-            trace=result.trace.to_dict(),
+            trace=result.trace.to_dict()
+            if admin
+            else {**result.trace.to_dict(), "denoiser_replica": replica_alias(result.trace.denoiser_replica)},
             timings=Timings(
                 queue_ms=result.queue_ms,
                 encode_ms=result.encode_ms,
@@ -223,7 +295,12 @@ class Ingress:
         m.registry_ops.inc(tags={"operation": operation, "outcome": "ok"})
         return result
 
-    @app.post("/v1/adapters", status_code=201, responses={401: {}, 403: {}, 409: {}, 413: {}, 422: {}, 503: {}})
+    @app.post(
+        "/v1/adapters",
+        status_code=201,
+        responses={401: {}, 403: {}, 409: {}, 413: {}, 422: {}, 503: {}},
+        dependencies=_ADMIN,
+    )
     async def register_adapter(
         self,
         request: Request,
@@ -241,52 +318,52 @@ class Ingress:
         )
         return JSONResponse(manifest.to_dict(), status_code=201)
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", dependencies=_ADMIN)
     async def list_adapters(self, request: Request, tag: str | None = None, limit: int = 50, after: str | None = None):
         """One entry per adapter name (its latest version and live versions), sorted by name, paged."""
         self.auth.check(request, write=False)
         return await self.registry_op("list", self.resolver.list, tag, limit, after)
 
-    @app.get("/v1/adapters/{ref}")
+    @app.get("/v1/adapters/{ref}", dependencies=_ADMIN)
     async def show_adapter(self, ref: str, request: Request):
         """``name`` (latest version, with the list of versions) or ``name@version``."""
         self.auth.check(request, write=False)
         return await self.registry_op("show", self.resolver.show, ref)
 
-    @app.delete("/v1/adapters/{ref}")
+    @app.delete("/v1/adapters/{ref}", dependencies=_ADMIN)
     async def delete_adapter(self, ref: str, request: Request):
         """Delete one version (``name@3``) or every version (``name``); gone from listings at once."""
         self.auth.check(request, write=True)
         return await self.registry_op("delete", self.resolver.delete, ref)
 
     @app.get("/v1/models")
-    async def list_models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": self.started,
-                    "owned_by": "lorafleet",
-                    "uri": self.config.model.uri,
-                    "default_size": f"{self.info.default_side}x{self.info.default_side}",
-                    "default_scheduler": self.info.scheduler_class,
-                }
-            ],
+    async def list_models(self, request: Request) -> dict:
+        """The served model. ``uri`` (where its weights are stored) only for the admin token."""
+        model = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "lorafleet",
+            "default_size": f"{self.info.default_side}x{self.info.default_side}",
+            "default_scheduler": self.info.scheduler_class,
         }
+        if self.auth.is_admin(request.headers):
+            model["uri"] = self.config.model.uri
+        return {"object": "list", "data": [model]}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self):
         names = ("TextEncoder", "Denoiser", "VAE")
         handles = (self.text_encoder, self.denoiser, self.vae)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(resolve(h.ready.remote()), timeout=5.0) for h in handles), return_exceptions=True
-        )
+
+        async def ready(handle) -> bool:
+            return await asyncio.wait_for(resolve(handle.ready.remote()), timeout=5.0)
+
+        results = await asyncio.gather(*(ready(h) for h in handles), return_exceptions=True)
         status = {
             n: ("ready" if r is True else f"not ready: {type(r).__name__}") for n, r in zip(names, results, strict=True)
         }
@@ -318,9 +395,11 @@ class Ingress:
         return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
 
     @app.get("/sdapi/v1/sd-models")
-    async def a1111_sd_models(self) -> list[dict]:
+    async def a1111_sd_models(self, request: Request) -> list[dict]:
+        """The served checkpoint; ``filename`` is its storage URI for the admin token, its name for others."""
         fingerprint = self.base_spec.fingerprint
-        return a1111.sd_models(self.model_name, self.config.model.uri, a1111.model_hash(fingerprint), fingerprint)
+        filename = self.config.model.uri if self.auth.is_admin(request.headers) else self.model_name
+        return a1111.sd_models(self.model_name, filename, a1111.model_hash(fingerprint), fingerprint)
 
     @app.get("/sdapi/v1/samplers")
     async def a1111_samplers(self) -> list[dict]:

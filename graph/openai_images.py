@@ -65,9 +65,14 @@ def parse_openai_model(model: str | None) -> tuple[str | None, list[LoRASpec]]:
         return model, []
     base, _, adapter = model.partition(":")
     name, _, version = adapter.partition("@")
-    if not name or (version and not (version.isdigit() and int(version) >= 1)):
+    if not name or (version and not (_is_ascii_number(version) and int(version) >= 1)):
         raise APIError(422, "invalid_value", f'model must look like "base:adapter[@version]", got {model!r}', "model")
     return base or None, [LoRASpec(name=name, version=int(version) if version else None)]
+
+
+def _is_ascii_number(text: str) -> bool:
+    """``"64"`` yes; ``"²"``, ``"６４"`` (Unicode digits ``str.isdigit`` accepts, ``int`` may not) and ``""`` no."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -75,6 +80,6 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None:
         return None, None
     w, sep, h = size.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit():
+    if not sep or not _is_ascii_number(w) or not _is_ascii_number(h):
         raise APIError(422, "invalid_value", f'size must look like "512x512", got {size!r}', "size")
     return int(w), int(h)

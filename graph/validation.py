@@ -49,6 +49,59 @@ class GenerationInput:
     invert_mask: bool = False  # white = keep instead (A1111's inpainting_mask_invert)
 
 
+def check_text(request: GenerationInput, limits) -> None:
+    """The request's text, before any tokenizing or lookup: valid Unicode everywhere, prompts within
+    ``limits.max_prompt_chars`` characters and ``limits.max_prompt_bytes`` UTF-8 bytes.
+
+    Cheap (one pass over each string) and first, so an oversized or malformed prompt costs the server
+    nothing: the tokenizer's cost grows with the prompt, the token limit (``max_prompt_chunks``) is only
+    known after it has run. A lone surrogate (``"\\ud800"``, legal in JSON, not in UTF-8) would fail
+    deep inside the tokenizer or the metrics; here it is a 422 naming the field::
+
+        check_text(GenerationInput(prompt="x" * 10_000), limits)
+        # FieldError prompt_too_long: "prompt is 10000 characters; the limit is 8192 (limits.max_prompt_chars)"
+    """
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if len(text) > limits.max_prompt_chars:  # before encoding: a huge prompt is refused in O(1)
+            raise FieldError(
+                422,
+                "prompt_too_long",
+                name,
+                "{field} is {chars} characters; the limit is {limit} (limits.max_prompt_chars)",
+                chars=len(text),
+                limit=limits.max_prompt_chars,
+            )
+        size = len(_utf8(text, name))
+        if size > limits.max_prompt_bytes:
+            raise FieldError(
+                422,
+                "prompt_too_long",
+                name,
+                "{field} is {size} bytes in UTF-8; the limit is {limit} (limits.max_prompt_bytes)",
+                size=size,
+                limit=limits.max_prompt_bytes,
+            )
+    if request.model is not None:
+        _utf8(request.model, "model")
+    for i, spec in enumerate(request.loras):
+        _utf8(spec.name, f"loras[{i}].name")
+    _utf8(request.tenant, "user")
+
+
+def _utf8(text: str, field: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError(
+            422,
+            "invalid_value",
+            field,
+            "{field} is not valid Unicode text: a lone surrogate at character {position}",
+            position=e.start,
+        ) from e
+
+
 def native_input(body: GenerateRequest, tenant: str, output_format: str | None = None) -> GenerationInput:
     """A ``/v1/generate``-shaped body (``/v1/img2img``, ``/v1/inpaint``, ``/v1/jobs`` too): the native names
     are the canonical ones. ``output_format``: the format an ``Accept: image/...`` header asked for."""

@@ -27,7 +27,7 @@ MAX_TAGS = 16
 
 def check_name(name: str) -> str:
     """Return ``name`` if it matches ``NAME_PATTERN``, else raise ``InvalidAdapterError`` (code ``invalid_name``)."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidAdapterError(
             f"adapter name {name!r} is invalid: it must match {NAME_PATTERN} "
             "(lowercase letters, digits, '.', '_', '-'; 1-64 characters; starting with a letter or digit)",
@@ -50,7 +50,8 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name)
     if not sep:
         return name, None
-    if not version_text.isdigit() or version_text.startswith("0"):
+    # ASCII digits only: "²" and "６" pass str.isdigit but are no version number.
+    if not (version_text.isascii() and version_text.isdigit()) or version_text.startswith("0"):
         raise InvalidAdapterError(
             f"adapter reference {ref!r} is invalid: the part after '@' must be a version number >= 1",
             code="invalid_ref",
