@@ -42,11 +42,14 @@ class Denoiser:
             max_queued_total=config.max_queued_images_total,
             tenant_weights=config.tenant_weights,
             lora=self.adapters.lora,
+            residency=self.adapters.residency,
         )
         self.loop = DenoiseLoop(self.steps)
         self.metrics = DenoiserMetrics()
         self.steps.on_tick = self._on_tick
-        self.adapters.slots.observer = self._on_adapter_event
+        self.steps.on_adapter_wait = self._on_adapter_wait
+        self.adapters.on_change = self.loop.wake_threadsafe  # a load finished: waiting jobs may start
+        self.adapters.residency.observer = self._on_adapter_event
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def denoise(
@@ -61,14 +64,11 @@ class Denoiser:
         ``conditioning``: for img2img and inpainting, the VAE's ``encode`` answer (one
         ``ImageConditioning`` per image; chained, resolved by Serve).
         """
-        refs = [a.ref for a in params.adapters]
-        slots = await self.adapters.acquire(refs)
+        requests = self._build_requests(encoded, params, conditioning)
         try:
-            requests = self._build_requests(encoded, params, slots, conditioning)
             self._update_gauges()
             jobs = await self.loop.run(requests)
         finally:
-            await self.adapters.release(refs)
             self._update_gauges()
         return self._result(encoded, jobs)
 
@@ -87,12 +87,10 @@ class Denoiser:
         result. Closing or cancelling the stream cancels the images: they leave the batch at the
         next tick.
         """
-        refs = [a.ref for a in params.adapters]
-        slots = await self.adapters.acquire(refs)
         last: Queued | Step | None = None
         previewed = 0
+        requests = self._build_requests(encoded, params, conditioning)
         try:
-            requests = self._build_requests(encoded, params, slots, conditioning)
             self._update_gauges()
             async for jobs, finished in self.loop.stream(requests):
                 if finished:
@@ -118,7 +116,6 @@ class Denoiser:
                     latents = unit_variance(slowest.x_t, slowest.scheduler, slowest.index)[0]  # [c, h, w]
                     yield Preview(step=step, steps=steps, image=preview_data_url(latents))
         finally:
-            await self.adapters.release(refs)
             self._update_gauges()
         yield self._result(encoded, jobs)
 
@@ -126,12 +123,12 @@ class Denoiser:
         self,
         encoded: PromptEmbeddings,
         params: DenoiseParams,
-        slots: list[int],
         conditioning: list[ImageConditioning] | None = None,
     ) -> list[DenoiseRequest]:
-        """One ``DenoiseRequest`` per image from the encoder's answer, the request's params, adapter
-        slots and (img2img / inpainting) the VAE's per-image conditioning."""
-        adapters = tuple((slot, float(a.weight)) for slot, a in zip(slots, params.adapters, strict=True))
+        """One ``DenoiseRequest`` per image from the encoder's answer, the request's params (its adapters
+        by reference: the scheduler pins them at admission) and (img2img / inpainting) the VAE's
+        per-image conditioning."""
+        adapters = tuple((a.ref, float(a.weight)) for a in params.adapters)
         return [
             DenoiseRequest(
                 prompt_embeds=encoded.prompt_embeds,
@@ -155,7 +152,7 @@ class Denoiser:
             encode_ms=encoded.encode_ms,
             queue_ms=max(j.queue_ms for j in jobs),
             denoise_ms=max(j.denoise_ms for j in jobs),
-            trace=Trace(denoiser_replica=self.replica_id, denoiser_adapter_loads=self.adapters.slots.loads),
+            trace=Trace(denoiser_replica=self.replica_id, denoiser_adapter_loads=self.adapters.residency.loads),
         )
 
     def _on_tick(self, rows: int, seconds: float) -> None:
@@ -169,26 +166,27 @@ class Denoiser:
         m.active_images.set(len(self.steps.active))
         m.pending_steps.set(self.steps.pending_steps())
         m.set_queue_depths(self.steps.waiting.depths())
-        resident, pinned = self.adapters.slots.resident(), self.adapters.slots.pinned()
-        m.slots_total.set(self.adapters.slots.capacity)
-        m.slots_used.set(len(resident))
-        m.slots_pinned.set(len(pinned))
+        m.set_adapter_memory(self.adapters.residency)
 
     def _on_adapter_event(self, event: str, ref, seconds: float) -> None:
         m = self.metrics
         label = m.adapters(adapter_label(ref))
-        if event == "hit":
-            m.adapter_requests.inc(tags={"adapter": label, "outcome": "hit"})
+        if event in ("hit", "miss"):
+            m.adapter_requests.inc(tags={"adapter": label, "outcome": event})
         elif event == "load":
-            m.adapter_requests.inc(tags={"adapter": label, "outcome": "miss"})
             m.adapter_load_latency.observe(1000.0 * seconds)
+        elif event == "prefetch":
+            m.adapter_prefetches.inc()
         elif event == "evict":
             m.adapter_evictions.inc()
 
+    def _on_adapter_wait(self, seconds: float) -> None:
+        self.metrics.adapter_wait.observe(1000.0 * seconds)
+
     def record_routing_stats(self) -> dict:
-        """For ``routing.AdapterAffinityRouter``: the adapters this replica's slots really hold."""
-        slots = self.adapters.slots
-        return routing_stats(slots.resident(), slots.capacity, len(slots.pinned()))
+        """For ``routing.AdapterAffinityRouter``: the adapters this replica's memory really holds."""
+        r = self.adapters.residency
+        return routing_stats(r.resident(), r.capacity, len(r.pinned()))
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics (deployments/autoscaling.py scales on pending denoise work)."""

@@ -101,7 +101,7 @@ class DenoiserMetrics:
         )
         self.adapter_requests = Counter(
             "lorafleet_adapter_requests_total",
-            "Adapter uses by outcome: hit (resident) or miss (loaded).",
+            "Adapter uses by outcome: hit (resident) or miss (loaded for it).",
             tag_keys=("adapter", "outcome"),
         )
         self.adapter_evictions = Counter("lorafleet_adapter_evictions_total", "Adapters evicted from slots.")
@@ -113,7 +113,38 @@ class DenoiserMetrics:
         self.slots_used = Gauge("lorafleet_adapter_slots_used", "Adapter slots holding an adapter.")
         self.slots_pinned = Gauge("lorafleet_adapter_slots_pinned", "Adapter slots pinned by running requests.")
         self.slots_total = Gauge("lorafleet_adapter_slots_total", "Adapter slots per replica.")
+        self.adapter_wait = Histogram(
+            "lorafleet_adapter_wait_ms",
+            "Time an image with adapters waited in the queue for them to become resident, in milliseconds "
+            "(0 when they already were).",
+            boundaries=LATENCY_MS_BUCKETS,
+        )
+        self.adapter_prefetches = Counter(
+            "lorafleet_adapter_prefetches_total", "Adapter loads started ahead of need (for a request not yet next)."
+        )
+        self.adapter_memory_used = Gauge("lorafleet_adapter_memory_used_bytes", "Adapter pages in use, in bytes.")
+        self.adapter_memory_total = Gauge("lorafleet_adapter_memory_total_bytes", "Adapter pages per replica, bytes.")
+        self.adapters_resident = Gauge(
+            "lorafleet_adapters_resident", "Adapters resident in a replica's memory, by rank.", tag_keys=("rank",)
+        )
+        self._known_ranks: set[str] = set()
         self._known_tenants: set[str] = set()
+
+    def set_adapter_memory(self, residency) -> None:
+        """Slot and memory gauges from an ``AdapterResidency``."""
+        resident = residency.resident()
+        used, total = residency.memory_bytes()
+        self.slots_total.set(residency.capacity)
+        self.slots_used.set(len(resident))
+        self.slots_pinned.set(len(residency.pinned()))
+        self.adapter_memory_used.set(used)
+        self.adapter_memory_total.set(total)
+        by_rank = {str(rank): n for rank, n in residency.resident_by_rank().items()}
+        for rank in self._known_ranks - set(by_rank):
+            self.adapters_resident.set(0, tags={"rank": rank})
+        for rank, n in by_rank.items():
+            self.adapters_resident.set(n, tags={"rank": rank})
+        self._known_ranks |= set(by_rank)
 
     def set_queue_depths(self, depths: dict[str, int]) -> None:
         capped: dict[str, int] = {}

@@ -47,12 +47,12 @@ class TextEncoder:
         """
         start = time.perf_counter()
         refs = [a.ref for a in request.adapters]
-        slots = await self.adapters.acquire(refs)
+        slots = await self.adapters.acquire(refs)  # pinned only once it returns: release below
         try:
             text = tuple((slot, a.weight, a.ref) for slot, a in zip(slots, request.adapters, strict=True))
             pos, neg = await self._encode_batch((request.prompt, request.negative_prompt, text))
         finally:
-            await self.adapters.release(refs)
+            self.adapters.release(refs)
         return PromptEmbeddings(pos, neg, encode_ms=1000.0 * (time.perf_counter() - start))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)

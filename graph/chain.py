@@ -14,6 +14,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.engine.adapter_slots import AdapterBudgetError
 from deployments.engine.adapters import SlotWaitTimeoutError
 from deployments.engine.conditioning import ImageInputError
 from deployments.engine.step_scheduler import QueueFullError
@@ -27,7 +28,7 @@ from .planning import Plan
 logger = logging.getLogger("ray.serve")
 
 
-_KNOWN = (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError, ImageInputError)
+_KNOWN = (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError, AdapterBudgetError, ImageInputError)
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -208,6 +209,8 @@ def _api_error(e: Exception) -> Exception:
     if isinstance(cause, SlotWaitTimeoutError):
         message = f"no adapter slot became free within {cause.timeout_s:.0f} s; retry later"
         return APIError(503, "adapter_slots_busy", message, "loras", {"Retry-After": "5"})
+    if isinstance(cause, AdapterBudgetError):  # its words are counts and config names: safe to show
+        return APIError(422, "adapters_exceed_memory", cause.message, "loras")
     if isinstance(cause, RegistryError):
         if cause.status >= 500:  # the store's own words name buckets, endpoints and addresses: logged only
             logger.warning("registry error while serving a request: %s", cause.message)

@@ -1,4 +1,5 @@
-"""Loading an adapter never stalls the running batch: it loads beside it; the request joins when resident."""
+"""Adapters are taken at admission: a waiting request holds no slot, loads run beside the running batch,
+the loop sleeps while every waiting request waits for a load, and a cancel at any await leaves no pin."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
-from deployments.engine.adapters import ModelAdapters
+from deployments.engine.adapter_slots import State
+from deployments.engine.adapters import ModelAdapters, SlotWaitTimeoutError
 from deployments.engine.config import LoRAConfig
 from deployments.engine.loop import DenoiseLoop
 from lora_registry.canonical import LoraWeights
@@ -15,88 +18,206 @@ from lora_registry.canonical import LoraWeights
 from conftest import until
 from engine_helpers import Engine
 
+TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
 
 class GatedRegistry:
-    """A registry whose load blocks until released: the "model" of an adapter is its name."""
+    """A registry whose ``load(ref)`` can be held per ref; every adapter is rank 2 on one ``to_q``."""
 
     def __init__(self, unet):
-        self.gate = threading.Event()
-        self.loading = threading.Event()
-        self.to_q = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+        layer = unet.get_submodule(TO_Q)
+        self.lin = layer.base if hasattr(layer, "base") else layer
+        self.gates: dict[str, threading.Event] = {}
+        self.loading: dict[str, threading.Event] = {}
+        self.calls: list[str] = []
+
+    def hold(self, ref):
+        self.gates[ref] = threading.Event()
+        self.loading[ref] = threading.Event()
+
+    def let(self, ref):
+        self.gates[ref].set()
 
     def load(self, ref):
-        self.loading.set()
-        assert self.gate.wait(30)
-        import torch
-
-        lin = self.to_q.base if hasattr(self.to_q, "base") else self.to_q
-        path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-        w = LoraWeights(A=torch.ones(2, lin.in_features), B=torch.ones(lin.out_features, 2), alpha=2.0)
+        self.calls.append(ref)
+        if ref in self.gates:
+            self.loading[ref].set()
+            assert self.gates[ref].wait(30)
+        w = LoraWeights(A=torch.ones(2, self.lin.in_features), B=torch.ones(self.lin.out_features, 2), alpha=2.0)
 
         class Adapter:
             def component(self, name):
-                return {path: w} if name == "unet" else {}
+                return {TO_Q: w} if name == "unet" else {}
 
         return None, Adapter()
 
 
-def test_load_runs_beside_the_running_batch(tiny, tick_gate):
+def denoiser(tiny, **lora):
+    """The Denoiser's engine as ``deployments/denoiser.py`` wires it: residency, scheduler, loop."""
     engine = Engine(tiny, max_rows_per_tick=8)
     registry = GatedRegistry(engine.unet)
-    adapters = ModelAdapters(
-        engine.unet, "unet", registry, LoRAConfig(max_loras_per_replica=2, max_rank=4), deterministic=True
-    )
-    engine.steps.lora = adapters.lora
+    config = LoRAConfig(**{"max_loras_per_replica": 2, "max_rank": 4, **lora})
+    adapters = ModelAdapters(engine.unet, "unet", registry, config, deterministic=True)
+    engine.steps.lora, engine.steps.residency = adapters.lora, adapters.residency
     loop = DenoiseLoop(engine.steps)
-    gate = tick_gate(engine.steps)  # the test lets each tick through: no race between the batch and the load
+    adapters.on_change = loop.wake_threadsafe
+    return engine, registry, adapters, loop
+
+
+def styled(engine, ref, steps=3, seed=2):
+    request = engine.request("styled", steps=steps, seed=seed, scheduler="ddim")
+    request.adapters = ((ref, 1.0),)
+    return request
+
+
+def test_a_waiting_request_holds_no_slot_and_its_load_runs_beside_the_batch(tiny, tick_gate):
+    engine, registry, adapters, loop = denoiser(tiny)
+    residency = adapters.residency
+    gate = tick_gate(engine.steps)
+    registry.hold("style@1")
 
     async def main():
         running = asyncio.create_task(loop.run([engine.request("base", steps=40, seed=1, scheduler="ddim")]))
         await gate.ticks(2)
-        acquiring = asyncio.create_task(adapters.acquire(["style@1"]))
-        await asyncio.to_thread(registry.loading.wait, 30)
+        styled_run = asyncio.create_task(loop.run([styled(engine, "style@1")]))
+        await until(lambda: len(engine.steps.waiting) == 1)
+        await gate.ticks(1)  # the admission pass wants its adapter: the load starts
+        await asyncio.to_thread(registry.loading["style@1"].wait, 30)
         await gate.ticks(3)  # the batch keeps stepping while the load is held
-        assert engine.steps.ticks_run == 5 and not acquiring.done()
-        registry.gate.set()
-        (slot,) = await acquiring
-        request = engine.request("styled", steps=3, seed=2, scheduler="ddim")
-        request.adapters = ((slot, 1.0),)
-        styled_run = asyncio.create_task(loop.run([request]))
-        await until(lambda: len(engine.steps.waiting) == 1)  # submitted; it joins the batch at the next tick
-        gate.allow(3)
-        (styled,) = await styled_run  # joined the running batch: three ticks, one per step
-        await adapters.release(["style@1"])
-        assert engine.steps.ticks_run == 8 and not running.done()  # the long request is still going
+        assert engine.steps.ticks_run == 6 and len(engine.steps.waiting) == 1  # still waiting, in the queue
+        assert residency.pinned() == {}  # holds nothing while it waits
+        assert engine.steps.progress(engine.steps.waiting.in_order())["position"] == 0
+        registry.let("style@1")
+        await until(lambda: residency.state("style@1") is State.READY)
+        await gate.ticks(1)  # admitted at the next tick, stepped in it with the long request
+        assert len(engine.steps.active) == 2 and residency.pinned() == {"style@1": 1}
+        gate.allow(2)
+        (job,) = await styled_run
+        assert residency.pinned() == {} and not running.done()  # unpinned when it left the batch
         gate.open()
         (long_job,) = await running
-        return slot, styled, long_job
+        return job, long_job
 
-    slot, styled, long_job = asyncio.run(main())
-    assert slot == 1 and styled.done and long_job.done
-    assert styled.finished_at < long_job.finished_at
-    assert adapters.stats()["loads"] == 1 and adapters.stats()["slots_pinned"] == 0
+    job, long_job = asyncio.run(main())
+    assert job.done and long_job.done and job.finished_at < long_job.finished_at
+    assert job.started_at > job.enqueued_at  # queue_ms includes the adapter wait
+    assert job.slots == ((1, 1.0),) and adapters.stats()["loads"] == 1 and residency.consistent()
 
 
-def test_slot_wait_is_bounded(tiny):
-    from deployments.engine.adapters import SlotWaitTimeoutError
+def test_the_loop_sleeps_while_every_waiting_request_waits_for_a_load(tiny, tick_gate):
+    engine, registry, adapters, loop = denoiser(tiny)
+    gate = tick_gate(engine.steps)
+    registry.hold("style@1")
+    gate.allow(5)  # a loop that spun while the load is held would use every permit
 
-    engine = Engine(tiny)
-    registry = GatedRegistry(engine.unet)
-    registry.gate.set()
-    adapters = ModelAdapters(
-        engine.unet,
-        "unet",
-        registry,
-        LoRAConfig(max_loras_per_replica=1, max_rank=4, slot_wait_timeout_s=0.3),
-        deterministic=True,
-    )
+    async def main():
+        run = asyncio.create_task(loop.run([styled(engine, "style@1", steps=3)]))
+        await until(lambda: loop.sleeping)
+        assert gate.ran == 1  # one admission pass, then asleep until the load is done
+        registry.let("style@1")
+        (job,) = await run
+        return job
+
+    job = asyncio.run(main())
+    assert job.done and gate.ran == 4  # the pass that started the load, then three steps
+
+
+def test_an_adapter_that_never_fits_fails_at_submit_and_a_failed_load_fails_its_request(tiny):
+    from deployments.engine.adapter_slots import AdapterBudgetError
+
+    engine, registry, adapters, loop = denoiser(tiny, max_loras_per_replica=1)
+
+    async def main():
+        request = styled(engine, "a@1")
+        request.adapters = (("a@1", 1.0), ("b@1", 1.0))
+        with pytest.raises(AdapterBudgetError, match="2 adapters in one request; a replica holds at most 1"):
+            await loop.run([request])
+        registry.load = lambda ref: (_ for _ in ()).throw(OSError(f"{ref}: store unreachable"))
+        with pytest.raises(OSError, match="a@1: store unreachable"):
+            await loop.run([styled(engine, "a@1"), styled(engine, "a@1", seed=3)])
+
+    asyncio.run(main())
+    assert engine.steps.idle and adapters.residency.pinned() == {} and adapters.residency.consistent()
+
+
+# -- cancellation at every await of submit -> admit -> run -> release ----------------------------
+
+
+@pytest.mark.parametrize("point", ["queued", "loading", "resident", "running", "last-step"])
+def test_cancel_at_every_await_leaves_no_pin(tiny, tick_gate, point):
+    engine, registry, adapters, loop = denoiser(tiny)
+    residency = adapters.residency
+    gate = tick_gate(engine.steps)
+    registry.hold("style@1")
+
+    async def main():
+        run = asyncio.create_task(loop.run([styled(engine, "style@1", steps=3)]))
+        await until(lambda: len(engine.steps.waiting) == 1)
+        if point != "queued":  # the admission pass starts the load
+            await gate.ticks(1)
+            await asyncio.to_thread(registry.loading["style@1"].wait, 30)
+        if point in ("resident", "running", "last-step"):
+            registry.let("style@1")
+            await until(lambda: residency.state("style@1") is State.READY)
+        if point == "running":
+            await gate.ticks(1)  # admitted and pinned, one step done
+            assert residency.pinned() == {"style@1": 1}
+        if point == "last-step":
+            await gate.ticks(2)  # two of three steps done
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        registry.let("style@1")
+        gate.open()  # a running job leaves the batch at the next tick
+        await until(lambda: engine.steps.idle and not engine.steps.active)
+        await until(lambda: residency.state("style@1") in (State.READY, None))
+
+    asyncio.run(main())
+    assert residency.pinned() == {} and residency.consistent()
+    assert loop.cancelled_jobs == 1
+
+
+@pytest.mark.parametrize("point", ["loading", "resident"])
+def test_text_encoder_acquire_cancelled_while_waiting_leaves_no_pin(tiny, point):
+    engine, registry, adapters, loop = denoiser(tiny)
+    residency = adapters.residency
+    registry.hold("style@1")
+
+    async def main():
+        acquiring = asyncio.create_task(adapters.acquire(["style@1"]))
+        await asyncio.to_thread(registry.loading["style@1"].wait, 30)
+        if point == "resident":  # the load finished; the waiter has not resumed yet (the loop is held)
+            registry.let("style@1")
+            until_sync(lambda: residency.state("style@1") is State.READY)
+        acquiring.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acquiring
+        registry.let("style@1")
+        await until(lambda: residency.state("style@1") is State.READY)
+        return adapters._waiters
+
+    assert asyncio.run(main()) == {}
+    assert residency.pinned() == {} and residency.consistent()
+
+
+def until_sync(condition, timeout_s=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+
+
+def test_text_encoder_wait_is_bounded_and_then_evicts(tiny):
+    engine, registry, adapters, loop = denoiser(tiny, max_loras_per_replica=1, slot_wait_timeout_s=0.3)
 
     async def main():
         await adapters.acquire(["a@1"])  # pinned: the only slot is taken
         with pytest.raises(SlotWaitTimeoutError, match="no adapter slot"):
             await adapters.acquire(["b@1"])
-        await adapters.release(["a@1"])
+        adapters.release(["a@1"])
         return await adapters.acquire(["b@1"])  # now the LRU slot is free to reuse
 
     assert asyncio.run(main()) == [1]
-    assert adapters.stats()["evictions"] == 1
+    assert adapters.stats()["evictions"] == 1 and adapters.residency.pinned() == {"b@1": 1}

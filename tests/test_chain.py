@@ -15,6 +15,7 @@ import torch
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
+from deployments.engine.adapter_slots import AdapterBudgetError
 from deployments.engine.adapters import SlotWaitTimeoutError
 from deployments.engine.conditioning import ImageInputError
 from deployments.engine.step_scheduler import QueueFullError
@@ -175,6 +176,13 @@ def raising(error):
         (QueueFullError(8, 8, 12.4), 503, "overloaded", None, "12"),
         (BackPressureError(num_queued_requests=3, max_queued_requests=3), 503, "overloaded", None, "2"),
         (SlotWaitTimeoutError(60), 503, "adapter_slots_busy", "loras", "5"),
+        (
+            AdapterBudgetError("5 adapters in one request; a replica holds at most 4 at once"),
+            422,
+            "adapters_exceed_memory",
+            "loras",
+            None,
+        ),
         (AdapterNotFoundError("no adapter 'ink'"), 404, "not_found", "loras", None),
         (RegistryUnavailableError("registry down"), 503, "unavailable", "loras", None),
         (ImageInputError("image", "is not a PNG"), 422, "invalid_image", "image", None),

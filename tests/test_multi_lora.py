@@ -330,3 +330,48 @@ def test_gather_kernel_reads_only_the_preallocated_routing():
     with lora.routed(other):
         fresh = layer(x)
     assert torch.equal(replayed, fresh) and not torch.equal(replayed, gathered)
+
+
+def test_ranks_4_16_128_mixed_in_one_batch_on_scattered_pages_equal_diffusers(tiny, tiny_dir, tmp_path):
+    """Memory is paid per rank: three adapters of ranks 4, 16 and 128 in 148 pages, the rank-128 one on two
+    runs of pages (a hole left by an eviction, then the rest), all in one batch, each equal to diffusers alone."""
+    spec = base_model_spec_from_dir(tiny_dir)
+    files = {
+        f"r{rank}": make_peft_lora_file(
+            tiny, tmp_path / f"r{rank}", seed=rank, rank=rank, alpha=rank / 4, unet_targets=UNET_TARGETS
+        )
+        for rank in (4, 8, 16, 128)
+    }
+    unet_weights = {
+        name: {
+            p: (w.A, w.B, w.alpha) for p, w in prepare_adapter(f.read_bytes(), spec).adapter.component("unet").items()
+        }
+        for name, f in files.items()
+    }
+    engine = Engine(tiny)
+    lora = MultiLoRAModel(engine.unet, UNET_TARGETS, num_slots=5, max_rank=128, deterministic=True, num_pages=148)
+    engine.steps.lora = lora
+    lora.load(1, unet_weights["r8"])  # pages 1-8: a filler, evicted below
+    lora.load(2, unet_weights["r16"])  # pages 9-24
+    lora.clear(1)
+    lora.load(3, unet_weights["r4"])  # pages 1-4 (the hole's first run)
+    lora.load(4, unet_weights["r128"])  # pages 5-8 and 25-148
+    assert lora.state.pages[4] == [5, 6, 7, 8, *range(25, 149)] and lora.free_pages == 0
+    slot = {"r4": 3, "r16": 2, "r128": 4}
+    requests = [
+        ("a castle", [("r4", 0.8)], 1),
+        ("a castle", [("r16", 0.6), ("r128", 0.5)], 2),
+        ("a red fox", [("r128", 0.7)], 3),
+        ("a red fox", [], 4),
+    ]
+    batch = []
+    for prompt, loras, seed in requests:
+        r = engine.request(prompt, steps=4, seed=seed, scheduler="ddim")
+        r.adapters = tuple((slot[n], w) for n, w in loras)
+        batch.append(r)
+    images = engine.run(batch)
+    assert engine.steps.ticks_run == 4  # one batch
+    for i, (prompt, loras, seed) in enumerate(requests):
+        ref = reference(tiny, files, prompt, loras, steps=4, seed=seed)
+        assert (images[i] - ref[0]).abs().max().item() <= 1e-4, (prompt, loras)
+    assert (images[2] - images[3]).abs().max().item() > 0.05  # rank 128 really changes the picture

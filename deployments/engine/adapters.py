@@ -1,14 +1,20 @@
-"""Adapters on one model of one replica: registry -> host memory -> slots of a ``MultiLoRAModel``.
+"""Adapters on one model of one replica: registry -> host memory -> paged slots of a ``MultiLoRAModel``.
 
 The registry keeps the disk cache (sha256-verified) and the host-memory cache
-of loaded tensors; ``AdapterSlots`` keeps which adapter sits in which slot.
-Adapters are keyed by their pinned reference ``name@version`` (immutable).
+of loaded tensors; ``AdapterResidency`` keeps which adapter is resident, loads
+in the background and pins at admission. Adapters are keyed by their pinned
+reference ``name@version`` (immutable).
+
+The Denoiser's ``StepScheduler`` drives the residency itself (pins at
+admission, from its fair queue). The TextEncoder, which has no queue of its
+own, waits here: ``acquire`` (bounded by ``lora.slot_wait_timeout_s``) and
+``release``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import itertools
 
 import torch
 
@@ -16,13 +22,13 @@ from lora_registry.base_model import BaseModelSpec, base_model_spec_from_dir
 from lora_registry.config import RegistryConfig, open_registry
 from lora_registry.registry import Registry
 
-from .adapter_slots import AdapterSlots, NoFreeSlotError
+from .adapter_slots import AdapterResidency, Weights
 from .config import LoRAConfig
 from .multi_lora import MultiLoRAModel, text_encoder_key_prefix
 
 
 class SlotWaitTimeoutError(RuntimeError):
-    """No adapter slot freed up in time."""
+    """A request's adapters did not become resident in time."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
@@ -38,7 +44,7 @@ def open_model_registry(config: RegistryConfig, model_dir) -> tuple[Registry, Ba
 
 
 class ModelAdapters:
-    """Adapter slots on one component (``"unet"`` or ``"text_encoder"``) of one replica."""
+    """Adapter memory on one component (``"unet"`` or ``"text_encoder"``) of one replica."""
 
     def __init__(
         self, model: torch.nn.Module, component: str, registry: Registry, config: LoRAConfig, *, deterministic: bool
@@ -55,54 +61,81 @@ class ModelAdapters:
             deterministic=deterministic,
             key_prefix=prefix,
             kernel=config.kernel,
+            memory_bytes=config.memory_bytes(next(model.parameters()).device),
         )
-        self.slots = AdapterSlots(config.max_loras_per_replica + 1, self._load, self.lora.clear)
+        self.residency = AdapterResidency(self.lora, self._fetch, on_change=self._changed)
         self.slot_wait_timeout_s = config.slot_wait_timeout_s
-        self._released: asyncio.Condition | None = None
+        self.on_change = None  # the Denoiser's loop wakes on it
+        # acquire(): waiting callers' refs in arrival order (what the residency loads first), and a wake-up.
+        self._waiters: dict[int, list[str]] = {}
+        self._tickets = itertools.count()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
-    def _load(self, slot: int, ref: str) -> None:
+    def _fetch(self, ref: str) -> Weights:
         _, adapter = self.registry.load(ref)
-        weights = {path: (w.A, w.B, w.alpha) for path, w in adapter.component(self.component).items()}
-        self.lora.load(slot, weights)
+        return {path: (w.A, w.B, w.alpha) for path, w in adapter.component(self.component).items()}
+
+    def _changed(self) -> None:
+        """From the loader thread: an adapter became resident, or failed."""
+        if self.on_change is not None:
+            self.on_change()
+        if self._event_loop is not None and self._wake is not None:
+            self._event_loop.call_soon_threadsafe(self._wake.set)
 
     async def acquire(self, refs: list[str]) -> list[int]:
-        """Pin ``refs`` into slots, loading beside the running batch; wait (bounded) when all are pinned."""
+        """Pin ``refs`` once resident and return their slots; waits (bounded) while they load.
+
+        Cancellation-safe at every await: a pin is taken only in ``try_pin``, synchronously,
+        and returned to the caller, who releases it in its own ``finally``.
+        """
         if not refs:
             return []
-        if self._released is None:
-            self._released = asyncio.Condition()
-        deadline = time.monotonic() + self.slot_wait_timeout_s
-        while True:
-            try:
-                return await asyncio.to_thread(self.slots.acquire, refs)
-            except NoFreeSlotError:
-                remaining = deadline - time.monotonic()
+        loop = asyncio.get_running_loop()
+        if self._wake is None:
+            self._event_loop, self._wake = loop, asyncio.Event()
+        deadline = loop.time() + self.slot_wait_timeout_s
+        ticket = next(self._tickets)
+        self._waiters[ticket] = list(refs)
+        try:
+            while True:
+                self._wake.clear()
+                self.residency.want(list(self._waiters.values()))
+                slots = self.residency.try_pin(refs)
+                if slots is not None:
+                    return slots
+                remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise SlotWaitTimeoutError(self.slot_wait_timeout_s) from None
-                async with self._released:
-                    try:
-                        await asyncio.wait_for(self._released.wait(), timeout=min(remaining, 1.0))
-                    except asyncio.TimeoutError:
-                        pass
+                    raise SlotWaitTimeoutError(self.slot_wait_timeout_s)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+                except TimeoutError:
+                    pass
+        finally:
+            del self._waiters[ticket]
+            self.residency.want(list(self._waiters.values()))
 
-    async def release(self, refs: list[str]) -> None:
-        if not refs:
-            return
-        self.slots.release(refs)
-        if self._released is not None:
-            async with self._released:
-                self._released.notify_all()
+    def release(self, refs: list[str]) -> None:
+        self.residency.release(refs)
+        if self._wake is not None:
+            self._wake.set()
 
     def stats(self) -> dict:
-        s = self.slots
-        resident = s.resident()
+        r = self.residency
+        resident = r.resident()
+        used, total = r.memory_bytes()
         return {
-            "loads": s.loads,
-            "hits": s.hits,
-            "evictions": s.evictions,
-            "load_seconds": s.load_seconds,
-            "slots_total": s.capacity,
+            "loads": r.loads,
+            "hits": r.hits,
+            "misses": r.misses,
+            "prefetches": r.prefetches,
+            "evictions": r.evictions,
+            "load_seconds": r.load_seconds,
+            "slots_total": r.capacity,
             "slots_used": len(resident),
-            "slots_pinned": len(s.pinned()),
+            "slots_pinned": len(r.pinned()),
+            "memory_bytes_used": used,
+            "memory_bytes_total": total,
+            "resident_by_rank": r.resident_by_rank(),
             "resident": sorted(resident),
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictConfig(BaseModel):
@@ -44,9 +44,23 @@ class LoRAConfig(StrictConfig):
     max_loras_per_request: int = Field(4, ge=0, le=16, description="Adapters one request may compose.")
     max_scale: float = Field(4.0, gt=0, description="Largest per-adapter scale a request may ask for.")
     max_loras_per_replica: int = Field(
-        8, ge=1, le=256, description="Adapter slots preallocated per Denoiser/TextEncoder replica."
+        256,
+        ge=1,
+        le=4096,
+        description=(
+            "Adapters a Denoiser/TextEncoder replica can hold at once (slot handles; memory is "
+            "lora.slot_memory_bytes, paid per rank)."
+        ),
     )
-    max_rank: int = Field(64, ge=1, le=1024, description="Slots are padded to this rank; higher ranks get 422.")
+    max_rank: int = Field(128, ge=1, le=1024, description="Highest adapter rank served; higher ranks get 422.")
+    slot_memory_bytes: int | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Bytes of adapter weights per replica and model component, in pages of one rank (an adapter of rank r "
+            "takes r pages). auto: 1 GiB on CPU, 10% of the GPU's memory on CUDA; never more than "
+            "max_loras_per_replica adapters at max_rank need."
+        ),
+    )
     unet_target_modules: tuple[str, ...] = Field(
         ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
         description="UNet modules (path suffixes) that carry adapter slots.",
@@ -64,6 +78,30 @@ class LoRAConfig(StrictConfig):
             "else gather on CUDA, else grouped."
         ),
     )
+
+    @field_validator("slot_memory_bytes")
+    @classmethod
+    def _positive_memory(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"slot_memory_bytes must be >= 1 or 'auto', got {v}")
+        return v
+
+    def memory_bytes(self, device) -> int:
+        """``slot_memory_bytes`` in bytes on ``device`` (``auto`` resolved; the cap to slots x max_rank is the
+        model's, see ``ModelAdapters``)."""
+        if self.slot_memory_bytes != "auto":
+            return int(self.slot_memory_bytes)
+        if getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            return torch.cuda.get_device_properties(device).total_memory // 10
+        return 1 << 30
+
     slot_wait_timeout_s: float = Field(
-        60.0, gt=0, description="How long a request waits for a free adapter slot before 503."
+        60.0,
+        gt=0,
+        description=(
+            "TextEncoder: how long a request waits for its adapters to become resident before 503 (the Denoiser's "
+            "requests wait in its fair queue instead)."
+        ),
     )

@@ -9,8 +9,13 @@ tenants have a backlog they share denoiser throughput by weight, FIFO within
 a tenant, and no tenant starves: a newly active tenant starts at V, never
 behind the flooders' accumulated backlog.
 
-Bounds: ``max_per_tenant`` waiting images per tenant (a flood fills only its
-own share) and ``max_total`` overall (memory stays bounded).
+The queue itself is unbounded; its user bounds it (``StepScheduler`` refuses a
+submit past ``max_queued`` waiting images per tenant, so a flood fills only its
+own share, and past ``max_queued_total`` overall).
+
+A job that cannot start yet (its adapters are loading) stays in place while
+later ones pass it: ``in_order`` lists the waiting items in pop order and
+``take`` admits one from the middle.
 """
 
 from __future__ import annotations
@@ -76,6 +81,25 @@ class FairQueue(Generic[T]):
         self._len -= 1
         self._ranks = None
         return item
+
+    def in_order(self) -> list[T]:
+        """The waiting items in the order ``pop`` would return them (if nothing else arrived)."""
+        tags = sorted((finish, seq, x) for q in self._queues.values() for finish, seq, x in q)
+        return [x for _, _, x in tags]
+
+    def take(self, item: T) -> bool:
+        """Admit ``item`` out of order (the ones before it are not ready): ``pop`` for that item.
+
+        The virtual time moves to its finish tag if that is later, as a pop would, so tenants
+        that become active start behind work already admitted.
+        """
+        for q in self._queues.values():
+            for finish, _, x in q:
+                if x is item:
+                    self.remove(item)
+                    self.virtual_time = max(self.virtual_time, finish)
+                    return True
+        return False
 
     def remove(self, item: T) -> bool:
         """Drop a waiting item (cancelled); its tenant keeps its place otherwise."""

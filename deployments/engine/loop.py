@@ -1,7 +1,9 @@
 """Drive a ``StepScheduler`` from asyncio: one background task, ticks in a worker thread.
 
 The event loop stays free to accept requests while a UNet forward runs; new
-requests are admitted at the next tick. ``run`` waits for a request's images;
+requests are admitted at the next tick. When every waiting request waits for
+an adapter load, the loop sleeps until one is done (``wake_threadsafe``, the
+residency's ``on_change``) or a request arrives or leaves. ``run`` waits for a request's images;
 ``stream`` also reports after every tick, for progress (queue position, step).
 """
 
@@ -21,13 +23,16 @@ class DenoiseLoop:
         self._futures: dict[int, asyncio.Future] = {}
         self._watchers: set[asyncio.Event] = set()  # one per streaming request: set after each tick
         self._wake: asyncio.Event | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self.cancelled_jobs = 0  # images dropped because their caller went away (or cancelled)
+        self.sleeping = False  # every waiting request waits for an adapter load: no tick runs until one is done
 
     def _submit(self, requests: list[DenoiseRequest]) -> tuple[list[DenoiseJob], list[asyncio.Future]]:
         loop = asyncio.get_running_loop()
         if self._wake is None:
             self._wake = asyncio.Event()
+            self._event_loop = loop
         jobs = self.steps.submit(requests)
         futures = []
         for job in jobs:
@@ -45,6 +50,8 @@ class DenoiseLoop:
         unfinished = [j for j in jobs if not (j.done or j.error is not None or j.cancelled)]
         self.cancelled_jobs += len(unfinished)
         self.steps.cancel(unfinished)
+        if self._wake is not None:
+            self._wake.set()
         self._notify()
 
     def _forget(self, jobs: list[DenoiseJob]) -> None:
@@ -103,6 +110,11 @@ class DenoiseLoop:
                 self._cancel(jobs)
             self._forget(jobs)
 
+    def wake_threadsafe(self) -> None:
+        """From any thread: something a waiting request waits for changed (an adapter became resident)."""
+        if self._event_loop is not None and self._wake is not None:
+            self._event_loop.call_soon_threadsafe(self._wake.set)
+
     def _notify(self) -> None:
         for changed in self._watchers:
             changed.set()
@@ -115,9 +127,16 @@ class DenoiseLoop:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._wake.clear()  # before the tick: a wake during it is not lost
             finished = await loop.run_in_executor(self._executor, self.steps.tick)
             for job in finished:
                 fut = self._futures.get(job.id)
                 if fut is not None and not fut.done():
                     fut.set_result(job)
             self._notify()
+            if not finished and not self.steps.runnable and not self.steps.idle:
+                self.sleeping = True  # every waiting request waits for an adapter load
+                try:
+                    await self._wake.wait()
+                finally:
+                    self.sleeping = False

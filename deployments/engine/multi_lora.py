@@ -477,8 +477,8 @@ class MultiLoRAModel:
         ``kernel``: ``"grouped"``, ``"gather"``, ``"row-invariant"`` or ``"auto"`` (see
         ``make_kernel``). ``max_rows`` x ``max_depth``: the routing buffers' size (rows of one
         forward x adapters per row); a larger forward grows them. Memory: ``num_pages`` pages,
-        or as many as ``memory_bytes`` holds (``pages_for``); default ``(num_slots - 1) * max_rank``,
-        room for every slot at ``max_rank``.
+        or as many as ``memory_bytes`` holds (``pages_for``) up to ``(num_slots - 1) * max_rank``
+        (room for every slot at ``max_rank``, also the default).
         """
         if num_slots < 2:
             raise ValueError(f"num_slots must be >= 2 (slot 0 is 'no adapter'), got {num_slots}")
@@ -491,8 +491,8 @@ class MultiLoRAModel:
         found = [(p, m) for p, m in model.named_modules() if p and _matches(p, targets) and _adaptable(m)]
         if not found:
             raise ValueError(f"no Linear or Conv2d module of the model matches the LoRA targets {targets}")
-        if num_pages is None and memory_bytes is not None:
-            num_pages = pages_for(memory_bytes, [m for _, m in found])
+        if num_pages is None and memory_bytes is not None:  # never more than every slot at max_rank needs
+            num_pages = min(pages_for(memory_bytes, [m for _, m in found]), (num_slots - 1) * max_rank)
         if num_pages is None:
             num_pages = (num_slots - 1) * max_rank
         if num_pages < 1:

@@ -28,6 +28,16 @@ same way, in the same batches as text-to-image jobs:
 A bucket is ``(latent height, latent width, context tokens)``: jobs share a
 forward only when their latents and their prompt embeddings (77 tokens per
 chunk) have the same shapes.
+
+Adapters are taken at admission (with an ``AdapterResidency``): a waiting job
+holds no slot. Each tick, the jobs in fair order that would fill the next two
+ticks are told to the residency, which loads their missing adapters beside the
+running batch; a job is admitted once its adapters are resident and pinned,
+and unpins them when it leaves the batch. A job whose adapters are loading
+lets later jobs pass (their adapters are resident, or they have none); a job
+whose load waits for memory lets pass only jobs that take no new memory
+(no adapters, or adapters already pinned by running jobs), so it cannot be
+starved. ``queue_ms``, the queue position and the ETA include these waits.
 """
 
 from __future__ import annotations
@@ -71,8 +81,9 @@ class DenoiseRequest:
     guidance_scale: float
     seed: int
     scheduler: str = "default"
-    # ((slot, weight), ...) in the request's order: resident adapters of the UNet's MultiLoRAModel.
-    adapters: tuple[tuple[int, float], ...] = ()
+    # ((adapter, weight), ...) in the request's order. With an AdapterResidency the adapters are its keys
+    # ("name@version"), pinned at admission; without one, slots of the UNet's MultiLoRAModel already loaded.
+    adapters: tuple[tuple, ...] = ()
     tenant: str = ""
     # img2img / inpainting: made by conditioning.encode_conditioning in the VAE stage. None: text-to-image.
     conditioning: ImageConditioning | None = None
@@ -99,6 +110,13 @@ class DenoiseJob:
     blend_mask: torch.Tensor | None = None  # [1, 1, h, w]: 4-channel inpainting, 1 = repaint
     image_latents: torch.Tensor | None = None  # [1, 4, h, w]: the init image, for blending
     noise: torch.Tensor | None = None  # [1, 4, h, w]: the initial noise, for blending
+    slots: tuple[tuple[int, float], ...] = ()  # ((slot, weight), ...): set at admission, routed every tick
+    pinned: tuple = ()  # the residency keys this job pinned at admission (released when it leaves)
+    adapter_wait_since: float | None = None  # first admission pass its adapters were not resident
+
+    @property
+    def adapter_keys(self) -> tuple:
+        return tuple(key for key, _ in self.request.adapters)
 
     @property
     def cfg(self) -> bool:
@@ -142,13 +160,21 @@ class StepScheduler:
         tenant_weights: dict[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         lora=None,
+        residency=None,
     ):
-        """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them."""
+        """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them.
+
+        ``lora``: a ``MultiLoRAModel`` over ``unet``; ``residency``: an ``AdapterResidency`` over it
+        (requests then name adapters by key, pinned at admission).
+        """
         if max_rows_per_tick < 2:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
         self.unet = unet
         self.lora = lora  # a MultiLoRAModel over ``unet``, or None
+        self.residency = residency
         self.on_tick: Callable[[int, float], None] | None = None  # (rows, seconds) after each forward
+        # (seconds) per admitted job with adapters: how long it waited for them to become resident.
+        self.on_adapter_wait: Callable[[float], None] | None = None
         self.schedulers = schedulers
         self.vae_scale_factor = vae_scale_factor
         self.max_rows_per_tick = max_rows_per_tick
@@ -400,6 +426,9 @@ class StepScheduler:
         if len(tenants) > 1:
             raise ValueError(f"one submit carries one tenant's requests, got {sorted(tenants)}")
         tenant = tenants.pop() if tenants else ""
+        if self.residency is not None:
+            for r in requests:
+                self.residency.check([key for key, _ in r.adapters])  # never a wait for the impossible
         with self._lock:
             self._check_room(tenant, len(requests))
         jobs = [self.prepare(r) for r in requests]
@@ -432,13 +461,72 @@ class StepScheduler:
     def idle(self) -> bool:
         return not self.active and not self.waiting
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[DenoiseJob]:
+        """Move waiting jobs into the batch, in fair order, while rows are free; return jobs that failed.
+
+        Without a residency, strictly in order. With one, see the module docstring.
+        """
         with self._lock:
             rows = sum(j.rows for j in self.active)
-            while self.waiting and rows + self.waiting.peek().rows <= self.max_rows_per_tick:
-                job = self.waiting.pop()
+            if self.residency is None:
+                while self.waiting and rows + self.waiting.peek().rows <= self.max_rows_per_tick:
+                    job = self.waiting.pop()
+                    job.slots = job.request.adapters
+                    self.active.append(job)
+                    rows += job.rows
+                return []
+            order = self.waiting.in_order()
+            self._want(order)
+            now = self.clock()
+            failed: list[DenoiseJob] = []
+            memory_blocked = False
+            for job in order:
+                if rows + job.rows > self.max_rows_per_tick:
+                    break
+                keys = job.adapter_keys
+                try:
+                    slots = self.residency.try_pin(keys, only_if_pinned=memory_blocked) if keys else []
+                except Exception as e:  # the adapter failed to load, or can never fit: the job fails
+                    self.waiting.remove(job)
+                    job.error, job.finished_at = e, now
+                    failed.append(job)
+                    continue
+                if slots is None:
+                    if job.adapter_wait_since is None:
+                        job.adapter_wait_since = now
+                    memory_blocked = memory_blocked or self.residency.blocked(keys)
+                    continue
+                self.waiting.take(job)
+                job.pinned = keys
+                job.slots = tuple((slot, float(w)) for slot, (_, w) in zip(slots, job.request.adapters, strict=True))
+                if keys and self.on_adapter_wait is not None:
+                    self.on_adapter_wait(0.0 if job.adapter_wait_since is None else now - job.adapter_wait_since)
                 self.active.append(job)
                 rows += job.rows
+            return failed
+
+    def _want(self, order: list[DenoiseJob]) -> None:
+        """Tell the residency the adapters of the jobs that would fill the next two ticks, next first."""
+        wanted, rows = [], 0
+        for job in order:
+            if rows >= 2 * self.max_rows_per_tick:
+                break
+            rows += job.rows
+            if job.request.adapters:
+                wanted.append(job.adapter_keys)
+        self.residency.want(wanted)
+
+    def _leave(self, jobs: list[DenoiseJob]) -> None:
+        """Jobs leave the batch: their adapters are unpinned (no forward reads them any more)."""
+        for job in jobs:
+            if job.pinned:
+                self.residency.release(job.pinned)
+                job.pinned = ()
+
+    @property
+    def runnable(self) -> bool:
+        """Is there a job in the batch? (Waiting jobs may all wait for adapter loads.)"""
+        return bool(self.active)
 
     def _pick_bucket(self) -> tuple[int, int, int]:
         # The bucket of the job that has waited longest since its last step: buckets take turns.
@@ -449,9 +537,10 @@ class StepScheduler:
     @torch.inference_mode()
     def tick(self) -> list[DenoiseJob]:
         """Run one UNet forward for one bucket; return the jobs that finished (or failed)."""
-        self._admit()
         finished = [j for j in self.active if j.cancelled]
         self.active = [j for j in self.active if not j.cancelled]
+        self._leave(finished)
+        finished += self._admit()
         if not self.active:
             return finished
         bucket = self._pick_bucket()
@@ -464,6 +553,7 @@ class StepScheduler:
                 j.error = e
                 j.finished_at = self.clock()
             self.active = [j for j in self.active if j not in jobs]
+            self._leave(jobs)
             return finished + jobs
         now = self.clock()
         rows = sum(j.rows for j in jobs)
@@ -476,6 +566,7 @@ class StepScheduler:
         for j in done:
             j.finished_at = now
         self.active = [j for j in self.active if not j.done]
+        self._leave(done)
         return finished + done
 
     def _step(self, jobs: list[DenoiseJob], start: float) -> None:
@@ -493,9 +584,9 @@ class StepScheduler:
         x_in = torch.cat(x_in)  # [sum rows, c, h, w]
         t_in = torch.cat(t_in).to(self.device)  # [sum rows]
         context = torch.cat([j.context for j in jobs])  # [sum rows, tokens, hidden]
-        if self.lora is not None and any(j.request.adapters for j in jobs):
+        if self.lora is not None and any(j.slots for j in jobs):
             # Both guidance rows of a request carry its adapters, as in diffusers.
-            rows = [j.request.adapters for j in jobs for _ in range(j.rows)]
+            rows = [j.slots for j in jobs for _ in range(j.rows)]
             with self.lora.routed(rows):
                 eps_all = self.unet(x_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
         else:
