@@ -221,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             cluster.url, traffic, args.mix, hung_after_s=args.hung_after_s,
             cancel_after_s=parse_range(args.cancel_after_s), poll_s=args.poll_s, run_id=run_id, seed=args.seed,
         )  # fmt: skip
+        probe_jobs: set[str] = set()
         if args.rate_rps is not None:
             rate, capacity = args.rate_rps, None
         else:
             log(f"measuring capacity: {args.probe_concurrency} closed-loop clients for {args.probe_s:.0f} s ...")
-            probe = probe_capacity(client, args.probe_concurrency, args.probe_s)
+            probe, probe_ops = probe_capacity(client, args.probe_concurrency, args.probe_s)
+            probe_jobs = {op.job_id for op in probe_ops if op.job_id}
             info["probe"] = probe
             capacity = probe["capacity_rps"]
             if capacity <= 0:
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         log("waiting for the server to drain ...")
         server_after = server_drained(args.drain_timeout_s)
         # Job records no client was ever given an id for: a job the server refused, yet started.
-        given = {op["job_id"] for op in ops if op["job_id"]}
+        given = {op["job_id"] for op in ops if op["job_id"]} | probe_jobs
         records = s3.object_keys(BUCKET, JOB_RECORDS)
         orphans = sorted({k.removeprefix(JOB_RECORDS).removesuffix(".json") for k in records} - given)
         machine_line = (

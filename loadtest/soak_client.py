@@ -405,12 +405,12 @@ class Arrivals:
         return sum(t.is_alive() for t in threads)
 
 
-def probe_capacity(client: SoakClient, concurrency: int, seconds: float) -> dict:
+def probe_capacity(client: SoakClient, concurrency: int, seconds: float) -> tuple[dict, list[Op]]:
     """Closed loop: ``concurrency`` clients run ops of the soak's own mix back to back for ``seconds``.
 
     The server's capacity for this mix is the ops that ended well (images, or the client's own
     cancellation) within the window, per second: jobs' polling, event streams and hang-ups cost
-    what they cost in the soak itself.
+    what they cost in the soak itself. Returns the figures and the probe's ops.
     """
     started = time.time()
     end = started + seconds
@@ -430,4 +430,10 @@ def probe_capacity(client: SoakClient, concurrency: int, seconds: float) -> dict
         t.join(timeout=seconds + client.hung_after_s + 30)
     good = [op for op in done if op.outcome in ("ok", "cancelled") and op.t + op.ms / 1000.0 <= end]
     outcomes = {o: sum(op.outcome == o for op in done) for o in OUTCOMES}
-    return {"capacity_rps": len(good) / seconds, "seconds": seconds, "concurrency": concurrency, "outcomes": outcomes}
+    figures = {
+        "capacity_rps": len(good) / seconds,
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "outcomes": outcomes,
+    }
+    return figures, done
