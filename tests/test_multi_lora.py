@@ -366,12 +366,12 @@ def test_ranks_4_16_128_mixed_in_one_batch_on_scattered_pages_equal_diffusers(ti
     ]
     batch = []
     for prompt, loras, seed in requests:
-        r = engine.request(prompt, steps=4, seed=seed, scheduler="ddim")
+        r = engine.request(prompt, steps=2, seed=seed, scheduler="ddim")
         r.adapters = tuple((slot[n], w) for n, w in loras)
         batch.append(r)
     images = engine.run(batch)
-    assert engine.steps.ticks_run == 4  # one batch
+    assert engine.steps.ticks_run == 2  # one batch
     for i, (prompt, loras, seed) in enumerate(requests):
-        ref = reference(tiny, files, prompt, loras, steps=4, seed=seed)
+        ref = reference(tiny, files, prompt, loras, steps=2, seed=seed)
         assert (images[i] - ref[0]).abs().max().item() <= 1e-4, (prompt, loras)
     assert (images[2] - images[3]).abs().max().item() > 0.05  # rank 128 really changes the picture
