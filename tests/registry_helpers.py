@@ -247,3 +247,26 @@ def torch_save_bytes(state) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def spy_on_flight_waits(monkeypatch, on_wait) -> None:
+    """Make every single-flight follower call ``on_wait()`` just before it waits for the leader's load
+    (``lora_registry.cache._Flight``), so a test knows a follower is waiting instead of guessing."""
+    from lora_registry import cache as cache_module
+
+    class SpyFlight(cache_module._Flight):
+        def __init__(self):
+            super().__init__()
+            done = self.done
+
+            class Done:
+                set, is_set = done.set, done.is_set
+
+                @staticmethod
+                def wait(timeout=None):
+                    on_wait()
+                    return done.wait(timeout)
+
+            self.done = Done
+
+    monkeypatch.setattr(cache_module, "_Flight", SpyFlight)

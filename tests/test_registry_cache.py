@@ -14,6 +14,8 @@ from lora_registry.cache import DiskCache, ManifestCache, MemoryCache
 from lora_registry.errors import RegistryCorruptionError
 from lora_registry.manifest import BaseModelRef, Manifest
 
+from registry_helpers import spy_on_flight_waits
+
 pytest_plugins = ["registry_helpers"]
 
 
@@ -219,22 +221,7 @@ def test_memory_cache_does_not_keep_values_larger_than_the_cap():
 def test_memory_cache_single_flight(monkeypatch):
     follower_waiting = threading.Event()
 
-    class SpyFlight(cache_module._Flight):
-        def __init__(self):
-            super().__init__()
-            done = self.done
-
-            class Done:
-                set, is_set = done.set, done.is_set
-
-                @staticmethod
-                def wait(timeout=None):
-                    follower_waiting.set()
-                    return done.wait(timeout)
-
-            self.done = Done
-
-    monkeypatch.setattr(cache_module, "_Flight", SpyFlight)
+    spy_on_flight_waits(monkeypatch, follower_waiting.set)
     cache = MemoryCache(1000)
     entered, release = threading.Event(), threading.Event()
     calls, results = [], []

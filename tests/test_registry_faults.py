@@ -9,10 +9,9 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from lora_registry import DiskCache, MemoryCache, Registry, layout, open_store
-from lora_registry import cache as cache_module
 from lora_registry.errors import RegistryCorruptionError, RegistryUnavailableError
 
-from registry_helpers import GatedStore, MotoServer, small_lora_bytes
+from registry_helpers import GatedStore, MotoServer, small_lora_bytes, spy_on_flight_waits
 
 pytest_plugins = ["registry_helpers"]
 
@@ -160,22 +159,7 @@ def test_concurrent_loads_fetch_once(adapter_store, registry_tiny_spec, tmp_path
     in_download, release = threading.Event(), threading.Event()
     followers_waiting = threading.Semaphore(0)  # released once per caller waiting on the leader's load
 
-    class SpyFlight(cache_module._Flight):
-        def __init__(self):
-            super().__init__()
-            done = self.done
-
-            class Done:
-                set, is_set = done.set, done.is_set
-
-                @staticmethod
-                def wait(timeout=None):
-                    followers_waiting.release()
-                    return done.wait(timeout)
-
-            self.done = Done
-
-    monkeypatch.setattr(cache_module, "_Flight", SpyFlight)
+    spy_on_flight_waits(monkeypatch, followers_waiting.release)
 
     def hold(key):
         in_download.set()
