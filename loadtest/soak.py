@@ -152,6 +152,24 @@ def inject(name: str, args, s3, log) -> dict:
     return fault
 
 
+def run_faults(args, s3, traffic_start: float, log) -> list[dict]:
+    """The faults, one at a time, spread evenly over ``--duration-s`` (each waits for the previous one to
+    heal, plus ``--min-gap-s``); returns when the traffic should stop."""
+    faults: list[dict] = []
+    n = len(args.fault_list)
+    for k, name in enumerate(args.fault_list):
+        at = traffic_start + args.duration_s * (k + 1) / (n + 1)
+        if faults and faults[-1]["end"] is not None:
+            at = max(at, faults[-1]["end"] + args.min_gap_s)
+        time.sleep(max(0.0, at - time.time()))
+        faults.append(inject(name, args, s3, log))
+    end_at = traffic_start + args.duration_s
+    if faults:
+        end_at = max(end_at, (faults[-1]["end"] or time.time()) + args.min_gap_s)
+    time.sleep(max(0.0, end_at - time.time()))
+    return faults
+
+
 def server_drained(timeout_s: float) -> dict:
     """Wait until the Denoiser holds no image and the Jobs replica no unfinished job; their last stats."""
     from ray import serve
@@ -237,16 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
         arrivals = Arrivals(client, rate, args.concurrency, seed=args.seed).start()
         traffic_start = time.time()
-        faults = []
-        n = len(args.fault_list)
-        for k, name in enumerate(args.fault_list):
-            at = traffic_start + args.duration_s * (k + 1) / (n + 1)
-            if faults and faults[-1]["end"] is not None:
-                at = max(at, faults[-1]["end"] + args.min_gap_s)
-            time.sleep(max(0.0, at - time.time()))
-            faults.append(inject(name, args, s3, log))
-        end_at = max(traffic_start + args.duration_s, (faults[-1]["end"] or 0) + args.min_gap_s if faults else 0)
-        time.sleep(max(0.0, end_at - time.time()))
+        faults = run_faults(args, s3, traffic_start, log)
         traffic_end = time.time()
         log(f"traffic stops after {traffic_end - traffic_start:.0f} s; waiting for the ops in flight ...")
         still_running = arrivals.stop(drain_timeout_s=args.hung_after_s + 60)

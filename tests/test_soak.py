@@ -323,6 +323,37 @@ def test_a_lost_op_or_an_unhealed_fault_fails_the_soak():
     assert "FAILED" in report and "vanished" in report and "not recovered" in report
 
 
+def test_faults_run_one_at_a_time_each_after_the_previous_healed(monkeypatch):
+    import loadtest.soak as soak
+
+    def fake_inject(name, args, s3, log):  # a fault that takes 0.1 s to heal; the S3 one never heals
+        start = time.time()
+        time.sleep(0.1)
+        return {"name": name, "start": start, "end": None if name == "s3" else time.time()}
+
+    monkeypatch.setattr(soak, "inject", fake_inject)
+    args = soak.parse_args(["--duration-s", "0.4", "--min-gap-s", "0.05", "--faults", "vae,denoiser,s3,jobs"])
+    started = time.time()
+    faults = soak.run_faults(args, None, started, log=print)
+    ended = time.time()
+    assert [f["name"] for f in faults] == ["vae", "denoiser", "s3", "jobs"]
+    assert faults[0]["start"] >= started + 0.4 / 5
+    assert faults[1]["start"] >= faults[0]["end"] + 0.05  # not before the VAE healed
+    assert faults[3]["start"] >= faults[2]["start"] + 0.1  # after the unhealed one, in turn
+    assert ended >= max(started + 0.4, faults[3]["end"] + 0.05)
+
+
+def test_short_keeps_what_the_command_line_says():
+    from loadtest.soak import SHORT, parse_args
+
+    args = parse_args(["--short", "--s3-outage-s", "3"])
+    assert (args.duration_s, args.s3_outage_s, args.probe_s) == (SHORT["duration_s"], 3.0, SHORT["probe_s"])
+    assert args.hung_after_s == 2 * args.request_timeout_s + 30
+    assert parse_args([]).duration_s == 300.0 and parse_args([]).s3_outage_s == 20.0
+    with pytest.raises(SystemExit):
+        parse_args(["--faults", "denoiser,gpu"])
+
+
 # -- end to end --------------------------------------------------------------------------------------
 
 # Serving bugs the soak found (docs/benchmarks.md, "Chaos soak"), told apart from anything new by their
