@@ -4,7 +4,8 @@ Order matters: everything that can be checked from the header is checked
 before any tensor data is read::
 
     size cap  ->  header (pickle? truncated?)  ->  key layout + module mapping  ->  shapes, rank
-              ->  read data  ->  NaN / Inf  ->  canonical file + sha256
+              ->  read data  ->  NaN / Inf  ->  canonical form  ->  weight range, update size (``WeightLimits``)
+              ->  canonical file + sha256
 
 Each refusal is an ``InvalidAdapterError`` (``AdapterTooLargeError`` for the
 size cap) with a ``code`` and the first offending keys.
@@ -29,6 +30,34 @@ from .safetensors_io import FLOAT_DTYPES, SafetensorsHeader, read_header
 
 DEFAULT_MAX_RANK = 64
 DEFAULT_MAX_ADAPTER_BYTES = 512 << 20
+FP16_MAX = 65504.0  # the largest finite float16: GPU replicas serve in fp16
+DEFAULT_MAX_DELTA_RMS = 1.0
+
+
+@dataclass(frozen=True)
+class WeightLimits:
+    """Numeric bounds an adapter's canonical weights must meet to be registered, so that serving it cannot
+    overflow into inf/NaN (which the VAE turns into a silent black image).
+
+    - ``max_abs_weight``: every entry of every ``A`` and ``B``. Default: fp16's range (65504), since
+      GPU replicas cast adapters to fp16; a registry that only serves fp32/bf16 may raise it.
+    - ``max_delta_rms``: per layer, the root mean square of the update the layer adds at scale 1,
+      ``ΔW = alpha / r · B @ A`` (flattened to ``[out, in·kh·kw]``). The registry knows the base model's
+      shapes, not its weights, so the bound is absolute rather than relative to the base weight: Stable
+      Diffusion's weights have an RMS of about 0.02-0.1 and trained LoRAs' updates far less, so 1.0
+      refuses only updates 10x-50x larger than the weights they modify. It also bounds every entry of
+      ``ΔW`` (at most ``rms · sqrt(numel)``) far inside fp16's range.
+    """
+
+    max_abs_weight: float = FP16_MAX
+    max_delta_rms: float = DEFAULT_MAX_DELTA_RMS
+
+    def __post_init__(self):
+        if not (self.max_abs_weight > 0 and self.max_delta_rms > 0):
+            raise ValueError(f"WeightLimits must be > 0, got {self}")
+
+
+DEFAULT_WEIGHT_LIMITS = WeightLimits()
 
 
 @dataclass(frozen=True)
@@ -58,6 +87,7 @@ def prepare_adapter(
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     adapter_config: dict | None = None,
     source_format: str | None = None,
+    weight_limits: WeightLimits = DEFAULT_WEIGHT_LIMITS,
 ) -> PreparedAdapter:
     """Check an uploaded LoRA file against ``spec`` and convert it to the canonical form.
 
@@ -86,6 +116,7 @@ def prepare_adapter(
         raise InvalidAdapterError(f"safetensors could not read the file: {e}", code="not_safetensors") from e
     check_finite(tensors, plan)
     adapter = build_canonical(tensors, plan, spec, ranks)
+    check_weights(adapter, weight_limits)
     blob = save_canonical(adapter, metadata={"base_fingerprint": spec.fingerprint})
     return PreparedAdapter(
         adapter=adapter,
@@ -155,6 +186,50 @@ def check_finite(tensors: dict[str, torch.Tensor], plan: ConversionPlan) -> None
     bad = [key for mp in plan.modules.values() for key in mp.keys if not torch.isfinite(tensors[key]).all()]
     if bad:
         raise InvalidAdapterError(f"NaN or Inf values in {keys_phrase(bad)}", code="non_finite", keys=bad)
+
+
+def check_weights(adapter: CanonicalAdapter, limits: WeightLimits) -> None:
+    """``InvalidAdapterError`` naming the first offending layers and the limit, unless every layer is within
+    ``limits`` (``WeightLimits``): ``weight_out_of_range`` for an entry beyond ``max_abs_weight``,
+    ``delta_too_large`` for an update whose RMS is above ``max_delta_rms``."""
+    out_of_range = []
+    for name, w in adapter.modules.items():
+        for label, t in (("A", w.A), ("B", w.B)):
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            if peak > limits.max_abs_weight:
+                out_of_range.append((name, label, peak))
+    if out_of_range:
+        detail = ", ".join(f"{n}.{label} (max |w| = {peak:.4g})" for n, label, peak in out_of_range[:3])
+        raise InvalidAdapterError(
+            f"weights beyond the serving range in {len(out_of_range)} tensors: {detail}; the limit is "
+            f"{limits.max_abs_weight:g} (registry.max_abs_weight: float16's range)",
+            code="weight_out_of_range",
+            keys=sorted({n for n, _, _ in out_of_range}),
+        )
+    too_large = []
+    for name, w in adapter.modules.items():
+        rms = delta_rms(w)
+        if rms > limits.max_delta_rms:
+            too_large.append((name, rms))
+    if too_large:
+        detail = ", ".join(f"{n} (RMS {rms:.4g})" for n, rms in too_large[:3])
+        raise InvalidAdapterError(
+            f"the update alpha/r * B @ A is too large in {len(too_large)} layers: {detail}; the limit is an RMS "
+            f"of {limits.max_delta_rms:g} (registry.max_delta_rms)",
+            code="delta_too_large",
+            keys=[n for n, _ in too_large],
+        )
+
+
+def delta_rms(w: LoraWeights) -> float:
+    """RMS of ``ΔW = alpha / r · B @ A`` without forming it: ``‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ)``, r x r matrices,
+    in float64 (no overflow for any weights within ``max_abs_weight``)."""
+    rank = w.A.shape[0]
+    a = w.A.double().reshape(rank, -1)  # [r, in * kh * kw]
+    b = w.B.double().reshape(w.B.shape[0], rank)  # [out, r]
+    squared = float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0.0))
+    numel = b.shape[0] * a.shape[1]
+    return abs(w.alpha / rank) * math.sqrt(squared / numel)
 
 
 def _alpha(mp: ModulePlan, tensors: dict[str, torch.Tensor], rank: int) -> float:
