@@ -15,7 +15,7 @@ from .base_model import BaseModelSpec
 from .cache import DiskCache, MemoryCache
 from .registry import Registry
 from .stores import open_store
-from .validation import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_RANK
+from .validation import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_DELTA_RMS, DEFAULT_MAX_RANK, FP16_MAX, WeightLimits
 
 REGISTRY_ENV = "LORAFLEET_REGISTRY"
 
@@ -45,6 +45,19 @@ class RegistryConfig(BaseModel):
     memory_cache_bytes: int = Field(2 << 30, gt=0, description="host-memory cache cap for loaded adapters")
     max_rank: int = Field(DEFAULT_MAX_RANK, ge=1, le=1024, description="highest LoRA rank accepted at registration")
     max_adapter_bytes: int = Field(DEFAULT_MAX_ADAPTER_BYTES, gt=0, description="largest upload accepted")
+    max_abs_weight: float = Field(
+        FP16_MAX,
+        gt=0,
+        description=(
+            "largest |weight| of an adapter's A and B accepted at registration; default float16's range (GPU "
+            "replicas serve in fp16), raise it only for a registry served in fp32/bf16 alone"
+        ),
+    )
+    max_delta_rms: float = Field(
+        DEFAULT_MAX_DELTA_RMS,
+        gt=0,
+        description="largest RMS of a layer's update alpha/r * B @ A (at scale 1) accepted at registration",
+    )
     manifest_ttl_s: float = Field(
         5.0, ge=0, description="how long a replica trusts its listing; bounds how late it sees a deletion"
     )
@@ -85,6 +98,7 @@ def open_registry(config: RegistryConfig, base: BaseModelSpec | None = None, *, 
         memory=MemoryCache(config.memory_cache_bytes) if caches else None,
         max_rank=config.max_rank,
         max_adapter_bytes=config.max_adapter_bytes,
+        weight_limits=WeightLimits(config.max_abs_weight, config.max_delta_rms),
         manifest_ttl_s=config.manifest_ttl_s,
         outage_backoff_s=config.outage_backoff_s,
     )

@@ -51,7 +51,15 @@ from .errors import (
 from .listing import group_by_name, in_name_order, listing_start
 from .manifest import BaseModelRef, Manifest, check_metadata, check_name, check_training, parse_ref, utc_now_iso
 from .stores.base import ObjectInfo, ObjectNotFound, ProgressCallback, Store
-from .validation import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_RANK, PreparedAdapter, check_size, prepare_adapter
+from .validation import (
+    DEFAULT_MAX_ADAPTER_BYTES,
+    DEFAULT_MAX_RANK,
+    DEFAULT_WEIGHT_LIMITS,
+    PreparedAdapter,
+    WeightLimits,
+    check_size,
+    prepare_adapter,
+)
 
 MAX_COMMIT_ATTEMPTS = 64
 DEFAULT_LIST_SCAN_NAMES = 1000
@@ -106,6 +114,7 @@ class Registry:
         *,
         max_rank: int = DEFAULT_MAX_RANK,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        weight_limits: WeightLimits = DEFAULT_WEIGHT_LIMITS,
         manifest_ttl_s: float = 5.0,
         outage_backoff_s: float = 5.0,
         list_scan_names: int = DEFAULT_LIST_SCAN_NAMES,
@@ -125,6 +134,7 @@ class Registry:
         self.memory = memory
         self.max_rank = max_rank
         self.max_adapter_bytes = max_adapter_bytes
+        self.weight_limits = weight_limits
         self.manifest_ttl_s = manifest_ttl_s
         self.outage_backoff_s = outage_backoff_s
         self.list_scan_names = list_scan_names
@@ -449,6 +459,7 @@ class Registry:
         kwargs = dict(
             max_rank=self.max_rank,
             max_bytes=self.max_adapter_bytes,
+            weight_limits=self.weight_limits,
             adapter_config=adapter_config,
             source_format=source_format,
         )
