@@ -28,7 +28,7 @@ from .errors import AdapterTooLargeError, InvalidAdapterError, keys_phrase
 from .formats import ConversionPlan, ModulePlan, plan_conversion
 from .safetensors_io import FLOAT_DTYPES, SafetensorsHeader, read_header
 
-DEFAULT_MAX_RANK = 64
+DEFAULT_MAX_RANK = 128
 DEFAULT_MAX_ADAPTER_BYTES = 512 << 20
 FP16_MAX = 65504.0  # the largest finite float16: GPU replicas serve in fp16
 DEFAULT_MAX_DELTA_RMS = 1.0
