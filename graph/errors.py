@@ -138,9 +138,12 @@ def _unparsable_body(request: Request, cause: BaseException) -> JSONResponse:
 
 
 async def _registry_error(request: Request, exc) -> JSONResponse:
+    if exc.status >= 500:  # the store's own words name buckets, endpoints and addresses: logged only
+        logger.warning("[%s] store error: %s", request_id(request), exc.message)
+        message = "the server's storage (adapter registry, job records) is unavailable; retry later"
+        return error_response(exc.status, exc.code, message, None, {"Retry-After": "5"})
     message = exc.message + (f" (keys: {', '.join(exc.keys)})" if exc.keys else "")
-    response = error_response(exc.status, exc.code, message, None)
-    return response
+    return error_response(exc.status, exc.code, message, None)
 
 
 MAX_MESSAGE_CHARS = 300

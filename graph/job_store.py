@@ -16,6 +16,7 @@ import contextvars
 import json
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -109,6 +110,9 @@ class Job:
         changed.set()
 
 
+_DELETE = object()  # a queued delete, in JobRecords._latest
+
+
 class JobRecords:
     """Where job records outlive the replica: one JSON object per job under ``prefix`` in a store
     (the adapter registry's: S3 or a local directory, ``lora_registry.stores``).
@@ -117,24 +121,73 @@ class JobRecords:
     ``save`` returns a future for a caller that must know the record is durable (job creation).
     A record is written when a job is created and when it finishes, not on every step: after a
     restart, a job that was queued or running is known, as ``failed`` / ``interrupted``.
+
+    A creation record that cannot be written fails its future (the job is refused, never run).
+    Any later write (``retry=True``: a job's end, a delete) that fails is tried again with backoff
+    (``retry_base_s`` doubling up to ``retry_max_s``) until it lands or a newer write or delete of
+    the same job supersedes it, so a job that ends during a store outage is durable once the
+    store is back (while this replica lives: ``pending`` counts what is not yet written).
     """
 
-    def __init__(self, store, prefix: str = "jobs/"):
+    def __init__(self, store, prefix: str = "jobs/", retry_base_s: float = 1.0, retry_max_s: float = 30.0):
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = store
         self.prefix = prefix
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.retries = 0  # writes tried again after a failure
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-records")
+        self._lock = threading.Lock()
+        self._latest: dict[str, object] = {}  # key -> the newest write queued for it (bytes, or _DELETE)
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}{job_id}.json"
 
-    def save(self, record: dict) -> Future:
+    @property
+    def pending(self) -> int:
+        """Writes queued or waiting for a retry."""
+        with self._lock:
+            return len(self._latest)
+
+    def save(self, record: dict, *, retry: bool = False) -> Future:
         data = json.dumps(record, separators=(",", ":")).encode()
-        return self._io.submit(self.store.put_bytes, self._key(record["id"]), data)
+        return self._queue(self._key(record["id"]), data, retry)
 
     def delete(self, job_id: str) -> Future:
-        return self._io.submit(self.store.delete, self._key(job_id))
+        return self._queue(self._key(job_id), _DELETE, retry=True)  # idempotent: retried like an end
+
+    def _queue(self, key: str, op: object, retry: bool, attempt: int = 0) -> Future:
+        with self._lock:
+            if attempt == 0:
+                self._latest[key] = op
+        return self._io.submit(self._write, key, op, retry, attempt)
+
+    def _write(self, key: str, op: object, retry: bool, attempt: int) -> None:
+        with self._lock:
+            if self._latest.get(key) is not op:
+                return  # superseded by a newer write or delete of this job
+        try:
+            if op is _DELETE:
+                self.store.delete(key)
+            else:
+                self.store.put_bytes(key, op)
+        except Exception:
+            if not retry:
+                with self._lock:
+                    if self._latest.get(key) is op:
+                        del self._latest[key]
+                raise
+            delay = min(self.retry_max_s, self.retry_base_s * 2**attempt)
+            logger.warning("job record %s not written (try %d); again in %.0f s", key, attempt + 1, delay)
+            self.retries += 1
+            timer = threading.Timer(delay, self._queue, (key, op, retry, attempt + 1))
+            timer.daemon = True
+            timer.start()
+            return
+        with self._lock:
+            if self._latest.get(key) is op:
+                del self._latest[key]
 
     def load_all(self) -> list[dict]:
         """Every stored record (blocking: for start-up); unreadable ones are skipped."""
@@ -207,8 +260,8 @@ class JobStore:
         self._jobs[job.id] = job
         return self._save(job)
 
-    def _save(self, job: Job) -> Future | None:
-        return None if self.records is None else self.records.save(job.to_record())
+    def _save(self, job: Job, retry: bool = False) -> Future | None:
+        return None if self.records is None else self.records.save(job.to_record(), retry=retry)
 
     def _forget(self, job_id: str) -> None:
         if self.records is not None:
@@ -267,7 +320,7 @@ class JobStore:
         job.finished_at = now
         if job.id in self._jobs:
             self._finished[job.id] = job
-            self._save(job)
+            self._save(job, retry=True)  # tried until the store takes it
         job.touch(now)
 
     def remove(self, job_id: str) -> Job | None:
@@ -331,7 +384,17 @@ class JobManager:
         self.deliveries: set[asyncio.Task] = set()
 
     def submit(self, plan: Plan, webhook_url: str | None = None) -> Job:
-        """Store a job for ``plan`` and start it (``StoreFullError`` when the store is full)."""
+        """Store a job for ``plan`` and start it (``StoreFullError`` when the store is full).
+
+        With durable records, prefer ``create``, wait for ``job.saved``, then ``start``: a job
+        whose record cannot be written is refused before it runs.
+        """
+        job = self.create(plan, webhook_url)
+        self.start(job, plan)
+        return job
+
+    def create(self, plan: Plan, webhook_url: str | None = None) -> Job:
+        """Store a job for ``plan``, not started; ``job.saved`` is its record's write (or None)."""
         if webhook_url is not None and self.webhooks is None:
             raise ValueError("a webhook_url needs a WebhookSender (jobs.webhook_secret)")
         now = self.store.clock()
@@ -345,8 +408,28 @@ class JobManager:
             webhook_url=webhook_url,
         )
         job.saved = self.store.add(job)
-        job.task = detached(self._run(job, plan))
         return job
+
+    async def submit_durable(self, plan: Plan, webhook_url: str | None = None) -> Job:
+        """``submit``, but the job starts only once its creation record is durable; if the record
+        cannot be written, the job is dropped and the write's error raised (the client gets no id,
+        so nothing may run)."""
+        job = self.create(plan, webhook_url)
+        if job.saved is not None:
+            try:
+                await asyncio.wrap_future(job.saved)
+            except BaseException:
+                self.refuse(job)
+                raise
+        self.start(job, plan)
+        return job
+
+    def start(self, job: Job, plan: Plan) -> None:
+        job.task = detached(self._run(job, plan))
+
+    def refuse(self, job: Job) -> None:
+        """Drop a created job that will not run (its record could not be written)."""
+        self.store.remove(job.id)
 
     async def _run(self, job: Job, plan: Plan) -> None:
         try:

@@ -75,12 +75,10 @@ class Jobs:
     async def submit(self, plan: Plan, webhook_url: str | None = None) -> dict:
         """Start a job: ``{"job": job object}``, or ``{"rejected": {"message", "retry_after_s"}}`` when full."""
         self._start_background()
-        try:
-            job = self.manager.submit(plan, webhook_url)
+        try:  # the job runs, and is answered for, only once its record is durable
+            job = await self.manager.submit_durable(plan, webhook_url)
         except StoreFullError as e:
             return {"rejected": {"message": str(e), "retry_after_s": e.retry_after_s}}
-        if job.saved is not None:  # the job is answered for only once its record is durable
-            await asyncio.wrap_future(job.saved)
         self._update_gauges()
         return {"job": job.to_dict()}
 

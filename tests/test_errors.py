@@ -23,6 +23,15 @@ def client():
     async def long():
         raise APIError(422, "invalid_value", "prompt " + "x" * 5000 + "\nsecond line", "prompt")
 
+    @app.get("/store-down")
+    async def store_down():
+        from lora_registry.errors import RegistryUnavailableError
+
+        raise RegistryUnavailableError(
+            "S3 upload s3://bucket/jobs/app/x.json failed: Could not connect to http://10.1.2.3:9000/",
+            code="store_unreachable",
+        )
+
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -54,3 +63,15 @@ def test_messages_are_one_line_and_bounded(client):
 )
 def test_one_line(text, out):
     assert one_line(text, limit=10) == out
+
+
+def test_a_store_outage_answers_503_without_the_stores_address(client):
+    r = client.get("/store-down")
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"] == {
+        "code": "store_unreachable",
+        "message": "the server's storage (adapter registry, job records) is unavailable; retry later",
+        "field": None,
+    }
+    for leak in ("s3://", "10.1.2.3", "bucket"):
+        assert leak not in r.text

@@ -491,3 +491,88 @@ def test_jobs_config_is_checked_at_start(jobs, field):
         AppConfig.load({"jobs": jobs})
     defaults = AppConfig.load({}).jobs
     assert (defaults.max_jobs, defaults.ttl_s, defaults.preview_every_steps, defaults.heartbeat_s) == (1000, 600, 5, 15)
+
+
+class FlakyStore:
+    """A LocalStore whose writes and deletes fail while ``down`` (a store outage)."""
+
+    def __init__(self, root):
+        from lora_registry.errors import RegistryUnavailableError
+        from lora_registry.stores import LocalStore
+
+        self.inner, self.down, self.error = LocalStore(root), False, RegistryUnavailableError
+        self.failed = 0
+
+    def put_bytes(self, key, data):
+        if self.down:
+            self.failed += 1
+            raise self.error(f"S3 upload s3://bucket/{key} failed: could not connect to http://10.0.0.7:9000")
+        self.inner.put_bytes(key, data)
+
+    def delete(self, key):
+        if self.down:
+            self.failed += 1
+            raise self.error("S3 delete failed")
+        self.inner.delete(key)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def wait_for(condition, timeout_s=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "still waiting"
+        time.sleep(0.005)
+
+
+def test_a_job_whose_record_cannot_be_written_is_refused_and_never_runs(tmp_path):
+    store = FlakyStore(tmp_path)
+    graph = FakeGraph()
+    runs = []
+    manager = JobManager(JobStore(10, 60, records=JobRecords(store, "jobs/app/")), graph.run)
+    manager.run = lambda plan, on_event: runs.append(plan) or graph.run(plan, on_event)
+    store.down = True
+
+    async def main():
+        with pytest.raises(store.error):
+            await manager.submit_durable(plan())
+        await asyncio.sleep(0)  # a task started by mistake would have run by now
+
+    asyncio.run(main())
+    assert runs == [] and len(manager.store) == 0
+
+
+def test_a_job_that_ends_during_a_store_outage_is_written_once_the_store_is_back(tmp_path):
+    store = FlakyStore(tmp_path)
+    records = JobRecords(store, "jobs/app/", retry_base_s=0.01, retry_max_s=0.05)
+    jobs = JobStore(10, 60, records=records)
+    j = job("j")
+    jobs.add(j).result()
+    store.down = True
+    jobs.finish(j, "done", images=[{"b64": "cG5n", "seed": 1, "width": 64, "height": 64}])
+    wait_for(lambda: store.failed >= 3)  # tried, and tried again
+    path = tmp_path / "jobs" / "app" / "j.json"
+    assert json.loads(path.read_bytes())["status"] == "queued" and records.pending == 1
+    store.down = False
+    wait_for(lambda: records.pending == 0)
+    assert json.loads(path.read_bytes())["status"] == "done" and records.retries >= 3
+    recovered = JobStore(10, 60, records=JobRecords(store, "jobs/app/"))
+    assert recovered.recover() == 1 and recovered.get("j").to_dict()["status"] == "done"
+
+
+def test_a_newer_write_supersedes_a_retry(tmp_path):
+    store = FlakyStore(tmp_path)
+    records = JobRecords(store, "jobs/app/", retry_base_s=0.01, retry_max_s=0.05)
+    jobs = JobStore(10, 60, records=records)
+    j = job("j")
+    jobs.add(j).result()
+    store.down = True
+    jobs.finish(j, "done", images=[])
+    wait_for(lambda: store.failed >= 1)
+    jobs.remove("j")  # deleted while its end waits for the store: the delete wins
+    store.down = False
+    wait_for(lambda: records.pending == 0)
+    assert not (tmp_path / "jobs" / "app" / "j.json").exists()
