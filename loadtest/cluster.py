@@ -136,6 +136,12 @@ SAMPLED: dict[str, tuple[str, ...]] = {
     "ray_lorafleet_active_images": (),
     "ray_lorafleet_pending_denoise_steps": (),
     "ray_lorafleet_adapter_slots_used": (),
+    # histograms: one entry per sample series (the many-adapters scenario's loads/s and adapter waits)
+    "ray_lorafleet_adapter_load_latency_ms_count": (),
+    "ray_lorafleet_adapter_prefetches_total": (),
+    "ray_lorafleet_adapter_wait_ms_bucket": ("le",),
+    "ray_lorafleet_adapter_wait_ms_count": (),
+    "ray_lorafleet_adapter_wait_ms_sum": (),
     "ray_serve_deployment_replica_healthy": ("application", "deployment"),
 }
 

@@ -114,21 +114,32 @@ def fairness(records: list[dict], stages_doc: dict) -> dict:
 POPULARITY_BUCKETS = ("no LoRA", "adapters ranked 1-3", "adapters ranked 4+")
 
 
-def popularity_bucket(record: dict, prefix: str) -> str:
-    """Which Zipf bucket a request's first adapter falls into (names are ``prefix`` + rank - 1)."""
+def popularity_bucket(
+    record: dict, prefix: str, top: int = 3, buckets: tuple[str, str, str] = POPULARITY_BUCKETS
+) -> str:
+    """Which Zipf bucket a request's first adapter falls into (names are ``prefix`` + rank - 1).
+
+    ``buckets``: the names of (no adapter, the ``top`` most popular, the rest).
+
+    >>> popularity_bucket({"adapters": ["lt-style-002"]}, "lt-style-")
+    'adapters ranked 1-3'
+    """
+    none, popular, rest = buckets
     if not record.get("adapters"):
-        return POPULARITY_BUCKETS[0]
+        return none
     suffix = record["adapters"][0].removeprefix(prefix)
-    return POPULARITY_BUCKETS[1] if suffix.isdigit() and int(suffix) < 3 else POPULARITY_BUCKETS[2]
+    return popular if suffix.isdigit() and int(suffix) < top else rest
 
 
-def latency_by_popularity(records: list[dict], stage: dict, prefix: str) -> dict[str, dict[str, dict]]:
+def latency_by_popularity(
+    records: list[dict], stage: dict, prefix: str, top: int = 3, buckets: tuple[str, str, str] = POPULARITY_BUCKETS
+) -> dict[str, dict[str, dict]]:
     """tenant -> bucket -> {requests, p50_ms, p95_ms} over a stage's window (successful requests)."""
     t0 = stage["start"] + stage.get("warmup_s", 0.0)
     out: dict[str, dict[str, dict]] = {}
     for r in records:
         if r["ok"] and t0 <= r["t"] < stage["end"]:
-            out.setdefault(r["tenant"], {}).setdefault(popularity_bucket(r, prefix), []).append(r["ms"])
+            out.setdefault(r["tenant"], {}).setdefault(popularity_bucket(r, prefix, top, buckets), []).append(r["ms"])
     return {
         tenant: {b: {"requests": len(v), "p50_ms": percentile(v, 50), "p95_ms": percentile(v, 95)}
                  for b, v in buckets.items()}
@@ -136,13 +147,19 @@ def latency_by_popularity(records: list[dict], stage: dict, prefix: str) -> dict
     }  # fmt: skip
 
 
-def metric_delta(samples: list[dict], start: float, end: float, series: str) -> dict[str, float]:
-    """Increase of a counter (per label value) between the samples bracketing [start, end]."""
+def metric_bracket(samples: list[dict], start: float, end: float, series: str) -> tuple[dict | None, dict | None]:
+    """The samples bracketing [start, end] that carry ``series`` (the nearest inside where none is outside)."""
     inside = [s for s in samples if s["metrics"].get(series) is not None]
     before = [s for s in inside if s["t"] <= start]
     after = [s for s in inside if s["t"] >= end]
     first = before[-1] if before else next((s for s in inside if s["t"] >= start), None)
     last = after[0] if after else (inside[-1] if inside else None)
+    return first, last
+
+
+def metric_delta(samples: list[dict], start: float, end: float, series: str) -> dict[str, float]:
+    """Increase of a counter (per label value) between the samples bracketing [start, end]."""
+    first, last = metric_bracket(samples, start, end, series)
     if first is None or last is None:
         return {}
     a, b = first["metrics"][series], last["metrics"][series]
@@ -354,8 +371,17 @@ def build_report(run_dir: Path) -> dict:
         phase_records[phase["name"]] = load_records(run_dir / phase["dir"] / "requests.jsonl")
         phase_docs[phase["name"]] = _read_json(run_dir / phase["dir"] / "stages.json")
 
-    load_phases = [p for p in run.get("phases", []) if not p["name"].endswith("-fairness")]
+    # A scenario phase (one long stage, e.g. many-adapters) has its own section, not a point of the search.
+    load_phases = [p for p in run.get("phases", []) if not p["name"].endswith("-fairness") and not p.get("scenario")]
     fair_phases = [p for p in run.get("phases", []) if p["name"].endswith("-fairness")]
+    scenarios = {}
+    for p in run.get("phases", []):
+        if p.get("scenario"):
+            from .many_adapters import scenario_report  # it imports this module's helpers
+
+            scenarios[p["scenario"]] = scenario_report(
+                p, phase_records[p["name"]], phase_docs[p["name"]], samples, args
+            )
     searches = {p["target"]: target_search(phase_docs[p["name"]]) for p in load_phases}
     overall = {
         p["name"]: phase_overall(phase_records[p["name"]], phase_docs[p["name"]].get("stages", []))
@@ -417,6 +443,7 @@ def build_report(run_dir: Path) -> dict:
         plots.append("fairness.png")
 
     summary_md = _summary_table(headline, searches, fair, overall, load_phases)
+    summary_md += "".join("\n" + s["markdown"] for s in scenarios.values())
     md = _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots)
     (run_dir / "report.md").write_text(md)
     summary = {
@@ -425,6 +452,7 @@ def build_report(run_dir: Path) -> dict:
         "phases": overall,
         "searches": {k: {kk: v[kk] for kk in ("sustainable_rps", "at_sustainable")} for k, v in searches.items()},
         "fairness": fair,
+        "scenarios": {k: {kk: v for kk, v in x.items() if kk != "markdown"} for k, x in scenarios.items()},
         "plots": plots,
         "summary_md": summary_md,
     }
@@ -526,7 +554,7 @@ def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, p
         out.append(
             f"Fixed stages `{args['stages']}` (rate:seconds), the first {args.get('warmup_s')} s of each left out."
         )
-    else:
+    elif searches:
         out.append(
             "Sustainable load: the highest offered rate whose stage met the SLO (saturation search: rates grow "
             f"×{args.get('growth')} from {args.get('start_rps')} req/s, then bisect; {args.get('stage_s')} s stages, "

@@ -17,7 +17,12 @@ then, each in its own locust process (headless, bounded in time):
 
 sampling Prometheus metrics (and Serve's replica counts) all along, and writes
 ``report.md`` with PNG plots and ``summary.json`` into ``--out``. ``--stages``
-replaces the search by fixed stages (the CI smoke test). Traffic knobs go to
+replaces the search by fixed stages (the CI smoke test).
+
+``--scenario many-adapters`` (``loadtest/many_adapters.py``): 200 adapters, the
+search on that traffic (lorafleet only; ``--rate`` skips it), then one
+``--scenario-s`` stage at ``--load-fraction`` of the sustainable rate, reported
+by adapter popularity class. Traffic knobs go to
 locust through ``--locust-args "--zipf-s 1.3 --sizes 64x64"`` or ``LOADTEST_*``
 environment variables (see ``loadtest/locustfile.py``).
 """
@@ -108,6 +113,13 @@ def run_locust(
         tail = (out_dir / "locust.log").read_text()[-3000:]
         raise RuntimeError(f"locust exited with {rc} after {time.time() - started:.0f} s:\n{tail}")
     return json.loads((out_dir / "stages.json").read_text())
+
+
+def cluster_lora_config(config_path: Path) -> dict:
+    """The ``lora`` section of a serve config (its slot budget), as deployed."""
+    from graph.config import load_serve_config
+
+    return dict(load_serve_config(config_path)[1].get("lora") or {})
 
 
 def warm_up(url: str, model_name: str, adapters: list[str], n: int = 4) -> None:
@@ -211,7 +223,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--config", default=str(ROOT / "serve_config.yaml"), help="serve config of the local cluster")
     t.add_argument("--baseline-torch-threads", type=int, default=None, help="torch threads of the baseline")
     w = p.add_argument_group("what to run")
-    w.add_argument("--adapters", type=int, default=int(env("LOADTEST_ADAPTERS", "20")), help="synthetic adapters")
+    w.add_argument(
+        "--scenario",
+        choices=("default", "many-adapters"),
+        default="default",
+        help="default: search (+ baseline, fairness); many-adapters: issue 15's popular/rare adapters run",
+    )
+    w.add_argument("--adapters", type=int, default=None, help="synthetic adapters (20; many-adapters: 200)")
     w.add_argument("--adapter-rank", type=int, default=4)
     w.add_argument("--adapter-prefix", default=env("LOADTEST_ADAPTER_PREFIX", "lt-style-"))
     w.add_argument("--slo-ms", type=float, default=float(env("LOADTEST_SLO_MS", "1000")), help="p95 objective")
@@ -233,11 +251,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--fairness-s", type=float, default=20.0)
     w.add_argument("--phase-timeout-s", type=float, default=600.0, help="bound on each locust run")
     w.add_argument("--locust-args", default=env("LOADTEST_LOCUST_ARGS", ""), help="more locustfile options")
-    return p.parse_args(argv)
+    s = p.add_argument_group("many-adapters scenario")
+    s.add_argument("--rate", type=float, default=None, help="offered rate, req/s (default: a share of the search's)")
+    s.add_argument("--load-fraction", type=float, default=0.8, help="of the sustainable rate the search found")
+    s.add_argument("--scenario-s", type=float, default=120.0, help="seconds of the measured stage")
+    args = p.parse_args(argv)
+    from .many_adapters import ADAPTERS
+
+    many = args.scenario == "many-adapters"
+    if args.adapters is None:
+        args.adapters = int(env("LOADTEST_ADAPTERS", str(ADAPTERS if many else 20)))
+    if many:  # the scenario measures lorafleet's adapter residency: no baseline, no fairness run
+        args.no_baseline = args.no_fairness = True
+    if args.rate is not None and args.rate <= 0 or not 0 < args.load_fraction <= 1:
+        p.error(f"--rate must be > 0 and --load-fraction in (0, 1], got {args.rate}, {args.load_fraction}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from . import many_adapters
     from .adapters import register_adapters, write_adapters
     from .cluster import LocalCluster, MetricsSampler
     from .report import build_report
@@ -257,11 +290,13 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = resolve_model_dir(args.model_uri)
             model_name = requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             replicas_fn = None
+            slot_budget = None  # the target's config is not ours to read
         else:
             print("starting lorafleet on a local Ray instance (127.0.0.1) ...", flush=True)
             cluster = LocalCluster.start(Path(args.config), out / "cluster")
             url, metrics_url, token = cluster.url, cluster.metrics_url, cluster.admin_token
             model_dir, model_name, replicas_fn = cluster.model_dir, cluster.model_name, cluster.replicas
+            slot_budget = cluster_lora_config(Path(args.config))
         names = adapter_names(args.adapters, args.adapter_prefix)
         files = write_adapters(model_dir, out / "adapters", names, rank=args.adapter_rank) if names else {}
         if files:
@@ -286,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         common = [
             "--adapters", str(args.adapters), "--adapter-prefix", args.adapter_prefix, "--model-name", model_name,
             "--slo-ms", str(args.slo_ms), "--warmup-s", str(args.warmup_s), "--concurrency", str(args.concurrency),
+            *(many_adapters.LOCUST_ARGS if args.scenario == many_adapters.NAME else []),
             *shlex.split(args.locust_args),
         ]  # fmt: skip
-        if args.stages:
+        if args.scenario == many_adapters.NAME and args.rate is not None:
+            sustainable, lowest_failing = {}, {}
+        elif args.stages:
             sustainable, lowest_failing = {}, {}
             for name, target in targets.items():
                 phase = {"name": f"{name}-stages", "target": name, "dir": f"{name}-stages", "start": time.time()}
@@ -310,17 +348,21 @@ def main(argv: list[str] | None = None) -> int:
                 rate = round(args.overload * base, 3)
                 phase = {"name": f"{name}-fairness", "target": name, "rate_rps": rate, "dir": f"{name}-fairness"}
                 print(f"[{phase['name']}] {args.fairness_tenants} at {rate} req/s", flush=True)
-                phase["start"] = time.time()
-                run_locust(
-                    target,
-                    out / phase["dir"],
-                    ["--plan", "stages", "--stages", f"{rate}:{args.fairness_s}"],
-                    [*common, "--tenants", args.fairness_tenants],
-                    args.phase_timeout_s,
-                )
-                phase["end"] = time.time()
-                info["phases"].append(phase)
-                _write(out / "run.json", info, sampler)
+                fixed_phase(phase, target, out, args.fairness_s, [*common, "--tenants", args.fairness_tenants], args,
+                            info, sampler)  # fmt: skip
+
+        if args.scenario == many_adapters.NAME:
+            saturation = sustainable.get("lorafleet")
+            if args.rate is None and saturation is None:
+                raise SystemExit("many-adapters: no stage of the search met the SLO; give the rate with --rate")
+            rate = args.rate if args.rate is not None else round(args.load_fraction * saturation, 3)
+            phase = {
+                "name": many_adapters.PHASE, "target": "lorafleet", "dir": many_adapters.PHASE, "rate_rps": rate,
+                "scenario": many_adapters.NAME, "saturation_rps": None if args.rate is not None else saturation,
+                "load_fraction": None if args.rate is not None else args.load_fraction, "slot_budget": slot_budget,
+            }  # fmt: skip
+            print(f"[{phase['name']}] {rate} req/s for {args.scenario_s:.0f} s", flush=True)
+            fixed_phase(phase, url, out, args.scenario_s, common, args, info, sampler)
     finally:
         if sampler is not None:
             time.sleep(3.0)  # Ray exports metrics every second or so: let the last requests show
@@ -336,6 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + summary["summary_md"], flush=True)
     print(f"report: {out / 'report.md'}", flush=True)
     return 0
+
+
+def fixed_phase(phase: dict, target: str, out: Path, seconds: float, locust_args: list[str], args, info, sampler):
+    """One stage at ``phase["rate_rps"]`` for ``seconds`` in its own locust process, recorded in ``run.json``."""
+    phase["start"] = time.time()
+    run_locust(
+        target,
+        out / phase["dir"],
+        ["--plan", "stages", "--stages", f"{phase['rate_rps']}:{seconds}"],
+        locust_args,
+        args.phase_timeout_s,
+    )
+    phase["end"] = time.time()
+    info["phases"].append(phase)
+    _write(out / "run.json", info, sampler)
 
 
 def _write(path: Path, info: dict, sampler) -> None:
