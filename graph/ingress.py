@@ -65,7 +65,6 @@ app = FastAPI(
     description="Text-to-image serving on Ray Serve: one Stable Diffusion model, many LoRA styles.",
     version="0.1.0",
 )
-errors.install(app)
 
 
 def _edge_policy() -> EdgePolicy | None:
@@ -131,11 +130,17 @@ def _route_template(scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
-# Middleware order, outermost first: SecurityHeaders, EdgeLimits (it counts its own refusals: they never
-# reach a route), the request metric, then the routes.
-app.add_middleware(RequestMetrics)
-app.add_middleware(EdgeLimits, policy=_edge_policy)
-app.add_middleware(SecurityHeaders)
+def install_edge(fastapi_app: FastAPI, policy) -> None:
+    """What every request meets before and after its route: the one error shape (``errors``), and the
+    middleware, outermost first: ``SecurityHeaders``, ``EdgeLimits`` (it counts its own refusals: they
+    never reach a route), ``RequestMetrics``."""
+    errors.install(fastapi_app)
+    fastapi_app.add_middleware(RequestMetrics)
+    fastapi_app.add_middleware(EdgeLimits, policy=policy)
+    fastapi_app.add_middleware(SecurityHeaders)
+
+
+install_edge(app, _edge_policy)
 
 
 def _record_body(route: str, nbytes: int) -> None:

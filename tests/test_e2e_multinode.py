@@ -85,7 +85,8 @@ def test_replicas_on_two_nodes_share_s3_and_keep_their_own_disk_cache(two_nodes,
     def generate(seed: int) -> dict:
         body = {"prompt": "shared style", "seed": seed, "steps": 20, "width": 64, "height": 64}
         body["loras"] = [{"name": "shared"}]
-        r = requests.post(url + "/v1/generate", json=body, timeout=300)
+        # With the admin token the trace names replicas by their Serve ids (others see aliases).
+        r = requests.post(url + "/v1/generate", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)
         assert r.status_code == 200, r.text
         return r.json()["trace"]
 

@@ -499,3 +499,46 @@ def test_traces_name_replicas_by_alias_for_non_admins(served, monkeypatch):
     assert public["denoiser_replica"].startswith("r-") and "abc123" not in public["denoiser_replica"]
     assert replica_alias("abc124") != public["denoiser_replica"]
     assert client.post("/v1/generate", json=body, headers=ADMIN).json()["trace"]["denoiser_replica"] == "abc123"
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, value=1.0, tags=None):
+        self.calls.append((value, tags))
+
+    def observe(self, value, tags=None):
+        self.calls.append((value, tags))
+
+
+def test_every_outcome_is_counted_by_route_and_status(served, monkeypatch):
+    """lorafleet_requests_total: answers, refusals before the route (413, 401) and unhandled exceptions (500)."""
+    from types import SimpleNamespace
+
+    from graph import ingress as ingress_module
+
+    client, ingress = served
+    fake = SimpleNamespace(
+        requests=_Counter(), request_latency=_Counter(), request_body_bytes=_Counter(), registry_ops=_Counter()
+    )
+    monkeypatch.setattr(ingress_module, "metrics", lambda: fake)
+
+    async def boom(plan):
+        raise RuntimeError("unexpected")
+
+    body = {"prompt": "a boat", "steps": 2, "width": 64, "height": 64}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    assert client.post("/v1/generate", json={"steps": 2}).status_code == 422
+    assert client.post("/v1/adapters", content=b"x" * 10).status_code == 401
+    assert client.post("/v1/generate", content=b"x" * (2 * MB)).status_code == 413
+    monkeypatch.setattr(ingress.graph, "run", boom)
+    assert client.post("/v1/generate", json=body).status_code == 500
+    assert [tags for _, tags in fake.requests.calls] == [
+        {"route": "/v1/generate", "status": "200"},
+        {"route": "/v1/generate", "status": "422"},
+        {"route": "/v1/adapters", "status": "401"},
+        {"route": "/v1/generate", "status": "413"},
+        {"route": "/v1/generate", "status": "500"},
+    ]
+    assert [tags["route"] for _, tags in fake.request_latency.calls] == ["/v1/generate"]  # successes only
