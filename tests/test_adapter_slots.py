@@ -61,12 +61,13 @@ def settle(residency, keys, states=(State.READY, State.FAILED, State.BLOCKED), t
         time.sleep(0.002)
 
 
-def make(num_slots=5, pages=12, **kw):
+def make(num_slots=5, pages=12, loader_threads=1, **kw):
+    """One loader thread unless asked: loads then run in priority order, so slot numbers are exact."""
     model = Model()
     lora = MultiLoRAModel(model, ["a", "b"], num_slots=num_slots, max_rank=8, num_pages=pages)
     fetch = Fetch()
     changes = []
-    residency = AdapterResidency(lora, fetch, on_change=lambda: changes.append(1), **kw)
+    residency = AdapterResidency(lora, fetch, on_change=lambda: changes.append(1), loader_threads=loader_threads, **kw)
     return residency, lora, fetch, changes
 
 
@@ -194,4 +195,14 @@ def test_evict_drops_an_unpinned_adapter_only():
     assert not residency.evict("a/2")
     residency.release(["a/2"])
     assert residency.evict("a/2") and residency.resident() == {} and lora.free_pages == 12
+    assert residency.consistent()
+
+
+def test_two_loaders_fill_distinct_slots_and_pages():
+    residency, lora, fetch, _ = make(num_slots=9, pages=40, loader_threads=2)
+    keys = [f"k{i}/{r}" for i, r in enumerate((2, 4, 8, 2, 4, 8, 2, 4))]
+    residency.want([[k] for k in keys])
+    settle(residency, keys, states=(State.READY,))
+    slots = residency.resident()
+    assert sorted(slots.values()) == list(range(1, 9)) and lora.free_pages == 40 - 34
     assert residency.consistent()
