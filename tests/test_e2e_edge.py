@@ -121,7 +121,7 @@ def raw_upload(url: str, headers: dict[str, str], total_bytes: int, chunk: int =
                 break
             sock.sendall(payload[: min(chunk, total_bytes - sent)])
             sent += min(chunk, total_bytes - sent)
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the server answered and stopped reading
         pass
     answer = b""
     try:

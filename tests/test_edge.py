@@ -144,7 +144,7 @@ def test_image_messages_name_the_field_once(client, route, field):
 # -- limits before work ---------------------------------------------------------------------------------
 
 
-def call_asgi(app, method: str, path: str, headers: dict, chunks):
+def call_asgi(app, method: str, path: str, headers: dict, chunks, root_path: str = ""):
     """Drive the ASGI app with a body streamed from ``chunks`` (a generator: nothing big in memory).
 
     Returns ``(status, response headers, body, bytes the app pulled)``: what the server really read.
@@ -180,9 +180,9 @@ def call_asgi(app, method: str, path: str, headers: dict, chunks):
             "http_version": "1.1",
             "method": method,
             "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
+            "path": root_path + path,
+            "raw_path": (root_path + path).encode(),
+            "root_path": root_path,
             "query_string": b"",
             "headers": [(k.lower().encode(), str(v).encode()) for k, v in headers.items()],
             "client": ("127.0.0.1", 1234),
@@ -253,6 +253,15 @@ def test_a_declared_oversized_body_is_refused_unread(served, tokenizer_calls):
     }
     assert headers["x-content-type-options"] == "nosniff"
     assert tokenizer_calls == [] and ingress.graph.plans == []
+
+
+def test_caps_apply_under_a_route_prefix(served):
+    """An app deployed at a route prefix (``serve.run(..., route_prefix="/failures")``): the same caps."""
+    status, _, body, pulled = call_asgi(
+        app(), "POST", "/v1/generate", {"content-length": 5_000_000}, prompt_body(5_000_000), root_path="/failures"
+    )
+    assert (status, pulled) == (413, 0)
+    assert "the limit for POST /v1/generate (limits.max_body_bytes)" in json.loads(body)["error"]["message"]
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_cap(served, tokenizer_calls):
