@@ -442,7 +442,8 @@ def build_report(run_dir: Path) -> dict:
         plot_fairness(fair, run_dir / "fairness.png")
         plots.append("fairness.png")
 
-    summary_md = _summary_table(headline, searches, fair, overall, load_phases)
+    # a scenario run at a given --rate has no search and no fairness run: no summary table to show
+    summary_md = _summary_table(headline, searches, fair, overall, load_phases) if searches or fair else ""
     summary_md += "".join("\n" + s["markdown"] for s in scenarios.values())
     md = _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots)
     (run_dir / "report.md").write_text(md)

@@ -204,6 +204,7 @@ def test_scenario_section_of_the_report(tmp_path):
     assert "searches" in summary and summary["searches"] == {}  # the scenario's stage is no point of a search
     md = (tmp_path / "report.md").read_text()
     assert "## Scenario many-adapters" in md and "→ **PASS**" in md
+    assert "| figure |" not in md  # no search, no fairness run: no empty summary table
     assert "4.00 req/s (80% of the 5.00 req/s the search sustained)" in md
     assert "`max_loras_per_replica` = 64" in md and "hit ratio 75.0%" in md
     assert "prefetches n/a/s" in md and "adapter wait: not exported by this server" in md
