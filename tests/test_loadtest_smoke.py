@@ -54,3 +54,38 @@ def test_loadtest_smoke(cluster, tiny_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "## lorafleet: stages" in report and "(latency_vs_load.png)" in report
     assert (out / "latency_vs_load.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(180)
+def test_many_adapters_scenario_smoke(cluster, tmp_path):
+    """``--scenario many-adapters`` at a given rate (no search), small: 12 adapters, one 8 s stage at 1 req/s."""
+    from loadtest.run import main
+
+    from conftest import ADMIN_TOKEN
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "--out", str(out), "--url", cluster.url, "--metrics-url", cluster.metrics_url,
+            "--admin-token", ADMIN_TOKEN, "--model-uri", "builtin:tiny-sd", "--scenario", "many-adapters",
+            "--adapters", "12", "--adapter-prefix", "many-", "--rate", "1", "--scenario-s", "8", "--warmup-s", "1",
+            "--concurrency", "6", "--phase-timeout-s", "120",
+            "--locust-args", "--steps-mix 4 --sizes 64x64 --request-timeout-s 60",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["searches"] == {}  # --rate: no search
+    s = summary["scenarios"]["many-adapters"]
+    log = out / "lorafleet-many-adapters" / "requests.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert s["rate_rps"] == 1.0 and s["saturation_rps"] is None and s["window_s"] == 7.0
+    in_window = sum(c["requests"] for c in s["classes"].values())
+    assert 0 < in_window <= len(records) <= 8
+    assert all(r["ok"] and r["timings"]["queue_ms"] >= 0 for r in records)  # native API only: every answer timed
+    assert all(len(r["adapters"]) <= 1 and r["tenant"] in ("heavy", "light") for r in records)
+    assert all(c["failed"] == 0 for c in s["classes"].values())
+    m = s["adapter_metrics"]
+    assert m["hit_ratio"] is None or 0.0 <= m["hit_ratio"] <= 1.0
+    assert s["target"]["passed"] in (True, False, None) and s["target"]["limit"] == 1.5
+    assert "## Scenario many-adapters" in (out / "report.md").read_text()
