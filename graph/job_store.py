@@ -125,11 +125,13 @@ class JobRecords:
     A creation record that cannot be written fails its future (the job is refused, never run).
     Any later write (``retry=True``: a job's end, a delete) that fails is tried again with backoff
     (``retry_base_s`` doubling up to ``retry_max_s``) until it lands or a newer write or delete of
-    the same job supersedes it, so a job that ends during a store outage is durable once the
-    store is back (while this replica lives: ``pending`` counts what is not yet written).
+    the same job supersedes it, and at once when any other write succeeds (the store is back), so
+    a job that ends during a store outage is durable as soon as the store returns. Until then the
+    record lives only in this replica (``pending`` counts what is not yet written): a replica lost
+    before the store returns loses it.
     """
 
-    def __init__(self, store, prefix: str = "jobs/", retry_base_s: float = 1.0, retry_max_s: float = 30.0):
+    def __init__(self, store, prefix: str = "jobs/", retry_base_s: float = 1.0, retry_max_s: float = 10.0):
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = store
@@ -140,6 +142,7 @@ class JobRecords:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-records")
         self._lock = threading.Lock()
         self._latest: dict[str, object] = {}  # key -> the newest write queued for it (bytes, or _DELETE)
+        self._waiting: set[str] = set()  # keys whose write failed and waits for a retry
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}{job_id}.json"
@@ -181,6 +184,8 @@ class JobRecords:
             delay = min(self.retry_max_s, self.retry_base_s * 2**attempt)
             logger.warning("job record %s not written (try %d); again in %.0f s", key, attempt + 1, delay)
             self.retries += 1
+            with self._lock:
+                self._waiting.add(key)
             timer = threading.Timer(delay, self._queue, (key, op, retry, attempt + 1))
             timer.daemon = True
             timer.start()
@@ -188,6 +193,11 @@ class JobRecords:
         with self._lock:
             if self._latest.get(key) is op:
                 del self._latest[key]
+            self._waiting.discard(key)
+            waiting, self._waiting = [(k, self._latest.get(k)) for k in self._waiting], set()
+        for k, pending in waiting:  # the store took a write: the ones that failed before need not wait
+            if pending is not None:
+                self._io.submit(self._write, k, pending, True, 1)
 
     def load_all(self) -> list[dict]:
         """Every stored record (blocking: for start-up); unreadable ones are skipped."""

@@ -576,3 +576,18 @@ def test_a_newer_write_supersedes_a_retry(tmp_path):
     store.down = False
     wait_for(lambda: records.pending == 0)
     assert not (tmp_path / "jobs" / "app" / "j.json").exists()
+
+
+def test_a_write_that_lands_brings_the_waiting_retries_with_it(tmp_path):
+    store = FlakyStore(tmp_path)
+    records = JobRecords(store, "jobs/app/", retry_base_s=3600, retry_max_s=3600)  # timers never fire here
+    jobs = JobStore(10, 60, records=records)
+    j = job("j")
+    jobs.add(j).result()
+    store.down = True
+    jobs.finish(j, "done", images=[])
+    wait_for(lambda: store.failed == 1 and records.retries == 1)
+    store.down = False
+    jobs.add(job("k")).result()  # the store is back: the next write succeeds and kicks the waiting one
+    wait_for(lambda: records.pending == 0)
+    assert json.loads((tmp_path / "jobs" / "app" / "j.json").read_bytes())["status"] == "done"
