@@ -158,12 +158,15 @@ def adapter_metrics(samples: list[dict], start: float, end: float) -> dict:
     waits = metric_delta(samples, start, end, WAIT + "_count").get("")
     wait_sum = metric_delta(samples, start, end, WAIT + "_sum").get("")
     zero = min(((float(le), n) for le, n in buckets.items()), default=(None, None))  # the first bucket: <= 5 ms
+    prefetches = per_s(PREFETCHES)
+    if prefetches is None and waits is not None and span_s:
+        prefetches = 0.0  # Ray exports a counter once incremented: a server with adapter waits but none has made none
     return {
         "span_s": span_s,
         "hit_ratio": hit_ratio(samples, start, end),
         "loads_per_s": per_s(LOADS),
         "misses_per_s": per_s(ADAPTER_REQUESTS, "miss"),
-        "prefetches_per_s": per_s(PREFETCHES),
+        "prefetches_per_s": prefetches,
         "waits": waits,
         "wait_mean_ms": wait_sum / waits if waits else None,
         "wait_p50_ms": bucket_quantile(buckets, 0.50),
@@ -199,6 +202,10 @@ def scenario_report(phase: dict, records: list[dict], stages_doc: dict, samples:
 
 def _pct(x: float | None, digits: int = 1) -> str:
     return _fmt(None if x is None else 100 * x, digits, "%")
+
+
+def _per_s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}/s"
 
 
 def _verdict(passed: bool | None) -> str:
@@ -250,8 +257,8 @@ def scenario_markdown(s: dict, args: dict) -> str:
             f"{MAX_CLASS_ERROR_RATE:.0%}): rare / popular = {_fmt(t['ratio'], 2, '×')} → {_verdict(t['passed'])}.",
             "",
             f"Denoiser metrics over the phase: adapter hit ratio {_pct(m['hit_ratio'])}, "
-            f"loads {_fmt(m['loads_per_s'], 2)}/s, misses {_fmt(m['misses_per_s'], 2)}/s, "
-            f"prefetches {_fmt(m['prefetches_per_s'], 2)}/s; {wait}.",
+            f"loads {_per_s(m['loads_per_s'])}, misses {_per_s(m['misses_per_s'])}, "
+            f"prefetches {_per_s(m['prefetches_per_s'])}; {wait}.",
             "",
             "Queue share: the class's total `timings.queue_ms` over its total latency. Outside server timings: "
             "latency minus queue, encode, denoise and decode (HTTP, routing between stages, and any wait the "

@@ -158,6 +158,10 @@ def test_adapter_metrics_over_a_phase():
     assert m["prefetches_per_s"] == pytest.approx(4 / 20)
     assert m["waits"] == 100 and m["wait_mean_ms"] == pytest.approx(29.0)
     assert m["wait_p50_ms"] == 5.0 and m["wait_p95_ms"] == math.inf and m["waited_share"] == pytest.approx(0.3)
+    # no prefetch yet: Ray has not exported the counter, but the same Denoiser exports waits, so it is 0
+    cold = [_sample(99.0, 10, 5, 5, waits=(1, 1, 1, 0.0)), _sample(119.0, 20, 15, 15, waits=(2, 3, 3, 9.0))]
+    cold = ma.adapter_metrics(cold, 100.0, 118.0)
+    assert cold["prefetches_per_s"] == 0.0 and cold["waits"] == 2
     # a server without the issue-15 metrics (before it): waits and prefetches are unknown, not zero
     old = ma.adapter_metrics([_sample(99.0, 10, 5, 5), _sample(119.0, 20, 15, 15)], 100.0, 118.0)
     assert old["loads_per_s"] == pytest.approx(0.5) and old["hit_ratio"] == pytest.approx(0.5)
@@ -207,7 +211,7 @@ def test_scenario_section_of_the_report(tmp_path):
     assert "| figure |" not in md  # no search, no fairness run: no empty summary table
     assert "4.00 req/s (80% of the 5.00 req/s the search sustained)" in md
     assert "`max_loras_per_replica` = 64" in md and "hit ratio 75.0%" in md
-    assert "prefetches n/a/s" in md and "adapter wait: not exported by this server" in md
+    assert "prefetches n/a;" in md and "loads 0.50/s" in md and "adapter wait: not exported by this server" in md
 
 
 def test_runner_options_of_the_scenario(monkeypatch):
