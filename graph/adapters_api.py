@@ -81,13 +81,14 @@ class AdapterResolver:
         without slots, rank over the slot size) -> 422; the registry unreachable -> its 503.
         """
         cfg = self.lora
-        if len(loras) > cfg.max_loras_per_request:
+        limit = min(cfg.max_loras_per_request, cfg.max_loras_per_replica)  # a replica holds them all at once
+        if len(loras) > limit:
             raise FieldError(
                 422,
                 "invalid_value",
                 field,
                 "{field}: at most {limit} adapters per request, got {count}",
-                limit=cfg.max_loras_per_request,
+                limit=limit,
                 count=len(loras),
             )
         unet, text, applied = [], [], []

@@ -260,3 +260,13 @@ def test_show_and_delete(admin):
     with pytest.raises(FieldError) as e:
         admin.resolve(specs("ink"))
     assert (e.value.status, e.value.code) == (404, "adapter_not_found")
+
+
+def test_more_adapters_than_a_replica_holds_is_refused_at_planning(served_adapters):
+    with pytest.raises(FieldError) as e:
+        resolver_for(served_adapters, max_loras_per_request=4, max_loras_per_replica=1).resolve(specs("ink", "wide"))
+    assert (e.value.status, e.value.field, e.value.message) == (
+        422,
+        "loras",
+        "loras: at most 1 adapters per request, got 2",
+    )
