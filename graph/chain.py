@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.engine.adapter_slots import AdapterBudgetError
 from deployments.engine.adapters import SlotWaitTimeoutError
 from deployments.engine.conditioning import ImageInputError
-from deployments.engine.step_scheduler import QueueFullError
+from deployments.engine.step_scheduler import NonFiniteLatentsError, QueueFullError
 from deployments.messages import DecodedImages, Denoised, Preview, Queued, Step
 from lora_registry.errors import RegistryError
 
@@ -28,7 +28,15 @@ from .planning import Plan
 logger = logging.getLogger("ray.serve")
 
 
-_KNOWN = (QueueFullError, BackPressureError, RegistryError, SlotWaitTimeoutError, AdapterBudgetError, ImageInputError)
+_KNOWN = (
+    QueueFullError,
+    BackPressureError,
+    RegistryError,
+    SlotWaitTimeoutError,
+    AdapterBudgetError,
+    ImageInputError,
+    NonFiniteLatentsError,
+)
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -209,6 +217,11 @@ def _api_error(e: Exception) -> Exception:
     if isinstance(cause, SlotWaitTimeoutError):
         message = f"no adapter slot became free within {cause.timeout_s:.0f} s; retry later"
         return APIError(503, "adapter_slots_busy", message, "loras", {"Retry-After": "5"})
+    if isinstance(cause, NonFiniteLatentsError):  # adapter refs and a step count: safe to show
+        if cause.adapters:
+            return APIError(422, "non_finite_image", cause.message, "loras")
+        logger.error("non-finite latents without adapters: %s", cause.message)
+        return APIError(500, "internal_error", "the image could not be computed; the server log has the details")
     if isinstance(cause, AdapterBudgetError):  # its words are counts and config names: safe to show
         return APIError(422, "adapters_exceed_memory", cause.message, "loras")
     if isinstance(cause, RegistryError):

@@ -221,3 +221,31 @@ def test_text_encoder_wait_is_bounded_and_then_evicts(tiny):
 
     assert asyncio.run(main()) == [1]
     assert adapters.stats()["evictions"] == 1 and adapters.residency.pinned() == {"b@1": 1}
+
+
+def test_an_adapter_that_blows_up_the_latents_fails_its_request_by_name(tiny):
+    from deployments.engine.step_scheduler import NonFiniteLatentsError
+
+    engine, registry, adapters, loop = denoiser(tiny)
+    load = registry.load
+
+    def huge(ref):
+        manifest, adapter = load(ref)
+        (w,) = adapter.component("unet").values()
+        w.A.fill_(float("inf"))  # registration refuses this; the guard is the net behind it (fp16 overflow)
+        return manifest, adapter
+
+    registry.load = huge
+
+    async def main():
+        with pytest.raises(NonFiniteLatentsError) as e:
+            await loop.run([styled(engine, "huge@3", steps=2)])
+        (base,) = await loop.run([engine.request("base", steps=2, seed=1, scheduler="ddim")])
+        return e.value, base
+
+    error, base = asyncio.run(main())
+    assert error.message == (
+        "the image became NaN/infinite during its 2 steps with adapters huge@3; "
+        "lower their scale or check their weights"
+    )
+    assert torch.isfinite(base.x_t).all() and adapters.residency.pinned() == {}

@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.engine.adapter_slots import AdapterBudgetError
 from deployments.engine.adapters import SlotWaitTimeoutError
 from deployments.engine.conditioning import ImageInputError
-from deployments.engine.step_scheduler import QueueFullError
+from deployments.engine.step_scheduler import NonFiniteLatentsError, QueueFullError
 from deployments.messages import DecodedImages, Denoised, DenoiseParams, EncodeRequest, PromptEmbeddings, Step
 from graph.chain import GraphClient
 from graph.config import LimitsConfig
@@ -184,6 +184,8 @@ def raising(error):
             None,
         ),
         (AdapterNotFoundError("no adapter 'ink'"), 404, "not_found", "loras", None),
+        (NonFiniteLatentsError(("ink@2",), 20), 422, "non_finite_image", "loras", None),
+        (NonFiniteLatentsError((), 20), 500, "internal_error", None, None),
         (RegistryUnavailableError("registry down"), 503, "unavailable", "loras", None),
         (ImageInputError("image", "is not a PNG"), 422, "invalid_image", "image", None),
     ],

@@ -69,6 +69,27 @@ class QueueFullError(RuntimeError):
         return type(self), (self.queued, self.limit, self.retry_after_s)
 
 
+class NonFiniteLatentsError(ValueError):
+    """An image's latents became NaN or infinite (it would decode to a black or noise image)."""
+
+    def __init__(self, adapters: tuple[str, ...], steps: int):
+        self.adapters = adapters
+        self.steps = steps
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        if self.adapters:
+            return (
+                f"the image became NaN/infinite during its {self.steps} steps with adapters "
+                f"{', '.join(self.adapters)}; lower their scale or check their weights"
+            )
+        return f"the image became NaN/infinite during its {self.steps} steps"
+
+    def __reduce__(self):
+        return type(self), (self.adapters, self.steps)
+
+
 @dataclass
 class DenoiseRequest:
     """One image to denoise. Later stages add fields (adapters, init latents, masks) here."""
@@ -565,6 +586,9 @@ class StepScheduler:
         done = [j for j in jobs if j.done]
         for j in done:
             j.finished_at = now
+            if not bool(torch.isfinite(j.x_t).all()):  # one check per image, at its end: never a silent black image
+                names = tuple(str(key) for key, _ in j.request.adapters)
+                j.error = NonFiniteLatentsError(names, len(j.timesteps))
         self.active = [j for j in self.active if not j.done]
         self._leave(done)
         return finished + done
