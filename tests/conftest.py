@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -359,3 +360,18 @@ class WebhookReceiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+LEAKS = ("Traceback", "ray::", "/home", "/tmp", "/work", ".py", "site-packages", "127.0.0.1", "Actor")
+
+
+def assert_clean_error(text: str) -> None:
+    """An error body a user sees: one short line in the documented shape, nothing of the server's insides."""
+    import json
+
+    body = json.loads(text)
+    error = body["error"]
+    assert set(body) == {"error"} and set(error) == {"code", "message", "field"}, body
+    assert len(text.encode()) < 500 and "\n" not in error["message"], text
+    assert not [leak for leak in LEAKS if leak in text], text
+    assert not re.search(r"0x[0-9a-f]{6,}|\b\d{1,3}(\.\d{1,3}){3}\b", text), text  # addresses, IPs

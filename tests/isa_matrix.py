@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for s in chosen:
         ok, seconds, summary = run(s, shim, args.pytest_args)
-        print(
-            f"{'ok  ' if ok else 'FAIL'} {s.label:<40} {seconds:6.0f} s  {summary}", flush=True
-        )
+        print(f"{'ok  ' if ok else 'FAIL'} {s.label:<40} {seconds:6.0f} s  {summary}", flush=True)
         if not ok:
             failed.append(s.label)
     print(f"{len(chosen) - len(failed)} of {len(chosen)} settings passed" + (f"; failed: {failed}" if failed else ""))

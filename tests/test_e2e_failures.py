@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from conftest import assert_clean_error
+
 pytestmark = pytest.mark.e2e
 ROUTE = "/failures"
 
@@ -60,7 +62,7 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
 
     retried_before = total(scrape(cluster), "ray_lorafleet_replica_failures", "_total", attempt="1")
     actor, actor_id = replica_actor(cluster, deployment)
-    outcomes: list[tuple[int, int, dict | None]] = []
+    outcomes: list[tuple[int, int, dict | None, str]] = []
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -69,12 +71,12 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
         while not stop.is_set():
             r = requests.post(app_url + "/v1/generate", json=body(seed, steps), timeout=180)
             with lock:
-                outcomes.append((seed, r.status_code, r.json()))
+                outcomes.append((seed, r.status_code, r.json(), r.text))
             seed += 1
 
     def successes() -> int:
         with lock:
-            return sum(status == 200 for _, status, _ in outcomes)
+            return sum(status == 200 for _, status, _, _ in outcomes)
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, k) for k in range(6)]
@@ -101,12 +103,13 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
         for f in futures:
             f.result(timeout=240)  # no client hangs
 
-    statuses = [status for _, status, _ in outcomes]
+    statuses = [status for _, status, _, _ in outcomes]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) >= 6
-    for _, status, payload in outcomes:
+    for _, status, payload, text in outcomes:
         if status == 503:
             assert payload["error"]["code"] in ("replica_failed", "overloaded")
+            assert_clean_error(text)  # a replica's death shows no traceback, path, IP or actor id
     _, new_id = replica_actor(cluster, deployment)
     assert new_id != actor_id  # Serve replaced the replica
     if deployment == "Denoiser":
@@ -115,7 +118,7 @@ def test_killing_a_replica_under_load(app_url, cluster, deployment, steps):
         # Serve's router mostly re-routes those itself, before the ingress sees a failure.
         wait_for(cluster, lambda f: total(f, "ray_lorafleet_replica_failures", "_total", attempt="1") > retried_before)
     # A retried request gives the same image as a fresh one with its seed.
-    for seed, status, payload in outcomes[:: max(1, len(outcomes) // 4)]:
+    for seed, status, payload, _ in outcomes[:: max(1, len(outcomes) // 4)]:
         if status == 200:
             again = requests.post(app_url + "/v1/generate", json=body(seed, steps), timeout=180).json()
             assert again["images"][0]["b64"] == payload["images"][0]["b64"]

@@ -9,7 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import HeldDenoiser
+from conftest import HeldDenoiser, assert_clean_error
 
 pytestmark = pytest.mark.e2e
 
@@ -225,6 +225,7 @@ def test_overload_answers_503_with_retry_after_and_recovers(cluster):
         if r.status_code == 503:
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["code"] == "overloaded"
+            assert_clean_error(r.text)  # D1: no Ray traceback in an overload answer
     stats = cluster.stats("Denoiser")
     assert stats["waiting"] == 0 and stats["active"] == 0  # no stuck slots
     assert post(cluster, {"prompt": "after the storm", **SMALL}).status_code == 200
