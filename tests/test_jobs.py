@@ -528,6 +528,16 @@ def wait_for(condition, timeout_s=30.0):
         time.sleep(0.005)
 
 
+def outage_jobs(tmp_path, **retry):
+    """A job store on a ``FlakyStore``, fast retries unless told, with job ``j`` created (its record written)."""
+    store = FlakyStore(tmp_path)
+    records = JobRecords(store, "jobs/app/", **({"retry_base_s": 0.01, "retry_max_s": 0.05} | retry))
+    jobs = JobStore(10, 60, records=records)
+    j = job("j")
+    jobs.add(j).result()
+    return store, records, jobs, j
+
+
 def test_a_job_whose_record_cannot_be_written_is_refused_and_never_runs(tmp_path):
     store = FlakyStore(tmp_path)
     graph = FakeGraph()
@@ -546,11 +556,7 @@ def test_a_job_whose_record_cannot_be_written_is_refused_and_never_runs(tmp_path
 
 
 def test_a_job_that_ends_during_a_store_outage_is_written_once_the_store_is_back(tmp_path):
-    store = FlakyStore(tmp_path)
-    records = JobRecords(store, "jobs/app/", retry_base_s=0.01, retry_max_s=0.05)
-    jobs = JobStore(10, 60, records=records)
-    j = job("j")
-    jobs.add(j).result()
+    store, records, jobs, j = outage_jobs(tmp_path)
     store.down = True
     jobs.finish(j, "done", images=[{"b64": "cG5n", "seed": 1, "width": 64, "height": 64}])
     wait_for(lambda: store.failed >= 3)  # tried, and tried again
@@ -564,11 +570,7 @@ def test_a_job_that_ends_during_a_store_outage_is_written_once_the_store_is_back
 
 
 def test_a_newer_write_supersedes_a_retry(tmp_path):
-    store = FlakyStore(tmp_path)
-    records = JobRecords(store, "jobs/app/", retry_base_s=0.01, retry_max_s=0.05)
-    jobs = JobStore(10, 60, records=records)
-    j = job("j")
-    jobs.add(j).result()
+    store, records, jobs, j = outage_jobs(tmp_path)
     store.down = True
     jobs.finish(j, "done", images=[])
     wait_for(lambda: store.failed >= 1)
@@ -579,11 +581,7 @@ def test_a_newer_write_supersedes_a_retry(tmp_path):
 
 
 def test_a_write_that_lands_brings_the_waiting_retries_with_it(tmp_path):
-    store = FlakyStore(tmp_path)
-    records = JobRecords(store, "jobs/app/", retry_base_s=3600, retry_max_s=3600)  # timers never fire here
-    jobs = JobStore(10, 60, records=records)
-    j = job("j")
-    jobs.add(j).result()
+    store, records, jobs, j = outage_jobs(tmp_path, retry_base_s=3600, retry_max_s=3600)  # timers never fire
     store.down = True
     jobs.finish(j, "done", images=[])
     wait_for(lambda: store.failed == 1 and records.retries == 1)

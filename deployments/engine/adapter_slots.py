@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -99,7 +99,6 @@ class _Entry:
     blocked_at: int = -1  # the memory generation it was blocked at; retried once memory changes
     pinned_before: bool = False  # pinned at least once since loaded (the first pin is the miss)
     last_used: int = 0
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class AdapterResidency:
@@ -177,9 +176,9 @@ class AdapterResidency:
                 p = priority.get(key)
                 if p is None:
                     entry.priority = _NOT_WANTED
-                    if entry.state is State.FAILED or (entry.state is State.LOADING and not entry.busy):
-                        self._drop(entry)
-                    elif entry.state is State.BLOCKED:
+                    if entry.state in (State.FAILED, State.BLOCKED) or (
+                        entry.state is State.LOADING and not entry.busy
+                    ):
                         self._drop(entry)
                 else:
                     entry.priority = p
