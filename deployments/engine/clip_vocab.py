@@ -74,9 +74,12 @@ def write_vocab_files(directory: Path) -> None:
     )
 
 
-def build_clip_tokenizer(model_max_length: int = 77):
-    """A ``CLIPTokenizer`` over the real vocabulary, with CLIP's 77-token context."""
+def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A ``CLIPTokenizer`` over the real vocabulary, with CLIP's 77-token context.
+
+    ``pad_token``: SD's tokenizers pad with the end token; SDXL's ``tokenizer_2`` pads with ``"!"``.
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length, pad_token=pad_token)

@@ -6,8 +6,12 @@ One path for every model: a URI resolves to a local diffusers directory
 
 - ``/path/to/model`` or ``file:///path``: used in place.
 - ``s3://bucket/prefix``: downloaded once with boto3 into the local cache.
-- ``builtin:tiny-sd`` (``builtin:tiny-sd-inpaint``: its 9-channel inpainting variant): built from
-  its config and seed into the local cache.
+- ``builtin:tiny-sd`` (``builtin:tiny-sd-inpaint``: its 9-channel inpainting variant), and
+  ``builtin:tiny-sdxl`` / ``builtin:tiny-sdxl-inpaint`` (SDXL's architecture): built from their
+  config and seed into the local cache.
+
+SDXL directories (``model_index.json`` names ``StableDiffusionXLPipeline``) also have
+``text_encoder_2/`` and ``tokenizer_2/``.
 
 Nothing here talks to a model hub: every ``from_pretrained`` call is given a
 local directory and ``local_files_only=True``.
@@ -34,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # StableDiffusionXL*Pipeline's second text encoder
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 _COMPLETE_MARKER = ".lorafleet-complete"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -112,7 +118,10 @@ def check_model_dir(path: Path) -> None:
         raise ValueError(f"model directory {str(path)!r} does not exist")
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{str(path)!r} is not a diffusers model directory: model_index.json is missing")
-    missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
+    parts = REQUIRED_PARTS
+    if json.loads((path / "model_index.json").read_text()).get("_class_name") in SDXL_PIPELINES:
+        parts += SDXL_PARTS
+    missing = [part for part in parts if not (path / part).is_dir()]
     if missing:
         raise ValueError(f"model directory {str(path)!r} lacks {missing}")
 
@@ -164,6 +173,9 @@ def _download_s3(bucket: str, prefix: str, out: Path, s3_client: Any = None) -> 
         raise ValueError(f"no objects under s3://{bucket}/{key_prefix}")
 
 
+MODEL_KINDS = ("sd1", "sdxl")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What every stage needs to know about the model, without loading weights."""
@@ -177,39 +189,78 @@ class ModelInfo:
     latent_channels: int  # the VAE's latents (4 for SD)
     unet_in_channels: int  # 4, or 9 for an inpainting UNet (latents, mask, masked-image latents)
     max_prompt_tokens: int
-    default_side: int
+    default_side: int  # native resolution: the UNet's sample_size x the VAE's scale factor
+    kind: str = "sd1"  # "sd1" (SD 1.x / 2.x: one text encoder) or "sdxl" (two encoders, micro-conditioning)
+    # SDXL only: UNet "text_time" conditioning (pooled text embeds + 6 time ids per row).
+    addition_time_embed_dim: int = 0
+    pooled_dim: int = 0  # text_encoder_2's projection_dim
+    force_zeros_for_empty_prompt: bool = False  # an empty negative prompt is zeros, not encoded ""
+
+    @property
+    def sdxl(self) -> bool:
+        return self.kind == "sdxl"
+
+    @property
+    def inpainting(self) -> bool:
+        return self.unet_in_channels != self.latent_channels
+
+    @property
+    def family(self) -> str:
+        """What clients see: ``"sd1"``, ``"sdxl"``, ``"sd1-inpaint"``, ``"sdxl-inpaint"``."""
+        return f"{self.kind}-inpaint" if self.inpainting else self.kind
+
+
+def _config(directory: Path, part: str) -> dict:
+    return json.loads((directory / part / "config.json").read_text())
 
 
 def read_model_info(uri: str, directory: Path) -> ModelInfo:
     index = json.loads((directory / "model_index.json").read_text())
     scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-    vae_config = json.loads((directory / "vae" / "config.json").read_text())
-    unet_config = json.loads((directory / "unet" / "config.json").read_text())
-    te_config = json.loads((directory / "text_encoder" / "config.json").read_text())
+    vae_config = _config(directory, "vae")
+    unet_config = _config(directory, "unet")
+    te_config = _config(directory, "text_encoder")
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    sdxl = index.get("_class_name") in SDXL_PIPELINES or unet_config.get("addition_embed_type") == "text_time"
+    xl: dict = {}
+    if sdxl:
+        if not (directory / "text_encoder_2").is_dir():
+            raise ValueError(f"SDXL model {uri!r} has no text_encoder_2/")
+        xl = {
+            "kind": "sdxl",
+            "addition_time_embed_dim": unet_config["addition_time_embed_dim"],
+            "pooled_dim": _config(directory, "text_encoder_2")["projection_dim"],
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+        }
     return ModelInfo(
         uri=uri,
         name=model_display_name(uri),
         directory=directory,
         scheduler_class=index["scheduler"][1],
         scheduler_config=scheduler_config,
-        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        vae_scale_factor=scale,
         latent_channels=vae_config.get("latent_channels", 4),
         unet_in_channels=unet_config["in_channels"],
         max_prompt_tokens=te_config.get("max_position_embeddings", 77),
-        default_side=unet_config.get("sample_size", 64) * 2 ** (len(vae_config["block_out_channels"]) - 1),
+        default_side=unet_config.get("sample_size", 64) * scale,
+        **xl,
     )
 
 
-def load_tokenizer(directory: Path):
+def load_tokenizer(directory: Path, part: str = "tokenizer"):
+    """``part``: ``"tokenizer"``, or SDXL's ``"tokenizer_2"``."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
+    return CLIPTokenizer.from_pretrained(str(directory / part), local_files_only=True)
 
 
-def load_text_encoder(directory: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import CLIPTextModel
+def load_text_encoder(directory: Path, device: torch.device, dtype: torch.dtype, part: str = "text_encoder"):
+    """``part``: ``"text_encoder"`` (``CLIPTextModel``), or SDXL's ``"text_encoder_2"``
+    (``CLIPTextModelWithProjection``: its pooled output goes through the text projection)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    model = CLIPTextModel.from_pretrained(str(directory / "text_encoder"), local_files_only=True, dtype=dtype)
+    cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+    model = cls.from_pretrained(str(directory / part), local_files_only=True, dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
