@@ -49,14 +49,55 @@ class EncodeRequest:
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    """The TextEncoder's answer: both embeddings have the same number of 77-token chunks."""
+    """The TextEncoder's answer: both embeddings have the same number of 77-token chunks.
+
+    SDXL: ``hidden`` is both encoders' penultimate states concatenated (768 + 1280 for SDXL), and
+    the pooled embeddings are the second encoder's projected output for the first chunk.
+    """
 
     prompt_embeds: torch.Tensor  # [tokens, hidden]; tokens = 77 * chunks
     negative_prompt_embeds: torch.Tensor  # [tokens, hidden]
     encode_ms: float
+    pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]; SDXL only
+    negative_pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]; SDXL only
 
 
 # -- Ingress -> Denoiser ------------------------------------------------------------------------
+
+
+Size = tuple[int, int]  # (height, width) in pixels, diffusers' order
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size and crop conditioning (``StableDiffusionXLPipeline.__call__``'s arguments).
+
+    Sizes are ``(height, width)``; ``None`` takes diffusers' default: the output size for
+    ``original_size`` and ``target_size``, and for the negatives (used only when both negative
+    sizes are given) the positive time ids.
+    """
+
+    original_size: Size | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)  # (top, left)
+    target_size: Size | None = None
+    negative_original_size: Size | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: Size | None = None
+
+    def time_ids(self, height: int, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(add_time_ids, negative_add_time_ids)``, 6 numbers each, as diffusers' ``_get_add_time_ids``.
+
+        >>> MicroConditioning().time_ids(1024, 768)
+        ((1024, 768, 0, 0, 1024, 768), (1024, 768, 0, 0, 1024, 768))
+        """
+        original = self.original_size or (height, width)
+        target = self.target_size or (height, width)
+        positive = (*original, *self.crops_coords_top_left, *target)
+        if self.negative_original_size is not None and self.negative_target_size is not None:
+            negative = (*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size)
+        else:
+            negative = positive
+        return tuple(int(v) for v in positive), tuple(int(v) for v in negative)
 
 
 @dataclass(frozen=True)
@@ -72,6 +113,7 @@ class DenoiseParams:
     scheduler: str  # a name of engine/schedulers.py
     adapters: tuple[AdapterUse, ...] = ()  # those with UNet weights, in the request's order
     tenant: str = "anonymous"
+    micro: MicroConditioning | None = None  # SDXL models only (None there: every default)
 
 
 @dataclass(frozen=True)
