@@ -46,6 +46,32 @@ def tiny(tiny_dir):
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(cache_dir) -> Path:
+    """``builtin:tiny-sdxl`` (SDXL's architecture, small) written out as a diffusers directory."""
+    from deployments.engine.models import resolve_model_dir
+
+    return resolve_model_dir("builtin:tiny-sdxl", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    """The tiny SDXL model's parts: as ``tiny``, plus ``tokenizer_2`` and ``text_encoder_2``."""
+    from deployments.engine import models
+
+    cpu = torch.device("cpu")
+    d = tiny_sdxl_dir
+    return {
+        "info": models.read_model_info("builtin:tiny-sdxl", d),
+        "tokenizer": models.load_tokenizer(d),
+        "tokenizer_2": models.load_tokenizer(d, "tokenizer_2"),
+        "text_encoder": models.load_text_encoder(d, cpu, torch.float32),
+        "text_encoder_2": models.load_text_encoder(d, cpu, torch.float32, "text_encoder_2"),
+        "unet": models.load_unet(d, cpu, torch.float32),
+        "vae": models.load_vae(d, cpu, torch.float32),
+    }
+
+
 def make_plan(**overrides):
     """A checked ``graph.planning.Plan`` for tests that need one without a Planner: a 64x64 two-image request."""
     from graph.planning import Plan
