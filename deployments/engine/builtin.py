@@ -153,9 +153,18 @@ TINY_SDXL = {
         "timestep_spacing": "leading",
         "use_karras_sigmas": False,
     },
-    "scheduler_extra": {"clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True},
+    "scheduler_extra": {
+        "clip_sample": False,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+    },
 }
-TINY_SDXL_INPAINT = {**TINY_SDXL, "pipeline": "StableDiffusionXLInpaintPipeline", "unet": {**TINY_SDXL["unet"], "in_channels": 9}}
+TINY_SDXL_INPAINT = {
+    **TINY_SDXL,
+    "pipeline": "StableDiffusionXLInpaintPipeline",
+    "unet": {**TINY_SDXL["unet"], "in_channels": 9},
+}
 
 BUILTIN_MODELS = {
     "tiny-sd": TINY_SD,

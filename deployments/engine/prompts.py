@@ -8,6 +8,11 @@ concatenated, so prompts longer than CLIP's context keep all their words.
 For an unweighted prompt of at most 75 tokens this is exactly diffusers'
 ``StableDiffusionPipeline.encode_prompt`` (pad to the context, take the last hidden state), so an
 embedding made here equals the pipeline's for the same text.
+
+SDXL (``SDXLPromptEncoder``) runs two such encoders, as ``StableDiffusionXLPipeline.encode_prompt``
+does: each one's penultimate hidden states (``hidden_states[-2]``), concatenated on the hidden
+axis, and the pooled (projected) output of the second for the first chunk. Weighting applies to
+each encoder's states before the concatenation, as A1111 does for SDXL.
 """
 
 from __future__ import annotations
@@ -113,12 +118,12 @@ class EmbeddingCache:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple) -> torch.Tensor | None:
+    def get(self, key: tuple) -> object | None:
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -128,7 +133,7 @@ class EmbeddingCache:
             self.hits += 1
             return value
 
-    def put(self, key: tuple, value: torch.Tensor) -> None:
+    def put(self, key: tuple, value: object) -> None:
         if self.capacity == 0:
             return
         with self._lock:
@@ -141,8 +146,16 @@ class EmbeddingCache:
         return len(self._items)
 
 
+HIDDEN_LAYERS = ("last", "penultimate")
+
+
 class PromptEncoder:
     """Tokenizes and encodes prompts in batches; repeated prompts come from the cache.
+
+    ``hidden_layer``: ``"last"`` (the final LayerNorm's output: SD 1.x / 2.x) or
+    ``"penultimate"`` (``hidden_states[-2]``, without the final LayerNorm: each of SDXL's
+    encoders). ``pooled``: also return the pooled, projected output (``text_embeds`` of a
+    ``CLIPTextModelWithProjection``: SDXL's second encoder) of each prompt's first chunk.
 
     ``rowwise``: run the text encoder one 77-token row per call, so that an
     embedding never depends on the prompts encoded with it (batch invariance
@@ -151,7 +164,21 @@ class PromptEncoder:
     ``encode_prompt`` makes for a single prompt.
     """
 
-    def __init__(self, tokenizer, text_encoder, cache_size: int = 1024, lora=None, rowwise: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        cache_size: int = 1024,
+        lora=None,
+        rowwise: bool = False,
+        *,
+        hidden_layer: str = "last",
+        pooled: bool = False,
+    ):
+        if hidden_layer not in HIDDEN_LAYERS:
+            raise ValueError(f"hidden_layer must be one of {HIDDEN_LAYERS}, got {hidden_layer!r}")
+        self.hidden_layer = hidden_layer
+        self.pooled = pooled
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.lora = lora  # a MultiLoRAModel over ``text_encoder``, or None
@@ -213,13 +240,20 @@ class PromptEncoder:
         m = len(prompts)
         return [(embeds[i], embeds[m + i]) for i in range(m)]
 
-    @torch.inference_mode()
     def encode_tokenized(
         self, prompts: list[TokenizedPrompt], adapters: list[TextAdapters] | None = None
     ) -> list[torch.Tensor]:
+        """One embedding ``[k * max_length, hidden]`` per tokenized prompt."""
+        return [z for z, _ in self.encode_tokenized_pooled(prompts, adapters)]
+
+    @torch.inference_mode()
+    def encode_tokenized_pooled(
+        self, prompts: list[TokenizedPrompt], adapters: list[TextAdapters] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(embedding [k * max_length, hidden], pooled [projection] or None)`` per tokenized prompt."""
         adapters = adapters or [()] * len(prompts)
         keys = [(p, tuple((ident, w) for _, w, ident in a)) for p, a in zip(prompts, adapters, strict=True)]
-        out: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+        out: list[tuple | None] = [self.cache.get(k) for k in keys]
         todo: dict[tuple, TextAdapters] = {}
         for k, a, e in zip(keys, adapters, out, strict=True):
             if e is None:
@@ -236,25 +270,101 @@ class PromptEncoder:
                     routing.append(tuple((slot, w) for slot, w, _ in a))
         input_ids = torch.tensor([chunk for chunk, _ in rows], device=self.device)  # [m, max_length]
         if self.rowwise:
-            hidden = torch.cat([self._forward(input_ids[i : i + 1], routing[i : i + 1]) for i in range(len(rows))])
+            parts = [self._forward(input_ids[i : i + 1], routing[i : i + 1]) for i in range(len(rows))]
+            hidden = torch.cat([h for h, _ in parts])
+            pooled = torch.cat([p for _, p in parts]) if self.pooled else None
         else:
-            hidden = self._forward(input_ids, routing)  # [m, max_length, hidden]
+            hidden, pooled = self._forward(input_ids, routing)  # [m, max_length, hidden], [m, projection]
         fresh = {}
         for prompt, adapter_key in todo:
             # torch.cat copies, so a cached embedding never keeps the whole batch alive.
             z = torch.cat([hidden[rows[(chunk, adapter_key)]] for chunk in prompt.chunks])  # [k*max_length, hidden]
             if prompt.weights is not None:
                 z = apply_prompt_weights(z, torch.tensor(prompt.weights), self.max_length)
-            fresh[(prompt, adapter_key)] = z
-            self.cache.put((prompt, adapter_key), z)
+            first = None if pooled is None else pooled[rows[(prompt.chunks[0], adapter_key)]].clone()  # [projection]
+            fresh[(prompt, adapter_key)] = (z, first)
+            self.cache.put((prompt, adapter_key), (z, first))
         return [e if e is not None else fresh[k] for k, e in zip(keys, out, strict=True)]
 
-    def _forward(self, input_ids: torch.Tensor, routing: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
-        """The text encoder's last hidden state ``[rows, max_length, hidden]`` for ``input_ids``."""
+    def _forward(
+        self, input_ids: torch.Tensor, routing: list[tuple[tuple[int, float], ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden [rows, max_length, hidden], pooled [rows, projection] or None)`` for ``input_ids``."""
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = (input_ids != self.pad_id).long()
+        penultimate = self.hidden_layer == "penultimate"
         if self.lora is not None and any(routing):
             with self.lora.routed(routing):
-                return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
-        return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
+                out = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=penultimate)
+        else:
+            out = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=penultimate)
+        hidden = out.hidden_states[-2] if penultimate else out[0]
+        return hidden, (out.text_embeds if self.pooled else None)
+
+
+@dataclass(frozen=True)
+class SDXLEmbeddings:
+    """One request's SDXL conditioning; the two embeddings have the same chunk count."""
+
+    prompt_embeds: torch.Tensor  # [k * 77, hidden_1 + hidden_2]
+    negative_prompt_embeds: torch.Tensor  # [k * 77, hidden_1 + hidden_2]
+    pooled_prompt_embeds: torch.Tensor  # [projection_2]
+    negative_pooled_prompt_embeds: torch.Tensor  # [projection_2]
+
+
+class SDXLPromptEncoder:
+    """SDXL's two text encoders, as ``StableDiffusionXLPipeline.encode_prompt`` uses them.
+
+    ``first``: ``CLIPTextModel`` (CLIP ViT-L), ``second``: ``CLIPTextModelWithProjection``
+    (OpenCLIP bigG), both ``PromptEncoder`` s with ``hidden_layer="penultimate"`` (the second with
+    ``pooled=True``). With ``force_zeros_for_empty_prompt`` (SDXL base's ``model_index.json``), an
+    empty negative prompt is all zeros, embeddings and pooled alike, as diffusers does when no
+    negative prompt is given; a non-empty one is encoded.
+    """
+
+    def __init__(self, first: PromptEncoder, second: PromptEncoder, *, force_zeros_for_empty_prompt: bool):
+        if first.hidden_layer != "penultimate" or second.hidden_layer != "penultimate" or not second.pooled:
+            raise ValueError("SDXL encodes with both encoders' penultimate states and the second one's pooled output")
+        self.encoders = (first, second)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    def encode_prompt_pairs(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        adapters: list[TextAdapters] | None = None,
+        adapters_2: list[TextAdapters] | None = None,
+    ) -> list[SDXLEmbeddings]:
+        """Per request, positive and negative conditioning with the same chunk count.
+
+        ``adapters[i]`` / ``adapters_2[i]`` are request i's LoRAs on the first / second encoder.
+        """
+        m = len(prompts)
+        routing = (adapters or [()] * m, adapters_2 or [()] * m)
+        zero = [self.force_zeros_for_empty_prompt and n == "" for n in negatives]
+        tokenized = []
+        for encoder in self.encoders:
+            pos, neg = encoder.tokenize(prompts), encoder.tokenize(negatives)
+            tokenized.append((pos, neg))
+        for i in range(m):  # both tokenizers share CLIP's vocabulary: the same text takes the same chunks
+            k = max(len(t[side][i].chunks) for t in tokenized for side in (0, 1))
+            for encoder, t in zip(self.encoders, tokenized, strict=True):
+                t[0][i], t[1][i] = t[0][i].padded(k, encoder.empty_chunk), t[1][i].padded(k, encoder.empty_chunk)
+        per_encoder = []
+        for encoder, (pos, neg), a in zip(self.encoders, tokenized, routing, strict=True):
+            wanted = [n for n, z in zip(neg, zero, strict=True) if not z]
+            wanted_adapters = [x for x, z in zip(a, zero, strict=True) if not z]
+            encoded = encoder.encode_tokenized_pooled(pos + wanted, list(a) + wanted_adapters)
+            positives, negatives_iter = encoded[:m], iter(encoded[m:])
+            per_encoder.append([(p, None if z else next(negatives_iter)) for p, z in zip(positives, zero, strict=True)])
+        out = []
+        for (p1, n1), (p2, n2) in zip(*per_encoder, strict=True):
+            pos_embeds = torch.cat([p1[0], p2[0]], dim=-1)  # [k*77, hidden_1 + hidden_2]
+            pooled = p2[1]
+            if n1 is None:
+                neg_embeds, neg_pooled = torch.zeros_like(pos_embeds), torch.zeros_like(pooled)
+            else:
+                neg_embeds, neg_pooled = torch.cat([n1[0], n2[0]], dim=-1), n2[1]
+            out.append(SDXLEmbeddings(pos_embeds, neg_embeds, pooled, neg_pooled))
+        return out

@@ -25,6 +25,11 @@ same way, in the same batches as text-to-image jobs:
   diffusers' exact behaviour, send a conditioning built by
   ``conditioning.encode_conditioning`` with an all-white mask at strength 1.)
 
+SDXL (a UNet with ``addition_embed_type: "text_time"``) also reads per row the pooled text
+embeddings and six time ids (``added_cond_kwargs``, ``StableDiffusionXLPipeline.__call__``):
+each job carries its own (``DenoiseJob.added_cond``), so SDXL requests with different sizes,
+crops and micro-conditioning share a forward whenever their shapes do.
+
 A bucket is ``(latent height, latent width, context tokens)``: jobs share a
 forward only when their latents and their prompt embeddings (77 tokens per
 chunk) have the same shapes.
@@ -108,6 +113,12 @@ class DenoiseRequest:
     tenant: str = ""
     # img2img / inpainting: made by conditioning.encode_conditioning in the VAE stage. None: text-to-image.
     conditioning: ImageConditioning | None = None
+    # SDXL ("text_time" UNets) only: the second encoder's pooled output and the six micro-conditioning
+    # time ids (original size, crop top-left, target size; messages.MicroConditioning.time_ids).
+    pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]
+    negative_pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]
+    add_time_ids: tuple[int, ...] | None = None  # 6 numbers
+    negative_add_time_ids: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -131,6 +142,8 @@ class DenoiseJob:
     blend_mask: torch.Tensor | None = None  # [1, 1, h, w]: 4-channel inpainting, 1 = repaint
     image_latents: torch.Tensor | None = None  # [1, 4, h, w]: the init image, for blending
     noise: torch.Tensor | None = None  # [1, 4, h, w]: the initial noise, for blending
+    # SDXL: {"text_embeds": [rows, pooled], "time_ids": [rows, 6]}, (negative, positive) rows as context.
+    added_cond: dict[str, torch.Tensor] | None = None
     slots: tuple[tuple[int, float], ...] = ()  # ((slot, weight), ...): set at admission, routed every tick
     pinned: tuple = ()  # the residency keys this job pinned at admission (released when it leaves)
     adapter_wait_since: float | None = None  # first admission pass its adapters were not resident
@@ -206,6 +219,8 @@ class StepScheduler:
         self.dtype = next(unet.parameters()).dtype
         self.latent_channels = unet.config.out_channels
         self.unet_in_channels = unet.config.in_channels
+        # SDXL's micro-conditioning: pooled text embeddings and time ids through the UNet's add_embedding.
+        self.text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
         if self.unet_in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
             raise ValueError(
                 f"the UNet reads {self.unet_in_channels} channels: expected {self.latent_channels} (latents) or "
@@ -245,6 +260,7 @@ class StepScheduler:
         generator = self._generator(request)
         x_T, noise, image_latents = self.prepare_latents(scheduler, shape, generator, timesteps, cond)
         mask_tensors = self.prepare_mask_latents(cond, shape, context.shape[0], noise, image_latents)
+        added_cond = self.prepare_added_conditions(request, context.shape[0]) if self.text_time else None
         step_kwargs = self.prepare_extra_step_kwargs(scheduler, generator, eta=0.0)
         return DenoiseJob(
             id=next(self._ids),
@@ -256,6 +272,7 @@ class StepScheduler:
             context=context,
             step_kwargs=step_kwargs,
             enqueued_at=self.clock(),
+            added_cond=added_cond,
             **mask_tensors,
         )
 
@@ -281,7 +298,47 @@ class StepScheduler:
             raise ValueError(
                 f"negative_prompt_embeds {list(neg.shape)} must have the shape of prompt_embeds {list(pos.shape)}"
             )
+        self._check_added_conditions(request)
         return shape
+
+    def _check_added_conditions(self, request: DenoiseRequest) -> None:
+        """SDXL's UNet needs pooled embeddings and 6 time ids whose embedding fits its ``add_embedding``
+        (``StableDiffusionXLPipeline._get_add_time_ids``' check); other UNets take none."""
+        given = [
+            name
+            for name in (
+                "pooled_prompt_embeds",
+                "negative_pooled_prompt_embeds",
+                "add_time_ids",
+                "negative_add_time_ids",
+            )
+            if getattr(request, name) is not None
+        ]
+        if not self.text_time:
+            if given:
+                raise ValueError(f"this UNet takes no SDXL micro-conditioning, got {given}")
+            return
+        needed = ["pooled_prompt_embeds", "add_time_ids"]
+        if request.guidance_scale > 1.0:
+            needed += ["negative_pooled_prompt_embeds", "negative_add_time_ids"]
+        missing = [name for name in needed if getattr(request, name) is None]
+        if missing:
+            raise ValueError(f"an SDXL UNet needs {missing}")
+        cfg = self.unet.config
+        for name in needed:
+            value = getattr(request, name)
+            if name.endswith("time_ids"):
+                if len(value) != 6:
+                    raise ValueError(f"{name} must have 6 numbers, got {len(value)}")
+            elif value.ndim != 1:
+                raise ValueError(f"{name} must be one vector [pooled], got {list(value.shape)}")
+        width = cfg.addition_time_embed_dim * 6 + request.pooled_prompt_embeds.shape[-1]
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"pooled embeddings ({request.pooled_prompt_embeds.shape[-1]}) and 6 time ids x "
+                f"{cfg.addition_time_embed_dim} make {width} features; the UNet expects "
+                f"{cfg.projection_class_embeddings_input_dim}"
+            )
 
     def _check_conditioning(self, cond: ImageConditioning, shape: tuple[int, ...]) -> None:
         """The conditioning's tensors fit this request's size and this UNet (a wiring error otherwise)."""
@@ -315,6 +372,21 @@ class StepScheduler:
             return pos[None]
         neg = request.negative_prompt_embeds.to(self.device, self.dtype)  # [tokens, hidden]
         return torch.stack([neg, pos])
+
+    def prepare_added_conditions(self, request: DenoiseRequest, rows: int) -> dict[str, torch.Tensor]:
+        """SDXL's ``added_cond_kwargs`` for the job's rows: ``text_embeds`` ``[rows, pooled]`` and
+        ``time_ids`` ``[rows, 6]``.
+
+        ``StableDiffusionXLPipeline.__call__``: ``add_time_ids`` as a tensor in the prompt
+        embeddings' dtype; with guidance, negatives first (``torch.cat([negative, positive])``).
+        """
+        pooled = request.pooled_prompt_embeds.to(self.device, self.dtype)[None]  # [1, pooled]
+        time_ids = torch.tensor([request.add_time_ids], dtype=self.dtype, device=self.device)  # [1, 6]
+        if rows == 2:
+            neg_pooled = request.negative_pooled_prompt_embeds.to(self.device, self.dtype)[None]
+            neg_time_ids = torch.tensor([request.negative_add_time_ids], dtype=self.dtype, device=self.device)
+            pooled, time_ids = torch.cat([neg_pooled, pooled]), torch.cat([neg_time_ids, time_ids])
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def retrieve_timesteps(self, scheduler, steps: int) -> torch.Tensor:
         """``scheduler.set_timesteps(steps)``, then its timesteps ``[num_ticks]``.
@@ -608,13 +680,19 @@ class StepScheduler:
         x_in = torch.cat(x_in)  # [sum rows, c, h, w]
         t_in = torch.cat(t_in).to(self.device)  # [sum rows]
         context = torch.cat([j.context for j in jobs])  # [sum rows, tokens, hidden]
+        kwargs: dict = {"encoder_hidden_states": context, "return_dict": False}
+        if self.text_time:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([j.added_cond["text_embeds"] for j in jobs]),  # [sum rows, pooled]
+                "time_ids": torch.cat([j.added_cond["time_ids"] for j in jobs]),  # [sum rows, 6]
+            }
         if self.lora is not None and any(j.slots for j in jobs):
             # Both guidance rows of a request carry its adapters, as in diffusers.
             rows = [j.slots for j in jobs for _ in range(j.rows)]
             with self.lora.routed(rows):
-                eps_all = self.unet(x_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
+                eps_all = self.unet(x_in, t_in, **kwargs)[0]
         else:
-            eps_all = self.unet(x_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
+            eps_all = self.unet(x_in, t_in, **kwargs)[0]
         for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
             if j.cfg:
                 eps_uncond, eps_text = eps.chunk(2)
