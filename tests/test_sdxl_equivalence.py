@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deployments.messages import MicroConditioning
+
 from engine_helpers import SDXLEngine
 
 CASES = [
