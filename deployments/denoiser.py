@@ -20,7 +20,17 @@ from .engine.previews import preview_data_url, unit_variance
 from .engine.runtime import prepare_runtime
 from .engine.schedulers import SchedulerFactory
 from .engine.step_scheduler import DenoiseJob, DenoiseRequest, StepScheduler
-from .messages import Denoised, DenoiseEvent, DenoiseParams, Preview, PromptEmbeddings, Queued, Step, Trace
+from .messages import (
+    Denoised,
+    DenoiseEvent,
+    DenoiseParams,
+    MicroConditioning,
+    Preview,
+    PromptEmbeddings,
+    Queued,
+    Step,
+    Trace,
+)
 from .metrics import DenoiserMetrics, adapter_label
 from .routing import routing_stats
 
@@ -44,6 +54,7 @@ class Denoiser:
             lora=self.adapters.lora,
             residency=self.adapters.residency,
         )
+        self.sdxl = info.sdxl
         self.loop = DenoiseLoop(self.steps)
         self.metrics = DenoiserMetrics()
         self.steps.on_tick = self._on_tick
@@ -129,6 +140,17 @@ class Denoiser:
         by reference: the scheduler pins them at admission) and (img2img / inpainting) the VAE's
         per-image conditioning."""
         adapters = tuple((a.ref, float(a.weight)) for a in params.adapters)
+        xl: dict = {}
+        if self.sdxl:
+            time_ids, negative_time_ids = (params.micro or MicroConditioning()).time_ids(params.height, params.width)
+            xl = {
+                "pooled_prompt_embeds": encoded.pooled_prompt_embeds,
+                "negative_pooled_prompt_embeds": encoded.negative_pooled_prompt_embeds,
+                "add_time_ids": time_ids,
+                "negative_add_time_ids": negative_time_ids,
+            }
+        elif params.micro is not None:
+            raise ValueError("SDXL micro-conditioning (original_size, crops_coords_top_left, target_size) needs SDXL")
         return [
             DenoiseRequest(
                 prompt_embeds=encoded.prompt_embeds,
@@ -142,6 +164,7 @@ class Denoiser:
                 adapters=adapters,
                 tenant=params.tenant,
                 conditioning=conditioning[k] if conditioning else None,
+                **xl,
             )
             for k in range(params.num_images)
         ]

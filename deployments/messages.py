@@ -40,11 +40,16 @@ class AdapterUse:
 
 @dataclass(frozen=True)
 class EncodeRequest:
-    """A request's prompts; ``adapters`` are those with text-encoder weights, in the request's order."""
+    """A request's prompts; ``adapters`` are those with text-encoder weights, in the request's order.
+
+    SDXL: ``adapters`` are those with weights on the first encoder, ``adapters_2`` on the second. An
+    empty ``negative_prompt`` on SDXL means none given: zeros where the model forces them.
+    """
 
     prompt: str  # may use A1111's weighting syntax; <lora:...> tags are already removed
     negative_prompt: str
     adapters: tuple[AdapterUse, ...] = ()
+    adapters_2: tuple[AdapterUse, ...] = ()  # SDXL's text_encoder_2
 
 
 @dataclass(frozen=True)

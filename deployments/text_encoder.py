@@ -1,5 +1,7 @@
 """TextEncoder deployment: CLIP prompt encoding (A1111 weighting, 77-token chunks), batched across
-requests, with an embedding cache and per-request text-encoder LoRA."""
+requests, with an embedding cache and per-request text-encoder LoRA.
+
+SDXL models run both text encoders here (``SDXLPromptEncoder``), each with its own LoRA slots."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .config import TextEncoderConfig
 from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
 from .engine.config import LoRAConfig, ModelConfig
-from .engine.prompts import PromptEncoder
+from .engine.prompts import PromptEncoder, SDXLPromptEncoder
 from .engine.runtime import prepare_runtime
 from .messages import EncodeRequest, PromptEmbeddings
 
@@ -23,55 +25,102 @@ from .messages import EncodeRequest, PromptEmbeddings
 class TextEncoder:
     def __init__(self, model: ModelConfig, config: TextEncoderConfig, lora: LoRAConfig, registry: RegistryConfig):
         rt = prepare_runtime(model)
-        directory = rt.info.directory
-        text_encoder = models.load_text_encoder(directory, rt.device, rt.dtype)
+        info = rt.info
+        directory = info.directory
         self.registry, _ = open_model_registry(registry, directory)
+        self.sdxl = info.sdxl
         # Deterministic mode encodes one row per call (PromptEncoder.rowwise): plain kernels suffice.
+        text_encoder = models.load_text_encoder(directory, rt.device, rt.dtype)
         self.adapters = ModelAdapters(text_encoder, "text_encoder", self.registry, lora, deterministic=False)
-        self.encoder = PromptEncoder(
-            models.load_tokenizer(directory),
-            text_encoder,
-            config.cache_size,
-            lora=self.adapters.lora,
-            rowwise=rt.deterministic,
-        )
+        if not self.sdxl:
+            self.adapters_2 = None
+            self.encoder = PromptEncoder(
+                models.load_tokenizer(directory),
+                text_encoder,
+                config.cache_size,
+                lora=self.adapters.lora,
+                rowwise=rt.deterministic,
+            )
+        else:
+            text_encoder_2 = models.load_text_encoder(directory, rt.device, rt.dtype, "text_encoder_2")
+            self.adapters_2 = ModelAdapters(text_encoder_2, "text_encoder_2", self.registry, lora, deterministic=False)
+            common = {"rowwise": rt.deterministic, "hidden_layer": "penultimate"}
+            self.encoder = SDXLPromptEncoder(
+                PromptEncoder(
+                    models.load_tokenizer(directory), text_encoder, config.cache_size, lora=self.adapters.lora, **common
+                ),
+                PromptEncoder(
+                    models.load_tokenizer(directory, "tokenizer_2"),
+                    text_encoder_2,
+                    config.cache_size,
+                    lora=self.adapters_2.lora,
+                    pooled=True,
+                    **common,
+                ),
+                force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
+            )
         self._encode_batch.set_max_batch_size(config.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
-        """Both prompts' embeddings, with the same number of 77-token chunks.
+        """Both prompts' embeddings, with the same number of 77-token chunks (SDXL: and pooled).
 
         The prompts may use A1111's weighting syntax (``(word:1.3)``); the planner has bounded
         their length by ``limits.max_prompt_chunks``. ``request.adapters`` are those with
-        text-encoder weights.
+        text-encoder weights (SDXL: ``adapters_2`` on the second encoder).
         """
         start = time.perf_counter()
         refs = [a.ref for a in request.adapters]
+        refs_2 = [a.ref for a in request.adapters_2]
+        if refs_2 and self.adapters_2 is None:
+            raise ValueError("adapters_2 needs an SDXL model (text_encoder_2)")
         slots = await self.adapters.acquire(refs)  # pinned only once it returns: release below
         try:
-            text = tuple((slot, a.weight, a.ref) for slot, a in zip(slots, request.adapters, strict=True))
-            pos, neg = await self._encode_batch((request.prompt, request.negative_prompt, text))
+            slots_2 = await self.adapters_2.acquire(refs_2) if refs_2 else []
+            try:
+                text = tuple((slot, a.weight, a.ref) for slot, a in zip(slots, request.adapters, strict=True))
+                text_2 = tuple((slot, a.weight, a.ref) for slot, a in zip(slots_2, request.adapters_2, strict=True))
+                out = await self._encode_batch((request.prompt, request.negative_prompt, text, text_2))
+            finally:
+                if refs_2:
+                    self.adapters_2.release(refs_2)
         finally:
             self.adapters.release(refs)
-        return PromptEmbeddings(pos, neg, encode_ms=1000.0 * (time.perf_counter() - start))
+        return PromptEmbeddings(*out[:2], 1000.0 * (time.perf_counter() - start), *out[2:])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, items: list[tuple[str, str, tuple]]) -> list[tuple]:
+    async def _encode_batch(self, items: list[tuple[str, str, tuple, tuple]]) -> list[tuple]:
         # Positive and negative come back with the same chunk count (77 tokens each): CFG stacks them.
-        prompts = [prompt for prompt, _, _ in items]
-        negatives = [negative for _, negative, _ in items]
-        adapters = [a for _, _, a in items]
-        pairs = await asyncio.to_thread(self.encoder.encode_prompt_pairs, prompts, negatives, adapters)
-        return [(pos.cpu(), neg.cpu()) for pos, neg in pairs]
+        prompts = [prompt for prompt, _, _, _ in items]
+        negatives = [negative for _, negative, _, _ in items]
+        adapters = [a for _, _, a, _ in items]
+        if not self.sdxl:
+            pairs = await asyncio.to_thread(self.encoder.encode_prompt_pairs, prompts, negatives, adapters)
+            return [(pos.cpu(), neg.cpu()) for pos, neg in pairs]
+        adapters_2 = [a for _, _, _, a in items]
+        out = await asyncio.to_thread(self.encoder.encode_prompt_pairs, prompts, negatives, adapters, adapters_2)
+        return [
+            (
+                e.prompt_embeds.cpu(),
+                e.negative_prompt_embeds.cpu(),
+                e.pooled_prompt_embeds.cpu(),
+                e.negative_pooled_prompt_embeds.cpu(),
+            )
+            for e in out
+        ]
 
     def stats(self) -> dict:
-        cache = self.encoder.cache
-        return {
+        # SDXL: both encoders see the same prompts; the first one's cache counts them.
+        cache = self.encoder.encoders[0].cache if self.sdxl else self.encoder.cache
+        stats = {
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
             "cache_entries": len(cache),
             "adapters": self.adapters.stats(),
         }
+        if self.adapters_2 is not None:
+            stats["adapters_2"] = self.adapters_2.stats()
+        return stats
 
     def ready(self) -> bool:
         return True

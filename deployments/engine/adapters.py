@@ -44,13 +44,13 @@ def open_model_registry(config: RegistryConfig, model_dir) -> tuple[Registry, Ba
 
 
 class ModelAdapters:
-    """Adapter memory on one component (``"unet"`` or ``"text_encoder"``) of one replica."""
+    """Adapter memory on one component of one replica: ``"unet"``, ``"text_encoder"`` or SDXL's ``"text_encoder_2"``."""
 
     def __init__(
         self, model: torch.nn.Module, component: str, registry: Registry, config: LoRAConfig, *, deterministic: bool
     ):
         targets = config.unet_target_modules if component == "unet" else config.text_encoder_target_modules
-        prefix = text_encoder_key_prefix(model) if component == "text_encoder" else ""
+        prefix = text_encoder_key_prefix(model) if component.startswith("text_encoder") else ""
         self.component = component
         self.registry = registry
         self.lora = MultiLoRAModel(
