@@ -119,6 +119,7 @@ class SDXLEngine:
         adapters=(),
         text_adapters=(),
         text_adapters_2=(),
+        conditioning=None,
     ):
         from deployments.messages import MicroConditioning
 
@@ -139,6 +140,7 @@ class SDXLEngine:
             negative_pooled_prompt_embeds=e.negative_pooled_prompt_embeds,
             add_time_ids=pos_ids,
             negative_add_time_ids=neg_ids,
+            conditioning=conditioning,
         )
 
     def run_latents(self, requests):
