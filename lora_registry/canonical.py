@@ -1,7 +1,8 @@
 """The one adapter form everything below registration uses.
 
 A canonical adapter is a single safetensors file. For every adapted module
-``m`` (``"unet.<path>"`` or ``"text_encoder.<path>"``, see ``base_model``)::
+``m`` (``"unet.<path>"``, ``"text_encoder.<path>"`` or SDXL's
+``"text_encoder_2.<path>"``, see ``base_model``)::
 
     m.lora_A   [r, in_features]        (Conv2d: [r, in_channels, kh, kw])   float32 or float16
     m.lora_B   [out_features, r]       (Conv2d: [out_channels, r, 1, 1])    same dtype as lora_A
@@ -25,7 +26,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .base_model import COMPONENTS, get_module
+from .base_model import COMPONENTS, TEXT_COMPONENTS, get_module
 from .safetensors_io import write_safetensors
 
 CANONICAL_FORMAT = "lorafleet.lora/1"
@@ -79,14 +80,24 @@ class CanonicalAdapter:
 
     @property
     def has_text_encoder(self) -> bool:
-        return any(name.startswith("text_encoder.") for name in self.modules)
+        """Whether any text encoder (SDXL: either of the two) is adapted."""
+        return any(name.partition(".")[0] in TEXT_COMPONENTS for name in self.modules)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The adapted components, in ``COMPONENTS`` order, e.g. ``("unet", "text_encoder_2")``."""
+        present = {name.partition(".")[0] for name in self.modules}
+        return tuple(c for c in COMPONENTS if c in present)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.modules.values())).A.dtype
 
     def component(self, component: str) -> dict[str, LoraWeights]:
-        """The modules of one component, keyed by their path within it."""
+        """The modules of one component (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``), keyed by their
+        path within it: ``component("text_encoder")`` never includes ``text_encoder_2`` modules."""
+        if component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
         prefix = component + "."
         return {name[len(prefix) :]: w for name, w in self.modules.items() if name.startswith(prefix)}
 
@@ -137,7 +148,7 @@ def merge_into(adapter: CanonicalAdapter, models: Mapping[str, nn.Module], scale
     """Add ``scale * delta`` to each adapted module's weight, in place; returns the number of modules changed.
 
     ``models`` maps component names to live models, e.g.
-    ``{"unet": pipe.unet, "text_encoder": pipe.text_encoder}``; components not
+    ``{"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}``; components not
     given are skipped. This is the reference semantics of the canonical form
     (and a way to fuse an adapter); the serving path applies LoRA per request.
     """

@@ -4,11 +4,13 @@ Two families of files are accepted:
 
 - ``diffusers``: what diffusers / PEFT write, e.g.
   ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``pytorch_lora_weights.safetensors``),
-  ``text_encoder.<path>...``, unprefixed PEFT keys (``base_model.model.<path>...``),
+  ``text_encoder.<path>...`` and SDXL's ``text_encoder_2.<path>...`` (with or without
+  ``text_model.``), unprefixed PEFT keys (``base_model.model.<path>...``),
   and the older ``<path>.lora.down.weight``, ``...processor.to_q_lora.down.weight``
   and ``...lora_linear_layer.down.weight`` styles.
 - ``kohya`` (kohya-ss sd-scripts, A1111, Civitai): ``lora_unet_<path with _>.lora_down.weight``,
-  ``.lora_up.weight``, ``.alpha``; ``lora_te_`` / ``lora_te1_`` for the text encoder.
+  ``.lora_up.weight``, ``.alpha``; ``lora_te_`` / ``lora_te1_`` for the text encoder, ``lora_te2_``
+  for SDXL's second; SDXL UNet paths in diffusers or LDM naming (``BaseModelSpec.kohya_names``).
 
 The result is a ``ConversionPlan``: for each canonical module, which source
 keys hold ``A`` (down), ``B`` (up) and alpha, or the alpha value taken from
@@ -29,7 +31,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .base_model import TEXT_MODEL_PREFIX, BaseModelSpec
+from .base_model import OUTSIDE_TEXT_MODEL, TEXT_COMPONENTS, TEXT_MODEL_PREFIX, BaseModelSpec
 from .errors import InvalidAdapterError, keys_phrase
 
 SOURCE_FORMATS = ("diffusers", "kohya")
@@ -60,7 +62,7 @@ _DORA_MARKERS = ("lora_magnitude_vector", "dora_scale")
 
 @dataclass
 class ModulePlan:
-    module: str  # canonical name, "unet.<path>" / "text_encoder.<path>"
+    module: str  # canonical name, "unet.<path>" / "text_encoder.<path>" / "text_encoder_2.<path>"
     a_key: str | None = None
     b_key: str | None = None
     alpha_key: str | None = None  # a tensor holding alpha
@@ -166,11 +168,15 @@ def _raise_unmapped(unsupported: list[str], unknown: list[str], duplicates: list
         )
     if unknown:
         hint = ""
-        if any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in unknown):
-            hint = " (LDM-style UNet names such as input_blocks_1_1 are not supported; use diffusers module names)"
+        ldm = ("input_blocks", "output_blocks", "middle_block")
+        if spec.family != "sdxl" and any(p in k for k in unknown for p in ldm):
+            hint = (
+                " (LDM-style UNet names such as input_blocks_1_1 are accepted for SDXL base models only; "
+                "use diffusers module names)"
+            )
         raise InvalidAdapterError(
             f"{len(unknown)} keys match no Linear/Conv2d module of the base model "
-            f"({spec.family}, fingerprint {spec.fingerprint}): {keys_phrase(unknown)}{hint}",
+            f"({spec.label}, fingerprint {spec.fingerprint}): {keys_phrase(unknown)}{hint}",
             code="unknown_modules",
             keys=unknown,
         )
@@ -202,10 +208,10 @@ def _plan_kohya(keys: list[str], spec: BaseModelSpec) -> dict[str, ModulePlan]:
 def _split_component(path: str) -> tuple[str | None, str]:
     """``"unet.x"`` -> ``("unet", "x")``; unprefixed paths are inferred from their first segment."""
     path = path.removeprefix("base_model.model.")
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", *TEXT_COMPONENTS):
         if path.startswith(component + "."):
             return component, path[len(component) + 1 :]
-    if path.startswith(("text_encoder_2.", "transformer.")):
+    if path.startswith("transformer."):
         return None, path
     if path.startswith((TEXT_MODEL_PREFIX, "encoder.layers.", "embeddings.", "final_layer_norm")):
         return "text_encoder", path
@@ -216,7 +222,7 @@ def _canonical_module(raw: str, spec: BaseModelSpec) -> str | None:
     component, path = _split_component(raw)
     if component is None:
         return None
-    if component == "text_encoder" and not path.startswith(TEXT_MODEL_PREFIX):
+    if component in TEXT_COMPONENTS and not path.startswith(TEXT_MODEL_PREFIX) and path not in OUTSIDE_TEXT_MODEL:
         path = TEXT_MODEL_PREFIX + path
     name = f"{component}.{path}"
     return name if name in spec.modules else None
@@ -243,7 +249,7 @@ def _diffusers_module(key: str) -> tuple[str | None, str]:
     m = _PROCESSOR_RE.match(key)
     if m is not None:
         attn, proj = m.group("attn"), m.group("proj")
-        is_te = _split_component(attn)[0] == "text_encoder"
+        is_te = _split_component(attn)[0] in TEXT_COMPONENTS
         return f"{attn}.{(_TE_PROJ if is_te else _UNET_PROJ)[proj]}", "A" if m.group("d") == "down" else "B"
     for pattern, role in _DIFFUSERS_SUFFIXES:
         m = pattern.match(key)
@@ -259,7 +265,7 @@ def _peft_configs(metadata: dict[str, str], adapter_config: dict | None) -> dict
             raise InvalidAdapterError(
                 "adapter_config must be a JSON object (PEFT adapter_config.json)", code="invalid_config"
             )
-        return {"unet": adapter_config, "text_encoder": adapter_config}
+        return {component: adapter_config for component in ("unet", *TEXT_COMPONENTS)}
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if raw is None:
         return None

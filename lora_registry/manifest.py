@@ -126,7 +126,7 @@ class Manifest:
     source_format: str  # what was uploaded: "diffusers" (PEFT / diffusers keys) or "kohya"
     rank: int  # the largest rank over the adapted modules
     alpha: float  # the most common alpha; each module's own alpha is in the weights
-    target_modules: tuple[str, ...]  # canonical module names, "unet.<path>" / "text_encoder.<path>"
+    target_modules: tuple[str, ...]  # canonical module names, "unet.<path>" / "text_encoder[_2].<path>"
     has_text_encoder: bool
     dtype: str  # "float16" or "float32"
     sha256: str  # of the canonical weights blob

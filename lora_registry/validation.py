@@ -4,6 +4,7 @@ Order matters: everything that can be checked from the header is checked
 before any tensor data is read::
 
     size cap  ->  header (pickle? truncated?)  ->  key layout + module mapping  ->  shapes, rank
+              (an upload that fits another model family: ``base_mismatch``, see ``families``)
               ->  read data  ->  NaN / Inf  ->  canonical form  ->  weight range, update size (``WeightLimits``)
               ->  canonical file + sha256
 
@@ -25,6 +26,7 @@ import torch
 from .base_model import BaseModelSpec, ModuleShape
 from .canonical import CanonicalAdapter, LoraWeights, save_canonical
 from .errors import AdapterTooLargeError, InvalidAdapterError, keys_phrase
+from .families import check_base_family
 from .formats import ConversionPlan, ModulePlan, plan_conversion
 from .safetensors_io import FLOAT_DTYPES, SafetensorsHeader, read_header
 
@@ -100,8 +102,13 @@ def prepare_adapter(
         size = source.seek(0, io.SEEK_END)
     check_size(size, max_bytes)
     header = read_header(source, size)
-    plan = plan_conversion(header.tensors, header.metadata, spec, adapter_config, source_format)
-    ranks = check_shapes(header, plan, spec, max_rank)
+    try:
+        plan = plan_conversion(header.tensors, header.metadata, spec, adapter_config, source_format)
+        ranks = check_shapes(header, plan, spec, max_rank)
+    except InvalidAdapterError as e:
+        if e.code in ("unknown_modules", "shape_mismatch"):  # made for another base model?
+            check_base_family(header, spec, e, adapter_config, source_format)
+        raise
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
