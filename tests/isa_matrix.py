@@ -40,6 +40,7 @@ TESTS = [
     "tests/test_inpaint_equivalence.py",
     "tests/test_multi_lora.py",
     "tests/test_prompts.py",
+    "tests/test_sdxl_equivalence.py",
 ]
 SHIM_SOURCE = Path(__file__).resolve().parent / "mkl_as_intel.c"
 
