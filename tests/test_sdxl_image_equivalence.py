@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_inpaint_equivalence import SIZE, init_image, mask_image
 
 from deployments.engine.conditioning import ConditioningInput, encode_conditioning
-from engine_helpers import SDXLEngine
 from graph.image_decoding import preprocess_image, preprocess_mask
-from test_inpaint_equivalence import SIZE, init_image, mask_image
+
+from engine_helpers import SDXLEngine
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,6 @@ def reference(engine, prompt, negative="", *, mask, scheduler, steps, strength, 
 
 def _white():
     import numpy as np
-
     from test_inpaint_equivalence import upload
 
     return upload(np.full((SIZE, SIZE, 3), 255, np.uint8))
