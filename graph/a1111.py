@@ -451,8 +451,9 @@ def a1111_response(req: Txt2ImgRequest, call: NativeCall, plan, images: list[byt
     return {"images": images_b64, "parameters": parameters, "info": json.dumps(info)}
 
 
-def sd_models(model: str, uri: str, mhash: str, fingerprint: str) -> list[dict]:
-    """``GET /sdapi/v1/sd-models``: the one served checkpoint."""
+def sd_models(model: str, uri: str, mhash: str, fingerprint: str, kind: str = "sd1", family: str = "sd1") -> list[dict]:
+    """``GET /sdapi/v1/sd-models``: the one served checkpoint, with lorafleet's ``kind`` (``sd1``, ``sdxl``)
+    and ``family`` (``sdxl-inpaint``, ...) beside A1111's fields."""
     return [
         {
             "title": f"{model} [{mhash}]",
@@ -461,6 +462,8 @@ def sd_models(model: str, uri: str, mhash: str, fingerprint: str) -> list[dict]:
             "sha256": hashlib.sha256(fingerprint.encode()).hexdigest(),
             "filename": uri,
             "config": None,
+            "kind": kind,
+            "family": family,
         }
     ]
 

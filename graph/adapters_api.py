@@ -54,16 +54,33 @@ def parse_adapter_config(text: str) -> dict:
     return config
 
 
+# Which part of the model a canonical module name belongs to: its first dotted component.
+# ("text_encoder_2.x" starts with "text_encoder" but not with "text_encoder.": split, never prefix-match.)
+UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
+
+
+def components(target_modules) -> set[str]:
+    """The model parts an adapter has weights on, from its manifest's canonical module names.
+
+    >>> sorted(components(["unet.mid.to_q", "text_encoder_2.text_model.fc1"]))
+    ['text_encoder_2', 'unet']
+    """
+    return {module.partition(".")[0] for module in target_modules}
+
+
 @dataclass(frozen=True)
 class Adapters:
     """A request's adapters, each ``((ref, scale), ...)`` in the request's order; refs are pinned ``name@version``."""
 
     unet: tuple[tuple[str, float], ...] = ()  # those with UNet weights
-    text: tuple[tuple[str, float], ...] = ()  # those with text-encoder weights
+    text: tuple[tuple[str, float], ...] = ()  # those with weights on the (first) text encoder
     applied: tuple[tuple[str, float], ...] = ()  # all of them
+    text_2: tuple[tuple[str, float], ...] = ()  # SDXL: those with weights on text_encoder_2
 
     def __add__(self, other: Adapters) -> Adapters:
-        return Adapters(self.unet + other.unet, self.text + other.text, self.applied + other.applied)
+        return Adapters(
+            self.unet + other.unet, self.text + other.text, self.applied + other.applied, self.text_2 + other.text_2
+        )
 
 
 @dataclass
@@ -71,6 +88,9 @@ class AdapterResolver:
     registry: Registry
     base: BaseModelSpec
     lora: LoRAConfig
+    # The served model, for errors: its kind ("sd1", "sdxl"; default: the base spec's family) and name.
+    served_kind: str = ""
+    served_name: str = ""
 
     def resolve(self, loras: list[LoRASpec], field: str = "loras", indexed: bool = True) -> Adapters:
         """``[LoRASpec]`` -> ``Adapters``, checked against the limits, the registry and the served model.
@@ -91,7 +111,7 @@ class AdapterResolver:
                 limit=limit,
                 count=len(loras),
             )
-        unet, text, applied = [], [], []
+        unet, text, text_2, applied = [], [], [], []
         seen = set()
         for i, spec in enumerate(loras):
             where = f"{field}[{i}]" if indexed else field
@@ -111,12 +131,13 @@ class AdapterResolver:
                 )
             seen.add(manifest.ref)
             self.check_compatible(manifest, where)
-            applied.append((manifest.ref, float(spec.scale)))
-            if any(m.startswith("unet.") for m in manifest.target_modules):
-                unet.append((manifest.ref, float(spec.scale)))
-            if manifest.has_text_encoder:
-                text.append((manifest.ref, float(spec.scale)))
-        return Adapters(tuple(unet), tuple(text), tuple(applied))
+            use = (manifest.ref, float(spec.scale))
+            applied.append(use)
+            parts = components(manifest.target_modules)
+            for component, uses in ((UNET, unet), (TEXT_ENCODER, text), (TEXT_ENCODER_2, text_2)):
+                if component in parts:
+                    uses.append(use)
+        return Adapters(tuple(unet), tuple(text), tuple(applied), tuple(text_2))
 
     def _manifest(self, spec: LoRASpec, field: str, where: str) -> Manifest:
         ref = spec.name if spec.version is None else f"{spec.name}@{spec.version}"
@@ -126,8 +147,10 @@ class AdapterResolver:
             raise FieldError(
                 404, "adapter_not_found", where, "unknown adapter {ref!r}: {detail}", ref=ref, detail=e.message
             ) from e
-        except InvalidAdapterError as e:  # a malformed name
-            raise FieldError(422, "invalid_value", where, "{field}.name: {detail}", detail=e.message) from e
+        except InvalidAdapterError as e:
+            if e.code in ("invalid_name", "invalid_ref"):  # a malformed name
+                raise FieldError(422, "invalid_value", where, "{field}.name: {detail}", detail=e.message) from e
+            raise FieldError(422, e.code, where, "{field}: {detail}", detail=e.message) from e  # e.g. base_mismatch
         except RegistryError as e:  # unreachable, corrupt: the registry's own status and code
             raise FieldError(e.status, e.code, field, "{detail}", detail=e.message) from e
 
@@ -141,11 +164,16 @@ class AdapterResolver:
             )
 
         if manifest.base_model.fingerprint != self.base.fingerprint:
+            # "adapter ink@1 is for sd1 (base model 3f2a...); this server serves sdxl (tiny-sdxl, base model 9c0d...)"
+            name = f"{self.served_name}, " if self.served_name else ""
             raise incompatible(
-                "was registered for base model {family} ({fingerprint}), not the served one ({served})",
+                "is for {family} (base model {fingerprint}); "
+                "this server serves {served} ({name}base model {served_fp})",
                 family=manifest.base_model.family,
                 fingerprint=manifest.base_model.fingerprint,
-                served=self.base.fingerprint,
+                served=self.served_kind or self.base.family,
+                name=name,
+                served_fp=self.base.fingerprint,
             )
         if manifest.rank > self.lora.max_rank:
             raise incompatible(
@@ -154,10 +182,14 @@ class AdapterResolver:
                 max_rank=self.lora.max_rank,
             )
         unsupported = []
+        targets_of = {
+            UNET: self.lora.unet_target_modules,
+            TEXT_ENCODER: self.lora.text_encoder_target_modules,
+            TEXT_ENCODER_2: self.lora.text_encoder_target_modules,  # SDXL's second encoder: CLIP's names too
+        }
         for module in manifest.target_modules:
             component, _, path = module.partition(".")
-            targets = self.lora.unet_target_modules if component == "unet" else self.lora.text_encoder_target_modules
-            if not _suffix_match(path, targets):
+            if not _suffix_match(path, targets_of.get(component, ())):
                 unsupported.append(module)
         if unsupported:
             raise incompatible(

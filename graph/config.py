@@ -7,10 +7,10 @@ ConfigError: denoiser.max_rows_per_tick: Input should be greater than or equal t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from deployments.config import DenoiserConfig, TextEncoderConfig, VAEConfig
 from deployments.engine.config import LoRAConfig, ModelConfig, StrictConfig
@@ -66,10 +66,21 @@ class AppConfig(StrictConfig):
             raise ConfigError(f"invalid lorafleet config: {problems}") from e
 
 
+# limits.max_side: auto = max(1024, 2 x the model's native side), within these bounds.
+AUTO_MAX_SIDE = (1024, 2048)
+
+
 class LimitsConfig(StrictConfig):
     """Per-request limits, checked at the edge (the ingress) before any work is queued."""
 
-    max_side: int = Field(1024, ge=64, le=4096, description="Largest width or height in pixels.")
+    max_side: int | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Largest width or height in pixels (64 to 4096), or auto: follow the model, max(1024, 2 x its native "
+            "side) capped at 2048 (1024 for SD1.5 and the tiny models, 2048 for SDXL). SDXL's size conditioning "
+            "(original_size, target_size, crops_coords_top_left) may go up to 4 x this."
+        ),
+    )
     min_side: int = Field(64, ge=8, description="Smallest width or height in pixels.")
     max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps per request.")
     max_num_images: int = Field(8, ge=1, le=64, description="Most images per request.")
@@ -124,11 +135,42 @@ class LimitsConfig(StrictConfig):
         ),
     )
 
+    @field_validator("max_side", mode="before")
+    @classmethod
+    def _max_side(cls, value):
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 64 <= value <= 4096:
+            raise ValueError(f"must be 'auto' or an integer in [64, 4096], got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _sides(self):
-        if self.min_side > self.max_side:
+        if self.max_side == "auto" and self.min_side > AUTO_MAX_SIDE[0]:
+            raise ValueError(f"min_side ({self.min_side}) must be <= {AUTO_MAX_SIDE[0]}, the least max_side auto gives")
+        if self.max_side != "auto" and self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
         return self
+
+    def max_side_for(self, native_side: int) -> int:
+        """The largest side for a model whose native side is ``native_side``: ``max_side``, or ``auto``'s rule.
+
+        >>> [LimitsConfig().max_side_for(n) for n in (256, 512, 1024)]   # tiny models, SD1.5, SDXL
+        [1024, 1024, 2048]
+        """
+        if self.max_side != "auto":
+            return self.max_side
+        low, high = AUTO_MAX_SIDE
+        return min(high, max(low, 2 * native_side))
+
+    def for_model(self, native_side: int) -> LimitsConfig:
+        """These limits with ``max_side`` a number for this model (what the checks read)."""
+        return self.model_copy(update={"max_side": self.max_side_for(native_side)})
+
+    def max_side_setting(self, model: str) -> str:
+        """How the config names the side limit, for errors: ``limits.max_side`` or ``limits.max_side: auto for
+        tiny-sdxl``."""
+        return "limits.max_side" if self.max_side != "auto" else f"limits.max_side: auto for {model}"
 
     @model_validator(mode="after")
     def _image_bodies(self):

@@ -140,6 +140,7 @@ def resolve_size(
     multiple: int = 8,
     min_side: int = 64,
     max_side: int = 2048,
+    max_setting: str = "limits.max_side",
 ) -> tuple[int, int]:
     """The output ``(width, height)`` for an input image of ``image_size`` ``(w, h)``.
 
@@ -159,7 +160,7 @@ def resolve_size(
     sides = {}
     for name, given, own in (("width", width, image_size[0]), ("height", height, image_size[1])):
         if given is not None:
-            check_side(name, given, multiple=multiple, min_side=min_side, max_side=max_side)
+            check_side(name, given, multiple=multiple, min_side=min_side, max_side=max_side, max_setting=max_setting)
             sides[name] = given
             continue
         side = own - own % multiple
@@ -178,18 +179,26 @@ def resolve_size(
     return sides["width"], sides["height"]
 
 
-def check_side(name: str, value: int, *, multiple: int, min_side: int, max_side: int) -> None:
-    """An output side (``width`` or ``height``): a multiple of ``multiple`` in ``[min_side, max_side]``."""
+def check_side(
+    name: str, value: int, *, multiple: int, min_side: int, max_side: int, max_setting: str = "limits.max_side"
+) -> None:
+    """An output side (``width`` or ``height``): a multiple of ``multiple`` in ``[min_side, max_side]``.
+
+    Outside the bounds the message names the setting at fault (``limits.min_side``, or ``max_setting``:
+    ``limits.max_side``, or ``limits.max_side: auto for tiny-sdxl`` where the model sets it)."""
     if value % multiple or not min_side <= value <= max_side:
+        setting = "limits.min_side" if value < min_side else max_setting if value > max_side else None
         raise FieldError(
             422,
             "invalid_value",
             name,
-            "{field} must be a multiple of {multiple} in [{low}, {high}], got {value}",
+            "{field} must be a multiple of {multiple} in [{low}, {high}], got {value}"
+            + (" ({setting})" if setting else ""),
             multiple=multiple,
             low=min_side,
             high=max_side,
             value=value,
+            setting=setting,
         )
 
 

@@ -46,11 +46,14 @@ class ImageInputs:
         return ConditioningInput(image=image, seeds=seeds, strength=self.strength, mask=mask), overlay
 
 
-def check_image_inputs(request: GenerationInput, limits: LimitsConfig) -> ImageInputs | None:
+def check_image_inputs(
+    request: GenerationInput, limits: LimitsConfig, max_setting: str = "limits.max_side"
+) -> ImageInputs | None:
     """Decode and check ``image`` / ``mask``, ``strength`` and the output size; None for text-to-image.
 
     Without ``width`` / ``height`` the output has the image's size rounded down to a multiple of 8;
-    with them the image (and mask) are resized.
+    with them the image (and mask) are resized. ``limits.max_side`` is a number here (the model's:
+    ``LimitsConfig.for_model``); ``max_setting`` is how errors name it.
     """
     if request.image is None:
         for name in ("mask", "strength"):
@@ -67,7 +70,13 @@ def check_image_inputs(request: GenerationInput, limits: LimitsConfig) -> ImageI
         strength = DEFAULT_STRENGTH["img2img" if mask is None else "inpaint"]
     check_strength(strength, request.steps)
     width, height = decoding.resolve_size(
-        image.size, request.width, request.height, multiple=8, min_side=limits.min_side, max_side=limits.max_side
+        image.size,
+        request.width,
+        request.height,
+        multiple=8,
+        min_side=limits.min_side,
+        max_side=limits.max_side,
+        max_setting=max_setting,
     )
     return ImageInputs(image, mask, width, height, float(strength), request.preserve_unmasked)
 

@@ -177,14 +177,16 @@ class Ingress:
         jobs: DeploymentHandle | None = None,
     ):
         self.config = config
-        self.limits = config.limits
         directory = models.resolve_model_dir(config.model.uri, config.model.cache_dir)
         info = models.read_model_info(config.model.uri, directory)
+        self.limits = config.limits.for_model(info.default_side)  # limits.max_side: auto follows the model
         self.model_name = config.model.name or info.name
         self.info = info
         self.tokenizer = models.load_tokenizer(directory)
         self.registry, self.base_spec = open_model_registry(config.registry, directory)
-        self.resolver = AdapterResolver(self.registry, self.base_spec, config.lora)
+        self.resolver = AdapterResolver(
+            self.registry, self.base_spec, config.lora, served_kind=info.kind, served_name=self.model_name
+        )
         self.auth = AdminAuth(config.admin)
         self.edge = EdgePolicy(
             limits=config.limits,
@@ -193,7 +195,7 @@ class Ingress:
             record_body=_record_body,
             count_refusal=_count_refusal,
         )
-        self.planner = Planner(info, self.model_name, self.limits, self.tokenizer, self.resolver)
+        self.planner = Planner(info, self.model_name, config.limits, self.tokenizer, self.resolver)
         self.graph = GraphClient(text_encoder, denoiser, vae, self.limits, metrics)
         self.text_encoder = text_encoder
         self.denoiser = denoiser
@@ -343,13 +345,18 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
-        """The served model. ``uri`` (where its weights are stored) only for the admin token."""
+        """The served model: its kind (``sd1``, ``sdxl``) and family (``sdxl-inpaint``, ...), native size (the
+        default) and largest size. ``uri`` (where its weights are stored) only for the admin token."""
+        side, max_side = self.info.default_side, self.limits.max_side
         model = {
             "id": self.model_name,
             "object": "model",
             "created": self.started,
             "owned_by": "lorafleet",
-            "default_size": f"{self.info.default_side}x{self.info.default_side}",
+            "kind": self.info.kind,
+            "family": self.info.family,
+            "default_size": f"{side}x{side}",
+            "max_size": f"{max_side}x{max_side}",
             "default_scheduler": self.info.scheduler_class,
         }
         if self.auth.is_admin(request.headers):
@@ -404,7 +411,9 @@ class Ingress:
         """The served checkpoint; ``filename`` is its storage URI for the admin token, its name for others."""
         fingerprint = self.base_spec.fingerprint
         filename = self.config.model.uri if self.auth.is_admin(request.headers) else self.model_name
-        return a1111.sd_models(self.model_name, filename, a1111.model_hash(fingerprint), fingerprint)
+        return a1111.sd_models(
+            self.model_name, filename, a1111.model_hash(fingerprint), fingerprint, self.info.kind, self.info.family
+        )
 
     @app.get("/sdapi/v1/samplers")
     async def a1111_samplers(self) -> list[dict]:
@@ -424,6 +433,7 @@ class Ingress:
         return page.Site(
             page.page_config(
                 model=self.model_name,
+                family=self.info.family,
                 default_side=self.info.default_side,
                 limits=self.limits,
                 lora=self.config.lora,
@@ -465,7 +475,7 @@ class Ingress:
             if problem is not None:
                 raise APIError(422, "invalid_value", f"webhook_url {problem}", "webhook_url")
         plan = await self.check_inputs(native_input(body, tenant_of(request, body.user)))
-        return await job_routes.create(self.jobs, plan, body.webhook_url)
+        return await job_routes.create(self.jobs, plan, body.webhook_url, request.scope.get("root_path", ""))
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):

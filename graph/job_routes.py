@@ -13,8 +13,12 @@ def _not_found(job_id: str) -> APIError:
     return APIError(404, "job_not_found", f"no job {job_id!r}: unknown, expired or removed", None)
 
 
-async def create(jobs: DeploymentHandle, plan: Plan, webhook_url: str | None = None) -> JSONResponse:
-    """Start a job for a validated plan: 202 with its id and URLs, or 503 ``job_store_full``."""
+async def create(
+    jobs: DeploymentHandle, plan: Plan, webhook_url: str | None = None, root_path: str = ""
+) -> JSONResponse:
+    """Start a job for a validated plan: 202 with its id and URLs, or 503 ``job_store_full``.
+
+    ``root_path``: the application's route prefix (``/sdxl`` for an app served under it), so the URLs work."""
     answer = await jobs.submit.remote(plan, webhook_url)
     if "rejected" in answer:
         rejected = answer["rejected"]
@@ -26,8 +30,8 @@ async def create(jobs: DeploymentHandle, plan: Plan, webhook_url: str | None = N
         {
             "id": job_id,
             "status": answer["job"]["status"],
-            "url": f"/v1/jobs/{job_id}",
-            "events_url": f"/v1/jobs/{job_id}/events",
+            "url": f"{root_path.rstrip('/')}/v1/jobs/{job_id}",
+            "events_url": f"{root_path.rstrip('/')}/v1/jobs/{job_id}/events",
         },
         status_code=202,
     )

@@ -44,13 +44,17 @@ def load_static(directory: Path = STATIC_DIR) -> dict[str, StaticFile]:
     }
 
 
-def page_config(*, model: str, default_side: int, limits, lora, samplers: list[dict]) -> dict:
-    """What the page needs to lay out its form: the served model, defaults and the API's limits."""
+def page_config(*, model: str, default_side: int, limits, lora, samplers: list[dict], family: str = "sd1") -> dict:
+    """What the page needs to lay out its form: the served model, defaults and the API's limits.
+
+    The size defaults to the model's native side, and ``max_side`` is the model's (``limits.max_side: auto``
+    follows the model: 1024 for SD1.5, 2048 for SDXL)."""
     return {
         "model": model,
+        "family": family,
         "default_side": default_side,
         "min_side": limits.min_side,
-        "max_side": limits.max_side,
+        "max_side": limits.max_side_for(default_side),
         "max_steps": limits.max_steps,
         "max_num_images": limits.max_num_images,
         "max_guidance_scale": limits.max_guidance_scale,

@@ -19,7 +19,7 @@ from deployments.engine.images import MIME_TYPES
 from deployments.engine.models import ModelInfo
 from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags
 from deployments.engine.prompts import chunk_count, tokenize_weighted
-from deployments.messages import AdapterUse, DecodeParams, DenoiseParams, EncodeRequest, Overlay
+from deployments.messages import AdapterUse, DecodeParams, DenoiseParams, EncodeRequest, MicroConditioning, Overlay
 
 from .adapters_api import AdapterResolver, Adapters
 from .config import LimitsConfig
@@ -27,7 +27,7 @@ from .errors import FieldError
 from .image_decoding import check_side
 from .image_inputs import ImageInputs, check_image_inputs
 from .schemas import MAX_SEED, LoRASpec
-from .validation import GenerationInput
+from .validation import MICRO_FIELDS, GenerationInput
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +49,8 @@ class Plan:
     unet_adapters: tuple[tuple[str, float], ...] = ()
     text_adapters: tuple[tuple[str, float], ...] = ()
     applied: tuple[tuple[str, float], ...] = ()
+    text_adapters_2: tuple[tuple[str, float], ...] = ()  # SDXL: those with text_encoder_2 weights
+    micro: MicroConditioning | None = None  # SDXL's size / crop conditioning; None: every default (always on SD1)
     # img2img / inpainting (graph/image_inputs.py): what the VAE stage encodes, and for inpainting
     # with preserve_unmasked the pixels pasted back.
     conditioning: ConditioningInput | None = None
@@ -63,7 +65,8 @@ class Plan:
     def encode_request(self) -> EncodeRequest:
         """What the TextEncoder gets (``deployments/messages.py``)."""
         adapters = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters)
-        return EncodeRequest(self.prompt, self.negative_prompt, adapters)
+        adapters_2 = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters_2)
+        return EncodeRequest(self.prompt, self.negative_prompt, adapters, adapters_2)
 
     def denoise_params(self) -> DenoiseParams:
         """What the Denoiser gets besides the embeddings."""
@@ -77,11 +80,21 @@ class Plan:
             scheduler=self.scheduler,
             adapters=tuple(AdapterUse(ref, float(w)) for ref, w in self.unet_adapters),
             tenant=self.tenant,
+            micro=self.micro,
         )
 
     def decode_params(self) -> DecodeParams:
         """What the VAE's decode gets besides the latents."""
         return DecodeParams(self.output_format, self.overlay)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# SDXL's size conditioning may name sizes up to this many times limits.max_side (an original_size larger
+# than the output is what it is for: "make it look like a crop of a 4096 px photo").
+MICRO_SIDE_FACTOR = 4
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:
@@ -101,7 +114,8 @@ class Planner:
     def __init__(self, info: ModelInfo, model_name: str, limits: LimitsConfig, tokenizer, resolver: AdapterResolver):
         self.info = info
         self.model_name = model_name
-        self.limits = limits
+        self.limits = limits.for_model(info.default_side)  # max_side a number: the model's
+        self.max_side_setting = limits.max_side_setting(model_name)
         self.tokenizer = tokenizer
         self.resolver = resolver
 
@@ -110,10 +124,11 @@ class Planner:
 
         Blocking (decodes uploads, may read the registry's store): call it in a thread.
         """
-        images = check_image_inputs(request, self.limits)
+        images = check_image_inputs(request, self.limits, self.max_side_setting)
         self.check_model(request.model)
         self.check_prompt(request.prompt)
         width, height = self.check_size(request.width, request.height, images)
+        micro = self.check_micro(request)
         self.check_steps(request.steps)
         self.check_guidance_scale(request.guidance_scale)
         self.check_num_images(request.num_images)
@@ -140,6 +155,8 @@ class Planner:
             unet_adapters=adapters.unet,
             text_adapters=adapters.text,
             applied=adapters.applied,
+            text_adapters_2=adapters.text_2,
+            micro=micro,
             conditioning=conditioning,
             overlay=overlay,
         )
@@ -169,8 +186,67 @@ class Planner:
         width = self.info.default_side if width is None else width
         height = self.info.default_side if height is None else height
         for name, value in (("width", width), ("height", height)):
-            check_side(name, value, multiple=8, min_side=lim.min_side, max_side=lim.max_side)
+            check_side(
+                name,
+                value,
+                multiple=8,
+                min_side=lim.min_side,
+                max_side=lim.max_side,
+                max_setting=self.max_side_setting,
+            )
         return width, height
+
+    def check_micro(self, request: GenerationInput) -> MicroConditioning | None:
+        """SDXL's size and crop conditioning: ``[height, width]`` / ``[top, left]`` pairs of integers in
+        ``[0, 4 x limits.max_side]``; None when none is given (every default: diffusers').
+
+        SD1 models have no such conditioning: any of these fields is a 422 naming it, never silently
+        dropped. diffusers uses the negative sizes only together (and the negative crop only with them),
+        so one without the other is a 422 too::
+
+            check_micro(GenerationInput("x", original_size=(512, 512), crops_coords_top_left=(0, 64)))
+            # MicroConditioning(original_size=(512, 512), crops_coords_top_left=(0, 64), ...)
+        """
+        given = {name: getattr(request, name) for name in MICRO_FIELDS if getattr(request, name) is not None}
+        if not given:
+            return None
+        if not self.info.sdxl:
+            raise FieldError(
+                422,
+                "unsupported_field",
+                next(iter(given)),
+                "{field} is SDXL size conditioning; the served model {model} is {kind}, which has none",
+                model=self.model_name,
+                kind=self.info.kind,
+            )
+        high = MICRO_SIDE_FACTOR * self.limits.max_side
+        for name, value in given.items():
+            pair = "[top, left]" if "crops" in name else "[height, width]"
+            if len(value) != 2 or not all(_is_int(v) and 0 <= v <= high for v in value):
+                raise FieldError(
+                    422,
+                    "invalid_value",
+                    name,
+                    "{field} must be {pair}, two integers in [0, {high}] ({factor} x {setting}), got {value}",
+                    pair=pair,
+                    high=high,
+                    factor=MICRO_SIDE_FACTOR,
+                    setting=self.max_side_setting,
+                    value=list(value),
+                )
+        together = "{field} needs {f[%s]}: SDXL uses the negative sizes only together"
+        if "negative_original_size" in given and "negative_target_size" not in given:
+            raise FieldError(422, "invalid_value", "negative_original_size", together % "negative_target_size")
+        if "negative_target_size" in given and "negative_original_size" not in given:
+            raise FieldError(422, "invalid_value", "negative_target_size", together % "negative_original_size")
+        if "negative_crops_coords_top_left" in given and "negative_original_size" not in given:
+            raise FieldError(
+                422,
+                "invalid_value",
+                "negative_crops_coords_top_left",
+                "{field} needs {f[negative_original_size]} and {f[negative_target_size]}",
+            )
+        return MicroConditioning(**{name: tuple(value) for name, value in given.items()})
 
     def check_steps(self, steps: int) -> None:
         _check_range("steps", steps, 1, self.limits.max_steps)

@@ -42,6 +42,25 @@ class GenerateRequest(_Body):
     output_format: OutputFormat = Field("png", description="png, jpeg or webp (lossless).")
     loras: list[LoRASpec] = Field(default_factory=list, description="Adapters to compose, in order.")
     user: str | None = Field(None, max_length=128, description="End-user id: the tenant for fair scheduling.")
+    # SDXL's size and crop conditioning (StableDiffusionXLPipeline's arguments); SDXL models only (422 on SD1).
+    original_size: list[int] | None = Field(
+        None, description="SDXL only: [height, width] the image should seem to come from; default: the output size."
+    )
+    crops_coords_top_left: list[int] | None = Field(
+        None, description="SDXL only: [top, left] of the crop it should look like; default [0, 0]."
+    )
+    target_size: list[int] | None = Field(
+        None, description="SDXL only: [height, width] it should look like it was made for; default: the output size."
+    )
+    negative_original_size: list[int] | None = Field(
+        None, description="SDXL only: original_size to steer away from (with negative_target_size)."
+    )
+    negative_crops_coords_top_left: list[int] | None = Field(
+        None, description="SDXL only: [top, left] to steer away from (with both negative sizes); default [0, 0]."
+    )
+    negative_target_size: list[int] | None = Field(
+        None, description="SDXL only: target_size to steer away from (with negative_original_size)."
+    )
 
 
 class GeneratedImage(BaseModel):

@@ -47,6 +47,25 @@ class GenerationInput:
     strength: float | None = None  # default: 0.75 for img2img, 1.0 for inpainting
     preserve_unmasked: bool = True
     invert_mask: bool = False  # white = keep instead (A1111's inpainting_mask_invert)
+    # SDXL's size and crop conditioning (``MICRO_FIELDS``): (height, width) / (top, left) pairs; None = default.
+    original_size: tuple[int, ...] | None = None
+    crops_coords_top_left: tuple[int, ...] | None = None
+    target_size: tuple[int, ...] | None = None
+    negative_original_size: tuple[int, ...] | None = None
+    negative_crops_coords_top_left: tuple[int, ...] | None = None
+    negative_target_size: tuple[int, ...] | None = None
+
+
+# SDXL's micro-conditioning, in ``deployments.messages.MicroConditioning``'s order: sizes are
+# [height, width], crops [top, left] (diffusers' order).
+MICRO_FIELDS = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
 
 
 def check_text(request: GenerationInput, limits) -> None:
@@ -123,7 +142,12 @@ def native_input(body: GenerateRequest, tenant: str, output_format: str | None =
         mask=getattr(body, "mask", None),
         strength=getattr(body, "strength", None),
         preserve_unmasked=getattr(body, "preserve_unmasked", True),
+        **{name: _pair(getattr(body, name)) for name in MICRO_FIELDS},
     )
+
+
+def _pair(value: list[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)
 
 
 @dataclass(frozen=True)

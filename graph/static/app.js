@@ -17,7 +17,10 @@ const state = {
 // -- set-up ---------------------------------------------------------------------------------
 
 function setUpForm() {
-  $("model-line").textContent = `Model: ${config.model}. Text to image, image to image and inpainting with LoRA styles.`;
+  const family = { sd1: "SD1.x", sdxl: "SDXL", "sd1-inpaint": "SD1.x inpainting", "sdxl-inpaint": "SDXL inpainting" };
+  const native = `${config.default_side}×${config.default_side}`;
+  $("model-line").textContent = `Model: ${config.model} (${family[config.family] || config.family}, native ${native}). ` +
+    "Text to image, image to image and inpainting with LoRA styles.";
   for (const id of ["width", "height"]) {
     Object.assign($(id), { min: config.min_side, max: config.max_side, value: config.default_side });
   }
