@@ -221,10 +221,12 @@ def kohya_to_diffusers_state_dict(kohya_state: dict[str, torch.Tensor], unet_con
     with each module's ``alpha / r`` folded into ``lora_B`` (so no ``network_alphas``: diffusers' default
     alpha = r, scale 1, gives the same update).
 
-    ``StableDiffusionXLPipeline.load_lora_weights`` accepts the result, including the ``text_encoder_2`` part:
-    with transformers 5, diffusers 0.42.1 cannot load kohya files carrying ``lora_te2_`` weights itself
-    (``IndexError`` in ``get_peft_kwargs``). Module names follow diffusers' own conversion
-    (``kohya_module_to_diffusers``), independent of lorafleet's registry.
+    ``StableDiffusionXLPipeline.load_lora_weights`` accepts the result, all three components, and every
+    module's update then equals the registry's canonical one (``test_registry_sdxl``). Load this rather than
+    the kohya file itself: with diffusers 0.42.1 and transformers 5.24, loading the kohya file directly gives
+    wrong updates for modules whose alpha differs from the file's most common alpha (``get_peft_kwargs``'
+    alpha_pattern), e.g. about half the modules of ``kohya_sdxl_state``'s files. Module names follow diffusers'
+    own conversion (``kohya_module_to_diffusers``), independent of lorafleet's registry.
     """
     out: dict[str, torch.Tensor] = {}
     for key in sorted(kohya_state):
