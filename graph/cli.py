@@ -1,7 +1,8 @@
 """The ``lorafleet`` command.
 
 lorafleet serve [--config serve_config.yaml]   start a local Ray head on 127.0.0.1 and serve
-lorafleet export-model builtin:tiny-sd DIR     write a model out as a diffusers directory
+lorafleet export-model builtin:tiny-sdxl DIR   write a builtin model (tiny-sd, tiny-sdxl, their -inpaint
+                                               variants) out as a diffusers directory
 lorafleet adapters register|list|show|delete|pull|gc ...   the LoRA registry (see docs/registry.md)
 """
 
@@ -60,10 +61,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from deployments.engine.builtin import BUILTIN_PREFIX, write_builtin
+    from deployments.engine.builtin import BUILTIN_PREFIX, builtin_name, write_builtin
 
     if not args.uri.startswith(BUILTIN_PREFIX):
         print("error: only builtin:* models can be exported", file=sys.stderr)
+        return 2
+    try:
+        builtin_name(args.uri)
+    except ValueError as e:  # "unknown builtin model 'builtin:x'; known: [...]"
+        print(f"error: {e}", file=sys.stderr)
         return 2
     path = write_builtin(args.uri, args.directory)
     print(f"wrote {args.uri} to {path}")
@@ -89,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pidfile", default=".lorafleet/serve.pid")
     p.set_defaults(func=_serve)
     p = sub.add_parser("export-model", help="write a builtin model as a diffusers directory")
-    p.add_argument("uri")
+    p.add_argument(
+        "uri", help="builtin:tiny-sd, builtin:tiny-sd-inpaint, builtin:tiny-sdxl or builtin:tiny-sdxl-inpaint"
+    )
     p.add_argument("directory")
     p.set_defaults(func=_export)
     from lora_registry.cli import add_adapters_parser

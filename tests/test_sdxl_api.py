@@ -501,6 +501,15 @@ def test_sdxl_fields_on_the_sd1_app_are_a_422_naming_the_field(tmp_path, cache_d
 # -- export-model ------------------------------------------------------------------------------
 
 
+def test_export_model_of_an_unknown_builtin_names_the_known_ones(tmp_path, capsys):
+    from graph.cli import main
+
+    assert main(["export-model", "builtin:tiny-xl", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown builtin model 'builtin:tiny-xl'") and "'builtin:tiny-sdxl'" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
 def test_export_model_writes_an_sdxl_directory_diffusers_loads(tmp_path, cache_dir, tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
