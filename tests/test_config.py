@@ -47,7 +47,7 @@ def test_serve_config_is_valid_for_serve_and_lorafleet():
     assert http == {"host": "127.0.0.1", "port": 8000}
     config = AppConfig.load(args)
     assert config.model.uri == "builtin:tiny-sd"
-    assert config.limits.max_side == 1024 and config.limits.max_steps == 150 and config.limits.max_num_images == 8
+    assert config.limits.max_side == "auto" and config.limits.max_steps == 150 and config.limits.max_num_images == 8
 
 
 def test_autoscaling_is_validated_by_serve_and_passed_through():
