@@ -54,8 +54,9 @@ SOAK_ARGS ?=
 soak: venv  ## chaos soak on 127.0.0.1, 5 min: kills and an S3 outage under load; nothing lost or hung (make soak SOAK_ARGS=--short)
 	$(PY) -m loadtest.soak $(SOAK_ARGS)
 
-export-model: venv  ## write builtin:tiny-sd as a diffusers directory: make export-model DIR=/tmp/tiny-sd
-	$(VENV)/bin/lorafleet export-model builtin:tiny-sd $(DIR)
+MODEL ?= builtin:tiny-sd
+export-model: venv  ## write a builtin model as a diffusers directory: make export-model DIR=/tmp/tiny-sd [MODEL=builtin:tiny-sdxl]
+	$(VENV)/bin/lorafleet export-model $(MODEL) $(DIR)
 
 clean:
 	rm -rf $(VENV) .lorafleet .pytest_cache
