@@ -203,3 +203,56 @@ def test_an_sdxl_field_sent_to_the_sd1_app_is_a_422_naming_it(cluster, sdxl, fie
     r = sdxl.post("/v1/generate", {"prompt": "x", field: [64, 5000], **SMALL})
     assert r.status_code == 422 and r.json()["error"]["field"] == field
     assert "(4 x limits.max_side: auto for tiny-sdxl)" in r.json()["error"]["message"]
+
+
+def test_registered_kohya_sdxl_lora_with_both_text_encoders_equals_diffusers(sdxl, tiny_sdxl_dir, tmp_path):
+    """A kohya SDXL file as sd-scripts writes it (LDM UNet names, lora_te1_ and lora_te2_) registered over HTTP
+    and served: equal to StableDiffusionXLPipeline with the same weights (load_lora_weights + set_adapters)."""
+    import safetensors.torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from deployments.engine.batch_invariance import make_batch_invariant
+    from deployments.engine.images import to_uint8
+    from lora_registry.base_model import base_model_spec_from_dir
+
+    from lora_helpers import kohya_to_diffusers_state_dict, write_kohya_sdxl_file
+
+    spec = base_model_spec_from_dir(tiny_sdxl_dir)
+    path = write_kohya_sdxl_file(spec, tmp_path / "sdxl-style.safetensors", convention="ldm", seed=5, rank=4)
+    with path.open("rb") as f:
+        r = requests.post(
+            sdxl.url + "/v1/adapters",
+            files={"file": (path.name, f)},
+            data={"name": "sdxl-style"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=120,
+        )
+    assert r.status_code in (200, 201), r.text
+    manifest = r.json()
+    assert manifest["source_format"] == "kohya" and manifest["has_text_encoder"] is True
+    body = {"prompt": "a harbour", "negative_prompt": "ugly", "seed": 21, "guidance_scale": 5.0, **SMALL}
+    r = sdxl.post(
+        "/v1/generate", {**body, "loras": [{"name": "sdxl-style", "scale": 0.8}]}, headers={"Accept": "image/png"}
+    )
+    assert r.status_code == 200, r.text
+    served = pixels(r.content)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir), local_files_only=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    state = kohya_to_diffusers_state_dict(safetensors.torch.load_file(str(path)), pipe.unet.config)
+    pipe.load_lora_weights(state, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    make_batch_invariant(pipe.unet)
+    expected = pipe(
+        body["prompt"],
+        negative_prompt="ugly",
+        height=64,
+        width=64,
+        num_inference_steps=SMALL["steps"],
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(21),
+        output_type="pt",
+    ).images
+    assert np.abs(served.astype(int) - to_uint8(expected)[0]).max() <= 1
+    plain = sdxl.post("/v1/generate", body, headers={"Accept": "image/png"})
+    assert np.abs(pixels(plain.content).astype(int) - served).max() > 4  # the adapter changed the image
