@@ -1,34 +1,42 @@
 """Heterogeneous multi-LoRA serving on the CPU: lorafleet's engine vs diffusers and peft, same requests.
 
-    python benchmarks/bench_multi_lora.py [--images 64] [--clients 8] [--steps 8] [--json out.json]
+    python benchmarks/bench_multi_lora.py [--model builtin:tiny-sd] [--images 64] [--clients 8] [--steps 8]
+                                          [--size 64] [--json out.json]
+    python benchmarks/bench_multi_lora.py --model builtin:tiny-sdxl    # SDXL: guidance 5.0
 
-The embedded default model (``builtin:tiny-sd``, as shipped), 64x64 images,
-the model's own PNDM scheduler, guidance 7.5. Eight real PEFT LoRA files
-(rank 8, on the UNet attention projections; two of them with text-encoder
-parts too) and a fixed list of requests whose adapter is drawn from a Zipf
-(s=1.1) popularity over the eight, about one request in eight with none.
-Eight clients keep eight requests in flight; every system serves the same
-list, in the same order, with the same seeds:
+``--model builtin:tiny-sd`` (the default, the embedded model as shipped): 64x64
+images, the model's own PNDM scheduler, guidance 7.5. ``--model
+builtin:tiny-sdxl``: SDXL's architecture (two text encoders, ``text_time``
+added conditions), 64x64 images, its Euler scheduler, guidance 5.0,
+SDXL's default micro-conditioning and an empty negative prompt (zeros, as
+``force_zeros_for_empty_prompt`` says). Eight real PEFT LoRA files (rank 8,
+on the UNet attention projections; two of them with text-encoder parts too,
+on SDXL on both encoders where the registry takes ``text_encoder_2``) and a
+fixed list of requests whose adapter is drawn from a Zipf (s=1.1)
+popularity over the eight, about one request in eight with none. Eight
+clients keep eight requests in flight; every system serves the same list,
+in the same order, with the same seeds:
 
 - **lorafleet**: the engine in-process as the deployments run it (PromptEncoder
-  with text-encoder LoRA slots, StepScheduler with UNet LoRA slots and
-  ``max_rows_per_tick`` 16, VAE decode), a closed loop that submits a new
-  request between ticks whenever one finishes. Measured with the kernels the
-  server ships on the CPU (deterministic mode: batch-invariant kernels,
-  per-image VAE decode) and without them.
+  with text-encoder LoRA slots, SDXL: ``SDXLPromptEncoder`` with slots on each
+  encoder; StepScheduler with UNet LoRA slots, SDXL's pooled embeddings and
+  time ids per row, and ``max_rows_per_tick`` 16; VAE decode), a closed loop
+  that submits a new request between ticks whenever one finishes. Measured
+  with the kernels the server ships on the CPU (deterministic mode:
+  batch-invariant kernels, per-image VAE decode) and without them.
 - **(a) diffusers, one adapter at a time**: one ``StableDiffusionPipeline``
-  with all eight adapters loaded by ``load_lora_weights``; each request
-  is one pipeline call after ``set_adapters([name])`` (``disable_lora()`` for
-  none): what a server that holds one active adapter at a time does, the
-  other clients queued behind it.
+  (``StableDiffusionXLPipeline``) with all eight adapters loaded by
+  ``load_lora_weights``; each request is one pipeline call after
+  ``set_adapters([name])`` (``disable_lora()`` for none): what a server that
+  holds one active adapter at a time does, the other clients queued behind it.
 - **(b) peft mixed batch**: the same pipeline's modules, eight requests (16
   CFG rows) per batch, each row routed to its adapter by peft's
   ``adapter_names`` (``LoraLayer._mixed_batch_forward``). diffusers 0.42 has
   no public switch for it, so the batch runs through the pipeline's own
-  arithmetic in a short loop here, with the pre-forward hook
-  ``LoraModel._enable_peft_forward_hooks`` installs
-  (``peft.tuners.lora.model._adapter_names_pre_forward_hook``) on every
-  LoRA layer.
+  arithmetic (SDXL: both encoders, ``added_cond_kwargs``) in a short loop
+  here, with the pre-forward hook ``LoraModel._enable_peft_forward_hooks``
+  installs (``peft.tuners.lora.model._adapter_names_pre_forward_hook``) on
+  every LoRA layer.
 
 Prints a Markdown table (images/s and ratios) and a cheap correctness check:
 one batch of requests through all three systems with batch-invariant kernels,
@@ -61,18 +69,22 @@ from deployments.engine import models  # noqa: E402
 from deployments.engine.batch_invariance import make_batch_invariant  # noqa: E402
 from deployments.engine.images import decode  # noqa: E402
 from deployments.engine.multi_lora import MultiLoRAModel, text_encoder_key_prefix  # noqa: E402
-from deployments.engine.prompts import PromptEncoder  # noqa: E402
+from deployments.engine.prompts import PromptEncoder, SDXLPromptEncoder  # noqa: E402
 from deployments.engine.schedulers import SchedulerFactory  # noqa: E402
 from deployments.engine.step_scheduler import DenoiseRequest, StepScheduler  # noqa: E402
+from deployments.messages import MicroConditioning  # noqa: E402
 
-MODEL_URI = "builtin:tiny-sd"
+# Per model: (default size in px, guidance scale). Both 64x64 (8x8 latents, the size the equivalence tests
+# use); guidance: SD1's 7.5 as #4 measured it, SDXL's 5.0 (StableDiffusionXLPipeline's default).
+MODELS = {"builtin:tiny-sd": (64, 7.5), "builtin:tiny-sdxl": (64, 5.0)}
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # The server's default slot targets (deployments/engine/config.py LoRAConfig) and slot sizing.
 UNET_SLOT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT_SLOT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 SLOT_MAX_RANK = 64
-NEGATIVE_PROMPT = ""
+NEGATIVE_PROMPT = ""  # SDXL: zeros (force_zeros_for_empty_prompt), which diffusers does for negative_prompt=None
+TEXT_ADAPTED = (1, 4)  # the 2nd and 5th most popular adapters also adapt the text encoder(s)
 SUBJECTS = ["a lighthouse", "a red fox", "a castle", "a teapot", "a mountain lake", "a robot", "a sailboat", "a cat"]
 
 
@@ -80,7 +92,7 @@ SUBJECTS = ["a lighthouse", "a red fox", "a castle", "a teapot", "a mountain lak
 class Adapter:
     name: str
     path: Path
-    has_text_encoder: bool
+    text_components: tuple[str, ...]  # (), ("text_encoder",) or, on SDXL, ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Settings:
+    model: str
     images: int
     clients: int
     size: int
@@ -104,49 +117,59 @@ class Settings:
     zipf_s: float
     no_adapter_share: float
     seed: int
+    text_encoder_2: bool = False  # SDXL: the text-adapted adapters also adapt the second encoder
 
 
 # -- inputs ---------------------------------------------------------------------
 
 
-def load_parts(model_dir: Path) -> dict:
+def load_parts(model_dir: Path, sdxl: bool) -> dict:
     """Fresh float32 CPU modules (every system gets its own: the engines patch and wrap them in place)."""
     cpu = torch.device("cpu")
-    return {
+    parts = {
         "tokenizer": models.load_tokenizer(model_dir),
         "text_encoder": models.load_text_encoder(model_dir, cpu, torch.float32),
         "unet": models.load_unet(model_dir, cpu, torch.float32),
         "vae": models.load_vae(model_dir, cpu, torch.float32),
     }
+    if sdxl:
+        parts["tokenizer_2"] = models.load_tokenizer(model_dir, "tokenizer_2")
+        parts["text_encoder_2"] = models.load_text_encoder(model_dir, cpu, torch.float32, "text_encoder_2")
+    return parts
+
+
+def text_components(s: Settings) -> tuple[str, ...]:
+    """The text encoders the text-adapted adapters adapt."""
+    return ("text_encoder", "text_encoder_2") if s.text_encoder_2 else ("text_encoder",)
 
 
 def make_adapters(parts: dict, directory: Path, s: Settings) -> list[Adapter]:
     """Real diffusers LoRA files written with peft (non-zero B, so every adapter changes the image)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
+    writer = StableDiffusionXLPipeline if "text_encoder_2" in parts else StableDiffusionPipeline
     out = []
     for k in range(s.num_adapters):
         torch.manual_seed(1000 + k)
-        with_text = k in (1, 4)  # the 2nd and 5th most popular also adapt the text encoder
+        texts = text_components(s) if k in TEXT_ADAPTED else ()
         unet_cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=UNET_ATTN, init_lora_weights=False)
         unet = copy.deepcopy(parts["unet"])
         unet.add_adapter(unet_cfg)
         kwargs = {"unet_lora_layers": get_peft_model_state_dict(unet), "unet_lora_adapter_metadata": unet_cfg}
-        if with_text:
+        for component in texts:
             te_cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=TEXT_ATTN, init_lora_weights=False)
-            te = inject_adapter_in_model(te_cfg, copy.deepcopy(parts["text_encoder"]))
-            kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
-            kwargs["text_encoder_lora_adapter_metadata"] = te_cfg
-        for key in ("unet_lora_adapter_metadata", "text_encoder_lora_adapter_metadata"):
-            if key in kwargs:
-                cfg = kwargs[key].to_dict()
-                kwargs[key] = {n: (sorted(v) if isinstance(v, set) else v) for n, v in cfg.items()}
+            te = inject_adapter_in_model(te_cfg, copy.deepcopy(parts[component]))
+            kwargs[f"{component}_lora_layers"] = get_peft_model_state_dict(te)
+            kwargs[f"{component}_lora_adapter_metadata"] = te_cfg
+        for key in [k for k in kwargs if k.endswith("_metadata")]:
+            cfg = kwargs[key].to_dict()
+            kwargs[key] = {n: (sorted(v) if isinstance(v, set) else v) for n, v in cfg.items()}
         path = directory / f"style{k}"
         path.mkdir(parents=True, exist_ok=True)
-        StableDiffusionPipeline.save_lora_weights(path, **kwargs)
-        out.append(Adapter(f"style{k}", path / "pytorch_lora_weights.safetensors", with_text))
+        writer.save_lora_weights(path, **kwargs)
+        out.append(Adapter(f"style{k}", path / "pytorch_lora_weights.safetensors", texts))
     return out
 
 
@@ -171,30 +194,53 @@ class LoraFleetEngine:
     def __init__(self, parts: dict, info: models.ModelInfo, canonical: list, s: Settings, deterministic: bool):
         prep = make_batch_invariant if deterministic else (lambda m: m)
         # As the deployments: batch-invariant kernels on the UNet first, then the adapter slots around
-        # them; the text encoder runs one row per call in deterministic mode (PromptEncoder.rowwise).
-        text_encoder = parts["text_encoder"]
+        # them; the text encoders run one row per call in deterministic mode (PromptEncoder.rowwise).
+        self.sdxl = info.sdxl
         self.unet = prep(parts["unet"])
         self.vae = parts["vae"]
         self.deterministic = deterministic
         num_slots = s.num_adapters + 1  # slot 0 means "no adapter", as max_loras_per_replica + 1
         self.unet_lora = MultiLoRAModel(self.unet, UNET_SLOT_TARGETS, num_slots, SLOT_MAX_RANK, deterministic)
-        self.text_lora = MultiLoRAModel(
-            text_encoder,
-            TEXT_SLOT_TARGETS,
-            num_slots,
-            SLOT_MAX_RANK,
-            key_prefix=text_encoder_key_prefix(text_encoder),
-        )
-        self.text_adapters: dict[int, bool] = {}
+        # One set of slots per text encoder, as the TextEncoder deployment has (SDXL: two).
+        components = ("text_encoder", "text_encoder_2") if self.sdxl else ("text_encoder",)
+        self.text_loras = {
+            c: MultiLoRAModel(
+                parts[c], TEXT_SLOT_TARGETS, num_slots, SLOT_MAX_RANK, key_prefix=text_encoder_key_prefix(parts[c])
+            )
+            for c in components
+        }
+        # {component: adapter indices with weights on it}: the TextEncoder only routes those.
+        self.text_adapters: dict[str, set[int]] = {c: set() for c in components}
         for k, adapter in enumerate(canonical):
-            unet_w = {p: (w.A, w.B, w.alpha) for p, w in adapter.component("unet").items()}
-            text_w = {p: (w.A, w.B, w.alpha) for p, w in adapter.component("text_encoder").items()}
-            self.unet_lora.load(k + 1, unet_w)
-            self.text_lora.load(k + 1, text_w)
-            self.text_adapters[k] = bool(text_w)
-        self.prompts = PromptEncoder(
-            parts["tokenizer"], text_encoder, cache_size=4096, lora=self.text_lora, rowwise=deterministic
+            self.unet_lora.load(k + 1, {p: (w.A, w.B, w.alpha) for p, w in adapter.component("unet").items()})
+            for c, lora in self.text_loras.items():
+                text_w = {p: (w.A, w.B, w.alpha) for p, w in adapter.component(c).items()}
+                lora.load(k + 1, text_w)
+                if text_w:
+                    self.text_adapters[c].add(k)
+        first = PromptEncoder(
+            parts["tokenizer"],
+            parts["text_encoder"],
+            cache_size=4096,
+            lora=self.text_loras["text_encoder"],
+            rowwise=deterministic,
+            **({"hidden_layer": "penultimate"} if self.sdxl else {}),
         )
+        if self.sdxl:
+            second = PromptEncoder(
+                parts["tokenizer_2"],
+                parts["text_encoder_2"],
+                cache_size=4096,
+                lora=self.text_loras["text_encoder_2"],
+                rowwise=deterministic,
+                hidden_layer="penultimate",
+                pooled=True,
+            )
+            self.prompts = SDXLPromptEncoder(
+                first, second, force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt
+            )
+        else:
+            self.prompts = first
         self.steps = StepScheduler(
             self.unet,
             SchedulerFactory(info.scheduler_class, info.scheduler_config),
@@ -205,31 +251,67 @@ class LoraFleetEngine:
         )
         self.s = s
 
+    def _text_adapters(self, r: Request, component: str) -> tuple:
+        """The TextEncoder only gets the adapters that have weights on that encoder."""
+        if r.adapter is None or r.adapter not in self.text_adapters[component]:
+            return ()
+        return ((r.adapter + 1, 1.0, f"style{r.adapter}"),)
+
     def _submit(self, requests: list[Request]) -> dict:
         """Encode the prompts of ``requests`` in one forward (as the TextEncoder batches them), then queue them."""
+        if self.sdxl:
+            return self._submit_xl(requests)
         texts, text_adapters = [], []
         for r in requests:
-            # The TextEncoder only gets the adapters that have text-encoder weights.
-            a = (
-                ()
-                if r.adapter is None or not self.text_adapters[r.adapter]
-                else ((r.adapter + 1, 1.0, f"style{r.adapter}"),)
-            )
+            a = self._text_adapters(r, "text_encoder")
             texts += [r.prompt, NEGATIVE_PROMPT]
             text_adapters += [a, a]
         embeds = self.prompts.encode_prompt(texts, text_adapters)
+        return self._queue(
+            requests,
+            [
+                {"prompt_embeds": embeds[2 * i], "negative_prompt_embeds": embeds[2 * i + 1]}
+                for i in range(len(requests))
+            ],
+        )
+
+    def _submit_xl(self, requests: list[Request]) -> dict:
+        """SDXL: both encoders (each with its own adapters), and the Denoiser's per-image time ids."""
+        encoded = self.prompts.encode_prompt_pairs(
+            [r.prompt for r in requests],
+            [NEGATIVE_PROMPT] * len(requests),
+            [self._text_adapters(r, "text_encoder") for r in requests],
+            [self._text_adapters(r, "text_encoder_2") for r in requests],
+        )
+        time_ids, negative_time_ids = MicroConditioning().time_ids(self.s.size, self.s.size)
+        return self._queue(
+            requests,
+            [
+                {
+                    "prompt_embeds": e.prompt_embeds,
+                    "negative_prompt_embeds": e.negative_prompt_embeds,
+                    "pooled_prompt_embeds": e.pooled_prompt_embeds,
+                    "negative_pooled_prompt_embeds": e.negative_pooled_prompt_embeds,
+                    "add_time_ids": time_ids,
+                    "negative_add_time_ids": negative_time_ids,
+                }
+                for e in encoded
+            ],
+        )
+
+    def _queue(self, requests: list[Request], conditioning: list[dict]) -> dict:
+        """One DenoiseRequest per request (its UNet adapter by slot); {job id: request index}."""
         jobs = {}
-        for i, r in enumerate(requests):
+        for r, cond in zip(requests, conditioning, strict=True):
             adapters = () if r.adapter is None else ((r.adapter + 1, 1.0),)
             req = DenoiseRequest(
-                embeds[2 * i],
-                embeds[2 * i + 1],
-                self.s.size,
-                self.s.size,
-                self.s.steps,
-                self.s.guidance_scale,
-                r.seed,
+                height=self.s.size,
+                width=self.s.size,
+                steps=self.s.steps,
+                guidance_scale=self.s.guidance_scale,
+                seed=r.seed,
                 adapters=adapters,
+                **cond,
             )
             (job,) = self.steps.submit([req])
             jobs[job.id] = r.index
@@ -261,18 +343,31 @@ class LoraFleetEngine:
 
 
 def make_pipeline(parts: dict, info: models.ModelInfo, adapters: list[Adapter]):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=parts["unet"],
-        scheduler=SchedulerFactory(info.scheduler_class, info.scheduler_config).create("default"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = SchedulerFactory(info.scheduler_class, info.scheduler_config).create("default")
+    if info.sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer=parts["tokenizer"],
+            tokenizer_2=parts["tokenizer_2"],
+            unet=parts["unet"],
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            unet=parts["unet"],
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     for a in adapters:
         pipe.load_lora_weights(str(a.path), adapter_name=a.name)
@@ -294,7 +389,9 @@ def serve_switching(pipe, adapters: list[Adapter], requests: list[Request], s: S
             active = r.adapter
         images[r.index] = pipe(
             r.prompt,
-            negative_prompt=NEGATIVE_PROMPT,
+            # "" is no negative prompt: SD1 encodes "" either way; SDXL zeros it (force_zeros_for_empty_prompt)
+            # only for None, and the API (and the engine) treat "" as not given.
+            negative_prompt=NEGATIVE_PROMPT or None,
             height=s.size,
             width=s.size,
             num_inference_steps=s.steps,
@@ -352,9 +449,17 @@ def peft_adapter_names(module: torch.nn.Module, adapter_names: list[str]):
             h.remove()
 
 
+def has_lora_layers(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in module.modules())
+
+
 @torch.inference_mode()
 def mixed_batch(pipe, adapters: list[Adapter], batch: list[Request], s: Settings) -> torch.Tensor:
     """One batch through ``StableDiffusionPipeline.__call__``'s arithmetic, rows routed by ``adapter_names``."""
+    if hasattr(pipe, "text_encoder_2"):
+        return mixed_batch_xl(pipe, adapters, batch, s)
     names = ["__base__" if r.adapter is None else adapters[r.adapter].name for r in batch]
     n = len(batch)
     ids = pipe.tokenizer(
@@ -385,6 +490,71 @@ def mixed_batch(pipe, adapters: list[Adapter], batch: list[Request], s: Settings
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(torch.cat([x_t] * 2), t)
             eps = pipe.unet(x_in, t, encoder_hidden_states=context, return_dict=False)[0]
+            eps_uncond, eps_text = eps.chunk(2)
+            eps = eps_uncond + s.guidance_scale * (eps_text - eps_uncond)
+            x_t = scheduler.step(eps, t, x_t, return_dict=False)[0]
+    return decode(pipe.vae, x_t)
+
+
+@torch.inference_mode()
+def mixed_batch_xl(pipe, adapters: list[Adapter], batch: list[Request], s: Settings) -> torch.Tensor:
+    """One batch through ``StableDiffusionXLPipeline.__call__``'s arithmetic, rows routed by ``adapter_names``.
+
+    ``encode_prompt``: each encoder's penultimate hidden states, concatenated, and the second
+    one's pooled (projected) output; the empty negative prompt is zeros
+    (``force_zeros_for_empty_prompt``), else encoded like the prompt. ``added_cond_kwargs``: the
+    pooled embeddings and the six time ids of the default micro-conditioning
+    (``_get_add_time_ids``: original size, crop top-left (0, 0), target size), (negative,
+    positive) rows as the context.
+    """
+    names = ["__base__" if r.adapter is None else adapters[r.adapter].name for r in batch]
+    n = len(batch)
+
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = [], None
+        for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tokenizer(
+                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids  # [n, tokens]
+            # An encoder no adapter adapts has no LoRA layers (then there is nothing to route).
+            routed = (
+                peft_adapter_names(text_encoder, names) if has_lora_layers(text_encoder) else contextlib.nullcontext()
+            )
+            with routed:
+                out = text_encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])  # [n, tokens, hidden_i]
+            pooled = out[0]  # the last encoder's (CLIPTextModelWithProjection) text_embeds [n, projection]
+        return torch.cat(states, dim=-1), pooled  # [n, tokens, hidden_1 + hidden_2], [n, projection]
+
+    context, pooled = encode([r.prompt for r in batch])
+    if NEGATIVE_PROMPT == "" and pipe.config.force_zeros_for_empty_prompt:
+        negative, negative_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+    else:
+        negative, negative_pooled = encode([NEGATIVE_PROMPT] * n)
+    context = torch.cat([negative, context])  # [2n, tokens, hidden]: (negative, positive), the pipeline's CFG rows
+    time_ids = torch.tensor([[s.size, s.size, 0, 0, s.size, s.size]] * (2 * n), dtype=context.dtype)  # [2n, 6]
+    added_cond_kwargs = {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": time_ids}
+    rows = names + names
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(s.steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    latent = s.size // pipe.vae_scale_factor
+    x_t = torch.cat(
+        [
+            torch.randn(
+                (1, pipe.unet.config.in_channels, latent, latent), generator=torch.Generator().manual_seed(r.seed)
+            )
+            for r in batch
+        ]
+    )  # [n, c, h, w]
+    x_t = x_t * scheduler.init_noise_sigma
+    with peft_adapter_names(pipe.unet, rows):
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(torch.cat([x_t] * 2), t)
+            eps = pipe.unet(
+                x_in, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs, return_dict=False
+            )[0]
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + s.guidance_scale * (eps_text - eps_uncond)
             x_t = scheduler.step(eps, t, x_t, return_dict=False)[0]
@@ -439,37 +609,92 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
+def open_model(model_uri: str, cache_dir: Path | None = None):
+    """``(directory, ModelInfo, the registry's BaseModelSpec, whether adapters adapt text_encoder_2)``."""
+    from lora_registry.base_model import base_model_spec_from_dir
+
+    model_dir = models.resolve_model_dir(model_uri, cache_dir)
+    info = models.read_model_info(model_uri, model_dir)
+    spec = base_model_spec_from_dir(model_dir)
+    # SDXL adapters adapt the second text encoder too once the registry converts its weights
+    # (``text_encoder_2.`` modules in the base model's spec); without that the engine could not load them.
+    te2 = info.sdxl and any(m.startswith("text_encoder_2.") for m in spec.modules)
+    return model_dir, info, spec, te2
+
+
+def build_adapters(model_dir: Path, info: models.ModelInfo, spec, directory: Path, s: Settings):
+    """The LoRA files (for diffusers and peft) and the registry's canonical form of each (for the engine)."""
+    from lora_registry.validation import prepare_adapter
+
+    adapters = make_adapters(load_parts(model_dir, info.sdxl), directory, s)
+    canonical = [prepare_adapter(a.path.read_bytes(), spec).adapter for a in adapters]
+    for a, c in zip(adapters, canonical, strict=True):
+        kept = {name.partition(".")[0] for name in c.modules} - {"unet"}
+        if kept != set(a.text_components):
+            raise RuntimeError(f"{a.name}: the registry kept {sorted(kept)}, the file adapts {a.text_components}")
+    return adapters, canonical
+
+
+def check_equivalence(pipe, adapters: list[Adapter], check: list[Request], s: Settings, fleet_images: dict) -> dict:
+    """Correctness, cheaply: ``check`` through diffusers alone (one request at a time) and peft's mixed
+    batch, with batch-invariant kernels on diffusers' UNet (peft's lora_A/lora_B Linear layers included),
+    against lorafleet's deterministic images ``fleet_images``; max abs pixel differences. Leaves the
+    pipeline's UNet with batch-invariant kernels."""
+    keys = [r.index for r in check]
+    make_batch_invariant(pipe.unet)
+    alone, _ = serve_switching(pipe, adapters, check, s)
+    mixed, _ = serve_mixed(pipe, adapters, check, s)
+    with_adapter = [r.index for r in check if r.adapter is not None]
+    base_only, _ = serve_switching(
+        pipe, adapters, [Request(r.index, r.prompt, None, r.seed) for r in check if r.adapter is not None], s
+    )
+    return {
+        "requests": keys,
+        "lorafleet_vs_diffusers": max_diff(fleet_images, alone, keys),
+        "peft_mixed_vs_diffusers": max_diff(mixed, alone, keys),
+        "adapter_effect": max_diff(alone, base_only, with_adapter) if with_adapter else float("nan"),
+    }
+
+
+def text_encoders_phrase(s: Settings, sdxl: bool) -> str:
+    if not sdxl:
+        return "the text encoder's"
+    if s.text_encoder_2:
+        return "both text encoders'"
+    return "the first text encoder's (not text_encoder_2: the registry has no text_encoder_2 component yet)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="builtin:tiny-sd")
     p.add_argument("--images", type=int, default=64, help="requests in the timed list")
     p.add_argument("--clients", type=int, default=8, help="requests in flight at a time")
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=None, help="pixels (default 64)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="timed passes per system, order alternating; best kept")
     p.add_argument("--json", type=Path, default=None, help="write the raw figures here")
     args = p.parse_args()
+    default_size, guidance_scale = MODELS[args.model]
+    quiet()
+    load_start = os.getloadavg()[0]
+    model_dir, info, spec, te2 = open_model(args.model)
     s = Settings(
+        model=args.model,
         images=args.images,
         clients=args.clients,
-        size=args.size,
+        size=default_size if args.size is None else args.size,
         steps=args.steps,
-        guidance_scale=7.5,
+        guidance_scale=guidance_scale,
         rank=args.rank,
         alpha=float(args.rank),
         num_adapters=8,
         zipf_s=1.1,
         no_adapter_share=1 / 8,
         seed=args.seed,
+        text_encoder_2=te2,
     )
-    quiet()
-    load_start = os.getloadavg()[0]
-    from lora_registry.base_model import base_model_spec_from_dir
-    from lora_registry.validation import prepare_adapter
-
-    model_dir = models.resolve_model_dir(MODEL_URI)
-    info = models.read_model_info(MODEL_URI, model_dir)
     requests = draw_requests(s)
     warmup = draw_requests(Settings(**{**asdict(s), "images": s.clients, "seed": s.seed + 10_000}), prefix="warm-up: ")
     mix = Counter("none" if r.adapter is None else f"style{r.adapter}" for r in requests)
@@ -477,13 +702,10 @@ def main() -> None:
 
     images: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-multi-lora-") as tmp:
-        adapters = make_adapters(load_parts(model_dir), Path(tmp), s)
-        spec = base_model_spec_from_dir(model_dir)
-        canonical = [prepare_adapter(a.path.read_bytes(), spec).adapter for a in adapters]
-
-        fleet_det = LoraFleetEngine(load_parts(model_dir), info, canonical, s, deterministic=True)
-        fleet_nondet = LoraFleetEngine(load_parts(model_dir), info, canonical, s, deterministic=False)
-        pipe = make_pipeline(load_parts(model_dir), info, adapters)
+        adapters, canonical = build_adapters(model_dir, info, spec, Path(tmp), s)
+        fleet_det = LoraFleetEngine(load_parts(model_dir, info.sdxl), info, canonical, s, deterministic=True)
+        fleet_nondet = LoraFleetEngine(load_parts(model_dir, info.sdxl), info, canonical, s, deterministic=False)
+        pipe = make_pipeline(load_parts(model_dir, info.sdxl), info, adapters)
         systems = {
             "lorafleet": lambda reqs: fleet_det.serve(reqs, s.clients),
             "lorafleet_nondet": lambda reqs: fleet_nondet.serve(reqs, s.clients),
@@ -512,21 +734,8 @@ def main() -> None:
         for label in systems:
             results[label]["images_per_s"] = s.images / min(results[label]["wall_s"])
 
-        # Correctness, cheaply: the first batch of requests with batch-invariant kernels on diffusers'
-        # modules (peft's lora_A/lora_B Linear layers included) against lorafleet's deterministic images.
-        check = requests[: s.clients]
-        keys = [r.index for r in check]
-        make_batch_invariant(pipe.unet)
-        alone, _ = serve_switching(pipe, adapters, check, s)
-        mixed, _ = serve_mixed(pipe, adapters, check, s)
-        base_only, _ = serve_switching(pipe, adapters, [Request(r.index, r.prompt, None, r.seed) for r in check], s)
-        with_adapter = [r.index for r in check if r.adapter is not None]
-        results["check"] = {
-            "requests": keys,
-            "lorafleet_vs_diffusers": max_diff(images["lorafleet"], alone, keys),
-            "peft_mixed_vs_diffusers": max_diff(mixed, alone, keys),
-            "adapter_effect": max_diff(alone, base_only, with_adapter) if with_adapter else float("nan"),
-        }
+        # The first batch of requests: lorafleet's images against diffusers' and peft's.
+        results["check"] = check_equivalence(pipe, adapters, requests[: s.clients], s, images["lorafleet"])
 
     fleet, fleet_nd = results["lorafleet"]["images_per_s"], results["lorafleet_nondet"]["images_per_s"]
     a, b = results["diffusers"]["images_per_s"], results["peft_mixed"]["images_per_s"]
@@ -538,10 +747,14 @@ def main() -> None:
         f"{load_start:.1f} at the start, {m['load_avg_1m']:.1f} at the end (other work on the cores skews the figures)."
     )
     print(
-        f"Settings: {MODEL_URI} as shipped, {s.size}x{s.size}, {s.steps} steps of {info.scheduler_class} "
-        f"(the model's default), guidance {s.guidance_scale}; {s.num_adapters} rank-{s.rank} (alpha {s.alpha:g}) "
-        f"PEFT LoRAs on the UNet's {'/'.join(UNET_ATTN)} (style1, style4 also on the text encoder's "
-        f"{'/'.join(TEXT_ATTN)}), adapter per request ~ Zipf(s={s.zipf_s}), {s.no_adapter_share:.3g} with none; "
+        f"Settings: {s.model} as shipped, {s.size}x{s.size}, {s.steps} steps of {info.scheduler_class} "
+        f"(the model's default), guidance {s.guidance_scale}"
+        + ("; SDXL's default micro-conditioning, empty negative prompt (zeros)" if info.sdxl else "")
+        + f"; {s.num_adapters} rank-{s.rank} (alpha {s.alpha:g}) "
+        f"PEFT LoRAs on the UNet's {'/'.join(UNET_ATTN)} ("
+        + ", ".join(f"style{k}" for k in TEXT_ADAPTED)
+        + f" also on {text_encoders_phrase(s, info.sdxl)} {'/'.join(TEXT_ATTN)}), "
+        f"adapter per request ~ Zipf(s={s.zipf_s}), {s.no_adapter_share:.3g} with none; "
         f"{s.images} requests, {s.clients} in flight, after a warm-up of {s.clients}; best of {args.repeats} "
         "passes per system, order alternating."
     )

@@ -1,12 +1,17 @@
-"""Multi-LoRA UNet step on a GPU: SD1.5's UNet (random weights, fp16), 16 CFG rows, 8 rank-16 adapters.
+"""Multi-LoRA UNet step on a GPU: SD1.5's or SDXL's UNet (random weights, fp16), 16 CFG rows, 8 rank-16 adapters.
 
-    PYTHONPATH=. python benchmarks/bench_multi_lora_gpu.py [--json out.json]
-    PYTHONPATH=. python benchmarks/bench_multi_lora_gpu.py --smoke      # CPU, tiny config, < 1 min
+    PYTHONPATH=. python benchmarks/bench_multi_lora_gpu.py [--model sd15|sdxl] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_multi_lora_gpu.py --smoke [--model sdxl]   # CPU, tiny config, < 1 min
 
 Needs torch, diffusers (for ``UNet2DConditionModel``) and peft; no Ray, no
-registry, nothing downloaded (the UNet is built from SD1.5's config). One
-UNet step over 16 rows (8 images with guidance) at 64x64 latents (512 px),
-random ``encoder_hidden_states`` [16, 77, 768] and a timestep per row:
+registry, nothing downloaded (the UNet is built from its config). ``--model
+sd15`` (the default): one UNet step over 16 rows (8 images with guidance) at
+64x64 latents (512 px), random ``encoder_hidden_states`` [16, 77, 768] and a
+timestep per row. ``--model sdxl``: SDXL base's UNet (``[320, 640, 1280]``,
+``transformer_layers_per_block`` ``[1, 2, 10]``, ``text_time`` added
+conditions; 2.6 B parameters) at 128x128 latents (1024 px), context
+[16, 77, 2048], and per row SDXL's ``added_cond_kwargs``: random pooled text
+embeddings [16, 1280] and the time ids of a 1024x1024 image. Then:
 
 1. **base**: the UNet alone.
 2. **lorafleet**: ``MultiLoRAModel`` on ``to_q/to_k/to_v/to_out.0`` with 8
@@ -23,10 +28,11 @@ random ``encoder_hidden_states`` [16, 77, 768] and a timestep per row:
    with one routing, replayed after another routing is written into the same
    buffers, checked against the eager step on that routing.
 
-Per-step times are CUDA-event medians after warm-up. Prints a Markdown table
-with the ratios against the targets: lorafleet <= 1.10x the base step, >= 5x
-faster than the sub-batch loop. ``--smoke`` runs it all on the CPU with a tiny
-UNet (8x8 latents, 2 iterations, no CUDA graphs), to check the script runs.
+Per-step times are CUDA-event medians after warm-up (20 iterations, SDXL 10).
+Prints a Markdown table with the ratios against the targets: lorafleet <=
+1.10x the base step, >= 5x faster than the sub-batch loop. ``--smoke`` runs it
+all on the CPU with a tiny UNet of the same family (8x8 latents, 2 iterations,
+no CUDA graphs), to check the script runs.
 """
 
 from __future__ import annotations
@@ -66,10 +72,45 @@ SMOKE_UNET = {
     "layers_per_block": 1,
     "cross_attention_dim": 64,
 }
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (what differs from diffusers' defaults).
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,  # both text encoders' penultimate states: 768 + 1280
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # pooled text embeddings (1280) + 6 time ids x 256
+    "norm_num_groups": 32,
+}
+SMOKE_SDXL_UNET = {
+    **SDXL_UNET,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "transformer_layers_per_block": [1, 1, 2],
+    "attention_head_dim": [2, 4, 4],
+    "cross_attention_dim": 64,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+# --model: (name in the report, full-size config, smoke config, latent size, default timed iterations).
+MODELS = {
+    "sd15": ("SD1.5", SD15_UNET, SMOKE_UNET, 64, 20),
+    "sdxl": ("SDXL", SDXL_UNET, SMOKE_SDXL_UNET, 128, 10),
+}
 
 
 @dataclass(frozen=True)
 class Settings:
+    model: str  # a key of MODELS
     device: str
     dtype: str
     rows: int
@@ -110,8 +151,9 @@ def time_ms(fn, s: Settings) -> float:
 class GraphStep:
     """One UNet step captured as a CUDA graph over static input buffers; ``replay`` reruns it."""
 
-    def __init__(self, unet, x, t, context, routed=None):
+    def __init__(self, unet, x, t, context, added=None, routed=None):
         self.x, self.t, self.context = x.clone(), t.clone(), context.clone()  # static inputs
+        self.added = None if added is None else {k: v.clone() for k, v in added.items()}  # SDXL
         # Entering ``routed`` writes the routing into the model's preallocated buffers, before capture;
         # the graph holds their addresses (and, for the grouped kernel, the per-slot loop it unrolled).
         ctx = routed if routed is not None else contextlib.nullcontext()
@@ -127,7 +169,8 @@ class GraphStep:
                 self.out = self._forward(unet)
 
     def _forward(self, unet):
-        return unet(self.x, self.t, encoder_hidden_states=self.context, return_dict=False)[0]
+        kwargs = {} if self.added is None else {"added_cond_kwargs": self.added}
+        return unet(self.x, self.t, encoder_hidden_states=self.context, return_dict=False, **kwargs)[0]
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()
@@ -144,6 +187,20 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype):
     with torch.device(device):  # random init straight on the device: SD1.5's 860M parameters
         unet = UNet2DConditionModel(**config)
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def added_conditions(unet_config: dict, s: Settings, g: torch.Generator) -> dict[str, torch.Tensor] | None:
+    """SDXL's ``added_cond_kwargs`` for ``s.rows`` rows (None for other UNets): random pooled text
+    embeddings and the time ids of a square image at the latent size (original size, crop (0, 0), target size)."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    time_dim = unet_config["addition_time_embed_dim"]
+    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * time_dim
+    px = 8 * s.latent
+    return {
+        "text_embeds": torch.randn((s.rows, pooled), generator=g),  # [rows, pooled]
+        "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * s.rows, dtype=torch.float32),  # [rows, 6]
+    }
 
 
 def random_adapters(lora: MultiLoRAModel, s: Settings, dtype: torch.dtype) -> list[dict]:
@@ -189,11 +246,18 @@ def run(s: Settings, unet_config: dict) -> dict:
     x = torch.randn((s.rows, 4, s.latent, s.latent), generator=g).to(device, dtype)  # [rows, c, h, w]
     t = torch.randint(0, 1000, (s.rows,), generator=g).to(device)  # [rows]: each row at its own step
     context = torch.randn((s.rows, s.tokens, unet_config["cross_attention_dim"]), generator=g).to(device, dtype)
+    added = added_conditions(unet_config, s, g)
+    if added is not None:
+        added = {k: v.to(device, dtype) for k, v in added.items()}
     per = s.rows // s.adapters  # rows per adapter
     routing = [((1 + k // per, 1.0),) for k in range(s.rows)]  # rows 2k, 2k+1 -> slot k+1
 
+    def added_rows(rows):
+        return None if added is None else {k: v[rows] for k, v in added.items()}
+
     def step(unet, rows=slice(None)):
-        return unet(x[rows], t[rows], encoder_hidden_states=context[rows], return_dict=False)[0]
+        kwargs = {} if added is None else {"added_cond_kwargs": added_rows(rows)}
+        return unet(x[rows], t[rows], encoder_hidden_states=context[rows], return_dict=False, **kwargs)[0]
 
     res: dict = {}
     with torch.inference_mode():
@@ -267,10 +331,11 @@ def run(s: Settings, unet_config: dict) -> dict:
         if s.cuda_graphs:
             # A failed capture is reported, not fatal: the eager figures above still stand.
             res["graph_errors"] = {}
+            two = slice(0, 2)
             captures = {
-                "base_graph_ms": lambda: GraphStep(base, x, t, context),
-                "base_2row_graph_ms": lambda: GraphStep(base, x[:2], t[:2], context[:2]),
-                "lorafleet_graph_ms": lambda: GraphStep(fleet_unet, x, t, context, routed=lora.routed(routing)),
+                "base_graph_ms": lambda: GraphStep(base, x, t, context, added),
+                "base_2row_graph_ms": lambda: GraphStep(base, x[two], t[two], context[two], added_rows(two)),
+                "lorafleet_graph_ms": lambda: GraphStep(fleet_unet, x, t, context, added, routed=lora.routed(routing)),
             }
             for key, capture in captures.items():
                 try:
@@ -296,12 +361,15 @@ def run(s: Settings, unet_config: dict) -> dict:
 
 def report(s: Settings, res: dict, unet_config: dict) -> None:
     dev = torch.cuda.get_device_name() if s.device == "cuda" else platform.processor() or platform.machine()
-    which = "SD1.5" if unet_config is SD15_UNET else "smoke"
+    name, full, _, _, _ = MODELS[s.model]
+    which = name if unet_config is full else f"smoke ({name}-shaped)"
     print()
     print(
         f"Device: {dev}; torch {torch.__version__}, {s.dtype}. UNet: {which} "
         f"config {unet_config['block_out_channels']}, random weights; {s.rows} rows at {s.latent}x{s.latent} latents, "
-        f"{s.tokens} tokens; {s.adapters} rank-{s.rank} adapters on {'/'.join(TARGETS)} ({res['lora_layers']} layers), "
+        f"{s.tokens} tokens"
+        + (", SDXL's added conditions per row" if "addition_embed_type" in unet_config else "")
+        + f"; {s.adapters} rank-{s.rank} adapters on {'/'.join(TARGETS)} ({res['lora_layers']} layers), "
         f"{s.rows // s.adapters} rows each. Median of {s.iters} after {s.warmup} warm-up."
     )
     print()
@@ -381,26 +449,34 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
+def settings_for(model: str, smoke: bool, iters: int | None = None, cuda_graphs: bool = True) -> tuple[Settings, dict]:
+    """The run's settings and UNet config: 16 rows, 8 rank-16 adapters, 77 tokens; fp16 on CUDA at the
+    model's latent size, or (``smoke``) float32 on the CPU with the tiny config, 8x8 latents."""
+    _, full, tiny, latent, default_iters = MODELS[model]
+    if smoke:
+        # One thread: a shared CPU's other load makes multi-threaded OpenMP spin and stall.
+        torch.set_num_threads(1)
+        s = Settings(model, "cpu", "float32", 16, 8, 16, 8, 77, iters or 2, 1, False)
+    else:
+        warmup = 5 if model == "sd15" else 3
+        s = Settings(model, "cuda", "float16", 16, 8, 16, latent, 77, iters or default_iters, warmup, cuda_graphs)
+    if s.rows % s.adapters:
+        raise ValueError(f"rows ({s.rows}) must split evenly over the adapters ({s.adapters})")
+    return s, tiny if smoke else full
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="sd15", help="the UNet's architecture")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny UNet, 2 iterations, no CUDA graphs")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20, smoke 2)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20, SDXL 10, smoke 2)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph captures")
     p.add_argument("--json", type=Path, default=None, help="write the raw figures here")
     args = p.parse_args()
     quiet()
-    if args.smoke:
-        # One thread: a shared CPU's other load makes multi-threaded OpenMP spin and stall.
-        torch.set_num_threads(1)
-        unet_config = SMOKE_UNET
-        s = Settings("cpu", "float32", 16, 8, 16, 8, 77, args.iters or 2, 1, False)
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run with --smoke to check the script on the CPU")
-        unet_config = SD15_UNET
-        s = Settings("cuda", "float16", 16, 8, 16, 64, 77, args.iters or 20, 5, not args.no_graphs)
-    if s.rows % s.adapters:
-        raise ValueError(f"rows ({s.rows}) must split evenly over the adapters ({s.adapters})")
+    s, unet_config = settings_for(args.model, args.smoke, args.iters, not args.no_graphs)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke to check the script on the CPU")
     res = run(s, unet_config)
     report(s, res, unet_config)
     if args.json:
