@@ -6,7 +6,9 @@ The engine's own settings (the model, adapter slots) are in ``engine/config.py``
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from .engine.config import StrictConfig
 
@@ -53,3 +55,24 @@ class DenoiserConfig(ResourceConfig):
 class VAEConfig(ResourceConfig):
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded (or images encoded) in one call.")
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before decoding.")
+    tile_above_px: int | Literal["auto"] | None = Field(
+        "auto",
+        description=(
+            "Decode and encode an image in tiles when its larger side exceeds this many pixels, to bound the VAE's "
+            "memory at 1024-2048 px: diffusers' enable_tiling (tiles of the VAE's sample_size px overlapping by a "
+            "quarter, blended), equal to it bit for bit. auto: the VAE's sample_size (512 for SD1.5, 1024 for "
+            "SDXL), i.e. exactly the images diffusers' enable_tiling tiles; null or 0: never tile. A value below "
+            "the sample_size acts as it (an image within one tile is never tiled); one above it leaves images "
+            "between the two untiled, where diffusers' enable_tiling would tile them."
+        ),
+    )
+
+    @field_validator("tile_above_px", mode="before")
+    @classmethod
+    def _tile_above_px(cls, v):
+        # `true` would otherwise pass as 1 px, and a negative size means nothing.
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"tile_above_px must be an integer >= 0 (pixels), 'auto' or null; got {v!r}")
+        return v

@@ -13,7 +13,7 @@ from .config import VAEConfig
 from .engine import models
 from .engine.conditioning import ConditioningInput, ImageConditioning, encode_conditioning, overlay_unmasked
 from .engine.config import ModelConfig
-from .engine.images import decode, encode_image, to_uint8
+from .engine.images import TilingVAE, decode, encode_image, to_uint8
 from .engine.runtime import prepare_runtime
 from .messages import DecodedImages, DecodeParams, Denoised
 
@@ -22,7 +22,9 @@ from .messages import DecodedImages, DecodeParams, Denoised
 class VAE:
     def __init__(self, model: ModelConfig, config: VAEConfig):
         rt = prepare_runtime(model)
-        self.vae = models.load_vae(rt.info.directory, rt.device, rt.dtype)
+        # float32 where the VAE's config says force_upcast, even on a float16 server (load_vae); decode and
+        # encode cast to its dtype. Tiled (diffusers' enable_tiling) above config.tile_above_px, per call.
+        self.vae = TilingVAE(models.load_vae(rt.info.directory, rt.device, rt.dtype), config.tile_above_px)
         self.per_image = rt.deterministic
         self.unet_in_channels = rt.info.unet_in_channels
         self.noise_dtype = rt.dtype
