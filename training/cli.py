@@ -2,6 +2,10 @@
 
     lorafleet train styles/red --output-dir runs/red --steps 500 --rank 4 --learning-rate 1e-4 --name red
     lorafleet train styles/red --output-dir runs/red --num-workers 4 --ray-address auto   # Ray Train, 4 GPUs
+    lorafleet train styles/red --output-dir runs/red-xl --base-model s3://models/sdxl --train-text-encoder
+
+The base model is an SD 1.x/2.x or an SDXL pipeline; for SDXL ``--train-text-encoder`` trains a LoRA on
+both text encoders.
 
 Rerunning a command whose output dir holds checkpoints resumes from the newest.
 Exit status: 0 done, 2 bad input (before any training step), 1 registry error,
@@ -128,20 +132,35 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to a ``lorafleet`` sub-parser set; the handler is ``args.func(args) -> int``."""
     p = subparsers.add_parser(
         "train",
-        help="train a LoRA on a folder of captioned images (and register it)",
-        description="Train a LoRA on a folder of captioned images; register it when --name is given.",
+        help="train a LoRA (SD 1.x/2.x or SDXL) on a folder of captioned images (and register it)",
+        description=(
+            "Train a LoRA on a folder of captioned images; register it when --name is given. The base model is "
+            "an SD 1.x/2.x or an SDXL pipeline (SDXL: conditioned on both text encoders, the pooled embedding "
+            "and each image's original size and crop, as diffusers' train_text_to_image_lora_sdxl.py). Rerunning "
+            "with the same --output-dir resumes from its newest checkpoint."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data_dir", help="images with captions: NAME.txt beside each image, or metadata.jsonl")
     p.add_argument("--output-dir", required=True, help="checkpoints, adapter.safetensors, training.json")
-    p.add_argument("--base-model", default="builtin:tiny-sd", help="diffusers model: directory, s3://..., builtin:")
+    p.add_argument(
+        "--base-model",
+        default="builtin:tiny-sd",
+        help="diffusers SD 1.x/2.x or SDXL model: directory, s3://..., builtin:tiny-sd, builtin:tiny-sdxl",
+    )
     p.add_argument("--cache-dir", default=None, help="model cache (default: $LORAFLEET_CACHE_DIR)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1)")
     g.add_argument("--target-modules", default=",".join(DEFAULT_UNET_TARGETS), help="UNet modules, comma-separated")
-    g.add_argument("--train-text-encoder", action="store_true", help="also train a text-encoder LoRA")
-    g.add_argument("--text-encoder-target-modules", default=",".join(DEFAULT_TEXT_ENCODER_TARGETS))
+    g.add_argument(
+        "--train-text-encoder", action="store_true", help="also train a text-encoder LoRA (SDXL: on both encoders)"
+    )
+    g.add_argument(
+        "--text-encoder-target-modules",
+        default=",".join(DEFAULT_TEXT_ENCODER_TARGETS),
+        help="text-encoder modules (SDXL: the same on both encoders), comma-separated",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning-rate", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=1e-2)
@@ -149,7 +168,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--batch-size", type=int, default=1, help="images per forward pass, per worker")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="passes per optimizer step")
-    g.add_argument("--resolution", type=int, default=None, help="pixels, multiple of 8 (default: the model's)")
+    g.add_argument(
+        "--resolution", type=int, default=None, help="pixels, multiple of 8 (default: the model's; SDXL 1024)"
+    )
     g.add_argument("--random-flip", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps")

@@ -120,17 +120,40 @@ def scan_folder(data_dir: str | Path) -> list[Example]:
     return examples
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Decode, resize the shorter side to ``resolution``, center-crop: uint8 ``[3, resolution, resolution]``."""
+Size = tuple[int, int]  # (height, width) in pixels, diffusers' order
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a training image came from, as SDXL's size and crop conditioning describes it.
+
+    ``original_size`` is the decoded image's ``(height, width)``; ``crop_top_left`` the
+    ``(top, left)`` corner of the square crop in the resized image, as diffusers'
+    ``train_text_to_image_lora_sdxl.py`` records them.
+    """
+
+    original_size: Size
+    crop_top_left: tuple[int, int]
+
+
+def load_image_and_geometry(path: Path, resolution: int) -> tuple[torch.Tensor, CropGeometry]:
+    """``load_image``, with the original size and the crop's corner (SDXL's micro-conditioning)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
+    original = (image.height, image.width)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(resolution, resolution, 3).permute(2, 0, 1).contiguous()  # [3, H, W]
+    pixels = data.view(resolution, resolution, 3).permute(2, 0, 1).contiguous()  # [3, H, W]
+    return pixels, CropGeometry(original, (top, left))
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """Decode, resize the shorter side to ``resolution``, center-crop: uint8 ``[3, resolution, resolution]``."""
+    return load_image_and_geometry(path, resolution)[0]
 
 
 @dataclass(frozen=True)
@@ -141,6 +164,7 @@ class CaptionedImages:
     captions: tuple[str, ...]
     files: tuple[str, ...]  # paths relative to the data folder, for the record
     fingerprint: str  # sha256 over (file, file bytes' sha256, caption)
+    geometry: tuple[CropGeometry, ...] = ()  # per image; SDXL's time ids (empty: not recorded)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -178,14 +202,16 @@ def load_dataset(data_dir: str | Path, resolution: int) -> CaptionedImages:
     """Scan and decode the whole folder; every unreadable image is named in one ``TrainingInputError``."""
     root = Path(data_dir).expanduser()
     examples = scan_folder(root)
-    pixels, bad = [], []
+    pixels, geometry, bad = [], [], []
     digest = hashlib.sha256()
     for example in examples:
         try:
-            pixels.append(load_image(example.path, resolution))
+            image, crop = load_image_and_geometry(example.path, resolution)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's decode errors
             bad.append(f"{example.path.relative_to(root)} ({type(e).__name__}: {e})")
             continue
+        pixels.append(image)
+        geometry.append(crop)
         rel = str(example.path.relative_to(root))
         digest.update(
             json.dumps([rel, hashlib.sha256(example.path.read_bytes()).hexdigest(), example.caption]).encode()
@@ -200,4 +226,5 @@ def load_dataset(data_dir: str | Path, resolution: int) -> CaptionedImages:
         captions=tuple(e.caption for e in examples),
         files=tuple(str(e.path.relative_to(root)) for e in examples),
         fingerprint=digest.hexdigest(),
+        geometry=tuple(geometry),
     )

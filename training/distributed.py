@@ -28,6 +28,15 @@ from .checkpoints import CHECKPOINTS_DIR, checkpoint_name, read_checkpoint, remo
 from .config import TrainingConfig
 
 
+def _prepare_model(module, *, find_unused_parameters: bool):
+    """``ray.train.torch.prepare_model`` (DDP); SDXL's first text encoder has a layer whose LoRA gets no gradient."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(
+        module, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
+    )
+
+
 def _train_worker(loop_config: dict) -> None:
     """``train_loop_per_worker``: runs on each Ray Train worker."""
     import ray
@@ -49,7 +58,7 @@ def _train_worker(loop_config: dict) -> None:
         device=ray.train.torch.get_device(),
         rank=rank,
         world_size=world_size,
-        wrap=ray.train.torch.prepare_model,
+        wrap=_prepare_model,
     )
     # A restart after a worker failure gets Ray's latest checkpoint; a rerun gets the one the driver found.
     checkpoint = ray.train.get_checkpoint()

@@ -1,9 +1,11 @@
 """The frozen base model with trainable PEFT LoRA layers, and their diffusers-format file.
 
 The UNet gets its adapter through diffusers' PEFT integration
-(``unet.add_adapter``); the text encoder through ``peft.inject_adapter_in_model``
-(transformers' own ``add_adapter`` needs a newer peft). Weights are saved as
-``StableDiffusionPipeline.save_lora_weights`` writes them, with each
+(``unet.add_adapter``); each text encoder (SDXL: both) through
+``peft.inject_adapter_in_model`` (transformers' own ``add_adapter`` needs a
+newer peft). Weights are saved as the model kind's pipeline writes them
+(``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.save_lora_weights``:
+keys under ``unet.``, ``text_encoder.``, ``text_encoder_2.``), with each
 ``LoraConfig`` in the header, so a checkpoint's LoRA file loads in diffusers
 as it is, and the registry converts it exactly as it converts any upload.
 """
@@ -17,11 +19,11 @@ import torch
 
 from deployments.engine import models
 
+from .conditioning import TOKENIZER_OF, strategy_for
 from .config import TrainingConfig
 from .data import derive_seed
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-COMPONENTS = ("unet", "text_encoder")
 
 
 def _lora_config(config: TrainingConfig, targets: tuple[str, ...]):
@@ -38,31 +40,43 @@ def _json_ready(config_dict: dict) -> dict:
 
 
 class LoRAModel:
-    """Tokenizer, text encoder, UNet and VAE in float32 on ``device``; only the LoRA weights train."""
+    """Tokenizers, text encoders, UNet and VAE in float32 on ``device``; only the LoRA weights train.
 
-    def __init__(self, model_dir: Path, config: TrainingConfig, device: torch.device):
+    ``kind`` is the model's (``ModelInfo.kind``): ``"sd1"`` has one text encoder, ``"sdxl"`` two
+    (``text_encoder_parts``); ``train_text_encoder`` puts a LoRA on each of them.
+    """
+
+    def __init__(self, model_dir: Path, config: TrainingConfig, device: torch.device, kind: str = "sd1"):
         from peft import inject_adapter_in_model
 
         self.device = device
-        self.tokenizer = models.load_tokenizer(model_dir)
-        self.text_encoder = models.load_text_encoder(model_dir, device, torch.float32)
+        self.kind = kind
+        self.pipeline_class = strategy_for(kind).PIPELINE
+        self.text_encoder_parts = strategy_for(kind).TEXT_ENCODERS
+        self.tokenizers = {p: models.load_tokenizer(model_dir, TOKENIZER_OF[p]) for p in self.text_encoder_parts}
+        self.text_encoders = {
+            p: models.load_text_encoder(model_dir, device, torch.float32, p) for p in self.text_encoder_parts
+        }
         self.unet = models.load_unet(model_dir, device, torch.float32)
-        self.vae = models.load_vae(model_dir, device, torch.float32)
+        self.vae = models.load_vae(model_dir, device, torch.float32)  # float32: SDXL's VAE overflows in float16
         self.lora_configs = {"unet": _lora_config(config, config.target_modules)}
         if config.train_text_encoder:
-            self.lora_configs["text_encoder"] = _lora_config(config, config.text_encoder_target_modules)
+            for part in self.text_encoder_parts:
+                self.lora_configs[part] = _lora_config(config, config.text_encoder_target_modules)
         # The initial LoRA weights depend on the seed only, never on what ran before in this process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "lora-init"))
             self.unet.add_adapter(self.lora_configs["unet"])
             if config.train_text_encoder:
-                inject_adapter_in_model(self.lora_configs["text_encoder"], self.text_encoder)
-        self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
+                for part in self.text_encoder_parts:
+                    inject_adapter_in_model(self.lora_configs[part], self.text_encoders[part])
+        self.components = {"unet": self.unet, **self.text_encoders}
         for name, module in self.components.items():
             for param_name, param in module.named_parameters():
                 param.requires_grad_(name in self.lora_configs and ".lora_" in param_name)
         self.unet.train()
-        self.text_encoder.train(config.train_text_encoder)
+        for encoder in self.text_encoders.values():
+            encoder.train(config.train_text_encoder)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable LoRA weights, in a fixed order (the optimizer state depends on it)."""
@@ -81,14 +95,14 @@ class LoRAModel:
 
     def save(self, directory: Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers layout, LoraConfigs in the header)."""
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
-        states = self.state_dicts()
-        kwargs = {"unet_lora_layers": states["unet"], "unet_lora_adapter_metadata": self._metadata("unet")}
-        if "text_encoder" in states:
-            kwargs["text_encoder_lora_layers"] = states["text_encoder"]
-            kwargs["text_encoder_lora_adapter_metadata"] = self._metadata("text_encoder")
-        StableDiffusionPipeline.save_lora_weights(str(directory), weight_name=LORA_FILE, **kwargs)
+        kwargs = {}
+        for name, state in self.state_dicts().items():
+            kwargs[f"{name}_lora_layers"] = state
+            kwargs[f"{name}_lora_adapter_metadata"] = self._metadata(name)
+        pipeline = getattr(diffusers, self.pipeline_class)
+        pipeline.save_lora_weights(str(directory), weight_name=LORA_FILE, **kwargs)
         return Path(directory) / LORA_FILE
 
     def _metadata(self, component: str) -> dict:

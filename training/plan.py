@@ -1,5 +1,7 @@
 """Everything checked before the first training step: model, resolution, targets, data, checkpoint.
 
+SD 1.x/2.x and SDXL text-to-image pipelines are accepted (``PIPELINE_PARTS``); inpainting UNets are not.
+
 ``prepare(config)`` either returns a ``TrainingPlan`` or raises a
 ``TrainingInputError`` that names the problem; it loads no weights (module
 shapes come from the configs on the meta device) but decodes every image.
@@ -15,6 +17,7 @@ from deployments.engine import models
 from lora_registry.base_model import BaseModelSpec, base_model_spec_from_dir, spec_modules_for
 
 from .checkpoints import CHECKPOINTS_DIR, compatible, latest_checkpoint
+from .conditioning import strategy_for
 from .config import TrainingConfig, TrainingInputError
 from .data import CaptionedImages, load_dataset
 
@@ -40,25 +43,58 @@ class TrainingPlan:
         return self.output_dir / CHECKPOINTS_DIR
 
 
+# The classes of each pipeline kind's parts (model_index.json), as diffusers' training scripts load them.
+PIPELINE_PARTS = {
+    "sd1": {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
+    "sdxl": {
+        "unet": "UNet2DConditionModel",
+        "vae": "AutoencoderKL",
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+    },
+}
+
+
 def resolve_base_model(uri: str, cache_dir: str | None) -> Path:
-    """The base model's local diffusers directory; a ``TrainingInputError`` if it is not an SD1/SD2 pipeline."""
+    """The base model's local diffusers directory; a ``TrainingInputError`` unless it is an SD1/SD2 or SDXL
+    text-to-image pipeline."""
     try:
         model_dir = models.resolve_model_dir(uri, cache_dir)
     except (ValueError, OSError) as e:
         raise TrainingInputError(f"base model {uri!r}: {e}") from e
     index = json.loads((model_dir / "model_index.json").read_text())
-    expected = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+    kind = "sdxl" if "text_encoder_2" in index else "sd1"
+    expected = PIPELINE_PARTS[kind]
     wrong = {k: index.get(k, [None, None])[1] for k, v in expected.items() if index.get(k, [None, None])[1] != v}
-    if wrong or "text_encoder_2" in index:
-        found = f"{wrong}" if wrong else "a second text encoder (SDXL)"
+    if wrong:
         raise TrainingInputError(
-            f"base model {uri!r} is not a Stable Diffusion 1.x/2.x pipeline (expected {expected}; found {found})"
+            f"base model {uri!r} is not a Stable Diffusion 1.x/2.x pipeline nor an SDXL one "
+            f"(expected {PIPELINE_PARTS['sd1']} or {PIPELINE_PARTS['sdxl']}; found {wrong})"
+        )
+    try:
+        info = models.read_model_info(uri, model_dir)
+    except (ValueError, OSError, KeyError) as e:
+        raise TrainingInputError(f"base model {uri!r}: {e}") from e
+    if info.kind != kind:  # e.g. one text encoder but a UNet with SDXL's text_time conditioning
+        raise TrainingInputError(
+            f"base model {uri!r} is inconsistent: model_index.json describes an {kind} pipeline, "
+            f"its UNet config an {info.kind} one"
+        )
+    if info.inpainting:
+        raise TrainingInputError(
+            f"base model {uri!r} is an inpainting model (UNet in_channels {info.unet_in_channels}); "
+            "train on its text-to-image base"
         )
     return model_dir
 
 
 def _check_targets(spec: BaseModelSpec, component: str, targets: tuple[str, ...], option: str) -> None:
     paths = spec_modules_for(spec, component)
+    if not paths:  # the registry validates adapters against the spec: it could not take this component's LoRA
+        raise TrainingInputError(
+            f"{option}: the registry's spec of this base model has no {component} modules, so it cannot register "
+            f"a {component} LoRA; train without --train-text-encoder"
+        )
     missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
     if missing:
         examples = sorted({p.rsplit(".", 1)[-1] for p in paths})[:12]
@@ -89,7 +125,8 @@ def prepare(config: TrainingConfig) -> TrainingPlan:
     spec = base_model_spec_from_dir(model_dir)
     _check_targets(spec, "unet", config.target_modules, "target_modules")
     if config.train_text_encoder:
-        _check_targets(spec, "text_encoder", config.text_encoder_target_modules, "text_encoder_target_modules")
+        for part in strategy_for(info.kind).TEXT_ENCODERS:
+            _check_targets(spec, part, config.text_encoder_target_modules, "text_encoder_target_modules")
     dataset = load_dataset(config.data_dir, resolution)
     record = {
         "base_model": {"uri": config.base_model, "family": spec.family, "fingerprint": spec.fingerprint},

@@ -1,10 +1,14 @@
 """The training loop: plain PyTorch, no Ray (``distributed`` runs the same ``Trainer`` on each worker).
 
-One step, as in diffusers' ``train_text_to_image_lora.py``::
+One step, as in diffusers' ``train_text_to_image_lora.py`` (SDXL: ``train_text_to_image_lora_sdxl.py``)::
 
     z_0  = (mean + std * n) * scaling_factor         VAE posterior sample of the image (frozen VAE)
     x_t  = sqrt(abar_t) * z_0 + sqrt(1 - abar_t) * eps      t ~ U{0, T-1}, eps ~ N(0, I)  (DDPMScheduler)
-    loss = || unet(x_t, t, clip(caption)) - eps ||^2      (v-prediction models: target get_velocity)
+    loss = || unet(x_t, t, cond(caption)) - eps ||^2      (v-prediction models: target get_velocity)
+
+``cond`` is the model kind's conditioning (``conditioning.py``): CLIP's last
+hidden state for SD 1.x/2.x; for SDXL both encoders' penultimate states, the
+second's pooled embedding and the image's size and crop as time ids.
 
 AdamW updates the LoRA weights only. Every random draw for a sample (flip,
 posterior noise, eps, t) comes from a generator seeded by (seed, sample id),
@@ -26,6 +30,7 @@ from deployments.engine import models
 
 from . import checkpoints
 from .checkpoints import compatible, restore_checkpoint
+from .conditioning import strategy_for
 from .config import TrainingConfig, TrainingInputError
 from .data import CaptionedImages, derive_seed, sample_ids
 from .lora import LoRAModel
@@ -36,8 +41,10 @@ StepCallback = Callable[[int, float], None]  # (steps done, loss of that step)
 class Trainer:
     """One process's share of a training run: the model, the optimizer and the step counter.
 
-    ``wrap`` wraps each trained module for data parallelism (``ray.train.torch.prepare_model``:
-    DDP, which averages gradients across the ``world_size`` workers).
+    ``wrap(module, find_unused_parameters=...)`` wraps each trained module for data parallelism
+    (``ray.train.torch.prepare_model``: DDP, which averages gradients across the ``world_size``
+    workers); ``find_unused_parameters`` is true for a text encoder whose last layer the
+    conditioning does not read (SDXL's first).
     """
 
     def __init__(
@@ -50,7 +57,7 @@ class Trainer:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
-        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        wrap: Callable[..., torch.nn.Module] | None = None,
     ):
         from diffusers import DDPMScheduler
 
@@ -59,8 +66,8 @@ class Trainer:
         self.record = record
         self.device = device
         self.rank, self.world_size = rank, world_size
-        self.model = LoRAModel(model_dir, config, device)
         info = models.read_model_info(config.base_model, model_dir)
+        self.model = LoRAModel(model_dir, config, device, kind=info.kind)
         self.noise_scheduler = DDPMScheduler.from_config(info.scheduler_config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         vae_config = self.model.vae.config
@@ -68,33 +75,22 @@ class Trainer:
         self.shift_factor = vae_config.get("shift_factor")
         self.params = self.model.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.unet = wrap(self.model.unet) if wrap else self.model.unet
-        self.text_encoder = self.model.text_encoder
+        strategy = strategy_for(info.kind)
+        self.unet = wrap(self.model.unet, find_unused_parameters=False) if wrap else self.model.unet
+        text_encoders = dict(self.model.text_encoders)
         if wrap and config.train_text_encoder:
-            self.text_encoder = wrap(self.text_encoder)
-        self._embeddings: dict[str, torch.Tensor] = {}  # caption -> [max_length, hidden], frozen text encoder
+            text_encoders = {
+                part: wrap(encoder, find_unused_parameters=part in strategy.PARTLY_USED)
+                for part, encoder in text_encoders.items()
+            }
+        self.text_encoders = text_encoders  # DDP-wrapped when trained under Ray Train
+        self.conditioning = strategy(
+            self.model.tokenizers, text_encoders, trainable=config.train_text_encoder, device=device
+        )
         self.step = 0  # optimizer steps done
         self.losses: list[float] = []  # per step, averaged over the workers
 
     # -- one step ------------------------------------------------------------------------------
-
-    def encode_prompt(self, captions: list[str]) -> torch.Tensor:
-        """CLIP's last hidden state for each caption: ``[batch, max_length, hidden]``."""
-        tokenizer = self.model.tokenizer
-
-        def tokenize(texts: list[str]) -> torch.Tensor:
-            return tokenizer(
-                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-
-        if self.config.train_text_encoder:
-            return self.text_encoder(tokenize(captions), return_dict=False)[0]
-        todo = sorted({c for c in captions if c not in self._embeddings})
-        if todo:
-            with torch.no_grad():
-                hidden = self.text_encoder(tokenize(todo), return_dict=False)[0]
-            self._embeddings.update(zip(todo, hidden, strict=True))
-        return torch.stack([self._embeddings[c] for c in captions])
 
     def loss(self, ids: list[int]) -> torch.Tensor:
         """The denoising loss of the samples with these global ids (gradients flow into the LoRA weights)."""
@@ -120,8 +116,12 @@ class Trainer:
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         t = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in generators]).to(self.device)
         x_t = self.noise_scheduler.add_noise(z_0, eps, t)
-        c = self.encode_prompt([self.dataset.captions[i] for i in index])
-        pred = self.unet(x_t, t, encoder_hidden_states=c, return_dict=False)[0]
+        geometry = [self.dataset.geometry[i] for i in index] if self.dataset.geometry else []
+        cond = self.conditioning([self.dataset.captions[i] for i in index], geometry, self.dataset.resolution)
+        pred = self.unet(
+            x_t, t, encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs,
+            return_dict=False,
+        )[0]  # fmt: skip
         target = eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(z_0, eps, t)
         return F.mse_loss(pred.float(), target.float())
 
@@ -150,7 +150,7 @@ class Trainer:
 
     def _no_sync(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
-        for module in (self.unet, self.text_encoder):
+        for module in (self.unet, *self.text_encoders.values()):
             if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                 stack.enter_context(module.no_sync())
         return stack
