@@ -3,6 +3,8 @@
 lorafleet serve [--config serve_config.yaml]   start a local Ray head on 127.0.0.1 and serve
 lorafleet export-model builtin:tiny-sdxl DIR   write a builtin model (tiny-sd, tiny-sdxl, their -inpaint
                                                variants) out as a diffusers directory
+lorafleet export-model builtin:tiny-sd OUT --single-file   ... as one .safetensors in the original (LDM/SGM)
+                                               layout: OUT/tiny-sd.safetensors, or OUT itself if it ends so
 lorafleet adapters register|list|show|delete|pull|gc ...   the LoRA registry (see docs/registry.md)
 """
 
@@ -71,8 +73,20 @@ def _export(args: argparse.Namespace) -> int:
     except ValueError as e:  # "unknown builtin model 'builtin:x'; known: [...]"
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = write_builtin(args.uri, args.directory)
-    print(f"wrote {args.uri} to {path}")
+    if not args.single_file:
+        path = write_builtin(args.uri, args.directory)
+        print(f"wrote {args.uri} to {path}")
+        return 0
+    import tempfile
+
+    from deployments.engine.single_file import SINGLE_FILE_SUFFIX, export_single_file, is_single_file
+
+    out = Path(args.directory)
+    if not is_single_file(str(out)):
+        out = out / f"{builtin_name(args.uri)}{SINGLE_FILE_SUFFIX}"
+    with tempfile.TemporaryDirectory(prefix="lorafleet-export-") as tmp:
+        path = export_single_file(write_builtin(args.uri, Path(tmp) / "model"), out)
+    print(f"wrote {args.uri} to {path} (single file, original layout)")
     return 0
 
 
@@ -94,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1:8265")
     p.add_argument("--pidfile", default=".lorafleet/serve.pid")
     p.set_defaults(func=_serve)
-    p = sub.add_parser("export-model", help="write a builtin model as a diffusers directory")
+    p = sub.add_parser("export-model", help="write a builtin model as a diffusers directory (or a single file)")
     p.add_argument(
         "uri", help="builtin:tiny-sd, builtin:tiny-sd-inpaint, builtin:tiny-sdxl or builtin:tiny-sdxl-inpaint"
     )
-    p.add_argument("directory")
+    p.add_argument("directory", help="the diffusers directory; with --single-file, a directory or a .safetensors path")
+    p.add_argument(
+        "--single-file",
+        action="store_true",
+        help="one .safetensors in the original SD/SDXL key layout (model.diffusion_model.*, ...), as model.uri takes",
+    )
     p.set_defaults(func=_export)
     from lora_registry.cli import add_adapters_parser
 

@@ -5,7 +5,12 @@ One path for every model: a URI resolves to a local diffusers directory
 ``scheduler/``), then each deployment loads the parts it needs from disk.
 
 - ``/path/to/model`` or ``file:///path``: used in place.
-- ``s3://bucket/prefix``: downloaded once with boto3 into the local cache.
+- ``s3://bucket/prefix``: downloaded once with boto3 into the local cache, keyed by the listing's ETags and
+  sizes (new contents at the same prefix are fetched again).
+- ``/path/model.safetensors``, ``file://…`` or ``s3://bucket/key.safetensors``: a single-file checkpoint in
+  the original SD 1.x / SDXL layout, converted once into a diffusers directory in the cache, keyed by the
+  file's content (its sha256, or its S3 ETag and size), never by the URI (``single_file.py``). Pickle
+  checkpoints (``.ckpt`` ...) are refused.
 - ``builtin:tiny-sd`` (``builtin:tiny-sd-inpaint``: its 9-channel inpainting variant), and
   ``builtin:tiny-sdxl`` / ``builtin:tiny-sdxl-inpaint`` (SDXL's architecture): built from their
   config and seed into the local cache.
@@ -32,6 +37,7 @@ import torch
 from filelock import FileLock
 
 from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, BUILTIN_SEED, builtin_name, write_builtin
+from .single_file import CONVERTER_VERSION, SINGLE_FILE_SUFFIX, convert_single_file, is_single_file, refuse_pickle
 
 # Belt and braces: a library that falls back to the hub must fail, not download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,10 +74,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def model_display_name(uri: str) -> str:
-    """The name clients use for a model URI: ``builtin:tiny-sd`` -> ``tiny-sd``."""
+    """The name clients use for a model URI: ``builtin:tiny-sd`` -> ``tiny-sd``, ``s3://m/sd15.safetensors``
+    -> ``sd15``."""
     if uri.startswith(BUILTIN_PREFIX):
         return builtin_name(uri)
-    return Path(uri.rstrip("/").removeprefix("file://")).name or uri
+    name = Path(uri.rstrip("/").removeprefix("file://")).name
+    if is_single_file(name):
+        name = name[: -len(SINGLE_FILE_SUFFIX)]
+    return name or uri
 
 
 def _builtin_fingerprint(name: str) -> str:
@@ -99,17 +109,68 @@ def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, s3_client: 
         name = builtin_name(uri)
         target = cache / "models" / "builtin" / f"{name}-{_builtin_fingerprint(name)}"
         return _materialise(target, lambda staging: write_builtin(uri, staging))
+    refuse_pickle(uri)
     if uri.startswith("s3://"):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not bucket:
             raise ValueError(f"model URI {uri!r} has no bucket; expected s3://bucket/prefix")
         prefix = prefix.strip("/")
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+        client = s3_client if s3_client is not None else _default_s3_client()
+        if is_single_file(prefix):
+            return _resolve_s3_file(uri, bucket, prefix, cache, client)
+        objects = _list_s3(client, bucket, prefix)
+        # The listing is the cache key: any new, changed or removed object gives a new directory.
+        digest = hashlib.sha256(json.dumps([(o.rel, o.etag, o.size) for o in objects]).encode()).hexdigest()[:12]
         target = cache / "models" / "s3" / bucket / f"{prefix.replace('/', '_') or 'root'}-{digest}"
-        return _materialise(target, lambda staging: _download_s3(bucket, prefix, staging, s3_client))
+        return _materialise(target, lambda staging: _download_s3(client, bucket, objects, staging))
     path = Path(uri.removeprefix("file://")).expanduser()
+    if is_single_file(str(path)):
+        if not path.is_file():
+            raise ValueError(f"model.uri {uri!r}: no such file")
+        with path.open("rb") as f:
+            content = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        target = _single_file_target(cache, path.name, content)
+        return _materialise(target, lambda staging: convert_single_file(path, staging, where=repr(uri)))
+    if path.is_file():
+        raise ValueError(f"model.uri {uri!r} is a file but not {SINGLE_FILE_SUFFIX} (a checkpoint) nor a directory")
     check_model_dir(path)
     return path
+
+
+def _single_file_target(cache: Path, filename: str, content: str) -> Path:
+    """The cache directory of a converted checkpoint: its content (``sha256:…`` or ``s3-etag:…:size``) and the
+    converter's version, never its URI."""
+    import diffusers
+    import transformers
+
+    blob = json.dumps([content, CONVERTER_VERSION, diffusers.__version__, transformers.__version__])
+    stem = filename[: -len(SINGLE_FILE_SUFFIX)] or "model"
+    return cache / "models" / "single-file" / f"{stem}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _resolve_s3_file(uri: str, bucket: str, key: str, cache: Path, client: Any) -> Path:
+    """One HEAD per resolve; the download and conversion happen once per ETag and size."""
+    head = _head_s3(client, uri, bucket, key)
+    target = _single_file_target(cache, key.rpartition("/")[2], f"s3-etag:{head['ETag']}:{head['ContentLength']}")
+
+    def write(out: Path) -> None:
+        local = out.parent / "checkpoint.safetensors"  # in _materialise's staging directory, removed after
+        client.download_file(bucket, key, str(local))
+        now = _head_s3(client, uri, bucket, key)
+        if local.stat().st_size != head["ContentLength"] or now["ETag"] != head["ETag"]:
+            raise ValueError(f"model.uri {uri!r} changed while it was being downloaded; start again")
+        convert_single_file(local, out, where=repr(uri))
+
+    return _materialise(target, write)
+
+
+def _head_s3(client: Any, uri: str, bucket: str, key: str) -> dict:
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        raise ValueError(f"model.uri {uri!r}: {e}") from e
 
 
 def check_model_dir(path: Path) -> None:
@@ -147,30 +208,48 @@ def _materialise(target: Path, write) -> Path:
     return target
 
 
-def _download_s3(bucket: str, prefix: str, out: Path, s3_client: Any = None) -> None:
-    """Copy every object under ``s3://bucket/prefix/`` into ``out``, keeping the layout."""
-    if s3_client is None:
-        import boto3
+def _default_s3_client() -> Any:
+    import boto3
 
-        # Endpoint, region and credentials come from the standard AWS chain
-        # (AWS_ENDPOINT_URL for MinIO or any S3-compatible store).
-        s3_client = boto3.client("s3")
-    out.mkdir(parents=True, exist_ok=True)
+    # Endpoint, region and credentials come from the standard AWS chain
+    # (AWS_ENDPOINT_URL for MinIO or any S3-compatible store).
+    return boto3.client("s3")
+
+
+@dataclass(frozen=True)
+class _S3Object:
+    key: str
+    rel: str  # the path inside the model directory
+    etag: str
+    size: int
+
+
+def _list_s3(client: Any, bucket: str, prefix: str) -> list[_S3Object]:
+    """Every object under ``s3://bucket/prefix/``, sorted (one LIST call per 1,000 objects)."""
     key_prefix = f"{prefix}/" if prefix else ""
-    count = 0
-    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(key_prefix) :]
             if not rel or rel.endswith("/"):
                 continue
-            dest = out / rel
-            if not dest.resolve().is_relative_to(out.resolve()):
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ValueError(f"S3 key {obj['Key']!r} escapes the model directory")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            s3_client.download_file(bucket, obj["Key"], str(dest))
-            count += 1
-    if count == 0:
+            objects.append(_S3Object(obj["Key"], rel, obj["ETag"], obj["Size"]))
+    if not objects:
         raise ValueError(f"no objects under s3://{bucket}/{key_prefix}")
+    return sorted(objects, key=lambda o: o.rel)
+
+
+def _download_s3(client: Any, bucket: str, objects: list[_S3Object], out: Path) -> None:
+    """Copy the listed objects into ``out``, keeping the layout."""
+    out.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        dest = out / obj.rel
+        if not dest.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"S3 key {obj.key!r} escapes the model directory")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, obj.key, str(dest))
 
 
 MODEL_KINDS = ("sd1", "sdxl")
