@@ -107,14 +107,15 @@ class BaseModelSpec:
         (first) text encoder and ``lora_te2_`` for SDXL's second. Building this
         table from the real module names makes the reverse mapping exact (no
         string guessing); a text-encoder name is reachable with and without
-        ``text_model_``. On SDXL a UNet module is also reachable by its LDM name
-        (``lora_unet_input_blocks_4_1_...``, see ``ldm_names``), which is what
-        kohya-ss sd-scripts writes for SDXL; its SD1.x/SD2.x files use the
-        diffusers names, and so does this table for those families.
+        ``text_model_``. A UNet module is reachable by its diffusers name and by
+        its LDM name (``lora_unet_input_blocks_4_1_...``, see ``ldm_names``), on
+        every family: kohya-ss sd-scripts writes SDXL files the LDM way, and
+        other tools (LyCORIS, A1111 extractions, merges of original checkpoints)
+        write SD1.x/SD2.x files that way too.
         """
         table: dict[str, str] = {}
         ambiguous: set[str] = set()
-        ldm = self.ldm_unet_names if self.family == "sdxl" else {}
+        ldm = self.ldm_unet_names
         for name in self.modules:
             component, _, path = name.partition(".")
             if component == "unet":

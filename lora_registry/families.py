@@ -13,8 +13,9 @@ shape is the adapter's family; failing that (adapters for small models such as
 ``builtin:tiny-sd``), the families whose module names take every key. The
 signatures this relies on are structural: only SD1.x/SD2.x have attention in
 ``down_blocks.0`` and a fourth level (``up_blocks.3``), only SDXL has a second
-text encoder (``lora_te2_``, ``text_encoder_2.``), LDM names such as
-``input_blocks_4_1`` and ten-deep transformers, and the cross attention is 768
+text encoder (``lora_te2_``, ``text_encoder_2.``) and ten-deep transformers, LDM
+block numbers differ (SD1.x/SD2.x's ``input_blocks_1_1`` is an attention, SDXL's a
+resnet), and the cross attention is 768
 (SD1.x), 1024 (SD2.x) or 2048 (SDXL) wide. It is consulted only for an upload
 that does not fit the served base, and only claims a family other than the
 base's, so it can never refuse an adapter that fits.

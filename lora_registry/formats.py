@@ -167,16 +167,9 @@ def _raise_unmapped(unsupported: list[str], unknown: list[str], duplicates: list
             keys=unsupported,
         )
     if unknown:
-        hint = ""
-        ldm = ("input_blocks", "output_blocks", "middle_block")
-        if spec.family != "sdxl" and any(p in k for k in unknown for p in ldm):
-            hint = (
-                " (LDM-style UNet names such as input_blocks_1_1 are accepted for SDXL base models only; "
-                "use diffusers module names)"
-            )
         raise InvalidAdapterError(
             f"{len(unknown)} keys match no Linear/Conv2d module of the base model "
-            f"({spec.label}, fingerprint {spec.fingerprint}): {keys_phrase(unknown)}{hint}",
+            f"({spec.label}, fingerprint {spec.fingerprint}): {keys_phrase(unknown)}",
             code="unknown_modules",
             keys=unknown,
         )

@@ -153,6 +153,15 @@ def test_metadata_bounds(description, trigger_words, tags, ok):
         ),
         ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "text_encoder.text_model.encoder.layers.0.mlp.fc1"),
         ("lora_te_encoder_layers_0_mlp_fc2", "text_encoder.text_model.encoder.layers.0.mlp.fc2"),
+        # LDM-style UNet names (issue 18): accepted on SD1.x bases too, as on SDXL.
+        ("lora_unet_input_blocks_1_1_proj_in", "unet.down_blocks.0.attentions.0.proj_in"),
+        ("lora_unet_input_blocks_1_0_in_layers_2", "unet.down_blocks.0.resnets.0.conv1"),
+        ("lora_unet_input_blocks_2_0_op", "unet.down_blocks.0.downsamplers.0.conv"),
+        ("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k", "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"),
+        ("lora_unet_output_blocks_1_1_conv", "unet.up_blocks.0.upsamplers.0.conv"),
+        ("lora_unet_output_blocks_7_0_skip_connection", "unet.up_blocks.3.resnets.1.conv_shortcut"),
+        ("lora_unet_time_embed_0", "unet.time_embedding.linear_1"),
+        ("lora_unet_out_2", "unet.conv_out"),
     ],
 )
 def test_kohya_names_map_back_exactly(registry_tiny_spec, kohya, canonical):
@@ -162,7 +171,7 @@ def test_kohya_names_map_back_exactly(registry_tiny_spec, kohya, canonical):
 @pytest.mark.parametrize(
     "kohya",
     [
-        "lora_unet_input_blocks_1_1_proj_in",  # LDM-style name
+        "lora_unet_input_blocks_9_1_proj_in",  # LDM-style, past the model's last input block
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",  # SDXL's second text encoder
         "lora_unet_down_blocks_9_attentions_0_proj_in",
     ],

@@ -64,11 +64,12 @@ def _int_weights(spec):
     return to_bytes(state)
 
 
-def _ldm_kohya(spec):
+def _ldm_kohya(spec, block: str = "input_blocks_9_1"):
+    """An LDM-named kohya file; ``input_blocks_9_1`` lies past tiny-sd's last input block (8 levels: 1..7)."""
     return to_bytes(
         {
-            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32, 1, 1),
-            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4, 1, 1),
+            f"lora_unet_{block}_proj_in.lora_down.weight": torch.randn(4, 32, 1, 1) * 0.01,
+            f"lora_unet_{block}_proj_in.lora_up.weight": torch.randn(32, 4, 1, 1) * 0.01,
         }
     )
 
@@ -103,12 +104,12 @@ CASES = [
     ("missing-up", _missing_up, InvalidAdapterError, 422, "incomplete_pairs", [Q]),
     ("int-dtype", _int_weights, InvalidAdapterError, 422, "invalid_dtype", [f"{Q}.lora_A.weight"]),
     (
-        "ldm-names",
+        "ldm-names-no-such-block",
         _ldm_kohya,
         InvalidAdapterError,
         422,
         "unknown_modules",
-        ["lora_unet_input_blocks_1_1_proj_in.lora_down.weight", "lora_unet_input_blocks_1_1_proj_in.lora_up.weight"],
+        ["lora_unet_input_blocks_9_1_proj_in.lora_down.weight", "lora_unet_input_blocks_9_1_proj_in.lora_up.weight"],
     ),
     ("lora-bias", _bias, InvalidAdapterError, 422, "unsupported_keys", [f"{Q}.lora_B.bias"]),
     ("no-lora", lambda s: to_bytes({"weight": torch.zeros(2)}), InvalidAdapterError, 422, "unknown_format", ["weight"]),
@@ -189,3 +190,19 @@ def test_error_payload_for_http(adapter_registry, registry_tiny_spec):
     assert payload["status"] == 422 and payload["code"] == "shape_mismatch"
     assert payload["keys"] == [f"{Q}.lora_A.weight"]
     assert "[4, 33] != expected [4, 32]" in payload["message"]
+
+
+def test_ldm_names_register_on_sd1_bases(adapter_registry, registry_tiny_spec):
+    """kohya files with LDM UNet names (input_blocks_1_1, issue 18) register on SD1.x bases, as on SDXL: the
+    module is the one the diffusers name means, so the canonical blob is the same."""
+    torch.manual_seed(0)
+    ldm = _ldm_kohya(registry_tiny_spec, "input_blocks_1_1")
+    import safetensors.torch
+
+    diffusers_named = {
+        k.replace("input_blocks_1_1", "down_blocks_0_attentions_0"): v for k, v in safetensors.torch.load(ldm).items()
+    }
+    a = adapter_registry.register(ldm, name="ldm")
+    b = adapter_registry.register(to_bytes(diffusers_named), name="diffusers-named")
+    assert a.target_modules == ("unet.down_blocks.0.attentions.0.proj_in",)
+    assert a.source_format == "kohya" and a.sha256 == b.sha256
