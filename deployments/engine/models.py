@@ -127,14 +127,20 @@ def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, s3_client: 
     if is_single_file(str(path)):
         if not path.is_file():
             raise ValueError(f"model.uri {uri!r}: no such file")
-        with path.open("rb") as f:
-            content = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-        target = _single_file_target(cache, path.name, content)
+        target = _single_file_target(cache, path.name, f"sha256:{_file_sha256(path)}")
         return _materialise(target, lambda staging: convert_single_file(path, staging, where=repr(uri)))
     if path.is_file():
         raise ValueError(f"model.uri {uri!r} is a file but not {SINGLE_FILE_SUFFIX} (a checkpoint) nor a directory")
     check_model_dir(path)
     return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _single_file_target(cache: Path, filename: str, content: str) -> Path:
