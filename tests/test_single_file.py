@@ -384,3 +384,17 @@ def test_unreadable_or_missing_files(tmp_path):
     other.write_bytes(b"x")
     with pytest.raises(ValueError, match=r"is a file but not \.safetensors"):
         models.resolve_model_dir(str(other), tmp_path / "cache")
+
+
+def test_half_precision_files_keep_their_dtype(exported, builtin_dir, tmp_path):
+    """Downloaded checkpoints are mostly float16: the directory keeps it, and loads at the served dtype."""
+    half = {k: v.half() for k, v in load_file(str(exported("tiny-sd"))).items()}
+    path = tmp_path / "tiny-sd-fp16.safetensors"
+    save_file(half, str(path))
+    d = models.resolve_model_dir(str(path), tmp_path / "cache")
+    assert json.loads((d / "model_index.json").read_text())["_lorafleet_single_file"]["dtype"] == "float16"
+    for part in ("unet", "vae", "text_encoder"):
+        got, original = _weights(d, part), _weights(builtin_dir("tiny-sd"), part)
+        assert all(got[k].dtype == torch.float16 and torch.equal(got[k], original[k].half()) for k in original)
+    unet = models.load_unet(d, CPU, torch.float32)
+    assert unet.conv_in.weight.dtype == torch.float32
