@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from deployments.engine.adapters import served_targets
 from deployments.engine.config import LoRAConfig
 from lora_registry.base_model import BaseModelSpec
 from lora_registry.errors import AdapterNotFoundError, InvalidAdapterError, RegistryError
@@ -23,10 +24,6 @@ from .schemas import LoRASpec
 
 def _split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _suffix_match(path: str, targets) -> bool:
-    return any(path == t or path.endswith("." + t) for t in targets)
 
 
 MAX_ADAPTER_CONFIG_CHARS = 65_536  # a PEFT adapter_config.json is about 1 KB
@@ -156,7 +153,10 @@ class AdapterResolver:
 
     def check_compatible(self, manifest: Manifest, where: str) -> None:
         """422 ``adapter_incompatible`` unless this server can apply ``manifest``: the served base model,
-        rank within the slots, only modules that carry slots."""
+        rank within the slots, only modules that carry slots.
+
+        The registry this server opens refuses the last two at registration already (``open_model_registry``
+        passes it ``lora``); this check covers versions registered before, or under another configuration."""
 
         def incompatible(template: str, **values) -> FieldError:
             return FieldError(
@@ -181,16 +181,7 @@ class AdapterResolver:
                 rank=manifest.rank,
                 max_rank=self.lora.max_rank,
             )
-        unsupported = []
-        targets_of = {
-            UNET: self.lora.unet_target_modules,
-            TEXT_ENCODER: self.lora.text_encoder_target_modules,
-            TEXT_ENCODER_2: self.lora.text_encoder_target_modules,  # SDXL's second encoder: CLIP's names too
-        }
-        for module in manifest.target_modules:
-            component, _, path = module.partition(".")
-            if not _suffix_match(path, targets_of.get(component, ())):
-                unsupported.append(module)
+        unsupported = served_targets(self.lora).unreached(manifest.target_modules)
         if unsupported:
             raise incompatible(
                 "targets modules this server does not adapt "

@@ -183,7 +183,7 @@ class Ingress:
         self.model_name = config.model.name or info.name
         self.info = info
         self.tokenizer = models.load_tokenizer(directory)
-        self.registry, self.base_spec = open_model_registry(config.registry, directory)
+        self.registry, self.base_spec = open_model_registry(config.registry, directory, config.lora)
         self.resolver = AdapterResolver(
             self.registry, self.base_spec, config.lora, served_kind=info.kind, served_name=self.model_name
         )

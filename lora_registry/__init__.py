@@ -27,6 +27,7 @@ from .errors import (
 from .manifest import NAME_PATTERN, BaseModelRef, Manifest, check_name, format_ref, parse_ref
 from .registry import AdapterListing, GcReport, Registry
 from .stores import LocalStore, S3Options, S3Store, Store, open_store
+from .targets import ServedTargets
 from .validation import PreparedAdapter, prepare_adapter
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "CANONICAL_FORMAT", "CanonicalAdapter", "DiskCache", "GcReport", "InvalidAdapterError", "LocalStore",
     "LoraWeights", "Manifest", "ManifestCache", "MemoryCache", "ModuleShape", "NAME_PATTERN", "PreparedAdapter",
     "Registry", "RegistryConfig", "RegistryConflictError", "RegistryCorruptionError", "RegistryError",
-    "RegistryUnavailableError", "S3Options", "S3Store", "Store", "base_model_spec", "base_model_spec_from_configs",
+    "RegistryUnavailableError", "S3Options", "S3Store", "ServedTargets", "Store", "base_model_spec", "base_model_spec_from_configs",
     "base_model_spec_from_dir", "check_name", "default_registry_uri", "format_ref", "get_module", "load_canonical",
     "merge_into", "open_registry", "open_store", "parse_ref", "prepare_adapter", "save_canonical",
 ]  # fmt: skip

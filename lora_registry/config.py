@@ -15,6 +15,7 @@ from .base_model import BaseModelSpec
 from .cache import DiskCache, MemoryCache
 from .registry import Registry
 from .stores import open_store
+from .targets import ServedTargets
 from .validation import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_DELTA_RMS, DEFAULT_MAX_RANK, FP16_MAX, WeightLimits
 
 REGISTRY_ENV = "LORAFLEET_REGISTRY"
@@ -86,8 +87,17 @@ class RegistryConfig(BaseModel):
         }
 
 
-def open_registry(config: RegistryConfig, base: BaseModelSpec | None = None, *, caches: bool = True) -> Registry:
-    """Build the store, caches and ``Registry`` a config describes (``caches=False``: no disk or memory cache)."""
+def open_registry(
+    config: RegistryConfig,
+    base: BaseModelSpec | None = None,
+    *,
+    caches: bool = True,
+    targets: ServedTargets | None = None,
+) -> Registry:
+    """Build the store, caches and ``Registry`` a config describes (``caches=False``: no disk or memory cache).
+
+    ``targets``: the modules the serving side carries adapter slots on, so registration refuses adapters it
+    could never apply (see ``targets``); ``None`` validates against ``base`` alone."""
     store = open_store(config.uri, **config.s3_options())
     return Registry(
         store,
@@ -101,4 +111,5 @@ def open_registry(config: RegistryConfig, base: BaseModelSpec | None = None, *, 
         weight_limits=WeightLimits(config.max_abs_weight, config.max_delta_rms),
         manifest_ttl_s=config.manifest_ttl_s,
         outage_backoff_s=config.outage_backoff_s,
+        targets=targets,
     )

@@ -8,9 +8,11 @@ Two families of files are accepted:
   ``text_model.``), unprefixed PEFT keys (``base_model.model.<path>...``),
   and the older ``<path>.lora.down.weight``, ``...processor.to_q_lora.down.weight``
   and ``...lora_linear_layer.down.weight`` styles.
-- ``kohya`` (kohya-ss sd-scripts, A1111, Civitai): ``lora_unet_<path with _>.lora_down.weight``,
+- ``kohya`` (kohya-ss sd-scripts, A1111, Civitai, LyCORIS): ``lora_unet_<path with _>.lora_down.weight``,
   ``.lora_up.weight``, ``.alpha``; ``lora_te_`` / ``lora_te1_`` for the text encoder, ``lora_te2_``
-  for SDXL's second; SDXL UNet paths in diffusers or LDM naming (``BaseModelSpec.kohya_names``).
+  for SDXL's second; UNet paths in diffusers or LDM naming (``BaseModelSpec.kohya_names``). LyCORIS
+  modules in the same naming: LoCon (convolutions), Tucker LoCon (``.lora_mid.weight``), LoHa
+  (``.hada_w1_a`` ...), LoKr (``.lokr_w1`` ...), converted exactly by ``lycoris``.
 
 The result is a ``ConversionPlan``: for each canonical module, which source
 keys hold ``A`` (down), ``B`` (up) and alpha, or the alpha value taken from
@@ -29,8 +31,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import lycoris
 from .base_model import OUTSIDE_TEXT_MODEL, TEXT_COMPONENTS, TEXT_MODEL_PREFIX, BaseModelSpec
 from .errors import InvalidAdapterError, keys_phrase
 
@@ -38,8 +41,10 @@ SOURCE_FORMATS = ("diffusers", "kohya")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PEFT_DEFAULT_ALPHA = 8.0  # peft.LoraConfig's default lora_alpha
 
-_KOHYA_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_KOHYA_ROLES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+_KOHYA_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.([A-Za-z0-9_.]+)$")
+# kohya / LyCORIS tensor suffix -> role: A (down), B (up), alpha, or a LyCORIS tensor (``lycoris.ROLES``).
+_KOHYA_ROLES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", **{r: r for r in lycoris.ROLES}}
+_LYCORIS_MARKERS = (".hada_", ".lokr_", ".lora_mid.")
 
 # (suffix regex, role, module-path rewrite) for diffusers / PEFT keys, tried in order.
 _DIFFUSERS_SUFFIXES: list[tuple[re.Pattern, str]] = [
@@ -68,10 +73,22 @@ class ModulePlan:
     alpha_key: str | None = None  # a tensor holding alpha
     alpha: float | None = None  # from the PEFT config / header metadata; wins over alpha_key
     rslora: bool = False  # PEFT use_rslora: scale is alpha / sqrt(r)
+    # LyCORIS tensors besides down / up / alpha, role -> key: "lora_mid.weight", "hada_w1_a", "lokr_w1", ...
+    parts: dict[str, str] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
-        return [k for k in (self.a_key, self.b_key, self.alpha_key) if k is not None]
+        return [k for k in (self.a_key, self.b_key, self.alpha_key) if k is not None] + list(self.parts.values())
+
+    @property
+    def algorithm(self) -> str:
+        """``"lora"``, ``"tucker"`` (LoCon with ``lora_mid``), ``"loha"`` or ``"lokr"`` (``lycoris``)."""
+        return lycoris.algorithm(set(self.parts))
+
+    def role_keys(self) -> dict[str, str]:
+        """Role -> key for every weight tensor (``"A"``, ``"B"`` and the LyCORIS roles), alpha excluded."""
+        roles = {"A": self.a_key, "B": self.b_key, **self.parts}
+        return {role: key for role, key in roles.items() if key is not None}
 
 
 @dataclass
@@ -83,7 +100,8 @@ class ConversionPlan:
 def detect_format(keys: Iterable[str]) -> str:
     """``"kohya"`` or ``"diffusers"`` from the key names; ``InvalidAdapterError`` if neither or both."""
     keys = list(keys)
-    kohya = [k for k in keys if k.startswith("lora_") and (".lora_down." in k or ".lora_up." in k)]
+    markers = (".lora_down.", ".lora_up.", *_LYCORIS_MARKERS)
+    kohya = [k for k in keys if k.startswith("lora_") and any(m in k for m in markers)]
     diffusers = [k for k in keys if any(p.match(k) for p, role in _DIFFUSERS_SUFFIXES if role != "alpha")]
     diffusers += [k for k in keys if _PROCESSOR_RE.match(k)]
     if kohya and diffusers:
@@ -96,11 +114,22 @@ def detect_format(keys: Iterable[str]) -> str:
         return "kohya"
     if diffusers:
         return "diffusers"
-    if any(marker in k for k in keys for marker in ("hada_", "lokr_", "oft_")):
+    lycoris_keys = [k for k in keys if any(m in k for m in ("hada_", "lokr_"))]
+    if lycoris_keys:
         raise InvalidAdapterError(
-            "LoHa / LoKr / OFT adapters are not supported; only LoRA (down/up) weights are",
+            "LoHa / LoKr weights are accepted in the LyCORIS (kohya) key layout, lora_unet_<module>.hada_w1_a / "
+            f".lokr_w1 ... (lora_te_ / lora_te1_ / lora_te2_ for text encoders); these keys are not: "
+            f"{keys_phrase(lycoris_keys)}",
             code="unsupported_keys",
-            keys=[k for k in keys if any(m in k for m in ("hada_", "lokr_", "oft_"))],
+            keys=lycoris_keys,
+        )
+    oft = [k for k in keys if "oft_" in k]
+    if oft:
+        raise InvalidAdapterError(
+            f"OFT / BOFT adapters are not supported (a rotation of the weight, no low-rank update): "
+            f"{keys_phrase(oft)}",
+            code="unsupported_keys",
+            keys=oft,
         )
     raise InvalidAdapterError(
         "no LoRA weights found: expected diffusers/PEFT keys (*.lora_A.weight / *.lora_B.weight) or kohya keys "
@@ -129,31 +158,58 @@ def plan_conversion(
             raise InvalidAdapterError(
                 f"source_format is {source_format!r} but the keys are {detected!r} keys", code="format_mismatch"
             )
-    dora = [k for k in keys if any(m in k for m in _DORA_MARKERS)]
-    if dora:
-        raise InvalidAdapterError(
-            f"DoRA adapters are not supported (magnitude vectors in {keys_phrase(dora)})",
-            code="dora_unsupported",
-            keys=dora,
-        )
+    configs = _peft_configs(metadata, adapter_config)
+    _refuse_dora(keys, configs)
     if detected == "kohya":
         plans = _plan_kohya(keys, spec)
     else:
         plans = _plan_diffusers(keys, spec)
-        _apply_peft_alphas(plans, _peft_configs(metadata, adapter_config))
-    incomplete = [p.module for p in plans.values() if p.a_key is None or p.b_key is None]
+        _apply_peft_alphas(plans, configs)
+    incomplete = []
+    for p in plans.values():
+        lacking = lycoris.missing(p.algorithm, set(p.parts), p.a_key is not None, p.b_key is not None)
+        if lacking is not None:
+            incomplete.append((p.module, lacking))
     if incomplete:
+        detail = "; ".join(f"{m} needs {why}" for m, why in incomplete[:5])
         raise InvalidAdapterError(
-            f"modules without both a down (A) and an up (B) weight: {keys_phrase(incomplete)}",
+            f"{len(incomplete)} modules have incomplete weights: {detail}",
             code="incomplete_pairs",
-            keys=incomplete,
+            keys=[m for m, _ in incomplete],
         )
     return ConversionPlan(source_format=detected, modules=dict(sorted(plans.items())))
 
 
+def _refuse_dora(keys: list[str], configs: dict[str, dict] | None) -> None:
+    """DoRA, in any of its forms, is refused: ``ΔW`` alone does not describe it (the magnitude rescales the
+    whole weight, ``m · (W + s·ΔW) / ‖W + s·ΔW‖``, so it depends on the base weight's norm and on each request's
+    scale s), and serving the LoRA part without the magnitude would be silently wrong."""
+    dora = [k for k in keys if any(m in k for m in _DORA_MARKERS)]
+    if dora:
+        raise InvalidAdapterError(
+            f"DoRA adapters are not supported: the magnitude ({keys_phrase(dora)}) rescales the whole weight, "
+            "W' = m * (W + s*dW) / ||W + s*dW||, which depends on the base weight and on each request's scale s; "
+            "serving dW without it would be silently wrong. Merge the DoRA into the base model, or retrain as LoRA",
+            code="dora_unsupported",
+            keys=dora,
+        )
+    for component, config in sorted((configs or {}).items()):
+        if isinstance(config, dict) and config.get("use_dora"):
+            raise InvalidAdapterError(
+                f"DoRA adapters are not supported ({component} config has use_dora: true): the magnitude "
+                "depends on the base weight and on each request's scale, and dropping it would be silently wrong",
+                code="dora_unsupported",
+            )
+
+
 def _assign(plans: dict[str, ModulePlan], module: str, role: str, key: str, duplicates: list[str]) -> None:
     plan = plans.setdefault(module, ModulePlan(module=module))
-    attr = {"A": "a_key", "B": "b_key", "alpha": "alpha_key"}[role]
+    attr = {"A": "a_key", "B": "b_key", "alpha": "alpha_key"}.get(role)
+    if attr is None:  # a LyCORIS tensor
+        if role in plan.parts:
+            duplicates.append(key)
+        plan.parts[role] = key
+        return
     if getattr(plan, attr) is not None:
         duplicates.append(key)
     setattr(plan, attr, key)
@@ -162,7 +218,8 @@ def _assign(plans: dict[str, ModulePlan], module: str, role: str, key: str, dupl
 def _raise_unmapped(unsupported: list[str], unknown: list[str], duplicates: list[str], spec: BaseModelSpec) -> None:
     if unsupported:
         raise InvalidAdapterError(
-            f"unsupported tensors (not LoRA down/up/alpha): {keys_phrase(unsupported)}",
+            "unsupported tensors (not LoRA / LoCon down, up, mid or alpha, nor LoHa hada_* / LoKr lokr_* "
+            f"weights): {keys_phrase(unsupported)}",
             code="unsupported_keys",
             keys=unsupported,
         )
@@ -186,7 +243,7 @@ def _plan_kohya(keys: list[str], spec: BaseModelSpec) -> dict[str, ModulePlan]:
     unsupported, unknown, duplicates = [], [], []
     for key in keys:
         m = _KOHYA_RE.match(key)
-        if m is None:
+        if m is None or m.group(2) not in _KOHYA_ROLES:
             unsupported.append(key)
             continue
         module = spec.kohya_names.get(m.group(1))
@@ -195,6 +252,18 @@ def _plan_kohya(keys: list[str], spec: BaseModelSpec) -> dict[str, ModulePlan]:
             continue
         _assign(plans, module, _KOHYA_ROLES[m.group(2)], key, duplicates)
     _raise_unmapped(unsupported, unknown, duplicates, spec)
+    mixed = []
+    for plan in plans.values():
+        try:
+            plan.algorithm
+        except ValueError as e:
+            mixed.append(f"{plan.module} ({e})")
+    if mixed:
+        raise InvalidAdapterError(
+            f"modules whose tensors mix LyCORIS algorithms: {keys_phrase(mixed)}",
+            code="unsupported_keys",
+            keys=[m.split(" ")[0] for m in mixed],
+        )
     return plans
 
 
@@ -287,10 +356,6 @@ def _apply_peft_alphas(plans: dict[str, ModulePlan], configs: dict[str, dict] | 
         config = configs.get(component)
         if config is None:
             continue
-        if config.get("use_dora"):
-            raise InvalidAdapterError(
-                f"DoRA adapters are not supported ({component} config has use_dora: true)", code="dora_unsupported"
-            )
         alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
         patterns = config.get("alpha_pattern") or {}
         for candidate in (path.removeprefix(TEXT_MODEL_PREFIX), path):

@@ -51,6 +51,7 @@ from .errors import (
 from .listing import group_by_name, in_name_order, listing_start
 from .manifest import BaseModelRef, Manifest, check_metadata, check_name, check_training, parse_ref, utc_now_iso
 from .stores.base import ObjectInfo, ObjectNotFound, ProgressCallback, Store
+from .targets import ServedTargets
 from .validation import (
     DEFAULT_MAX_ADAPTER_BYTES,
     DEFAULT_MAX_RANK,
@@ -119,7 +120,11 @@ class Registry:
         outage_backoff_s: float = 5.0,
         list_scan_names: int = DEFAULT_LIST_SCAN_NAMES,
         clock: Callable[[], float] = time.monotonic,
+        targets: ServedTargets | None = None,
     ):
+        """``targets``: the modules the serving side carries adapter slots on (``ServedTargets``); registration
+        refuses an adapter with weights elsewhere (422 ``untargeted_modules``). ``None``: any module of
+        ``base``."""
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         if list_scan_names < 1:
@@ -130,6 +135,7 @@ class Registry:
             raise ValueError("manifest_ttl_s and outage_backoff_s must be >= 0")
         self.store = store
         self.base = base
+        self.targets = targets
         self.cache = cache
         self.memory = memory
         self.max_rank = max_rank
@@ -462,6 +468,7 @@ class Registry:
             weight_limits=self.weight_limits,
             adapter_config=adapter_config,
             source_format=source_format,
+            targets=self.targets,
         )
         if isinstance(source, (str, Path)):
             path = Path(source)

@@ -5,8 +5,9 @@ before any tensor data is read::
 
     size cap  ->  header (pickle? truncated?)  ->  key layout + module mapping  ->  shapes, rank
               (an upload that fits another model family: ``base_mismatch``, see ``families``)
-              ->  read data  ->  NaN / Inf  ->  canonical form  ->  weight range, update size (``WeightLimits``)
-              ->  canonical file + sha256
+              ->  modules the server carries slots on (``ServedTargets``, when the caller passes them)
+              ->  read data  ->  NaN / Inf  ->  canonical form (LyCORIS converted exactly, ``lycoris``)
+              ->  weight range, update size (``WeightLimits``)  ->  canonical file + sha256
 
 Each refusal is an ``InvalidAdapterError`` (``AdapterTooLargeError`` for the
 size cap) with a ``code`` and the first offending keys.
@@ -23,12 +24,14 @@ from typing import BinaryIO
 import safetensors.torch
 import torch
 
+from . import lycoris
 from .base_model import BaseModelSpec, ModuleShape
 from .canonical import CanonicalAdapter, LoraWeights, save_canonical
 from .errors import AdapterTooLargeError, InvalidAdapterError, keys_phrase
 from .families import check_base_family
 from .formats import ConversionPlan, ModulePlan, plan_conversion
 from .safetensors_io import FLOAT_DTYPES, SafetensorsHeader, read_header
+from .targets import ServedTargets
 
 DEFAULT_MAX_RANK = 128
 DEFAULT_MAX_ADAPTER_BYTES = 512 << 20
@@ -90,11 +93,14 @@ def prepare_adapter(
     adapter_config: dict | None = None,
     source_format: str | None = None,
     weight_limits: WeightLimits = DEFAULT_WEIGHT_LIMITS,
+    targets: ServedTargets | None = None,
 ) -> PreparedAdapter:
     """Check an uploaded LoRA file against ``spec`` and convert it to the canonical form.
 
     ``source`` is the file's bytes or a seekable binary file object (only the
-    header is read before the checks that need no data have passed).
+    header is read before the checks that need no data have passed). ``targets``:
+    the modules the serving side carries adapter slots on; an adapter with weights
+    elsewhere is refused (``untargeted_modules``). ``None``: any module of ``spec``.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         size = len(source)
@@ -109,6 +115,8 @@ def prepare_adapter(
         if e.code in ("unknown_modules", "shape_mismatch"):  # made for another base model?
             check_base_family(header, spec, e, adapter_config, source_format)
         raise
+    if targets is not None:
+        targets.check(plan.modules)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -144,17 +152,36 @@ def _as_module_shape(shape: tuple[int, ...], module: ModuleShape) -> tuple[int, 
     return shape
 
 
-def check_shapes(header: SafetensorsHeader, plan: ConversionPlan, spec: BaseModelSpec, max_rank: int) -> dict[str, int]:
-    """Shapes, dtypes and ranks from the header alone; returns the rank of each module."""
+def check_shapes(
+    header: SafetensorsHeader, plan: ConversionPlan, spec: BaseModelSpec, max_rank: int
+) -> dict[str, int | lycoris.SourceRank]:
+    """Shapes, dtypes and ranks from the header alone; returns the rank of each module (a LyCORIS module's:
+    its ``lycoris.SourceRank``, whose ``rank`` is the canonical rank it converts to)."""
     bad_dtype, mismatched, too_high = [], [], []
-    ranks: dict[str, int] = {}
+    ranks: dict[str, int | lycoris.SourceRank] = {}
     for name, mp in plan.modules.items():
         module = spec.modules[name]
-        a, b = header.tensors[mp.a_key], header.tensors[mp.b_key]
         alpha = header.tensors[mp.alpha_key] if mp.alpha_key else None
-        for entry in (a, b, alpha):
+        for key in [*mp.role_keys().values(), mp.alpha_key]:
+            entry = header.tensors[key] if key is not None else None
             if entry is not None and entry.dtype not in FLOAT_DTYPES:
                 bad_dtype.append(f"{entry.name} ({entry.dtype})")
+        if mp.algorithm != lycoris.LORA:
+            roles = mp.role_keys()
+            try:
+                source = lycoris.source_rank(
+                    mp.algorithm, {role: tuple(header.tensors[key].shape) for role, key in roles.items()}, module
+                )
+            except lycoris.ShapeError as e:
+                mismatched.append((roles.get(e.role, name), e.got, e.expected))
+                continue
+            if alpha is not None and alpha.numel != 1:
+                mismatched.append((alpha.name, alpha.shape, ()))
+            elif source.rank > max_rank:
+                too_high.append((name, f"{source.rank}, {source.detail}"))
+            ranks[name] = source
+            continue
+        a, b = header.tensors[mp.a_key], header.tensors[mp.b_key]
         a_shape, b_shape = _as_module_shape(a.shape, module), _as_module_shape(b.shape, module)
         rank = a_shape[0] if a_shape else 0
         if rank < 1 or a_shape != module.lora_a_shape(rank):
@@ -173,7 +200,10 @@ def check_shapes(header: SafetensorsHeader, plan: ConversionPlan, spec: BaseMode
             keys=[k.split(" ")[0] for k in bad_dtype],
         )
     if mismatched:
-        detail = "; ".join(f"{k}: {list(got)} != expected {list(want)}" for k, got, want in mismatched[:5])
+        detail = "; ".join(
+            f"{k}: {list(got)} != expected {want if isinstance(want, str) else list(want)}"
+            for k, got, want in mismatched[:5]
+        )
         raise InvalidAdapterError(
             f"{len(mismatched)} tensors do not fit the base model's module shapes: {detail}",
             code="shape_mismatch",
@@ -181,8 +211,14 @@ def check_shapes(header: SafetensorsHeader, plan: ConversionPlan, spec: BaseMode
         )
     if too_high:
         detail = ", ".join(f"{n} (r={r})" for n, r in too_high[:5])
+        why = ""
+        if any(not isinstance(r, int) for _, r in too_high):
+            why = (
+                "; LoHa and LoKr are served as the exactly equal LoRA, whose rank is the product of their factors' "
+                "ranks"
+            )
         raise InvalidAdapterError(
-            f"rank above the limit (max_rank={max_rank}) in {len(too_high)} modules: {detail}",
+            f"rank above the limit (max_rank={max_rank}) in {len(too_high)} modules: {detail}{why}",
             code="rank_too_high",
             keys=[n for n, _ in too_high],
         )
@@ -251,14 +287,22 @@ def _alpha(mp: ModulePlan, tensors: dict[str, torch.Tensor], rank: int) -> float
 
 
 def build_canonical(
-    tensors: dict[str, torch.Tensor], plan: ConversionPlan, spec: BaseModelSpec, ranks: dict[str, int]
+    tensors: dict[str, torch.Tensor],
+    plan: ConversionPlan,
+    spec: BaseModelSpec,
+    ranks: dict[str, int | lycoris.SourceRank],
 ) -> CanonicalAdapter:
-    """Reshape to the canonical shapes; one dtype for the whole adapter (float16 if every weight is, else float32)."""
-    weights = [tensors[k] for mp in plan.modules.values() for k in (mp.a_key, mp.b_key)]
-    dtype = torch.float16 if all(t.dtype == torch.float16 for t in weights) else torch.float32
+    """Reshape to the canonical shapes, LyCORIS modules converted (``lycoris.to_lora``); one dtype for the whole
+    adapter (float16 if every weight is and nothing was converted, else float32)."""
+    weights = [tensors[k] for mp in plan.modules.values() for k in mp.role_keys().values()]
+    converted = any(mp.algorithm != lycoris.LORA for mp in plan.modules.values())
+    dtype = torch.float16 if not converted and all(t.dtype == torch.float16 for t in weights) else torch.float32
     modules = {}
     for name, mp in plan.modules.items():
         module, rank = spec.modules[name], ranks[name]
+        if isinstance(rank, lycoris.SourceRank):
+            modules[name] = _convert(name, mp, tensors, module, rank, dtype)
+            continue
         a = tensors[mp.a_key].to(dtype).reshape(module.lora_a_shape(rank))  # [r, in] | [r, in, kh, kw]
         b = tensors[mp.b_key].to(dtype).reshape(module.lora_b_shape(rank))  # [out, r] | [out, r, 1, 1]
         alpha = _alpha(mp, tensors, rank)
@@ -266,3 +310,20 @@ def build_canonical(
             raise InvalidAdapterError(f"alpha of {name} is {alpha}", code="non_finite", keys=[name])
         modules[name] = LoraWeights(A=a.contiguous(), B=b.contiguous(), alpha=alpha)
     return CanonicalAdapter(modules=modules)
+
+
+def _convert(
+    name: str,
+    mp: ModulePlan,
+    tensors: dict[str, torch.Tensor],
+    module: ModuleShape,
+    source: lycoris.SourceRank,
+    dtype: torch.dtype,
+) -> LoraWeights:
+    """A LyCORIS module as the exactly equal LoRA: ``ΔW = scale · B @ A`` with ``alpha = scale · rank``."""
+    alpha = float(tensors[mp.alpha_key].float().reshape(())) if mp.alpha_key is not None else None
+    scale = lycoris.source_scale(source, alpha)
+    if not math.isfinite(scale):
+        raise InvalidAdapterError(f"alpha of {name} is {alpha}", code="non_finite", keys=[name])
+    A, B = lycoris.to_lora(mp.algorithm, {role: tensors[key] for role, key in mp.role_keys().items()}, module, source)
+    return LoraWeights(A=A.to(dtype).contiguous(), B=B.to(dtype).contiguous(), alpha=scale * source.rank)

@@ -302,6 +302,8 @@ def test_write_safetensors_is_deterministic_and_readable():
         (["unet.a.attn1.processor.to_q_lora.down.weight"], "diffusers"),
         (["lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight", "lora_unet_x.alpha"], "kohya"),
         (["lora_te_x.lora_down.weight"], "kohya"),
+        (["lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b", "lora_unet_x.alpha"], "kohya"),  # LyCORIS LoHa
+        (["lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2"], "kohya"),  # LyCORIS LoKr
     ],
 )
 def test_detect_format(keys, expected):
@@ -314,7 +316,8 @@ def test_detect_format(keys, expected):
         (["weight", "bias"], "unknown_format"),
         ([], "unknown_format"),
         (["lora_unet_x.lora_down.weight", "unet.x.lora_A.weight"], "unknown_format"),
-        (["lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"], "unsupported_keys"),
+        (["base_model.model.x.hada_w1_a", "base_model.model.x.hada_w1_b"], "unsupported_keys"),  # PEFT-keyed LoHa
+        (["lora_unet_x.oft_blocks", "lora_unet_x.alpha"], "unsupported_keys"),
     ],
 )
 def test_detect_format_rejects(keys, code):

@@ -21,6 +21,7 @@ import torch
 from lora_registry.base_model import BaseModelSpec, base_model_spec_from_dir
 from lora_registry.config import RegistryConfig, open_registry
 from lora_registry.registry import Registry
+from lora_registry.targets import ServedTargets
 
 from .adapter_slots import AdapterResidency, Weights
 from .config import LoRAConfig
@@ -38,9 +39,30 @@ class SlotWaitTimeoutError(RuntimeError):
         return type(self), (self.timeout_s,)
 
 
-def open_model_registry(config: RegistryConfig, model_dir) -> tuple[Registry, BaseModelSpec]:
+def served_targets(lora: LoRAConfig) -> ServedTargets:
+    """The modules ``lora`` gives adapter slots (per component: path suffixes, and the config key for messages)."""
+    text, text_key = lora.text_encoder_target_modules, "lora.text_encoder_target_modules"
+    return ServedTargets(
+        {"unet": lora.unet_target_modules, "text_encoder": text, "text_encoder_2": text},  # SDXL's 2nd: CLIP names
+        config_keys={"unet": "lora.unet_target_modules", "text_encoder": text_key, "text_encoder_2": text_key},
+    )
+
+
+def open_model_registry(
+    config: RegistryConfig, model_dir, lora: LoRAConfig | None = None
+) -> tuple[Registry, BaseModelSpec]:
+    """The registry for the model in ``model_dir``, and its spec.
+
+    With ``lora`` (the serving configuration), registration refuses what the replicas could never apply:
+    adapters with weights outside ``lora.*_target_modules`` (``untargeted_modules``) and ranks above
+    ``lora.max_rank`` (the registry's ``max_rank`` is the lower of the two), so an adapter that registers is
+    one the server serves. Without it (a replica that only reads), the registry checks the base model alone.
+    """
     spec = base_model_spec_from_dir(model_dir)
-    return open_registry(config, base=spec), spec
+    if lora is None:
+        return open_registry(config, base=spec), spec
+    config = config.model_copy(update={"max_rank": min(config.max_rank, lora.max_rank)})
+    return open_registry(config, base=spec, targets=served_targets(lora)), spec
 
 
 class ModelAdapters:
