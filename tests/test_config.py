@@ -19,6 +19,7 @@ from conftest import ROOT
         ({"vae": {"num_gpus": -1}}, "vae.num_gpus"),
         ({"denoiser": {"max_rows": 8}}, "denoiser.max_rows"),
         ({"modle": {}}, "modle"),
+        ({"model": {"uri": "s3://models/v1-5-pruned.ckpt"}}, "model.uri"),  # pickle: refused at start
     ],
 )
 def test_bad_config_names_the_field(args, field):

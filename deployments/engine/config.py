@@ -21,7 +21,11 @@ class StrictConfig(BaseModel):
 class ModelConfig(StrictConfig):
     uri: str = Field(
         "builtin:tiny-sd",
-        description="Diffusers model directory: a local path, s3://bucket/prefix, or builtin:tiny-sd.",
+        description=(
+            "The base model: a diffusers directory (local path or s3://bucket/prefix), one original-layout "
+            ".safetensors checkpoint (local, file:// or s3://), or builtin:tiny-sd / tiny-sd-inpaint / "
+            "tiny-sdxl / tiny-sdxl-inpaint. Pickle checkpoints (.ckpt, .pt, ...) are refused."
+        ),
     )
     name: str | None = Field(None, description="Name clients use for the model; default: derived from the URI.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -38,6 +42,15 @@ class ModelConfig(StrictConfig):
         ),
     )
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per replica.")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_pickle(cls, uri: str) -> str:
+        """A pickle checkpoint fails at start-up, naming the field, never later inside a replica."""
+        from .single_file import refuse_pickle
+
+        refuse_pickle(uri)
+        return uri
 
 
 class LoRAConfig(StrictConfig):
