@@ -239,8 +239,8 @@ def to_lora(
             u2, v2 = t["lokr_w2_a"].T, _tucker_v(t["lokr_t2"], t["lokr_w2_b"])
         else:
             u2, v2 = t["lokr_w2_a"], t["lokr_w2_b"].flatten(1)
-        B = torch.kron(u1, u2)  # [a * b, rank1 * rank2]
-        A = torch.kron(v1, v2)  # [rank1 * rank2, c * d * kh * kw]
+        B = torch.kron(u1.contiguous(), u2.contiguous())  # [a * b, rank1 * rank2]
+        A = torch.kron(v1.contiguous(), v2.contiguous())  # [rank1 * rank2, c * d * kh * kw]
     else:
         raise ValueError(f"no conversion for {kind!r}")
     if A.shape[0] != source.rank:

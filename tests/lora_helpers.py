@@ -243,3 +243,85 @@ def kohya_to_diffusers_state_dict(kohya_state: dict[str, torch.Tensor], unet_con
         out[f"{module}.lora_A.weight"] = down.contiguous()
         out[f"{module}.lora_B.weight"] = (up * (alpha / rank)).contiguous()
     return out
+
+
+# -- LyCORIS files (issue 18): peft LoHa / LoKr adapters exported in LyCORIS's kohya-named layout -----------------
+
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def peft_lycoris_model(model, config, seed: int):
+    """A deep copy of ``model`` with a peft LoHa / LoKr adapter (``config``: ``LoHaConfig`` / ``LoKrConfig`` with
+    ``init_weights=False``, so every factor is non-zero) injected as ``"default"``."""
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    return inject_adapter_in_model(config, copy.deepcopy(model))
+
+
+def lycoris_layers(model) -> dict:
+    """``{module path: peft LoHa / LoKr layer}`` of a model made by ``peft_lycoris_model``."""
+    from peft.tuners.loha.layer import LoHaLayer
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    return {path: m for path, m in model.named_modules() if isinstance(m, (LoHaLayer, LoKrLayer))}
+
+
+def export_lycoris_state(model, prefix: str = "lora_unet_", weight_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A peft LoHa / LoKr model's weights as a LyCORIS file: ``<prefix><path with _>.hada_w1_a`` ... / ``.lokr_w1``
+    ..., ``.alpha``. LyCORIS applies a LoKr whose two Kronecker factors are both full at scale 1 (alpha ignored)
+    where peft applies ``alpha / r``: such a module gets peft's scale folded into ``lokr_w2``, as LyCORIS's own
+    ``custom_state_dict`` folds its scalar. ``weight_scale`` multiplies the first factor (to keep updates small)."""
+    from peft.tuners.loha.layer import LoHaLayer
+
+    state = {}
+    for path, layer in lycoris_layers(model).items():
+        name = prefix + path.replace(".", "_")
+        roles = LOHA_ROLES if isinstance(layer, LoHaLayer) else LOKR_ROLES
+        tensors = {r: getattr(layer, r)["default"].detach().clone() for r in roles if "default" in getattr(layer, r)}
+        first = "hada_w1_a" if "hada_w1_a" in tensors else "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+        tensors[first] = tensors[first] * weight_scale
+        alpha = float(layer.alpha["default"])
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:
+            tensors["lokr_w2"] = tensors["lokr_w2"] * layer.scaling["default"]
+        for role, t in tensors.items():
+            state[f"{name}.{role}"] = t.contiguous()
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def scale_first_factor(model, weight_scale: float) -> None:
+    """Multiply each peft LoHa / LoKr layer's first factor by ``weight_scale``, in place (the model then matches
+    ``export_lycoris_state(model, weight_scale=...)``)."""
+    with torch.no_grad():
+        for layer in lycoris_layers(model).values():
+            for role in ("hada_w1_a", "lokr_w1", "lokr_w1_a"):
+                params = getattr(layer, role, {})
+                if "default" in params:
+                    params["default"].mul_(weight_scale)
+                    break
+
+
+def tucker_locon_state(spec, *, seed: int, rank: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """A kohya/LyCORIS LoCon file for the model of ``spec``: Tucker (``lora_down [r, in, 1, 1]``, ``lora_mid
+    [r, r, kh, kw]``, ``lora_up [out, r, 1, 1]``) on every k x k UNet conv, plain LoCon (``lora_down [r, in, 1,
+    1]``) on every 1x1 conv and plain LoRA on the resnets' linears (``time_emb_proj``); alphas vary."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, (name, shape) in enumerate(sorted(spec.modules.items())):
+        component, _, path = name.partition(".")
+        if component != "unet" or not path.endswith(LOCON_TARGETS):
+            continue
+        kohya = "lora_unet_" + path.replace(".", "_")
+        out, inp, kernel = shape.out_features, shape.in_features, shape.kernel_size
+        if shape.kind == "conv2d":
+            state[f"{kohya}.lora_down.weight"] = scale * torch.randn(rank, inp, 1, 1, generator=g)
+            state[f"{kohya}.lora_up.weight"] = scale * torch.randn(out, rank, 1, 1, generator=g)
+            if kernel != (1, 1):
+                state[f"{kohya}.lora_mid.weight"] = scale * torch.randn(rank, rank, *kernel, generator=g)
+        else:
+            state[f"{kohya}.lora_down.weight"] = scale * torch.randn(rank, inp, generator=g)
+            state[f"{kohya}.lora_up.weight"] = scale * torch.randn(out, rank, generator=g)
+        state[f"{kohya}.alpha"] = torch.tensor(rank * (0.5, 1.0, 2.0)[i % 3])
+    return state
