@@ -35,7 +35,8 @@ __all__ = [
     "CANONICAL_FORMAT", "CanonicalAdapter", "DiskCache", "GcReport", "InvalidAdapterError", "LocalStore",
     "LoraWeights", "Manifest", "ManifestCache", "MemoryCache", "ModuleShape", "NAME_PATTERN", "PreparedAdapter",
     "Registry", "RegistryConfig", "RegistryConflictError", "RegistryCorruptionError", "RegistryError",
-    "RegistryUnavailableError", "S3Options", "S3Store", "ServedTargets", "Store", "base_model_spec", "base_model_spec_from_configs",
+    "RegistryUnavailableError", "S3Options", "S3Store", "ServedTargets", "Store", "base_model_spec",
+    "base_model_spec_from_configs",
     "base_model_spec_from_dir", "check_name", "default_registry_uri", "format_ref", "get_module", "load_canonical",
     "merge_into", "open_registry", "open_store", "parse_ref", "prepare_adapter", "save_canonical",
 ]  # fmt: skip

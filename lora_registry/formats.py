@@ -126,8 +126,7 @@ def detect_format(keys: Iterable[str]) -> str:
     oft = [k for k in keys if "oft_" in k]
     if oft:
         raise InvalidAdapterError(
-            f"OFT / BOFT adapters are not supported (a rotation of the weight, no low-rank update): "
-            f"{keys_phrase(oft)}",
+            f"OFT / BOFT adapters are not supported (a rotation of the weight, no low-rank update): {keys_phrase(oft)}",
             code="unsupported_keys",
             keys=oft,
         )
@@ -255,7 +254,7 @@ def _plan_kohya(keys: list[str], spec: BaseModelSpec) -> dict[str, ModulePlan]:
     mixed = []
     for plan in plans.values():
         try:
-            plan.algorithm
+            lycoris.algorithm(set(plan.parts))
         except ValueError as e:
             mixed.append(f"{plan.module} ({e})")
     if mixed:

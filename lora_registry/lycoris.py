@@ -213,7 +213,7 @@ def to_lora(
     ``source.rank``). ``tensors`` maps roles (``"A"``, ``"B"``, ``"lora_mid.weight"``, ``"hada_w1_a"``...) to
     the module's tensors."""
     t = {role: x.double() for role, x in tensors.items()}
-    out, inp, kernel = module.out_features, module.in_features, _kernel(module)
+    out, inp = module.out_features, module.in_features
     if kind == TUCKER:
         r = t["A"].shape[0]
         A = torch.einsum("abkl,bi->aikl", t[MID], t["A"].reshape(r, inp))  # [r, in, kh, kw]

@@ -24,7 +24,6 @@ from lora_registry.targets import ServedTargets
 from lora_registry.validation import prepare_adapter
 
 from lora_helpers import (
-    LOCON_TARGETS,
     UNET_ATTN,
     export_lycoris_state,
     lycoris_layers,
@@ -59,15 +58,16 @@ def _peft_configs():
         ),
         # r=4 makes both factors full: LyCORIS's scale 1, peft's alpha / r folded in by the exporter
         "lokr-full": LoKrConfig(r=4, alpha=2, target_modules=targets, init_weights=False),
-        "lokr-tucker": LoKrConfig(
-            r=2, alpha=3, target_modules=targets, init_weights=False, use_effective_conv2d=True
-        ),
+        "lokr-tucker": LoKrConfig(r=2, alpha=3, target_modules=targets, init_weights=False, use_effective_conv2d=True),
     }
 
 
 @pytest.fixture(scope="module")
 def peft_models(tiny):
-    return {name: peft_lycoris_model(tiny["unet"], config, seed=i) for i, (name, config) in enumerate(_peft_configs().items())}
+    return {
+        name: peft_lycoris_model(tiny["unet"], config, seed=i)
+        for i, (name, config) in enumerate(_peft_configs().items())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,10 @@ def test_converted_rank_above_max_rank_is_refused(adapter_store, lycoris_files, 
     assert e.value.code == "rank_too_high"
     assert "LoHa 3 x 3" in e.value.message and "max_rank=8" in e.value.message and "product" in e.value.message
     assert store_keys(adapter_store) == []
-    assert Registry(adapter_store, base=registry_tiny_spec, max_rank=9).register(lycoris_files["loha"], name="loha").rank == 9
+    assert (
+        Registry(adapter_store, base=registry_tiny_spec, max_rank=9).register(lycoris_files["loha"], name="loha").rank
+        == 9
+    )
 
 
 @pytest.mark.parametrize(
@@ -224,7 +227,9 @@ def test_untargeted_modules_are_refused_at_registration(adapter_store, registry_
         narrow.register(data, name="locon")
     assert (e.value.status, e.value.code) == (422, "untargeted_modules")
     assert "lora.unet_target_modules" in e.value.message
-    assert "unet.conv_in" in e.value.keys and all(".resnets." in k or "sampl" in k or "conv_" in k for k in e.value.keys)
+    assert "unet.conv_in" in e.value.keys and all(
+        ".resnets." in k or "sampl" in k or "conv_" in k for k in e.value.keys
+    )
     assert store_keys(adapter_store) == []
     wide = Registry(adapter_store, base=registry_tiny_spec, targets=served_targets(LoRAConfig()))
     assert "unet.conv_in" in wide.register(data, name="locon").target_modules
@@ -247,7 +252,9 @@ def test_default_targets_reach_every_unet_module(registry_tiny_spec, tiny_sdxl_d
 
 def test_open_model_registry_passes_the_serving_limits(tmp_path, tiny_dir, registry_tiny_spec):
     lora = LoRAConfig(max_rank=16, unet_target_modules=("to_q",))
-    registry, spec = open_model_registry(RegistryConfig(uri=str(tmp_path / "r"), cache_dir=str(tmp_path / "c")), tiny_dir, lora)
+    registry, spec = open_model_registry(
+        RegistryConfig(uri=str(tmp_path / "r"), cache_dir=str(tmp_path / "c")), tiny_dir, lora
+    )
     assert registry.max_rank == 16 and registry.targets.suffixes["unet"] == ("to_q",)
     with pytest.raises(InvalidAdapterError) as e:
         registry.register(to_bytes(diffusers_state(random_lora(spec))), name="attn")  # to_q, to_k, to_v, to_out.0
@@ -260,7 +267,9 @@ def test_open_model_registry_passes_the_serving_limits(tmp_path, tiny_dir, regis
 
 
 @pytest.mark.parametrize("kernel", ["grouped", "gather", "row-invariant"])
-def test_mixed_batch_equals_peft_per_row(kernel, tiny, tiny_dir, registry_tiny_spec, peft_models, lycoris_files, tmp_path):
+def test_mixed_batch_equals_peft_per_row(
+    kernel, tiny, tiny_dir, registry_tiny_spec, peft_models, lycoris_files, tmp_path
+):
     """One UNet forward over rows with LoHa, LoKr, Tucker LoCon, a plain LoRA, two adapters at once and none:
     each row equals peft's model (or the merged reference) for that row alone."""
     from lora_registry.canonical import merge_into
@@ -275,7 +284,12 @@ def test_mixed_batch_equals_peft_per_row(kernel, tiny, tiny_dir, registry_tiny_s
     }
     unet = copy.deepcopy(tiny["unet"])
     lora = MultiLoRAModel(
-        unet, LoRAConfig().unet_target_modules, num_slots=5, max_rank=64, kernel=kernel, deterministic=kernel == "row-invariant"
+        unet,
+        LoRAConfig().unet_target_modules,
+        num_slots=5,
+        max_rank=64,
+        kernel=kernel,
+        deterministic=kernel == "row-invariant",
     )
     slot = {}
     for i, (name, adapter) in enumerate(canonical.items(), start=1):

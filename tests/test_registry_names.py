@@ -157,7 +157,10 @@ def test_metadata_bounds(description, trigger_words, tags, ok):
         ("lora_unet_input_blocks_1_1_proj_in", "unet.down_blocks.0.attentions.0.proj_in"),
         ("lora_unet_input_blocks_1_0_in_layers_2", "unet.down_blocks.0.resnets.0.conv1"),
         ("lora_unet_input_blocks_2_0_op", "unet.down_blocks.0.downsamplers.0.conv"),
-        ("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k", "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"),
+        (
+            "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        ),
         ("lora_unet_output_blocks_1_1_conv", "unet.up_blocks.0.upsamplers.0.conv"),
         ("lora_unet_output_blocks_7_0_skip_connection", "unet.up_blocks.3.resnets.1.conv_shortcut"),
         ("lora_unet_time_embed_0", "unet.time_embedding.linear_1"),

@@ -149,7 +149,10 @@ def test_sd1_ldm_numbering(registry_tiny_spec):
 def test_ldm_kohya_names_on_sd1_too(registry_tiny_spec):
     """LDM UNet names map on SD1 bases as on SDXL (issue 18: LyCORIS and A1111 extractions write them); SDXL's
     second text encoder stays unknown there."""
-    assert registry_tiny_spec.kohya_names["lora_unet_input_blocks_1_1_proj_in"] == "unet.down_blocks.0.attentions.0.proj_in"
+    assert (
+        registry_tiny_spec.kohya_names["lora_unet_input_blocks_1_1_proj_in"]
+        == "unet.down_blocks.0.attentions.0.proj_in"
+    )
     assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj" not in registry_tiny_spec.kohya_names
 
 

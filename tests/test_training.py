@@ -45,8 +45,10 @@ from engine_helpers import Engine
 CAPTION = "a red square"
 # Four flat patches, shades of red, all captioned with their colour.
 REDS = [(255, 0, 0), (230, 20, 20), (200, 0, 30), (255, 40, 0)]
-# The UNet modules the server carries adapters on, so the trained style is servable as it is.
-SERVED_TARGETS = LoRAConfig().unet_target_modules
+# UNet modules the server carries adapters on (attention, proj_in/out, feed-forward: a subset of the default
+# lora.unet_target_modules, which since issue 18 also reaches every conv), so the trained style is servable as it is.
+SERVED_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+assert set(SERVED_TARGETS) <= set(LoRAConfig().unet_target_modules)
 
 
 def write_folder(root: Path, colours=REDS, caption=CAPTION, size=(64, 64)) -> Path:

@@ -77,12 +77,27 @@ class LoRAConfig(StrictConfig):
     unet_target_modules: tuple[str, ...] = Field(
         (
             # attention, its projections and feed-forward (what LoRA trainers target by default)
-            "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-            # LoCon / LyCORIS (kohya conv_dim): resnets, samplers, conv_in / conv_out, the time/added embeddings
-            "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv",
-            "conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
-            "add_embedding.linear_1", "add_embedding.linear_2",
-        ),  # fmt: skip
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            # LoCon / LyCORIS (kohya conv_dim): resnets, samplers, conv_in / conv_out, the time/added embeddings;
+            # every suffix matches on every family (SD1.x has no add_embedding: linear_N is its time embedding's)
+            "conv1",
+            "conv2",
+            "conv_shortcut",
+            "time_emb_proj",
+            "downsamplers.0.conv",
+            "upsamplers.0.conv",
+            "conv_in",
+            "conv_out",
+            "linear_1",  # time_embedding.linear_1, and SDXL's add_embedding.linear_1
+            "linear_2",
+        ),
         description=(
             "UNet modules (path suffixes) that carry adapter slots. The default is every Linear / Conv2d of SD1.x, "
             "SD2.x and SDXL UNets, so LoCon adapters are served; the registry refuses adapters with weights "
