@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from deployments.engine import models  # noqa: E402
 from deployments.engine.batch_invariance import make_batch_invariant  # noqa: E402
+from deployments.engine.config import LoRAConfig  # noqa: E402
 from deployments.engine.images import decode  # noqa: E402
 from deployments.engine.multi_lora import MultiLoRAModel, text_encoder_key_prefix  # noqa: E402
 from deployments.engine.prompts import PromptEncoder, SDXLPromptEncoder  # noqa: E402
@@ -80,8 +81,8 @@ MODELS = {"builtin:tiny-sd": (64, 7.5), "builtin:tiny-sdxl": (64, 5.0)}
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # The server's default slot targets (deployments/engine/config.py LoRAConfig) and slot sizing.
-UNET_SLOT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-TEXT_SLOT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+UNET_SLOT_TARGETS = LoRAConfig().unet_target_modules  # every Linear/Conv2d of the UNet, as the server ships
+TEXT_SLOT_TARGETS = LoRAConfig().text_encoder_target_modules
 SLOT_MAX_RANK = 64
 NEGATIVE_PROMPT = ""  # SDXL: zeros (force_zeros_for_empty_prompt), which diffusers does for negative_prompt=None
 TEXT_ADAPTED = (1, 4)  # the 2nd and 5th most popular adapters also adapt the text encoder(s)
