@@ -98,6 +98,20 @@ def _base_spec(model_uri: str):
     return base_model_spec_from_dir(resolve_model_dir(model_uri))
 
 
+def _served_targets(serve_config: str | None):
+    """The modules the server gives adapter slots: ``lora`` of ``serve_config`` (a serve_config.yaml), or the
+    defaults. ``lorafleet adapters register`` then refuses what the server could never apply, as HTTP does."""
+    from deployments.engine.adapters import served_targets
+    from deployments.engine.config import LoRAConfig
+
+    if serve_config is None:
+        return served_targets(LoRAConfig())
+    from .config import AppConfig, load_serve_config
+
+    _, args = load_serve_config(serve_config)
+    return served_targets(AppConfig.load(args).lora)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorafleet", description="lorafleet: text-to-image serving on Ray Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_export)
     from lora_registry.cli import add_adapters_parser
 
-    add_adapters_parser(sub, _base_spec)
+    add_adapters_parser(sub, _base_spec, _served_targets)
     from training.cli import add_train_parser
 
     add_train_parser(sub)

@@ -27,8 +27,11 @@ from .config import RegistryConfig, default_registry_uri, open_registry
 from .errors import RegistryError
 from .manifest import Manifest
 from .registry import Registry
+from .targets import ServedTargets
 
 BaseSpecProvider = Callable[[str], BaseModelSpec]
+# serve config path (or None: the defaults) -> the modules the server gives adapter slots, or None: no check
+TargetsProvider = Callable[[str | None], ServedTargets | None]
 DEFAULT_BASE_MODEL = "builtin:tiny-sd"
 
 
@@ -45,11 +48,13 @@ def _progress_bar(desc: str, total: int | None, enabled: bool):
     )  # fmt: skip
 
 
-def _open(args: argparse.Namespace, base: BaseModelSpec | None = None) -> Registry:
+def _open(
+    args: argparse.Namespace, base: BaseModelSpec | None = None, targets: ServedTargets | None = None
+) -> Registry:
     fields = {"uri": args.registry or default_registry_uri(), "s3_endpoint_url": args.s3_endpoint_url}
     if getattr(args, "max_rank", None) is not None:
         fields["max_rank"] = args.max_rank
-    return open_registry(RegistryConfig(**fields), base=base, caches=False)
+    return open_registry(RegistryConfig(**fields), base=base, caches=False, targets=targets)
 
 
 def _print(args: argparse.Namespace, payload, text: str) -> None:
@@ -65,12 +70,16 @@ def _summary(m: Manifest) -> str:
     )
 
 
-def _cmd_register(args: argparse.Namespace, base_spec_provider: BaseSpecProvider) -> int:
+def _cmd_register(
+    args: argparse.Namespace, base_spec_provider: BaseSpecProvider, targets_provider: TargetsProvider | None = None
+) -> int:
     adapter_config = None
     if args.adapter_config:
         adapter_config = json.loads(Path(args.adapter_config).read_text())
     base = base_spec_provider(args.base_model)
-    registry = _open(args, base)
+    # As the server's own registration does: refuse what its replicas could never apply.
+    targets = targets_provider(args.serve_config) if targets_provider is not None else None
+    registry = _open(args, base, targets)
     with _progress_bar(f"upload {args.name}", None, not args.no_progress) as bar:
         manifest = registry.register(
             args.file,
@@ -155,8 +164,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def add_adapters_parser(subparsers, base_spec_provider: BaseSpecProvider) -> argparse.ArgumentParser:
-    """Add ``adapters`` to a ``lorafleet`` sub-parser set; ``base_spec_provider(model_uri)`` builds base specs.
+def add_adapters_parser(
+    subparsers, base_spec_provider: BaseSpecProvider, targets_provider: TargetsProvider | None = None
+) -> argparse.ArgumentParser:
+    """Add ``adapters`` to a ``lorafleet`` sub-parser set; ``base_spec_provider(model_uri)`` builds base specs,
+    ``targets_provider(serve_config_path)`` the modules the server carries slots on (``None``: no such check).
 
     The command's handler is ``args.func(args) -> int`` (exit status).
     """
@@ -179,8 +191,15 @@ def add_adapters_parser(subparsers, base_spec_provider: BaseSpecProvider) -> arg
     p.add_argument("--adapter-config", default=None, help="PEFT adapter_config.json that came with the file")
     p.add_argument("--format", choices=["diffusers", "kohya"], default=None, help="insist on a format")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="base model URI (default: %(default)s)")
-    p.add_argument("--max-rank", type=int, default=None, help="highest rank accepted (default: 64)")
-    p.set_defaults(adapters_func=partial(_cmd_register, base_spec_provider=base_spec_provider))
+    p.add_argument("--max-rank", type=int, default=None, help="highest rank accepted (default: 128)")
+    p.add_argument(
+        "--serve-config",
+        default=None,
+        help="the serve config whose lora.*_target_modules the server runs (default: lorafleet's defaults)",
+    )
+    p.set_defaults(
+        adapters_func=partial(_cmd_register, base_spec_provider=base_spec_provider, targets_provider=targets_provider)
+    )
 
     p = sub.add_parser("list", parents=[common], help="adapters with their latest version")
     p.add_argument("--tag", default=None)

@@ -48,3 +48,25 @@ def test_export_model_writes_a_diffusers_directory(tmp_path, cache_dir):
         "tokenizer",
         "scheduler",
     }
+
+
+def test_adapters_register_refuses_what_the_served_targets_cannot_reach(tiny, tmp_path, cache_dir):
+    """As HTTP registration does: with a serve config whose UNet slots are on to_q only, a to_k adapter is refused
+    (untargeted_modules, naming the config key) and nothing is stored; with the defaults it registers."""
+    import os
+
+    import yaml
+
+    env = {**os.environ, "LORAFLEET_REGISTRY": str(tmp_path / "registry"), "LORAFLEET_CACHE_DIR": str(cache_dir)}
+    lora = make_peft_lora_file(tiny, tmp_path / "lora", seed=4, rank=2, alpha=2, unet_targets=["to_k"])
+    narrow = tmp_path / "serve_config.yaml"
+    args = {"model": {"uri": "builtin:tiny-sd"}, "lora": {"unet_target_modules": ["to_q"]}}
+    narrow.write_text(
+        yaml.safe_dump({"applications": [{"name": "x", "import_path": "graph.app:build_app", "args": args}]})
+    )
+    r = run("adapters", "register", str(lora), "--name", "keys", "--serve-config", str(narrow), env=env)
+    assert r.returncode != 0
+    assert "untargeted" in r.stderr and "lora.unet_target_modules" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(run("adapters", "list", "--json", env=env).stdout)["data"] == []
+    r = run("adapters", "register", str(lora), "--name", "keys", "--json", env=env)
+    assert r.returncode == 0, r.stderr
