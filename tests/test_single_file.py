@@ -4,6 +4,7 @@ through ``resolve_model_dir`` (local and S3), converted once and cached by conte
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -398,3 +399,23 @@ def test_half_precision_files_keep_their_dtype(exported, builtin_dir, tmp_path):
         assert all(got[k].dtype == torch.float16 and torch.equal(got[k], original[k].half()) for k in original)
     unet = models.load_unet(d, CPU, torch.float32)
     assert unet.conv_in.weight.dtype == torch.float32
+
+
+def test_a_local_checkpoint_is_hashed_once_until_it_changes(exported, tmp_path, monkeypatch):
+    """Every replica resolves the URI at start: the sha256 of an unchanged file is remembered (path, inode, size,
+    mtime), a rewrite is hashed again."""
+    source = tmp_path / "m" / "tiny-sd.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(exported("tiny-sd").read_bytes())
+    hashed = []
+    real = models._file_sha256
+    monkeypatch.setattr(models, "_file_sha256", lambda p: hashed.append(p) or real(p))
+    first = models.resolve_model_dir(str(source), tmp_path / "cache")
+    assert models.resolve_model_dir(str(source), tmp_path / "cache") == first
+    assert len(hashed) == 1
+    state_dict = load_file(str(source))
+    state_dict["model.diffusion_model.out.2.bias"] = state_dict["model.diffusion_model.out.2.bias"] + 1.0
+    save_file(state_dict, str(source))
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 1_000_000))  # coarse clocks
+    assert models.resolve_model_dir(str(source), tmp_path / "cache") != first
+    assert len(hashed) == 2

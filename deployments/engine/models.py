@@ -127,12 +127,38 @@ def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, s3_client: 
     if is_single_file(str(path)):
         if not path.is_file():
             raise ValueError(f"model.uri {uri!r}: no such file")
-        target = _single_file_target(cache, path.name, f"sha256:{_file_sha256(path)}")
+        target = _single_file_target(cache, path.name, f"sha256:{_content_sha256(path, cache)}")
         return _materialise(target, lambda staging: convert_single_file(path, staging, where=repr(uri)))
     if path.is_file():
         raise ValueError(f"model.uri {uri!r} is a file but not {SINGLE_FILE_SUFFIX} (a checkpoint) nor a directory")
     check_model_dir(path)
     return path
+
+
+def _content_sha256(path: Path, cache: Path) -> str:
+    """The sha256 of a local checkpoint, remembered per (path, device, inode, size, mtime_ns).
+
+    Hashing a 7 GB SDXL file takes seconds, and every replica resolves it at start; a write to the file
+    changes its mtime (and usually its size), so a stale memo is never used. The memo is one small JSON
+    file per path, replaced atomically, so concurrent replicas at worst hash twice.
+    """
+    st = path.stat()
+    stamp = [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    name = hashlib.sha256(stamp[0].encode()).hexdigest()[:24]
+    memo = cache / "models" / "single-file" / ".digests" / f"{name}.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("stamp") == stamp:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = _file_sha256(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".digest.", dir=memo.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"stamp": stamp, "sha256": digest}, f)
+    os.replace(tmp, memo)
+    return digest
 
 
 def _file_sha256(path: Path) -> str:
