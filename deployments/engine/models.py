@@ -145,7 +145,7 @@ def _content_sha256(path: Path, cache: Path) -> str:
     st = path.stat()
     stamp = [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
     name = hashlib.sha256(stamp[0].encode()).hexdigest()[:24]
-    memo = cache / "models" / "single-file" / ".digests" / f"{name}.json"
+    memo = cache / "models" / "sha256-memo" / f"{name}.json"
     try:
         saved = json.loads(memo.read_text())
         if saved.get("stamp") == stamp:
