@@ -72,23 +72,12 @@ SMOKE_UNET = {
     "layers_per_block": 1,
     "cross_attention_dim": 64,
 }
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (what differs from diffusers' defaults).
+ROOT = Path(__file__).resolve().parent.parent
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, as lorafleet ships it for single-file checkpoints.
 SDXL_UNET = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,  # both text encoders' penultimate states: 768 + 1280
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,  # pooled text embeddings (1280) + 6 time ids x 256
-    "norm_num_groups": 32,
+    k: v
+    for k, v in json.loads((ROOT / "deployments/engine/configs/sdxl-base/unet/config.json").read_text()).items()
+    if not k.startswith("_")
 }
 SMOKE_SDXL_UNET = {
     **SDXL_UNET,
