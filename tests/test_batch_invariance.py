@@ -4,6 +4,7 @@ These tests hold on any x86 CPU and thread count; ``make test-isa`` runs them un
 """
 
 import copy
+import types
 
 import pytest
 import torch
@@ -195,6 +196,125 @@ def test_attention(regime, q_len, kv_len):
 def test_norms(regime, norm, shape):
     pool = list(torch.randn(9, *shape) * 3 + 1)
     assert_rows_invariant(lambda x: bi.invariant_norm(type(norm).__name__, norm, x), pool)
+
+
+@pytest.mark.parametrize(
+    "tokens, k, r, out",
+    [(64, 32, 8, 32), (77, 160, 4, 64), (1, 128, 16, 256), (16, 64, 64, 64), (256, 64, 64, 64)],
+)
+def test_low_rank(regime, tokens, k, r, out):
+    """Each row with its own A and B: the row's product whatever the other rows (and their adapters)."""
+    g = torch.Generator().manual_seed(tokens + r)
+    x, A, B = (
+        torch.randn(9, tokens, k, generator=g),
+        torch.randn(9, r, k, generator=g),
+        torch.randn(9, r, out, generator=g),
+    )
+    pool = list(torch.cat([x.flatten(1), A.flatten(1), B.flatten(1)], dim=1))
+
+    def product(rows):
+        n, a, b = rows.shape[0], tokens * k, r * k
+        xs, As, Bs = rows[:, :a], rows[:, a : a + b], rows[:, a + b :]
+        return bi.invariant_low_rank(xs.reshape(n, tokens, k), As.reshape(n, r, k), Bs.reshape(n, r, out))
+
+    assert_rows_invariant(product, pool)
+    for i in range(9):
+        want = F.linear(F.linear(x[i], A[i]), B[i].t())
+        torch.testing.assert_close(product(pool[i][None])[0], want, rtol=1e-4, atol=1e-4)
+
+
+# Per row of a multi-LoRA batch: its adapters (slot, weight), in order. Slots 1: rank 4, 2 and 3: rank 8,
+# 4: rank 16, 5: rank 8 but not on "linear". Row 8 asks what row 1 asks, on other inputs.
+LORA_ROWS = [
+    ((1, 0.5),),
+    ((2, 1.0),),
+    ((3, 0.7), (1, 1.2)),
+    (),
+    ((4, 1.0),),
+    ((5, 1.0),),
+    ((2, 0.3), (4, 0.9)),
+    ((3, 1.0),),
+    ((2, 1.0),),
+]
+LORA_INPUTS = {"linear": (33, 48), "pointwise": (12, 6, 6), "conv": (12, 6, 6)}  # per row
+
+
+class _LoRALayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(48, 40)
+        self.pointwise = torch.nn.Conv2d(12, 20, 1)  # a Linear over pixels: the batched product too
+        self.conv = torch.nn.Conv2d(12, 20, 3, padding=1)  # k x k: per adapter through invariant_conv2d
+        # The base layers' own kernels, as make_batch_invariant gives a UNet's.
+        self.linear.forward = types.MethodType(bi._linear_forward, self.linear)
+        for conv in (self.pointwise, self.conv):
+            conv.forward = types.MethodType(bi._conv_forward, conv)
+
+
+def _lora_layers() -> MultiLoRAModel:
+    g = torch.Generator().manual_seed(5)
+    lora = MultiLoRAModel(_LoRALayers(), list(LORA_INPUTS), num_slots=6, max_rank=16, deterministic=True)
+    assert lora.kernel.name == "row-invariant"
+    for slot, rank in ((1, 4), (2, 8), (3, 8), (4, 16), (5, 8)):
+        weights = random_slot_weights(lora, rank, g, alpha=rank / 2)
+        if slot == 5:
+            del weights["linear"]
+        lora.load(slot, weights)
+    return lora
+
+
+@pytest.mark.parametrize("path", list(LORA_INPUTS))
+@torch.inference_mode()
+def test_lora_rows_are_invariant_to_batch_mates_and_their_adapters(regime, path):
+    """A row's output is bit-identical whatever rows, adapters, ranks and batch size share its forward."""
+    lora = _lora_layers()
+    layer = lora.layers[path]
+    pool = list(torch.randn(len(LORA_ROWS), *LORA_INPUTS[path], generator=torch.Generator().manual_seed(6)))
+
+    def forward(picks):
+        with lora.routed([LORA_ROWS[i] for i in picks]):
+            return layer(torch.stack([pool[i] for i in picks]))
+
+    alone = [forward([i])[0] for i in range(len(LORA_ROWS))]
+    # [1, 7, 8]: every row one adapter of rank 8 (two adapters), the product over the whole batch.
+    for picks in [*COMPOSITIONS, [1, 7, 8], [8, 1], [5, 3], [6, 2], [2, 6, 4, 0]]:
+        out = forward(picks)
+        for pos, i in enumerate(picks):
+            assert torch.equal(out[pos], alone[i]), f"row {i} at position {pos} of {picks}"
+    base = [layer.base(x[None])[0] for x in pool]
+    assert torch.equal(alone[3], base[3])  # no adapter: base only, bit for bit
+    adapted = (0, 1, 2, 4, 6, 7) if path == "linear" else (0, 1, 2, 4, 5, 6, 7)
+    for i in adapted:
+        assert (alone[i] - base[i]).abs().max().item() > 1e-2, i  # the adapters apply
+    if path == "linear":
+        assert torch.equal(alone[5], base[5])  # slot 5 does not target it
+    assert not torch.equal(alone[1], alone[8])  # same adapter, other inputs
+
+
+@torch.inference_mode()
+def test_row_invariant_kernel_runs_one_product_per_pass_and_rank(monkeypatch):
+    """Rows of any adapters share one product per rank: 5 rows of two rank-8 adapters, one call."""
+    from deployments.engine import multi_lora
+
+    lora = _lora_layers()
+    calls = []
+
+    def counted(x, A, B, real=multi_lora.invariant_low_rank):
+        calls.append((x.shape[0], A.shape[1]))
+        return real(x, A, B)
+
+    monkeypatch.setattr(multi_lora, "invariant_low_rank", counted)
+    x = torch.randn(len(LORA_ROWS), *LORA_INPUTS["linear"])
+    with lora.routed(LORA_ROWS):
+        lora.layers["linear"](x)
+    # pass 0: rank 4 (row 0), rank 8 (rows 1, 2, 6, 7, 8), rank 16 (row 4), slot 5 (rank 0 here) skipped;
+    # pass 1: rank 4 (row 2), rank 16 (row 6)
+    assert calls == [(1, 4), (5, 8), (1, 16), (1, 4), (1, 16)]
+    calls.clear()
+    with lora.routed([LORA_ROWS[i] for i in (1, 7, 8)]) as routing:
+        lora.layers["linear"](x[:3])
+        (group,) = lora.kernel.rank_groups(lora.layers["linear"], routing, 0)
+    assert calls == [(3, 8)] and group.rows is None  # every row, in order: no gather of rows
 
 
 def test_make_batch_invariant_refuses_a_text_encoder(tiny):

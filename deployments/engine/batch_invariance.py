@@ -93,6 +93,8 @@ CONV_IMAGES = TilePolicy(work=1 << 23, low=1, high=8)
 ATTENTION_ITEMS = TilePolicy(work=1 << 21, low=1, high=8)
 # Items per normalisation call: elements per item.
 NORM_ITEMS = TilePolicy(work=1 << 16, low=1, high=8)
+# Rows per low-rank product (each row with its own adapter): multiply-adds per row = tokens * r * (in + out).
+LOW_RANK_ROWS = TilePolicy(work=1 << 20, low=1, high=16)
 
 
 def _default_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -246,6 +248,23 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     out = invariant_call("linear", gemm, flat, size=GEMM_ROWS.size(k * n), key=(n, bias is not None))
     return out.reshape(*x.shape[:-1], n)
+
+
+def _low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B)  # [T, tokens, r] @ [T, r, out]
+
+
+def invariant_low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Each row's ``x @ A.T @ B`` with its own ``A`` and ``B`` (a LoRA product), invariant per row.
+
+    ``x``: [rows, tokens, in]; ``A``: [rows, r, in]; ``B``: [rows, r, out] -> [rows, tokens, out].
+    One batched product for rows of any adapters of rank ``r``: a row's reduction lengths (``in``,
+    then ``r``) are its own adapter's, whoever its batch-mates are, and the canonical computation
+    (tiles of rows, else one row per call) is only ever replaced by a call it is checked to equal.
+    """
+    tokens, k = x.shape[1:]
+    work = tokens * A.shape[1] * (k + B.shape[2])
+    return invariant_call("low-rank", _low_rank, x, A, B, size=LOW_RANK_ROWS.size(work))
 
 
 def _pair(v) -> tuple[int, int]:

@@ -36,9 +36,14 @@ Kernels (``make_kernel`` picks one by name):
 - ``GroupedKernel``: rows grouped by slot (segmented LoRA), one A and one B
   product per adapter present in the batch, on the gathered rows only, sliced
   to the adapter's own rank: peft's arithmetic. Exact and cheapest on the CPU.
-- ``RowInvariantKernel``: the grouped arithmetic through ``batch_invariance``'s
-  ``invariant_linear`` / ``invariant_conv2d``, so a row's result does not
-  depend on how many rows share its adapter (deterministic mode).
+- ``RowInvariantKernel`` (deterministic mode): per pass, the rows whose adapters
+  have one rank in the layer, whatever the adapters, in one batched product
+  (``batch_invariance.invariant_low_rank``: each row with its own gathered A and
+  B, so its reductions run over its own adapter's ``in`` and ``r`` only), so a
+  row's result depends neither on its batch-mates nor on which adapters they
+  use. One product per layer and pass on the usual mix, where a product per
+  adapter costs more in calls than the model on a small UNet. k x k and strided
+  convolutions: per adapter, through ``invariant_conv2d``.
 - ``GatherKernel``: every row gathers its adapters' A and B, ranks stacked, and
   each layer runs two ``bmm`` whatever the mix: a fixed number of kernels that
   read only the preallocated routing buffers, for GPUs (and CUDA graphs).
@@ -54,7 +59,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .batch_invariance import invariant_conv2d, invariant_linear
+from .batch_invariance import invariant_conv2d, invariant_linear, invariant_low_rank
 
 RowAdapters = Sequence[tuple[int, float]]  # ((slot, weight), ...) in the request's order
 
@@ -86,6 +91,8 @@ class LoRARouting:
     # passes[k]: the k-th adapter of every row, grouped by slot. Applying the passes in order keeps
     # each row's additions in its request's order.
     passes: tuple[tuple[SlotGroup, ...], ...]
+    # Kernels' index tensors derived from this routing, shared by the layers of one forward.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def depth(self) -> int:
@@ -341,10 +348,82 @@ class GroupedKernel(MultiLoRAKernel):
         return F.conv2d(F.conv2d(x, A, None, conv.stride, conv.padding, conv.dilation), B)
 
 
+@dataclass(frozen=True)
+class RankGroup:
+    """The rows of one pass whose adapters have rank ``r`` in a layer, in batch order."""
+
+    r: int
+    rows: torch.Tensor | None  # [n] row indices; None: every row of the batch, in order
+    pages: torch.Tensor  # [n * r] each row's adapter's pages, row after row
+    scale: torch.Tensor  # [n, 1, 1] weight * alpha / r per row
+
+
 class RowInvariantKernel(GroupedKernel):
-    """The grouped arithmetic through the batch-invariant GEMM and convolution (deterministic mode)."""
+    """Deterministic mode: per pass, one batched product per rank, each row with its own adapter.
+
+    For pass ``k``, the rows whose ``k``-th adapter has rank ``r`` in the layer gather their
+    adapters' A [r, in] and B [r, out] and run ``invariant_low_rank``: a row's reductions run over
+    ``in``, then its own ``r``, and are checked to be the same whatever the other rows, so its result
+    does not depend on them or on their adapters. Then peft's ``result + delta * scaling``, as the
+    grouped kernel. Layers that are no matmul per token (k x k or strided convs) go per adapter
+    through ``invariant_conv2d``.
+    """
 
     name = "row-invariant"
+
+    def apply(self, layer, x, result, routing):
+        if not layer.tokenwise:
+            return super().apply(layer, x, result, routing)
+        tokens = _as_tokens(layer, x)  # [rows, tokens, in]
+        A_pages, B_pages = layer.lora_A.flatten(1), layer.lora_B  # [pages, in], [pages, out]
+        for k in range(len(routing.passes)):
+            for g in self.rank_groups(layer, routing, k):
+                xs = tokens if g.rows is None else tokens.index_select(0, g.rows)  # [n, tokens, in]
+                n = xs.shape[0]
+                A = A_pages.index_select(0, g.pages).view(n, g.r, -1)  # [n, r, in]
+                B = B_pages.index_select(0, g.pages).view(n, g.r, -1)  # [n, r, out]
+                delta = invariant_low_rank(xs, A, B) * g.scale  # [n, tokens, out]: peft's lora_B(lora_A(x)) * scaling
+                delta = _from_tokens(layer, delta, (n, *result.shape[1:]))
+                if g.rows is None:
+                    result.add_(delta)
+                else:
+                    result.index_add_(0, g.rows, delta)
+        return result
+
+    @staticmethod
+    def rank_groups(layer: MultiLoRALayer, routing: LoRARouting, k: int) -> list[RankGroup]:
+        """Pass ``k``'s rows by their adapter's rank in ``layer`` (none of rank 0), shared by like layers."""
+        groups = routing.passes[k]
+        key = ("rank-groups", k, layer.lora_A.dtype, tuple((layer.ranks[g.slot], layer.alphas[g.slot]) for g in groups))
+        found = routing.memo.get(key)
+        if found is not None:
+            return found
+        by_rank: dict[int, list[tuple[int, int, float]]] = {}  # r -> (row, slot, scaling)
+        for g in groups:
+            r = layer.ranks[g.slot]
+            if r:
+                alpha = layer.alphas[g.slot]
+                # peft: scaling = weight * lora_alpha / r
+                scalings = zip(g.rows.tolist(), g.weights, strict=True)
+                by_rank.setdefault(r, []).extend((i, g.slot, w * alpha / r) for i, w in scalings)
+        page_table = layer.state.page_table
+        found = []
+        for r, entries in sorted(by_rank.items()):
+            entries.sort()
+            rows = [i for i, _, _ in entries]
+            slots = torch.tensor([s for _, s, _ in entries], dtype=torch.long, device=page_table.device)
+            found.append(
+                RankGroup(
+                    r,
+                    None if rows == list(range(routing.num_rows)) else torch.tensor(rows, device=page_table.device),
+                    page_table[slots, :r].reshape(-1),
+                    torch.tensor([c for _, _, c in entries], dtype=layer.lora_A.dtype, device=page_table.device).view(
+                        -1, 1, 1
+                    ),
+                )
+            )
+        routing.memo[key] = found
+        return found
 
     def linear_delta(self, x, A, B):
         return invariant_linear(invariant_linear(x, A, None), B, None)
@@ -352,6 +431,20 @@ class RowInvariantKernel(GroupedKernel):
     def conv_delta(self, x, A, B, conv):
         h = invariant_conv2d(x, A, None, conv.stride, conv.padding, conv.dilation)
         return invariant_conv2d(h, B, None)
+
+
+def _as_tokens(layer: MultiLoRALayer, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, tokens, in_features] (a 1x1 conv is a Linear over pixels)."""
+    if isinstance(layer, MultiLoRAConv2d):
+        return x.flatten(2).transpose(1, 2)  # [rows, h*w, in]
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _from_tokens(layer: MultiLoRALayer, delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """[rows, tokens, out] back to the layer's output ``shape``."""
+    if isinstance(layer, MultiLoRAConv2d):
+        return delta.transpose(1, 2).reshape(shape)  # [rows, out, h, w]
+    return delta.reshape(shape)
 
 
 class GatherKernel(MultiLoRAKernel):
@@ -377,22 +470,9 @@ class GatherKernel(MultiLoRAKernel):
         A = layer.lora_A.flatten(1)[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, in]: ranks stacked
         B = layer.lora_B[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, out]
         scale = (routing.weights * layer.slot_scale[ids]).to(x.dtype)  # [rows, depth]: weight * alpha / r
-        h = torch.bmm(self._tokens(layer, x), A.transpose(1, 2))  # [rows, tokens, depth*R]
+        h = torch.bmm(_as_tokens(layer, x), A.transpose(1, 2))  # [rows, tokens, depth*R]
         h = h * scale.repeat_interleave(R, dim=1)[:, None, :]
-        return result + self._untokens(layer, torch.bmm(h, B), result)  # [rows, tokens, out] -> result's shape
-
-    @staticmethod
-    def _tokens(layer: MultiLoRALayer, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as [rows, tokens, in_features] (a 1x1 conv is a Linear over pixels)."""
-        if isinstance(layer, MultiLoRAConv2d):
-            return x.flatten(2).transpose(1, 2)  # [rows, h*w, in]
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-
-    @staticmethod
-    def _untokens(layer: MultiLoRALayer, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, MultiLoRAConv2d):
-            return delta.transpose(1, 2).reshape(like.shape)  # [rows, out, h, w]
-        return delta.reshape(like.shape)
+        return result + _from_tokens(layer, torch.bmm(h, B), result.shape)  # [rows, tokens, out] -> result's shape
 
 
 def make_kernel(name: str, *, deterministic: bool, on_cuda: bool) -> MultiLoRAKernel:
