@@ -53,7 +53,7 @@ def serve_in_thread(config) -> tuple[str, object, object]:
 
     cls = ingress_module.Ingress.func_or_class.__bases__[0]
     ingress = cls.__new__(cls)
-    cls.__init__(ingress, None, None, None, config, None)
+    cls.__init__(ingress, None, config, None)
     ingress.graph = FakeGraph()
     serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress)
     ingress_module.metrics = lambda: SimpleNamespace(  # no Ray: count nothing

@@ -10,7 +10,8 @@ holds about ``target_pending_images_per_replica`` images.
 Ray Serve wraps custom policies with the deployment's own autoscaling knobs:
 ``min_replicas``/``max_replicas``, ``upscale_delay_s``/``downscale_delay_s``
 (a decision must hold that long before it is applied) and the up/down scaling
-factors, so the policy itself has no timers. serve_config.yaml::
+factors, so the policy itself has no timers. With ``min_replicas: 0`` an idle
+Denoiser scales to zero; a request waiting at a handle brings one replica back. serve_config.yaml::
 
     autoscaling_config:
       min_replicas: 1
@@ -34,11 +35,18 @@ class PendingWorkPolicy:
             raise ValueError(f"target_pending_images_per_replica must be > 0, got {target_pending_images_per_replica}")
         self.target = float(target_pending_images_per_replica)
 
-    def desired(self, pending_images: float, lo: int, hi: int) -> int:
-        return max(lo, min(hi, math.ceil(pending_images / self.target)))
+    def desired(self, pending_images: float, lo: int, hi: int, waiting_requests: float = 0.0) -> int:
+        """Replicas for ``pending_images`` held by the replicas; with none running (``min_replicas: 0``),
+        one as soon as a request waits at a handle (no replica reports images then)."""
+        want = math.ceil(pending_images / self.target)
+        if waiting_requests > 0:
+            want = max(want, 1)
+        return max(lo, min(hi, want))
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         metrics = ctx.aggregated_metrics or {}
         pending = sum((metrics.get("pending_images") or {}).values())
-        want = self.desired(pending, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
-        return want, dict(ctx.policy_state or {})
+        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        # From zero: requests waiting at the handles (Ray's count of ongoing requests) wake the deployment.
+        waiting = ctx.total_num_requests if ctx.current_num_replicas == 0 else 0.0
+        return self.desired(pending, lo, hi, waiting), dict(ctx.policy_state or {})

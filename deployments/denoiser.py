@@ -56,7 +56,7 @@ class Denoiser:
         )
         self.sdxl = info.sdxl
         self.loop = DenoiseLoop(self.steps)
-        self.metrics = DenoiserMetrics()
+        self.metrics = DenoiserMetrics(info.name)  # every series labelled with the base model
         self.steps.on_tick = self._on_tick
         self.steps.on_adapter_wait = self._on_adapter_wait
         self.adapters.on_change = self.loop.wake_threadsafe  # a load finished: waiting jobs may start

@@ -45,25 +45,31 @@ def adapter_label(ref: str) -> str:
 class IngressMetrics:
     def __init__(self):
         self.requests = Counter(
-            "lorafleet_requests_total", "HTTP requests by route and status code.", tag_keys=("route", "status")
+            "lorafleet_requests_total",
+            "HTTP requests by route, status code and base model (`-` before the model is known).",
+            tag_keys=("route", "status", "model"),
         )
         self.request_latency = Histogram(
             "lorafleet_request_latency_ms",
             "End-to-end latency of successful generation requests, in milliseconds.",
             boundaries=LATENCY_MS_BUCKETS,
-            tag_keys=("route",),
+            tag_keys=("route", "model"),
         )
         self.stage_latency = Histogram(
             "lorafleet_stage_latency_ms",
             "Per-stage latency (encode, queue, denoise, decode), in milliseconds.",
             boundaries=LATENCY_MS_BUCKETS,
-            tag_keys=("stage",),
+            tag_keys=("stage", "model"),
         )
-        self.images = Counter("lorafleet_images_total", "Images generated (rate() gives images per second).")
+        self.images = Counter(
+            "lorafleet_images_total",
+            "Images generated, by base model (rate() gives images per second).",
+            tag_keys=("model",),
+        )
         self.replica_failures = Counter(
             "lorafleet_replica_failures_total",
             "Requests whose replica died under them, by attempt (1: retried, 2: answered 503).",
-            tag_keys=("attempt",),
+            tag_keys=("attempt", "model"),
         )
         self.registry_ops = Counter(
             "lorafleet_registry_operations_total",
@@ -81,52 +87,107 @@ class IngressMetrics:
 
 
 class DenoiserMetrics:
-    def __init__(self):
+    """One Denoiser replica's metrics; every series carries its base model as the ``model`` label."""
+
+    def __init__(self, model: str = ""):
         self.tenants = LabelCap()
         self.adapters = LabelCap()
         self.queue_depth = Gauge(
-            "lorafleet_queue_depth_images", "Images waiting for a batch slot, per tenant.", tag_keys=("tenant",)
+            "lorafleet_queue_depth_images",
+            "Images waiting for a batch slot, per tenant.",
+            tag_keys=(
+                "tenant",
+                "model",
+            ),
         )
         self.rows_per_tick = Histogram(
-            "lorafleet_rows_per_tick", "UNet rows (images x guidance rows) per step.", boundaries=ROWS_BUCKETS
+            "lorafleet_rows_per_tick",
+            "UNet rows (images x guidance rows) per step.",
+            boundaries=ROWS_BUCKETS,
+            tag_keys=("model",),
         )
         self.step_latency = Histogram(
             "lorafleet_step_latency_ms",
             "Latency of one batched UNet step, in milliseconds.",
             boundaries=STEP_MS_BUCKETS,
+            tag_keys=("model",),
         )
-        self.active_images = Gauge("lorafleet_active_images", "Images in the running batch.")
+        self.active_images = Gauge("lorafleet_active_images", "Images in the running batch.", tag_keys=("model",))
         self.pending_steps = Gauge(
-            "lorafleet_pending_denoise_steps", "UNet steps still to run for queued and running images."
+            "lorafleet_pending_denoise_steps",
+            "UNet steps still to run for queued and running images.",
+            tag_keys=("model",),
         )
         self.adapter_requests = Counter(
             "lorafleet_adapter_requests_total",
             "Adapter uses by outcome: hit (resident) or miss (loaded for it).",
-            tag_keys=("adapter", "outcome"),
+            tag_keys=(
+                "adapter",
+                "outcome",
+                "model",
+            ),
         )
-        self.adapter_evictions = Counter("lorafleet_adapter_evictions_total", "Adapters evicted from slots.")
+        self.adapter_evictions = Counter(
+            "lorafleet_adapter_evictions_total", "Adapters evicted from slots.", tag_keys=("model",)
+        )
         self.adapter_load_latency = Histogram(
             "lorafleet_adapter_load_latency_ms",
             "Time to bring an adapter into a slot (registry fetch + copy), in milliseconds.",
             boundaries=LATENCY_MS_BUCKETS,
+            tag_keys=("model",),
         )
-        self.slots_used = Gauge("lorafleet_adapter_slots_used", "Adapter slots holding an adapter.")
-        self.slots_pinned = Gauge("lorafleet_adapter_slots_pinned", "Adapter slots pinned by running requests.")
-        self.slots_total = Gauge("lorafleet_adapter_slots_total", "Adapter slots per replica.")
+        self.slots_used = Gauge(
+            "lorafleet_adapter_slots_used", "Adapter slots holding an adapter.", tag_keys=("model",)
+        )
+        self.slots_pinned = Gauge(
+            "lorafleet_adapter_slots_pinned", "Adapter slots pinned by running requests.", tag_keys=("model",)
+        )
+        self.slots_total = Gauge("lorafleet_adapter_slots_total", "Adapter slots per replica.", tag_keys=("model",))
         self.adapter_wait = Histogram(
             "lorafleet_adapter_wait_ms",
             "Time an image with adapters waited in the queue for them to become resident, in milliseconds "
             "(0 when they already were).",
             boundaries=LATENCY_MS_BUCKETS,
+            tag_keys=("model",),
         )
         self.adapter_prefetches = Counter(
-            "lorafleet_adapter_prefetches_total", "Adapter loads started ahead of need (for a request not yet next)."
+            "lorafleet_adapter_prefetches_total",
+            "Adapter loads started ahead of need (for a request not yet next).",
+            tag_keys=("model",),
         )
-        self.adapter_memory_used = Gauge("lorafleet_adapter_memory_used_bytes", "Adapter pages in use, in bytes.")
-        self.adapter_memory_total = Gauge("lorafleet_adapter_memory_total_bytes", "Adapter pages per replica, bytes.")
+        self.adapter_memory_used = Gauge(
+            "lorafleet_adapter_memory_used_bytes", "Adapter pages in use, in bytes.", tag_keys=("model",)
+        )
+        self.adapter_memory_total = Gauge(
+            "lorafleet_adapter_memory_total_bytes", "Adapter pages per replica, bytes.", tag_keys=("model",)
+        )
         self.adapters_resident = Gauge(
-            "lorafleet_adapters_resident", "Adapters resident in a replica's memory, by rank.", tag_keys=("rank",)
+            "lorafleet_adapters_resident",
+            "Adapters resident in a replica's memory, by rank.",
+            tag_keys=(
+                "rank",
+                "model",
+            ),
         )
+        for metric in (
+            self.queue_depth,
+            self.rows_per_tick,
+            self.step_latency,
+            self.active_images,
+            self.pending_steps,
+            self.adapter_requests,
+            self.adapter_evictions,
+            self.adapter_load_latency,
+            self.slots_used,
+            self.slots_pinned,
+            self.slots_total,
+            self.adapter_wait,
+            self.adapter_prefetches,
+            self.adapter_memory_used,
+            self.adapter_memory_total,
+            self.adapters_resident,
+        ):
+            metric.set_default_tags({"model": model})
         self._known_ranks: set[str] = set()
         self._known_tenants: set[str] = set()
 

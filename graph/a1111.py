@@ -219,11 +219,55 @@ def _same(value, neutral) -> bool:
 
 def ignored_fields(req: _A1111Body) -> list[str]:
     """The extra fields that would have changed the result in A1111 and have no effect here, sorted.
+    ``override_settings`` counts only for settings other than ``sd_model_checkpoint`` (which picks the model).
 
     >>> ignored_fields(Txt2ImgRequest(prompt="a", restore_faces=True, styles=[], tiling=False))
     ['restore_faces']
+    >>> ignored_fields(Txt2ImgRequest(prompt="a", override_settings={"sd_model_checkpoint": "tiny-sd"}))
+    []
     """
-    return sorted(k for k, v in (req.model_extra or {}).items() if not _is_neutral(k, v))
+    extra = dict(req.model_extra or {})
+    overrides = extra.get("override_settings")
+    if isinstance(overrides, dict) and CHECKPOINT_SETTING in overrides:
+        extra["override_settings"] = {k: v for k, v in overrides.items() if k != CHECKPOINT_SETTING}
+    return sorted(k for k, v in extra.items() if not _is_neutral(k, v))
+
+
+CHECKPOINT_SETTING = "sd_model_checkpoint"
+
+
+def requested_checkpoint(req: _A1111Body) -> str | None:
+    """``override_settings.sd_model_checkpoint``, the model an A1111 request asks for (None: the default);
+    422 naming it if it is not text."""
+    overrides = (req.model_extra or {}).get("override_settings")
+    if not isinstance(overrides, dict) or overrides.get(CHECKPOINT_SETTING) in (None, ""):
+        return None
+    value = overrides[CHECKPOINT_SETTING]
+    if not isinstance(value, str):
+        raise APIError(
+            422,
+            "invalid_value",
+            f"override_settings.sd_model_checkpoint must be a model title or name, got {type(value).__name__}",
+            "override_settings.sd_model_checkpoint",
+        )
+    return value
+
+
+def checkpoint_model(checkpoint: str, models: list[tuple[str, str]]) -> str | None:
+    """The served model a checkpoint string names, as A1111 matches them: its title (``name [hash]``), its
+    name, its short hash, or its name with a file extension. ``models``: (name, short hash) pairs.
+
+    >>> checkpoint_model("xl [0123456789]", [("sd", "aaaaaaaaaa"), ("xl", "0123456789")])
+    'xl'
+    >>> checkpoint_model("sd.safetensors", [("sd", "aaaaaaaaaa")]), checkpoint_model("nope", [("sd", "a")])
+    ('sd', None)
+    """
+    text = checkpoint.strip()
+    for name, mhash in models:
+        if text in (name, mhash, f"{name} [{mhash}]"):
+            return name
+    stem = text.rsplit(" [", 1)[0].rsplit(".", 1)[0]  # "sd.safetensors [hash]" -> "sd"
+    return next((name for name, _ in models if stem == name), None)
 
 
 # -- A1111 -> native ------------------------------------------------------------------------
@@ -452,8 +496,8 @@ def a1111_response(req: Txt2ImgRequest, call: NativeCall, plan, images: list[byt
 
 
 def sd_models(model: str, uri: str, mhash: str, fingerprint: str, kind: str = "sd1", family: str = "sd1") -> list[dict]:
-    """``GET /sdapi/v1/sd-models``: the one served checkpoint, with lorafleet's ``kind`` (``sd1``, ``sdxl``)
-    and ``family`` (``sdxl-inpaint``, ...) beside A1111's fields."""
+    """A ``GET /sdapi/v1/sd-models`` entry for one served checkpoint, with lorafleet's ``kind`` (``sd1``,
+    ``sdxl``) and ``family`` (``sdxl-inpaint``, ...) beside A1111's fields."""
     return [
         {
             "title": f"{model} [{mhash}]",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -88,6 +88,9 @@ class AdapterResolver:
     # The served model, for errors: its kind ("sd1", "sdxl"; default: the base spec's family) and name.
     served_kind: str = ""
     served_name: str = ""
+    # Every base model the ingress serves, fingerprint -> name (``ServedModels``): an adapter for another of
+    # them gets a 422 naming both models.
+    served_bases: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, loras: list[LoRASpec], field: str = "loras", indexed: bool = True) -> Adapters:
         """``[LoRASpec]`` -> ``Adapters``, checked against the limits, the registry and the served model.
@@ -163,6 +166,16 @@ class AdapterResolver:
                 422, "adapter_incompatible", where, "adapter {ref} " + template, ref=manifest.ref, **values
             )
 
+        other = self.served_bases.get(manifest.base_model.fingerprint)
+        if manifest.base_model.fingerprint != self.base.fingerprint and other is not None:
+            # "adapter ink@1 is for model tiny-sd (sd1); the request's model is tiny-sdxl (sdxl)"
+            raise incompatible(
+                "is for model {other} ({family}); the request's model is {name} ({served})",
+                other=other,
+                family=manifest.base_model.family,
+                name=self.served_name,
+                served=self.served_kind or self.base.family,
+            )
         if manifest.base_model.fingerprint != self.base.fingerprint:
             # "adapter ink@1 is for sd1 (base model 3f2a...); this server serves sdxl (tiny-sdxl, base model 9c0d...)"
             name = f"{self.served_name}, " if self.served_name else ""
@@ -202,16 +215,31 @@ class AdapterResolver:
             adapter_config=config,
         )
 
-    def list(self, tag: str | None, limit: int, after: str | None) -> dict:
+    def list(self, tag: str | None, limit: int, after: str | None, only_this_base: bool = False) -> dict:
+        """A page of adapters; with ``only_this_base``, those whose latest version is for this model's base
+        (such a page may come back short: page on until ``next`` is null)."""
         if not 1 <= limit <= 1000:
             raise APIError(422, "invalid_value", f"limit must be in [1, 1000], got {limit}", "limit")
         listings, cursor = self.registry.list(tag=tag, limit=limit, after=after)
-        return {"data": [item.to_dict() for item in listings], "next": cursor}
+        if only_this_base:
+            listings = [item for item in listings if item.latest.base_model.fingerprint == self.base.fingerprint]
+        return {"data": [self.listed(item) for item in listings], "next": cursor}
+
+    def listed(self, item) -> dict:
+        """A listing entry, with ``model``: the served model its latest version is for (null: none served)."""
+        return {**item.to_dict(), "model": self.model_of(item.latest.base_model.fingerprint)}
+
+    def model_of(self, fingerprint: str) -> str | None:
+        """The name of the served model with this base, or None."""
+        if fingerprint in self.served_bases:
+            return self.served_bases[fingerprint]
+        return (self.served_name or None) if fingerprint == self.base.fingerprint else None
 
     def show(self, ref: str) -> dict:
         manifest = self.registry.resolve(ref)
         out = manifest.to_dict()
         out["ref"] = manifest.ref
+        out["model"] = self.model_of(manifest.base_model.fingerprint)
         out["versions"] = [m.version for m in self.registry.versions(manifest.name)]
         return out
 

@@ -17,6 +17,7 @@ from deployments.routing import ROUTING_STATS_PERIOD_S, AdapterAffinityRouter
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
 
+from .chain import ModelGraph
 from .config import AppConfig
 from .ingress import Ingress
 from .jobs import Jobs
@@ -37,29 +38,34 @@ def _options(cfg: ResourceConfig) -> dict:
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    """Validate the config (``ConfigError`` names the field) and bind the graph."""
+    """Validate the config (``ConfigError`` names the field) and bind the graph: for each base model a
+    TextEncoder, a Denoiser and a VAE (the first model's keep the plain names, the others' end in
+    ``-<model name>``), one Jobs store and one ingress for them all."""
     config = args if isinstance(args, AppConfig) else AppConfig.load(args)
-    text_encoder = TextEncoder.options(**_options(config.text_encoder)).bind(
-        config.model, config.text_encoder, config.lora, config.registry
-    )
     # Requests go to replicas that already hold their adapters (deployments/routing.py).
     router = RequestRouterConfig(
         request_router_class=AdapterAffinityRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
     )
-    denoiser = Denoiser.options(**_options(config.denoiser), request_router_config=router).bind(
-        config.model, config.denoiser, config.lora, config.registry
-    )
-    vae = VAE.options(**_options(config.vae)).bind(config.model, config.vae)
+    graphs = []  # one per config.served_models(), in its order
+    for served in config.served_models():
+        text_encoder = TextEncoder.options(name=f"TextEncoder{served.suffix}", **_options(served.text_encoder)).bind(
+            served.model, served.text_encoder, config.lora, config.registry
+        )
+        denoiser = Denoiser.options(
+            name=f"Denoiser{served.suffix}", **_options(served.denoiser), request_router_config=router
+        ).bind(served.model, served.denoiser, config.lora, config.registry)
+        vae = VAE.options(name=f"VAE{served.suffix}", **_options(served.vae)).bind(served.model, served.vae)
+        graphs.append(ModelGraph(text_encoder, denoiser, vae))
     # One replica: it holds every async job, so each ingress replica finds each job there.
     jobs = Jobs.options(
         num_replicas=1,
         max_ongoing_requests=config.jobs.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.jobs.num_cpus},
-    ).bind(text_encoder, denoiser, vae, config)
+    ).bind(graphs, config)
     ing = config.ingress
     return Ingress.options(
         num_replicas=ing.num_replicas,
         max_ongoing_requests=ing.max_ongoing_requests,
         max_queued_requests=ing.max_queued_requests,
         ray_actor_options={"num_cpus": ing.num_cpus},
-    ).bind(text_encoder, denoiser, vae, config, jobs)
+    ).bind(graphs, config, jobs)

@@ -5,10 +5,13 @@ ingress as JSON. Replica deaths are retried once; overload and registry errors
 become the HTTP errors clients see.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -75,6 +78,15 @@ async def resolve(response):
     return await response
 
 
+@dataclass(frozen=True)
+class ModelGraph:
+    """One base model's three deployments (handles in a replica; bound deployments in ``build_app``)."""
+
+    text_encoder: DeploymentHandle
+    denoiser: DeploymentHandle
+    vae: DeploymentHandle
+
+
 class GraphClient:
     def __init__(
         self,
@@ -83,12 +95,18 @@ class GraphClient:
         vae: DeploymentHandle,
         limits: LimitsConfig,
         metrics,
+        model: str = "",
     ):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae = vae
         self.limits = limits
         self.metrics = metrics
+        self.model = model  # the ``model`` label of this chain's metrics
+
+    @classmethod
+    def of(cls, graph: ModelGraph, limits: LimitsConfig, metrics, model: str) -> GraphClient:
+        return cls(graph.text_encoder, graph.denoiser, graph.vae, limits, metrics, model)
 
     async def run(
         self,
@@ -112,7 +130,7 @@ class GraphClient:
                 result = await self._run_once(plan, deadline, on_event, preview_every_steps)
                 break
             except ReplicaFailedError as e:
-                self.metrics().replica_failures.inc(tags={"attempt": str(attempt)})
+                self.metrics().replica_failures.inc(tags={"attempt": str(attempt), "model": self.model})
                 if attempt == 2:
                     raise APIError(
                         503,
@@ -122,14 +140,14 @@ class GraphClient:
                         {"Retry-After": "5"},
                     ) from e
         m = self.metrics()
-        m.images.inc(plan.num_images)
+        m.images.inc(plan.num_images, tags={"model": self.model})
         for stage, ms in (
             ("encode", result.encode_ms),
             ("queue", result.queue_ms),
             ("denoise", result.denoise_ms),
             ("decode", result.decode_ms),
         ):
-            m.stage_latency.observe(ms, tags={"stage": stage})
+            m.stage_latency.observe(ms, tags={"stage": stage, "model": self.model})
         return result
 
     async def _run_once(
@@ -188,6 +206,17 @@ class GraphClient:
         decoded = self.vae.decode.remote(denoised, plan.decode_params())
         inflight.append(decoded)
         return await decoded
+
+
+class GraphRouter:
+    """Runs each plan on its own model's graph (``Plan.model``): the ingress's and the Jobs store's one
+    way into the deployments."""
+
+    def __init__(self, clients: dict[str, GraphClient]):
+        self.clients = clients
+
+    async def run(self, plan: Plan, **kwargs) -> DecodedImages:
+        return await self.clients[plan.model].run(plan, **kwargs)
 
 
 def _cancel(responses: list) -> None:

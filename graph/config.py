@@ -6,6 +6,8 @@ ConfigError: denoiser.max_rows_per_tick: Input should be greater than or equal t
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +23,70 @@ class ConfigError(ValueError):
     """Bad configuration; the message names each offending field."""
 
 
+# A base model's name: what clients send as ``model`` (OpenAI's ``base:adapter@version`` splits on ':' and '@').
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelEntry(ModelConfig):
+    """One base model of a multi-model application (``models:``): the ``model`` section's fields with a
+    required ``name``, and its own TextEncoder / Denoiser / VAE sections, each merged over the top-level
+    section of the same name (nested mappings such as ``autoscaling`` merge key by key; null replaces)."""
+
+    name: str = Field(..., description="What clients send as `model` (letters, digits, '.', '_', '-'; 1-64).")
+    text_encoder: dict | None = Field(None, description="This model's TextEncoder settings, over `text_encoder`.")
+    denoiser: dict | None = Field(None, description="This model's Denoiser settings, over `denoiser`.")
+    vae: dict | None = Field(None, description="This model's VAE settings, over `vae`.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not MODEL_NAME.match(name):
+            raise ValueError(
+                f"must be 1-64 letters, digits, '.', '_' or '-' (not starting with one of those), got {name!r}"
+            )
+        return name
+
+
+@dataclass(frozen=True)
+class ServedModelConfig:
+    """One base model as the graph binds it: its settings and its three deployments' (merged) sections.
+
+    ``name`` is None for the single ``model`` section without a name: the name then comes from the model
+    itself (``ModelInfo.name``). ``suffix`` tells its deployments apart: "" for the first model (its
+    deployments keep the plain names TextEncoder, Denoiser, VAE), ``-<name>`` for the others."""
+
+    name: str | None
+    model: ModelConfig
+    text_encoder: TextEncoderConfig
+    denoiser: DenoiserConfig
+    vae: VAEConfig
+    suffix: str = ""
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """``override`` over ``base``; mappings in both merge key by key.
+
+    >>> _merged({"a": 1, "s": {"x": 1, "y": 2}}, {"s": {"y": 3}})
+    {'a': 1, 's': {'x': 1, 'y': 3}}
+    """
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class AppConfig(StrictConfig):
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how to run it.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The base model and how to run it (one model; see `models`)."
+    )
+    models: list[ModelEntry] | None = Field(
+        None,
+        description=(
+            "Several base models behind one ingress, each with its own deployments; the first is the default "
+            "(requests without `model`). Replaces `model`. The top-level text_encoder / denoiser / vae sections "
+            "are every model's defaults."
+        ),
+    )
     limits: LimitsConfig = Field(
         default_factory=lambda: LimitsConfig(), description="Per-request limits checked at the edge."
     )
@@ -39,14 +103,44 @@ class AppConfig(StrictConfig):
     def _serve_autoscaling(self):
         from ray.serve.config import AutoscalingConfig
 
-        for name in ("text_encoder", "denoiser", "vae"):
-            autoscaling = getattr(self, name).autoscaling
-            if autoscaling is not None:
-                try:
-                    AutoscalingConfig(**autoscaling)
-                except Exception as e:
-                    raise ValueError(f"{name}.autoscaling: {e}") from e
+        if self.models is not None:
+            if "model" in self.model_fields_set:
+                raise ValueError("set `models` (several base models) or `model` (one), not both")
+            if not self.models:
+                raise ValueError("models: list at least one model")
+            names = [m.name for m in self.models]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"models: each name must be unique; listed twice: {', '.join(twice)}")
+        for served in self.served_models():
+            where = "" if served.name is None or self.models is None else f"models[{served.name}]."
+            for name in ("text_encoder", "denoiser", "vae"):
+                autoscaling = getattr(served, name).autoscaling
+                if autoscaling is not None:
+                    try:
+                        AutoscalingConfig(**autoscaling)
+                    except Exception as e:
+                        raise ValueError(f"{where}{name}.autoscaling: {e}") from e
         return self
+
+    def served_models(self) -> list[ServedModelConfig]:
+        """Every base model with its deployments' sections, the default model first.
+
+        Raises ``ValueError`` naming ``models[<name>].<section>.<field>`` for a bad per-model section."""
+        if self.models is None:
+            return [ServedModelConfig(self.model.name, self.model, self.text_encoder, self.denoiser, self.vae)]
+        served = []
+        for i, entry in enumerate(self.models):
+            sections = {}
+            for name, cls in (("text_encoder", TextEncoderConfig), ("denoiser", DenoiserConfig), ("vae", VAEConfig)):
+                top = getattr(self, name).model_dump(exclude_unset=True)
+                try:
+                    sections[name] = cls.model_validate(_merged(top, getattr(entry, name) or {}))
+                except ValidationError as e:
+                    raise ValueError(f"models[{entry.name}].{name}: {_problems(e)}") from None
+            model = ModelConfig(**entry.model_dump(exclude={"text_encoder", "denoiser", "vae"}))
+            served.append(ServedModelConfig(entry.name, model, suffix="" if i == 0 else f"-{entry.name}", **sections))
+        return served
 
     def upload_limit_bytes(self) -> int:
         """The ``POST /v1/adapters`` body cap: ``limits.max_upload_bytes``, or the adapter cap plus the form."""
@@ -60,10 +154,11 @@ class AppConfig(StrictConfig):
         try:
             return cls.model_validate(args or {})
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
-            )
-            raise ConfigError(f"invalid lorafleet config: {problems}") from e
+            raise ConfigError(f"invalid lorafleet config: {_problems(e)}") from e
+
+
+def _problems(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
 
 
 # limits.max_side: auto = max(1024, 2 x the model's native side), within these bounds.
@@ -224,6 +319,14 @@ class JobsConfig(StrictConfig):
         5, ge=0, description="A latent preview every this many steps for event streams with previews=true; 0: none."
     )
     heartbeat_s: float = Field(15.0, gt=0, description="A `: keep-alive` comment on an idle event stream this often.")
+    cold_start_eta_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "The ETA a job shows while its model starts a replica from zero (phase loading_model), until a start "
+            "has been measured (then the last one measured)."
+        ),
+    )
     webhook_secret: str | None = Field(
         None,
         description=(

@@ -8,6 +8,7 @@ graph (``chain``) and shapes the answer.
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import time
@@ -18,19 +19,17 @@ from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.engine import models
-from deployments.engine.adapters import open_model_registry
 from deployments.engine.images import MIME_TYPES
 from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
 
 from . import a1111, errors, job_routes, openai_images, page
-from .adapters_api import AdapterResolver, AdminAuth
-from .chain import GraphClient, resolve
+from .adapters_api import AdminAuth
+from .chain import GraphClient, GraphRouter, ModelGraph, resolve
 from .config import AppConfig
 from .edge import EdgeLimits, EdgePolicy, SecurityHeaders
 from .errors import APIError, FieldError
-from .planning import Plan, Planner, raw_format, tenant_of
+from .planning import Plan, raw_format, tenant_of
 from .schemas import (
     GeneratedImage,
     GenerateRequest,
@@ -44,6 +43,7 @@ from .schemas import (
     OpenAIImagesResponse,
     Timings,
 )
+from .served import ServedModel, ServedModels
 from .validation import NATIVE, FieldNames, GenerationInput, check_text, native_input
 from .webhooks import check_webhook_url
 
@@ -62,7 +62,7 @@ def metrics():
 
 app = FastAPI(
     title="lorafleet",
-    description="Text-to-image serving on Ray Serve: one Stable Diffusion model, many LoRA styles.",
+    description="Text-to-image serving on Ray Serve: Stable Diffusion models (SD1.x, SDXL), many LoRA styles.",
     version="0.1.0",
 )
 
@@ -114,7 +114,8 @@ class RequestMetrics:
                 status = message["status"]
                 path = _route_template(scope)
                 if path in _GENERATION_ROUTES and status < 300:
-                    metrics().request_latency.observe(1000.0 * (time.perf_counter() - start), tags={"route": path})
+                    ms = 1000.0 * (time.perf_counter() - start)
+                    metrics().request_latency.observe(ms, tags={"route": path, "model": _model_of(scope)})
             await send(message)
 
         try:
@@ -123,11 +124,17 @@ class RequestMetrics:
             status = 500 if status is None else status
             raise
         finally:
-            metrics().requests.inc(tags={"route": _route_template(scope), "status": str(status or 500)})
+            tags = {"route": _route_template(scope), "status": str(status or 500), "model": _model_of(scope)}
+            metrics().requests.inc(tags=tags)
 
 
 def _route_template(scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+def _model_of(scope) -> str:
+    """The base model a request was for (``request.state.model``, set once the route picked it), else ``-``."""
+    return (scope.get("state") or {}).get("model", "-")
 
 
 def install_edge(fastapi_app: FastAPI, policy) -> None:
@@ -149,7 +156,7 @@ def _record_body(route: str, nbytes: int) -> None:
 
 
 def _count_refusal(route: str, status: int) -> None:
-    metrics().requests.inc(tags={"route": route, "status": str(status)})
+    metrics().requests.inc(tags={"route": route, "status": str(status), "model": "-"})
 
 
 def replica_alias(replica_id: str) -> str:
@@ -168,25 +175,22 @@ _ERRORS = {
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(
-        self,
-        text_encoder: DeploymentHandle,
-        denoiser: DeploymentHandle,
-        vae: DeploymentHandle,
-        config: AppConfig,
-        jobs: DeploymentHandle | None = None,
-    ):
+    def __init__(self, graphs: list[ModelGraph] | None, config: AppConfig, jobs: DeploymentHandle | None = None):
+        """``graphs``: each served model's deployments, in ``config.served_models()``'s order (None: no
+        deployments, for tests that replace ``self.graph``)."""
         self.config = config
-        directory = models.resolve_model_dir(config.model.uri, config.model.cache_dir)
-        info = models.read_model_info(config.model.uri, directory)
-        self.limits = config.limits.for_model(info.default_side)  # limits.max_side: auto follows the model
-        self.model_name = config.model.name or info.name
-        self.info = info
-        self.tokenizer = models.load_tokenizer(directory)
-        self.registry, self.base_spec = open_model_registry(config.registry, directory, config.lora)
-        self.resolver = AdapterResolver(
-            self.registry, self.base_spec, config.lora, served_kind=info.kind, served_name=self.model_name
+        self.models = ServedModels.open(config)
+        if graphs is None:
+            graphs = [ModelGraph(None, None, None) for _ in self.models.all]
+        self.handles = dict(zip(self.models.names, graphs, strict=True))
+        self.graph = GraphRouter(
+            {m.name: GraphClient.of(self.handles[m.name], m.limits, metrics, m.name) for m in self.models.all}
         )
+        self.scales_from_zero = {
+            served_model.name: served.denoiser.autoscaling is not None
+            and served.denoiser.autoscaling.get("min_replicas", 1) == 0
+            for served_model, served in zip(self.models.all, config.served_models(), strict=True)
+        }
         self.auth = AdminAuth(config.admin)
         self.edge = EdgePolicy(
             limits=config.limits,
@@ -195,13 +199,20 @@ class Ingress:
             record_body=_record_body,
             count_refusal=_count_refusal,
         )
-        self.planner = Planner(info, self.model_name, config.limits, self.tokenizer, self.resolver)
-        self.graph = GraphClient(text_encoder, denoiser, vae, self.limits, metrics)
-        self.text_encoder = text_encoder
-        self.denoiser = denoiser
-        self.vae = vae
         self.jobs = jobs  # the Jobs deployment (graph/jobs.py): the async-job store
         self.started = int(time.time())
+
+    @property
+    def resolver(self):
+        """The default model's adapters: the registry's reads and writes without a ``model``."""
+        return self.models.default.resolver
+
+    def model_for(self, name: str | None, request: Request | None = None, field: str = "model") -> ServedModel:
+        """The served model ``name`` names (None: the default), noted on the request for its metrics."""
+        served = self.models.pick(name, field)
+        if request is not None:
+            request.state.model = served.name
+        return served
 
     # -- routes ------------------------------------------------------------------
 
@@ -233,15 +244,18 @@ class Ingress:
     async def native(self, body: GenerateRequest, request: Request):
         """A native generation route: the body's names are the canonical ones."""
         raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user), raw))
+        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user), raw), http=request)
         return self.generated(plan, await self.graph.run(plan), raw, admin=self.auth.is_admin(request.headers))
 
-    async def check_inputs(self, request: GenerationInput, names: FieldNames = NATIVE) -> Plan:
-        """``Planner.check_inputs`` in a thread (it decodes uploads and may read the registry's store);
-        its errors in the route's own field names."""
+    async def check_inputs(
+        self, request: GenerationInput, names: FieldNames = NATIVE, http: Request | None = None
+    ) -> Plan:
+        """The request's model (``request.model``; none: the default), then its ``Planner.check_inputs`` in
+        a thread (it decodes uploads and may read the registry's store); errors in the route's own names."""
         try:
-            check_text(request, self.limits)  # before any tokenizing: cheap, and first
-            return await asyncio.to_thread(self.planner.check_inputs, request)
+            served = self.model_for(request.model, http)
+            check_text(request, served.limits)  # before any tokenizing: cheap, and first
+            return await asyncio.to_thread(served.planner.check_inputs, request)
         except FieldError as e:
             raise names.translate(e) from e
 
@@ -253,7 +267,7 @@ class Ingress:
             return Response(
                 result.images[0],
                 media_type=MIME_TYPES[raw],
-                headers={"X-Seed": str(plan.seed), "X-Model": self.model_name},
+                headers={"X-Seed": str(plan.seed), "X-Model": plan.model},
             )
         return GenerateResponse(
             images=[
@@ -262,7 +276,7 @@ class Ingress:
                 )
                 for k, data in enumerate(result.images)
             ],
-            model=self.model_name,
+            model=plan.model,
             loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
             trace=result.trace.to_dict()
             if admin
@@ -282,7 +296,7 @@ class Ingress:
         ``model`` may name an adapter: ``"tiny-sd:watercolor"`` or ``"tiny-sd:watercolor@2"``.
         """
         openai_request, names = openai_images.to_input(body, tenant_of(request, body.user))
-        plan = await self.check_inputs(openai_request, names)
+        plan = await self.check_inputs(openai_request, names, http=request)
         return openai_images.to_response((await self.graph.run(plan)).images)
 
     # -- adapter registry (admin API) -------------------------------------------------
@@ -317,19 +331,34 @@ class Ingress:
         trigger_words: str = Form("", description="comma-separated"),
         tags: str = Form("", description="comma-separated"),
         adapter_config: str | None = Form(None, description="PEFT adapter_config.json contents"),
+        model: str | None = Form(None, description="The base model it is for (GET /v1/models); default: the first"),
     ):
-        """Register a LoRA file as the next version of ``name``; usable at once, cluster-wide."""
+        """Register a LoRA file as the next version of ``name``, for ``model``; usable at once, cluster-wide.
+        A file made for another base model gets a 422 naming both."""
         self.auth.check(request, write=True)
+        resolver = self.model_for(model or None, request).resolver
         manifest = await self.registry_op(
-            "register", self.resolver.register, file.file, name, description, trigger_words, tags, adapter_config
+            "register", resolver.register, file.file, name, description, trigger_words, tags, adapter_config
         )
-        return JSONResponse(manifest.to_dict(), status_code=201)
+        return JSONResponse({**manifest.to_dict(), "model": resolver.served_name}, status_code=201)
 
     @app.get("/v1/adapters", dependencies=_ADMIN)
-    async def list_adapters(self, request: Request, tag: str | None = None, limit: int = 50, after: str | None = None):
-        """One entry per adapter name (its latest version and live versions), sorted by name, paged."""
+    async def list_adapters(
+        self,
+        request: Request,
+        tag: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+        model: str | None = None,
+    ):
+        """One entry per adapter name (its latest version and live versions, and ``model``: the base it is for),
+        sorted by name, paged. ``model=`` keeps one base model's adapters (a page may then come back short:
+        page on until ``next`` is null)."""
         self.auth.check(request, write=False)
-        return await self.registry_op("list", self.resolver.list, tag, limit, after)
+        if model is None:
+            return await self.registry_op("list", self.resolver.list, tag, limit, after)
+        resolver = self.model_for(model, request).resolver
+        return await self.registry_op("list", resolver.list, tag, limit, after, True)
 
     @app.get("/v1/adapters/{ref}", dependencies=_ADMIN)
     async def show_adapter(self, ref: str, request: Request):
@@ -345,23 +374,11 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
-        """The served model: its kind (``sd1``, ``sdxl``) and family (``sdxl-inpaint``, ...), native size (the
-        default) and largest size. ``uri`` (where its weights are stored) only for the admin token."""
-        side, max_side = self.info.default_side, self.limits.max_side
-        model = {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.started,
-            "owned_by": "lorafleet",
-            "kind": self.info.kind,
-            "family": self.info.family,
-            "default_size": f"{side}x{side}",
-            "max_size": f"{max_side}x{max_side}",
-            "default_scheduler": self.info.scheduler_class,
-        }
-        if self.auth.is_admin(request.headers):
-            model["uri"] = self.config.model.uri
-        return {"object": "list", "data": [model]}
+        """Every served base model, the default (for requests without ``model``) first: its kind (``sd1``,
+        ``sdxl``) and family (``sdxl-inpaint``, ...), native size (the default) and largest size. ``uri``
+        (where its weights are stored) only for the admin token."""
+        admin = self.auth.is_admin(request.headers)
+        return {"object": "list", "data": [m.describe(self.started, admin) for m in self.models.all]}
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict:
@@ -369,16 +386,28 @@ class Ingress:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self):
-        names = ("TextEncoder", "Denoiser", "VAE")
-        handles = (self.text_encoder, self.denoiser, self.vae)
+        """Ready when every model's deployments answer; a model that scales from zero is not woken (it is
+        listed as ``scales from zero``)."""
+        checks = {}
+        status = {}
+        for served, suffix in zip(self.models.all, (s.suffix for s in self.config.served_models()), strict=True):
+            graph = self.handles[served.name]
+            for stage, handle in (
+                ("TextEncoder", graph.text_encoder),
+                ("Denoiser", graph.denoiser),
+                ("VAE", graph.vae),
+            ):
+                if self.scales_from_zero[served.name]:
+                    status[stage + suffix] = "scales from zero"
+                else:
+                    checks[stage + suffix] = handle
 
         async def ready(handle) -> bool:
             return await asyncio.wait_for(resolve(handle.ready.remote()), timeout=5.0)
 
-        results = await asyncio.gather(*(ready(h) for h in handles), return_exceptions=True)
-        status = {
-            n: ("ready" if r is True else f"not ready: {type(r).__name__}") for n, r in zip(names, results, strict=True)
-        }
+        results = await asyncio.gather(*(ready(h) for h in checks.values()), return_exceptions=True)
+        for name, r in zip(checks, results, strict=True):
+            status[name] = "ready" if r is True else f"not ready: {type(r).__name__}"
         if all(r is True for r in results):
             return {"status": "ready", "deployments": status}
         return errors.error_response(503, "not_ready", f"deployments not ready: {status}", None)
@@ -386,38 +415,65 @@ class Ingress:
     # -- AUTOMATIC1111 -------------------------------------------------------------------
     # The A1111 web UI's API over the same planner and graph (rules: graph/a1111.py).
 
-    @app.post("/sdapi/v1/txt2img", responses=_ERRORS)
-    async def a1111_txt2img(self, body: a1111.Txt2ImgRequest, request: Request) -> dict:
-        """AUTOMATIC1111's txt2img: ``{images: [base64 PNG], parameters, info}``; unknown fields are ignored."""
-        samplers = a1111.sampler_table(self.info.scheduler_class)
-        call = a1111.txt2img_call(body, self.limits, samplers, tenant_of(request, None))
+    def a1111_model(self, body: a1111.Txt2ImgRequest, request: Request) -> ServedModel:
+        """The model an A1111 request asks for: ``override_settings.sd_model_checkpoint`` (a title, name or
+        hash from ``GET /sdapi/v1/sd-models``), else the default."""
+        checkpoint = a1111.requested_checkpoint(body)
+        if checkpoint is None:
+            return self.model_for(None, request)
+        known = [(m.name, a1111.model_hash(m.base_spec.fingerprint)) for m in self.models.all]
+        name = a1111.checkpoint_model(checkpoint, known)
+        if name is None:
+            titles = ", ".join(repr(f"{n} [{h}]") for n, h in known)
+            raise APIError(
+                404,
+                "model_not_found",
+                f"unknown override_settings.sd_model_checkpoint {checkpoint!r}; served: {titles}",
+                "override_settings.sd_model_checkpoint",
+            )
+        return self.model_for(name, request)
+
+    async def a1111_generate(self, body: a1111.Txt2ImgRequest, request: Request, translate) -> dict:
+        """An A1111 generation on its model: translated (``translate``: ``a1111.txt2img_call`` or
+        ``img2img_call``), planned, run and answered in A1111's shape."""
+        served = self.a1111_model(body, request)
+        samplers = a1111.sampler_table(served.info.scheduler_class)
+        call = translate(body, served.limits, samplers, tenant_of(request, None))
+        call = dataclasses.replace(call, request=dataclasses.replace(call.request, model=served.name))
         plan = await self.check_inputs(call.request, call.names)
         result = await self.graph.run(plan)
-        mhash = a1111.model_hash(self.base_spec.fingerprint)
-        return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
+        mhash = a1111.model_hash(served.base_spec.fingerprint)
+        return a1111.a1111_response(body, call, plan, list(result.images), served.name, mhash)
+
+    @app.post("/sdapi/v1/txt2img", responses=_ERRORS)
+    async def a1111_txt2img(self, body: a1111.Txt2ImgRequest, request: Request) -> dict:
+        """AUTOMATIC1111's txt2img: ``{images: [base64 PNG], parameters, info}``; unknown fields are ignored.
+        ``override_settings.sd_model_checkpoint`` picks the model (``GET /sdapi/v1/sd-models``)."""
+        return await self.a1111_generate(body, request, a1111.txt2img_call)
 
     @app.post("/sdapi/v1/img2img", responses=_ERRORS)
     async def a1111_img2img(self, body: a1111.Img2ImgRequest, request: Request) -> dict:
         """AUTOMATIC1111's img2img (inpainting when ``mask`` is sent): the /v1/img2img and /v1/inpaint paths."""
-        samplers = a1111.sampler_table(self.info.scheduler_class)
-        call = a1111.img2img_call(body, self.limits, samplers, tenant_of(request, None))
-        plan = await self.check_inputs(call.request, call.names)
-        result = await self.graph.run(plan)
-        mhash = a1111.model_hash(self.base_spec.fingerprint)
-        return a1111.a1111_response(body, call, plan, list(result.images), self.model_name, mhash)
+        return await self.a1111_generate(body, request, a1111.img2img_call)
 
     @app.get("/sdapi/v1/sd-models")
     async def a1111_sd_models(self, request: Request) -> list[dict]:
-        """The served checkpoint; ``filename`` is its storage URI for the admin token, its name for others."""
-        fingerprint = self.base_spec.fingerprint
-        filename = self.config.model.uri if self.auth.is_admin(request.headers) else self.model_name
-        return a1111.sd_models(
-            self.model_name, filename, a1111.model_hash(fingerprint), fingerprint, self.info.kind, self.info.family
-        )
+        """The served checkpoints, the default first; ``filename`` is the storage URI for the admin token,
+        the name for others."""
+        admin = self.auth.is_admin(request.headers)
+        out = []
+        for m in self.models.all:
+            fingerprint = m.base_spec.fingerprint
+            filename = m.uri if admin else m.name
+            out += a1111.sd_models(
+                m.name, filename, a1111.model_hash(fingerprint), fingerprint, m.info.kind, m.info.family
+            )
+        return out
 
     @app.get("/sdapi/v1/samplers")
     async def a1111_samplers(self) -> list[dict]:
-        return [s.to_dict() for s in a1111.sampler_table(self.info.scheduler_class)]
+        """The default model's samplers (each model's own scheduler is its ``Default`` entry)."""
+        return [s.to_dict() for s in a1111.sampler_table(self.models.default.info.scheduler_class)]
 
     @app.get("/sdapi/v1/loras")
     async def a1111_loras(self) -> list[dict]:
@@ -429,17 +485,18 @@ class Ingress:
 
     @functools.cached_property
     def site(self) -> page.Site:
-        samplers = [s.to_dict() for s in a1111.sampler_table(self.info.scheduler_class)]
-        return page.Site(
+        configs = [
             page.page_config(
-                model=self.model_name,
-                family=self.info.family,
-                default_side=self.info.default_side,
-                limits=self.limits,
+                model=m.name,
+                family=m.info.family,
+                default_side=m.info.default_side,
+                limits=self.config.limits,
                 lora=self.config.lora,
-                samplers=samplers,
+                samplers=[s.to_dict() for s in a1111.sampler_table(m.info.scheduler_class)],
             )
-        )
+            for m in self.models.all
+        ]
+        return page.Site({**configs[0], "models": configs})
 
     def static_response(self, name: str, request: Request) -> Response:
         file = self.site.get(name)
@@ -474,7 +531,7 @@ class Ingress:
                 problem = "needs a signing secret on the server (jobs.webhook_secret or $LORAFLEET_WEBHOOK_SECRET)"
             if problem is not None:
                 raise APIError(422, "invalid_value", f"webhook_url {problem}", "webhook_url")
-        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user)))
+        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user)), http=request)
         return await job_routes.create(self.jobs, plan, body.webhook_url, request.scope.get("root_path", ""))
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})

@@ -46,6 +46,8 @@ class Job:
     created: float
     updated: float
     status: str = "queued"  # queued | running | done | failed | cancelled
+    model: str = ""  # the base model it runs on
+    phase: str | None = None  # while queued: "loading_model" (its model is scaling up from zero), else None
     position: int | None = None  # images ahead in the denoiser's queue (0 = next), while queued there
     eta_s: float | None = None
     step: int = 0
@@ -69,6 +71,8 @@ class Job:
         out = {
             "id": self.id,
             "status": self.status,
+            "phase": self.phase,
+            "model": self.model,
             "position": self.position,
             "eta_s": self.eta_s,
             "step": self.step,
@@ -90,12 +94,13 @@ class Job:
 
     def to_record(self) -> dict:
         record = {name: getattr(self, name) for name in self._RECORD_FIELDS}
-        return {**record, "finished_at": self.finished_at, "webhook_url": self.webhook_url}
+        return {**record, "finished_at": self.finished_at, "webhook_url": self.webhook_url, "model": self.model}
 
     @classmethod
     def from_record(cls, record: dict) -> Job:
         job = cls(**{name: record[name] for name in (*cls._RECORD_FIELDS, "finished_at")})
         job.webhook_url = record.get("webhook_url")
+        job.model = record.get("model", "")  # records written before models had names lack it
         job.eta_s = 0.0 if job.status == "done" else None  # as JobStore.finish leaves it
         return job
 
@@ -111,6 +116,14 @@ class Job:
 
 
 _DELETE = object()  # a queued delete, in JobRecords._latest
+
+
+@dataclass(frozen=True)
+class LoadingModel:
+    """A job's model has no replica yet (it scales from zero): one is starting, expected in ``eta_s``."""
+
+    model: str
+    eta_s: float
 
 
 class JobRecords:
@@ -325,6 +338,7 @@ class JobStore:
             setattr(job, name, value)
         now = self.clock()
         job.status = status
+        job.phase = None
         job.position = None
         job.eta_s = None if status != "done" else 0.0
         job.finished_at = now
@@ -413,6 +427,7 @@ class JobManager:
             seed=plan.seed,
             steps=plan.steps,
             loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
+            model=plan.model,
             created=now,
             updated=now,
             webhook_url=webhook_url,
@@ -464,15 +479,17 @@ class JobManager:
             ]
             self._finish(job, "done", images=images, step=job.steps)
 
-    def _on_event(self, job: Job, event: Queued | Step | Preview) -> None:
+    def _on_event(self, job: Job, event: LoadingModel | Queued | Step | Preview) -> None:
         """A progress event of the Denoiser's stream -> the job object."""
         if job.finished:
             return
         now = self.store.clock()
-        if isinstance(event, Queued):
-            job.status, job.position, job.eta_s = "queued", event.position, event.eta_s
+        if isinstance(event, LoadingModel):
+            job.status, job.phase, job.position, job.eta_s = "queued", "loading_model", None, event.eta_s
+        elif isinstance(event, Queued):
+            job.status, job.phase, job.position, job.eta_s = "queued", None, event.position, event.eta_s
         elif isinstance(event, Step):
-            job.status, job.position, job.eta_s, job.step = "running", None, event.eta_s, event.step
+            job.status, job.phase, job.position, job.eta_s, job.step = "running", None, None, event.eta_s, event.step
         elif isinstance(event, Preview):
             job.preview = {"step": event.step, "steps": event.steps, "image": event.image}
             job.touch(now, preview=True)

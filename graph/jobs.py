@@ -9,16 +9,17 @@ is an asyncio task in this replica (``job_store.JobManager``) running TextEncode
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+import time
+from collections.abc import Callable
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from deployments.messages import DecodedImages, Preview, Queued, Step
 
-from .chain import GraphClient
+from .chain import GraphClient, GraphRouter, ModelGraph
 from .config import AppConfig
-from .job_store import JobManager, JobRecords, JobStore, StoreFullError, detached
+from .job_store import JobManager, JobRecords, JobStore, LoadingModel, StoreFullError, detached
 from .planning import Plan
 from .webhooks import WebhookSender
 
@@ -33,21 +34,100 @@ class JobsMetrics:
         self.in_store = Gauge("lorafleet_jobs_in_store", "Async jobs held in the store, by state.", tag_keys=("state",))
 
 
+logger = logging.getLogger("ray.serve")
+
+
+class ColdStarts:
+    """Which models scale from zero and have no Denoiser replica running now, and how long bringing one up
+    takes: the last start measured here, else ``default_eta_s``.
+
+    ``running(deployment)`` counts a deployment's running replicas (``serve_running_replicas`` in a replica;
+    a fake in tests). A job for a cold model shows ``loading_model`` until its first queue or step event."""
+
+    def __init__(
+        self,
+        denoisers: dict[str, str],
+        running: Callable[[str], int],
+        default_eta_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.denoisers = denoisers  # model -> its Denoiser deployment's name, for the models that scale from zero
+        self.running = running
+        self.default_eta_s = default_eta_s
+        self.measured: dict[str, float] = {}
+        self.clock = clock
+
+    def eta_s(self, model: str) -> float:
+        return self.measured.get(model, self.default_eta_s)
+
+    async def loading(self, model: str) -> float | None:
+        """The ETA if ``model`` has no replica running, else None (also for models that never scale to zero)."""
+        deployment = self.denoisers.get(model)
+        if deployment is None:
+            return None
+        try:
+            count = await asyncio.to_thread(self.running, deployment)
+        except Exception as e:  # noqa: BLE001 - the job runs either way; only its status is less precise
+            logger.warning("could not read the replica count of %s: %s", deployment, e)
+            return None
+        return self.eta_s(model) if count == 0 else None
+
+    def timed(self, model: str, on_event: Callable) -> Callable:
+        """``on_event``, timing the cold start: the job's first queue or step event means a replica is up."""
+        since = self.clock()
+        waiting = True
+
+        def timing(event) -> None:
+            nonlocal waiting
+            if waiting and isinstance(event, (Queued, Step)):
+                waiting = False
+                self.measured[model] = max(0.0, self.clock() - since)
+            on_event(event)
+
+        return timing
+
+
+def serve_running_replicas(deployment: str) -> int:
+    """Running replicas of ``deployment`` in this replica's own application (``serve.status()``)."""
+    app = serve.get_replica_context().app_name
+    status = serve.status().applications[app].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
 @serve.deployment(name="Jobs")
 class Jobs:
     """Holds every async job (``JobManager``) and runs each: TextEncoder -> Denoiser (stream) -> VAE."""
 
-    def __init__(
-        self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, vae: DeploymentHandle, config: AppConfig
-    ):
+    def __init__(self, graphs: list[ModelGraph], config: AppConfig):
+        """``graphs``: each served model's deployments, in ``config.served_models()``'s order."""
         from deployments.metrics import IngressMetrics
 
         cfg = config.jobs
         graph_metrics = IngressMetrics()  # images, stage latencies and replica failures of the jobs' chains
-        graph = GraphClient(text_encoder, denoiser, vae, config.limits, lambda: graph_metrics)
+        served = config.served_models()
+        # Keyed by the configured name; a single model without one is the only graph, whatever its plans say.
+        names = [s.name or "" for s in served]
+        self.graphs = dict(zip(names, graphs, strict=True))
+        graph = GraphRouter(
+            {n: GraphClient.of(g, config.limits, lambda: graph_metrics, n) for n, g in self.graphs.items()}
+        )
+        self.cold_starts = ColdStarts(
+            {
+                s.name or "": f"Denoiser{s.suffix}"
+                for s in served
+                if s.denoiser.autoscaling is not None and s.denoiser.autoscaling.get("min_replicas", 1) == 0
+            },
+            serve_running_replicas,
+            cfg.cold_start_eta_s,
+        )
 
-        def run(plan: Plan, on_event: Callable[[Queued | Step | Preview], None]) -> Awaitable[DecodedImages]:
-            return graph.run(plan, on_event=on_event, preview_every_steps=cfg.preview_every_steps)
+        async def run(plan: Plan, on_event: Callable[[Queued | Step | Preview], None]) -> DecodedImages:
+            eta = await self.cold_starts.loading(plan.model)
+            if eta is not None:
+                on_event(LoadingModel(plan.model, eta))
+                detached(self.wake(plan.model))
+                on_event = self.cold_starts.timed(plan.model, on_event)
+            return await graph.run(plan, on_event=on_event, preview_every_steps=cfg.preview_every_steps)
 
         records = None
         if cfg.durable:
@@ -71,6 +151,15 @@ class Jobs:
         self.manager = JobManager(store, run, cfg.heartbeat_s, self._on_finish, webhooks)
         self.sweep_every_s = min(60.0, max(1.0, cfg.ttl_s / 4))
         self._sweeper: asyncio.Task | None = None
+
+    async def wake(self, model: str) -> None:
+        """Ask every stage of a cold model for a replica at once (a job's chain reaches the VAE only after
+        denoising): a call waiting at a handle is what makes Ray Serve scale a deployment up from zero."""
+        graph = self.graphs.get(model) or next(iter(self.graphs.values()))
+        calls = [handle.ready.remote() for handle in (graph.text_encoder, graph.denoiser, graph.vae)]
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.warning("waking model %s: %s", model, outcome)
 
     async def submit(self, plan: Plan, webhook_url: str | None = None) -> dict:
         """Start a job: ``{"job": job object}``, or ``{"rejected": {"message", "retry_after_s"}}`` when full."""

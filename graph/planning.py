@@ -45,6 +45,7 @@ class Plan:
     scheduler: str
     output_format: str
     tenant: str = "anonymous"
+    model: str = ""  # the served base model's name (``GraphRouter`` runs the plan on its graph)
     # ((ref, scale), ...): adapters with UNet / text-encoder weights, pinned name@version refs.
     unet_adapters: tuple[tuple[str, float], ...] = ()
     text_adapters: tuple[tuple[str, float], ...] = ()
@@ -152,6 +153,7 @@ class Planner:
             scheduler=request.scheduler,
             output_format=request.output_format,
             tenant=request.tenant,
+            model=self.model_name,
             unet_adapters=adapters.unet,
             text_adapters=adapters.text,
             applied=adapters.applied,

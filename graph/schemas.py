@@ -174,6 +174,10 @@ class JobObject(BaseModel):
 
     id: str
     status: Literal["queued", "running", "done", "failed", "cancelled"]
+    phase: Literal["loading_model"] | None = Field(
+        None, description="While queued: loading_model when its model is starting a replica (it scales from zero)."
+    )
+    model: str = Field("", description="The base model it runs on.")
     position: int | None = Field(description="Images ahead in the denoiser's queue (0 = next); null once running.")
     eta_s: float | None = Field(description="Estimated seconds to the end of denoising (measured step rate).")
     step: int

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,6 +284,67 @@ def cluster(tmp_path_factory, cache_dir, tiny_dir, s3_server):
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+MULTI_APP, MULTI_PREFIX = "lorafleet-multi", "/multi"
+COLD = {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 2}, "num_cpus": 0.25}
+
+
+class MultiApp:
+    def __init__(self, url: str):
+        self.url = url
+
+    def post(self, path: str, body: dict, **kw) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=300, **kw)
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=60, **kw)
+
+
+@pytest.fixture(scope="session")
+def multi_app(cluster, cache_dir, tiny_sdxl_dir, tmp_path_factory):
+    """Two base models behind one ingress under ``/multi`` (a second application on the session's Ray
+    instance, deleted at the end): tiny-sd with one replica per stage, and tiny-sdxl with ``min_replicas: 0``
+    on every stage (``num_cpus: 0.25`` each, so a test can keep its replicas from being placed by holding the
+    free CPUs), back at zero 2 s after its last request."""
+    from ray import serve
+
+    from graph.app import build_app
+
+    root = tmp_path_factory.mktemp("multi-app")
+    config = {
+        "models": [
+            {"name": "tiny-sd", "uri": "builtin:tiny-sd", "cache_dir": str(cache_dir)},
+            {
+                "name": "tiny-sdxl",
+                "uri": "builtin:tiny-sdxl",
+                "cache_dir": str(cache_dir),
+                "text_encoder": COLD,
+                "denoiser": {**COLD, "max_rows_per_tick": 8},
+                "vae": COLD,
+            },
+        ],
+        "text_encoder": {"autoscaling": None, "num_replicas": 1},
+        "denoiser": {"autoscaling": None, "num_replicas": 1, "max_rows_per_tick": 8},
+        "vae": {"autoscaling": None, "num_replicas": 1},
+        "registry": {"uri": str(root / "registry"), "cache_dir": str(root / "adapter-cache")},
+        "admin": {"token": ADMIN_TOKEN},
+        "jobs": {"cold_start_eta_s": 45.0},
+    }
+    serve.run(build_app(config), name=MULTI_APP, route_prefix=MULTI_PREFIX)
+    app = MultiApp(cluster.url + MULTI_PREFIX)
+
+    def ready() -> bool:
+        try:
+            return requests.get(app.url + "/readyz", timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(ready, "the two-model app to be ready", timeout_s=300, interval_s=1.0)
+    try:
+        yield app
+    finally:
+        serve.delete(MULTI_APP)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120.0, interval_s: float = 0.05):

@@ -75,7 +75,7 @@ def make_ingress(config, monkeypatch):
 
     cls = ingress_module.Ingress.func_or_class.__bases__[0]  # the class under @serve.ingress's wrapper
     ingress = cls.__new__(cls)
-    cls.__init__(ingress, None, None, None, config, FakeJobs())
+    cls.__init__(ingress, None, config, FakeJobs())
     ingress.graph = FakeGraph()
     # Serve's class-based view finds the instance through the replica context.
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))

@@ -7,10 +7,12 @@ import pytest
 from deployments.autoscaling import PendingWorkPolicy
 
 
-def ctx(pending_by_replica, current, lo=1, hi=8):
+def ctx(pending_by_replica, current, lo=1, hi=8, requests=0.0):
     return SimpleNamespace(
         aggregated_metrics={"pending_images": pending_by_replica},
         target_num_replicas=current,
+        current_num_replicas=current,
+        total_num_requests=requests,
         capacity_adjusted_min_replicas=lo,
         capacity_adjusted_max_replicas=hi,
         policy_state={},
@@ -30,6 +32,20 @@ def ctx(pending_by_replica, current, lo=1, hi=8):
 def test_replicas_follow_pending_images(pending, lo, hi, want):
     n, state = PendingWorkPolicy(target_pending_images_per_replica=10)(ctx(pending, 1, lo, hi))
     assert (n, state) == (want, {})
+
+
+@pytest.mark.parametrize(
+    "current, requests, want",
+    [
+        (0, 0.0, 0),  # idle at zero: stays at zero (min_replicas 0 costs nothing)
+        (0, 1.0, 1),  # a request waits at a handle: one replica from zero
+        (0, 500.0, 1),  # from zero, one: the images it then reports size the rest
+        (1, 3.0, 0),  # with a replica up, its reported images decide (none here), not the handle count
+    ],
+)
+def test_from_zero_a_waiting_request_brings_one_replica(current, requests, want):
+    n, _ = PendingWorkPolicy(target_pending_images_per_replica=10)(ctx({}, current, 0, 8, requests))
+    assert n == want
 
 
 def test_through_serves_wrapper_the_delays_hold_then_apply(monkeypatch):

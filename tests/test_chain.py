@@ -152,7 +152,12 @@ def test_a_plan_goes_through_the_three_stages_as_typed_messages():
     assert encode == EncodeRequest("a boat", "fog", adapters=PLAN.encode_request().adapters)
     assert (params.seed, params.num_images, [a.ref for a in params.adapters]) == (7, 2, ["ink@2"])
     assert log == Counter({"encode": 1, "denoise": 1, "decode": 1})  # nothing cancelled
-    assert metrics.counts[("images", ())] == 2 and metrics.stages == ["encode", "queue", "denoise", "decode"]
+    assert metrics.counts[("images", (("model", ""),))] == 2 and metrics.stages == [
+        "encode",
+        "queue",
+        "denoise",
+        "decode",
+    ]
 
 
 def test_the_stream_reports_progress_then_decodes():
@@ -227,7 +232,7 @@ def test_a_replica_death_retries_the_whole_chain_once_with_the_same_seed():
     assert log["encode"] == 2 and log["denoise"] == 2 and log["decode"] == 2
     first, second = (p for p in seen if isinstance(p, DenoiseParams))
     assert first == second  # same seed: the retry makes the same image
-    assert metrics.counts[("replica_failures", (("attempt", "1"),))] == 1
+    assert metrics.counts[("replica_failures", (("attempt", "1"), ("model", "")))] == 1
 
 
 def test_a_second_replica_death_is_a_503():
@@ -240,7 +245,7 @@ def test_a_second_replica_death_is_a_503():
     assert (e.value.status, e.value.code, e.value.headers) == (503, "replica_failed", {"Retry-After": "5"})
     assert e.value.message == "a replica failed twice while serving this request; retry later"  # no replica named
     assert log["denoise"] == 2
-    assert metrics.counts[("replica_failures", (("attempt", "2"),))] == 1
+    assert metrics.counts[("replica_failures", (("attempt", "2"), ("model", "")))] == 1
 
 
 def test_a_cancelled_caller_cancels_every_call_in_flight():

@@ -544,10 +544,10 @@ def test_every_outcome_is_counted_by_route_and_status(served, monkeypatch):
     monkeypatch.setattr(ingress.graph, "run", boom)
     assert client.post("/v1/generate", json=body).status_code == 500
     assert [tags for _, tags in fake.requests.calls] == [
-        {"route": "/v1/generate", "status": "200"},
-        {"route": "/v1/generate", "status": "422"},
-        {"route": "/v1/adapters", "status": "401"},
-        {"route": "/v1/generate", "status": "413"},
-        {"route": "/v1/generate", "status": "500"},
+        {"route": "/v1/generate", "status": "200", "model": "tiny-sd"},
+        {"route": "/v1/generate", "status": "422", "model": "-"},  # refused before a model was picked
+        {"route": "/v1/adapters", "status": "401", "model": "-"},
+        {"route": "/v1/generate", "status": "413", "model": "-"},
+        {"route": "/v1/generate", "status": "500", "model": "tiny-sd"},
     ]
     assert [tags["route"] for _, tags in fake.request_latency.calls] == ["/v1/generate"]  # successes only

@@ -234,6 +234,8 @@ def test_job_lifecycle_and_its_event_stream():
         assert j.to_dict() | {"id": "-"} == {
             "id": "-",
             "status": "queued",
+            "phase": None,
+            "model": "",
             "position": None,
             "eta_s": None,
             "step": 0,
