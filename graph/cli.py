@@ -50,9 +50,10 @@ def _serve(args: argparse.Namespace) -> int:
         # After ray.init, which installs handlers of its own: Ctrl-C and `make stop` shut down cleanly.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(
-            f"lorafleet is serving {config.model.uri} at http://{host}:{port}  (docs: /docs; Ctrl-C stops)", flush=True
+        served = ", ".join(
+            s.model.uri if s.name is None else f"{s.name} ({s.model.uri})" for s in config.served_models()
         )
+        print(f"lorafleet is serving {served} at http://{host}:{port}  (docs: /docs; Ctrl-C stops)", flush=True)
         stop.wait()
         print("stopping ...", flush=True)
         serve.shutdown()
