@@ -9,6 +9,9 @@ registry and diffusers' ``load_lora_weights`` (the baseline) take as they are.
 
 >>> files = write_adapters(model_dir, Path("/tmp/lt"), names=["lt-style-000"])   # doctest: +SKIP
 >>> register_adapters("http://127.0.0.1:8000", "admin-token", files)              # doctest: +SKIP
+
+With several base models (``--models``), each model's adapters are built from its own
+directory and registered with ``model=<name>``: adapters belong to one base model.
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ def write_adapters(model_dir: Path, directory: Path, names: list[str], rank: int
     return out
 
 
-def register_adapters(url: str, admin_token: str, files: dict[str, Path], timeout_s: float = 120.0) -> list[dict]:
-    """``POST /v1/adapters`` for each file (the admin API); returns the manifests. Raises on any failure."""
+def register_adapters(
+    url: str, admin_token: str, files: dict[str, Path], timeout_s: float = 120.0, model: str | None = None
+) -> list[dict]:
+    """``POST /v1/adapters`` for each file (the admin API), for base ``model`` (None: the server's default
+    model); returns the manifests. Raises on any failure."""
     import requests
 
     manifests = []
@@ -74,7 +80,12 @@ def register_adapters(url: str, admin_token: str, files: dict[str, Path], timeou
                 r = session.post(
                     url.rstrip("/") + "/v1/adapters",
                     files={"file": (path.name, f)},
-                    data={"name": name, "tags": "loadtest", "description": "synthetic load-test adapter"},
+                    data={
+                        "name": name,
+                        "tags": "loadtest",
+                        "description": "synthetic load-test adapter",
+                        **({"model": model} if model is not None else {}),
+                    },
                     headers={"Authorization": f"Bearer {admin_token}"},
                     timeout=timeout_s,
                 )

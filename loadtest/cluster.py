@@ -38,9 +38,27 @@ def wait_ready(url: str, path: str = "/readyz", timeout_s: float = 300.0) -> Non
         time.sleep(1)
 
 
+def served_model_sources(config) -> dict[str | None, tuple[str, str | None]]:
+    """Each base model of an ``AppConfig``, default first: its name (None for a lone ``model`` section
+    without one: the server names it) -> (uri, cache_dir), to build its synthetic adapters from."""
+    return {s.name: (s.model.uri, s.model.cache_dir) for s in config.served_models()}
+
+
+def listed_model_sources(url: str, admin_token: str | None) -> dict[str, str | None]:
+    """``GET /v1/models`` of a running lorafleet: name -> uri, default first (the uri only for the admin token,
+    else None)."""
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    r = requests.get(url + "/v1/models", headers=headers, timeout=30)
+    r.raise_for_status()
+    return {m["id"]: m.get("uri") for m in r.json()["data"]}
+
+
 @dataclass
 class LocalCluster:
-    """lorafleet at ``url`` (route /), the diffusers baseline at ``baseline_url`` (route /baseline)."""
+    """lorafleet at ``url`` (route /), the diffusers baseline at ``baseline_url`` (route /baseline).
+
+    ``model_dir`` and ``model_name``: the default model's; ``model_sources``: every served model's
+    name -> (uri, cache_dir), default first."""
 
     url: str
     metrics_url: str
@@ -49,6 +67,7 @@ class LocalCluster:
     model_name: str
     baseline_url: str | None = None
     apps: list[str] = field(default_factory=list)
+    model_sources: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, config_path: Path, workdir: Path, overrides: dict | None = None) -> LocalCluster:
@@ -72,7 +91,8 @@ class LocalCluster:
         for section, values in (overrides or {}).items():
             args[section] = {**(args.get(section) or {}), **values}
         config = AppConfig.load(args)
-        model_dir = resolve_model_dir(config.model.uri, config.model.cache_dir)
+        sources = served_model_sources(config)  # `models:` or the lone `model` section
+        model_dir = resolve_model_dir(*next(iter(sources.values())))
         http_port, metrics_port = free_port(), free_port()
         ray.init(
             _node_ip_address="127.0.0.1",
@@ -86,8 +106,10 @@ class LocalCluster:
         serve.run(build_app(config), name="lorafleet", route_prefix="/")
         url = f"http://127.0.0.1:{http_port}"
         wait_ready(url)
-        name = requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        return cls(url, f"http://127.0.0.1:{metrics_port}/metrics", token, model_dir, name, apps=["lorafleet"])
+        name = next(iter(listed_model_sources(url, token)))
+        sources = {name if key is None else key: value for key, value in sources.items()}
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        return cls(url, metrics_url, token, model_dir, name, apps=["lorafleet"], model_sources=sources)
 
     def start_baseline(self, adapters: dict[str, Path], torch_threads: int | None = None) -> str:
         from ray import serve

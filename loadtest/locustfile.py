@@ -24,6 +24,10 @@ client side.
 rates and durations. Between stages the pacers stop and in-flight requests drain,
 so each stage starts from an empty server. Users: ``NativeUser`` (``/v1/generate``)
 and ``OpenAIUser`` (``/v1/images/generations``), in the ratio ``--openai-share``.
+
+**Models.** ``--models tiny-sd=3,tiny-sdxl=1``: each request's base model, by weight, with
+adapters only of its own model (``PREFIX<model>-000``...); each stage's log then has
+per-model statistics. Without it requests carry no ``model`` (the server's default).
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from pathlib import Path
 from locust import FastHttpUser, LoadTestShape, constant, events, task
 
 from loadtest.pacing import Pacer
-from loadtest.stats import SaturationSearch, apportion, meets_slo, parse_stages, summarize
-from loadtest.traffic import RequestFactory, Tenant, TrafficConfig, count_images, parse_tenants
+from loadtest.stats import SaturationSearch, apportion, meets_slo, parse_stages, summarize, summarize_by_model
+from loadtest.traffic import RequestFactory, Tenant, TrafficConfig, count_images, models_option, parse_tenants
 
 log = logging.getLogger("loadtest")
 
@@ -67,6 +71,7 @@ TRAFFIC_OPTIONS = [
     ("--openai-share", "openai_share", float, "share of users on the OpenAI Images API shape"),
     ("--tenants", "tenants", str, "tenants and their shares of the offered load: acme=4,globex=1"),
     ("--model-name", "model_name", str, "model name for the OpenAI shape (model or model:adapter)"),
+    ("--models", "models", models_option, "base models, weighted: tiny-sd=3,tiny-sdxl=1 (default: no model field)"),
     ("--prompt-pool", "prompt_pool", int, "distinct prompts in the corpus"),
     ("--traffic-seed", "seed", int, "seed of the traffic model"),
 ]
@@ -247,6 +252,7 @@ class ImageUser(FastHttpUser):
             "api": req.api,
             "images": 0,
             "adapters": list(req.adapters),
+            "model": req.model,
             "error": None,
         }
         RUN.inflight += 1
@@ -361,6 +367,8 @@ class LoadPlan(LoadTestShape):
                 for ln in RUN.lanes
             },
         )
+        if RUN.traffic.models:
+            st["models"] = summarize_by_model(RUN.records, st["start"], st["end"], warmup)
         if self.search is not None:
             self.search.record(st["rate_rps"], st["passed"])
         self.stages.append(st)

@@ -15,7 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-from .stats import percentile, summarize
+from .stats import percentile, summarize, summarize_by_model
+from .traffic import model_adapter_prefix
 
 TARGET_STYLE = {"lorafleet": {"color": "tab:blue", "ls": "-"}, "baseline": {"color": "tab:orange", "ls": "--"}}
 
@@ -47,7 +48,21 @@ def phase_overall(records: list[dict], stages: list[dict]) -> dict:
     mean_rate = sum(s["rate_rps"] * (s["end"] - s["start"]) for s in stages) / max(1e-9, end - start)
     s = summarize(records, start, end, mean_rate).to_dict()
     s["duration_s"] = end - start
+    by_model = summarize_by_model(records, start, end)
+    if by_model:  # traffic that mixes models (--models)
+        s["models"] = by_model
     return s
+
+
+def models_by_stage(records: list[dict], stages: list[dict]) -> list[dict]:
+    """Per stage, each base model's figures over the stage's measured window (``stats.summarize_by_model``);
+    ``[]`` when the traffic does not mix models."""
+    out = []
+    for st in stages:
+        by_model = summarize_by_model(records, st["start"], st["end"], st.get("warmup_s", 0.0))
+        if by_model:
+            out.append({"index": st.get("index"), "rate_rps": st["rate_rps"], "models": by_model})
+    return out
 
 
 def target_search(stages_doc: dict) -> dict:
@@ -117,17 +132,20 @@ POPULARITY_BUCKETS = ("no LoRA", "adapters ranked 1-3", "adapters ranked 4+")
 def popularity_bucket(
     record: dict, prefix: str, top: int = 3, buckets: tuple[str, str, str] = POPULARITY_BUCKETS
 ) -> str:
-    """Which Zipf bucket a request's first adapter falls into (names are ``prefix`` + rank - 1).
+    """Which Zipf bucket a request's first adapter falls into (names are ``prefix`` + rank - 1; with mixed
+    models, each model's own ranks: ``prefix`` + model + ``-`` + rank - 1).
 
     ``buckets``: the names of (no adapter, the ``top`` most popular, the rest).
 
     >>> popularity_bucket({"adapters": ["lt-style-002"]}, "lt-style-")
     'adapters ranked 1-3'
+    >>> popularity_bucket({"adapters": ["lt-style-tiny-sdxl-001"], "model": "tiny-sdxl"}, "lt-style-")
+    'adapters ranked 1-3'
     """
     none, popular, rest = buckets
     if not record.get("adapters"):
         return none
-    suffix = record["adapters"][0].removeprefix(prefix)
+    suffix = record["adapters"][0].removeprefix(model_adapter_prefix(prefix, record.get("model")))
     return popular if suffix.isdigit() and int(suffix) < top else rest
 
 
@@ -394,6 +412,11 @@ def build_report(run_dir: Path) -> dict:
         overall[p["name"]]["replicas"] = {
             k: v for k, v in replicas_range(samples, p["start"], p["end"]).items() if k.startswith(p["target"] + "/")
         }
+    per_model = {}
+    for p in run.get("phases", []):
+        stages = models_by_stage(phase_records[p["name"]], phase_docs[p["name"]].get("stages", []))
+        if stages:
+            per_model[p["name"]] = {"all": overall[p["name"]].get("models", {}), "stages": stages}
     fair = {p["target"]: fairness(phase_records[p["name"]], phase_docs[p["name"]]) for p in fair_phases}
     prefix = args.get("adapter_prefix", "lt-style-")
     for p in fair_phases:
@@ -445,7 +468,7 @@ def build_report(run_dir: Path) -> dict:
     # a scenario run at a given --rate has no search and no fairness run: no summary table to show
     summary_md = _summary_table(headline, searches, fair, overall, load_phases) if searches or fair else ""
     summary_md += "".join("\n" + s["markdown"] for s in scenarios.values())
-    md = _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots)
+    md = _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots, per_model)
     (run_dir / "report.md").write_text(md)
     summary = {
         "headline": headline,
@@ -453,6 +476,7 @@ def build_report(run_dir: Path) -> dict:
         "phases": overall,
         "searches": {k: {kk: v[kk] for kk in ("sustainable_rps", "at_sustainable")} for k, v in searches.items()},
         "fairness": fair,
+        "models": per_model,
         "scenarios": {k: {kk: v for kk, v in x.items() if kk != "markdown"} for k, x in scenarios.items()},
         "plots": plots,
         "summary_md": summary_md,
@@ -531,8 +555,34 @@ def _summary_table(headline: dict, searches: dict, fair: dict, overall: dict, lo
     return _table(["figure", "lorafleet", "baseline (diffusers, one at a time)", "ratio"], rows)
 
 
-def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots) -> str:
+def _model_rows(phase: str, stage: str, by_model: dict) -> list[list[str]]:
+    return [
+        [
+            phase,
+            stage,
+            model,
+            str(x["requests"]),
+            str(x["failed"]),
+            _fmt(100 * _num(x["error_rate"]), 1, "%"),
+            _fmt(x["p50_ms"]),
+            _fmt(x["p95_ms"]),
+            _fmt(x["p99_ms"]),
+            _fmt(x["images_per_s"], 2),
+        ]  # fmt: skip
+        for model, x in by_model.items()
+    ]
+
+
+def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, plots, per_model=None) -> str:
     v = machine.get("versions", {})
+    mix = run.get("models") or []
+    if mix:
+        total = sum(m["weight"] for m in mix)
+        model = "Models " + ", ".join(f"`{m['name']}` ({100 * m['weight'] / total:.0f}% of requests)" for m in mix)
+        adapters = f"{args.get('adapters')} synthetic adapters per model"
+    else:
+        model = f"Model `{run.get('model_name', '?')}`"
+        adapters = f"{args.get('adapters')} synthetic adapters"
     out = [
         "# lorafleet load test",
         "",
@@ -540,8 +590,8 @@ def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, p
         f"no GPU; {machine.get('platform', '')}; Python {machine.get('python', '')}, torch {v.get('torch')}, "
         f"Ray {v.get('ray')}, diffusers {v.get('diffusers')}, locust {v.get('locust')}. Load average at start "
         f"{_loadavg(machine.get('loadavg_start'))}, at end {_loadavg(machine.get('loadavg_end'))} (other work on "
-        f"the machine makes the figures noisy). Model `{run.get('model_name', '?')}`; {args.get('adapters')} "
-        f"synthetic adapters (rank {args.get('adapter_rank')}); SLO: p95 ≤ {slo_ms:.0f} ms and at most 1% errors.",
+        f"the machine makes the figures noisy). {model}; {adapters} "
+        f"(rank {args.get('adapter_rank')}); SLO: p95 ≤ {slo_ms:.0f} ms and at most 1% errors.",
         "",
         "## Summary",
         "",
@@ -584,6 +634,22 @@ def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, p
         ])  # fmt: skip
     header = ["phase", "requests", "failed", "images", "p50 ms", "p95 ms", "adapter hit ratio", "replicas (min–max)"]
     out += ["## Phases", "", _table(header, rows, "lrrrrrrl")]
+    if per_model:
+        rows = []
+        for phase, m in per_model.items():
+            for st in m["stages"]:
+                rows += _model_rows(phase, f"{st['rate_rps']:.2f} req/s", st["models"])
+            if len(m["stages"]) > 1:
+                rows += _model_rows(phase, "all stages", m["all"])
+        header = ["phase", "offered", "model", "requests", "failed", "errors", "p50 ms", "p95 ms", "p99 ms"]
+        out += [
+            "## Per model",
+            "",
+            "Each base model's requests (started in a stage's measured window; latency of the successful ones; "
+            "images/s completed in the window). The offered rate is shared by the models' `--models` weights.",
+            "",
+            _table([*header, "images/s"], rows, "lll" + "r" * 7),
+        ]
     if fair:
         rows = []
         for target, f in fair.items():

@@ -19,6 +19,11 @@ sampling Prometheus metrics (and Serve's replica counts) all along, and writes
 ``report.md`` with PNG plots and ``summary.json`` into ``--out``. ``--stages``
 replaces the search by fixed stages (the CI smoke test).
 
+``--models tiny-sd=3,tiny-sdxl=1`` mixes base models: each request's model by weight,
+``--adapters`` synthetic adapters per model built from that model's own architecture and
+registered for it, warm-up requests on every model (waking one that scales from zero), and
+per-model figures in the report; the baseline (one diffusers pipeline) is left out.
+
 ``--scenario many-adapters`` (``loadtest/many_adapters.py``): 200 adapters, the
 search on that traffic (lorafleet only; ``--rate`` skips it), then one
 ``--scenario-s`` stage at ``--load-fraction`` of the sustainable rate, reported
@@ -122,26 +127,57 @@ def cluster_lora_config(config_path: Path) -> dict:
     return dict(load_serve_config(config_path)[1].get("lora") or {})
 
 
-def warm_up(url: str, model_name: str, adapters: list[str], n: int = 4) -> None:
-    """A few sequential requests (both sizes of the default mix, an adapter) so first-call costs stay out."""
+def warm_up(url: str, model_name: str, adapters: list[str], n: int = 4, model: str | None = None) -> None:
+    """A few sequential requests (both sizes of the default mix, an adapter) so first-call costs stay out.
+
+    ``model``: the base model to warm (sent as ``model``; one that scales from zero is woken here, not in
+    the measured stages); None: the server's default model, no ``model`` field. ``adapters``: that model's.
+    """
+    on_model = {} if model is None else {"model": model}
     bodies = [
-        {"prompt": "warm up", "width": 64, "height": 64, "steps": 4, "seed": 1},
-        {"prompt": "warm up", "width": 64, "height": 96, "steps": 4, "seed": 2, "scheduler": "euler"},
+        {"prompt": "warm up", "width": 64, "height": 64, "steps": 4, "seed": 1, **on_model},
+        {"prompt": "warm up", "width": 64, "height": 96, "steps": 4, "seed": 2, "scheduler": "euler", **on_model},
     ]
     if adapters:
-        bodies.append({"prompt": "warm up", "width": 64, "height": 64, "steps": 4, "seed": 3,
+        bodies.append({"prompt": "warm up", "width": 64, "height": 64, "steps": 4, "seed": 3, **on_model,
                        "loras": [{"name": adapters[0], "scale": 1.0}], "scheduler": "dpmpp_2m"})  # fmt: skip
+    what = url if model is None else f"{url} (model {model})"
     for i in range(n):
         r = requests.post(url + "/v1/generate", json=bodies[i % len(bodies)], timeout=300)
         if r.status_code != 200:
-            raise RuntimeError(f"warm-up request to {url} failed: HTTP {r.status_code}: {r.text[:300]}")
+            raise RuntimeError(f"warm-up request to {what} failed: HTTP {r.status_code}: {r.text[:300]}")
     r = requests.post(
         url + "/v1/images/generations",
-        json={"model": model_name, "prompt": "warm up", "size": "64x64", "steps": 4, "seed": 4},
+        json={"model": model or model_name, "prompt": "warm up", "size": "64x64", "steps": 4, "seed": 4},
         timeout=300,
     )
     if r.status_code != 200:
-        raise RuntimeError(f"warm-up request to {url} (OpenAI shape) failed: HTTP {r.status_code}: {r.text[:300]}")
+        raise RuntimeError(f"warm-up request to {what} (OpenAI shape) failed: HTTP {r.status_code}: {r.text[:300]}")
+
+
+def check_mix_served(mix: list[tuple[str, float]], served: list[str], url: str) -> None:
+    """Raise ``SystemExit`` naming ``--models`` if the target does not serve a mixed model."""
+    missing = [name for name, _ in mix if name not in served]
+    if missing:
+        raise SystemExit(f"error: --models: {', '.join(missing)} not served by {url} (served: {', '.join(served)})")
+
+
+def model_dirs_for_mix(
+    mix: list[tuple[str, float]], sources: dict[str, tuple[str | None, str | None]], url: str
+) -> dict[str, Path]:
+    """Each mixed model's local diffusers directory, from its URI (``sources``: name -> (uri, cache_dir),
+    from the serve config or ``GET /v1/models``), to build its synthetic adapters from its own architecture.
+    Raises ``SystemExit`` naming ``--models`` for a model the target does not serve or whose URI it hides."""
+    from deployments.engine.models import resolve_model_dir
+
+    check_mix_served(mix, list(sources), url)
+    hidden = [name for name, _ in mix if sources[name][0] is None]
+    if hidden:
+        raise SystemExit(
+            f"error: --models: {url}/v1/models gives no uri for {', '.join(hidden)}: pass the admin token "
+            "(--admin-token or $LORAFLEET_ADMIN_TOKEN) to build their adapters"
+        )
+    return {name: resolve_model_dir(*sources[name]) for name, _ in mix}
 
 
 def interleaved_search(targets: dict[str, str], out: Path, args, common: list[str], info: dict, sampler):
@@ -211,6 +247,8 @@ def interleaved_search(targets: dict[str, str], out: Path, args, common: list[st
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from .traffic import models_option
+
     p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.splitlines()[0])
     env = os.environ.get
     p.add_argument("--out", default=None, help="run directory (default .lorafleet/loadtest/<time>)")
@@ -220,6 +258,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--admin-token", default=env("LORAFLEET_ADMIN_TOKEN"), help="to register the adapters")
     t.add_argument("--baseline-url", default=env("LOADTEST_BASELINE_URL"), help="a running baseline")
     t.add_argument("--model-uri", default="builtin:tiny-sd", help="base model of --url (for synthetic adapters)")
+    t.add_argument(
+        "--models",
+        type=models_option,
+        default=env("LOADTEST_MODELS", ""),
+        help="base models, weighted: tiny-sd=3,tiny-sdxl=1 (adapters per model; default: no model field)",
+    )
     t.add_argument("--config", default=str(ROOT / "serve_config.yaml"), help="serve config of the local cluster")
     t.add_argument("--baseline-torch-threads", type=int, default=None, help="torch threads of the baseline")
     w = p.add_argument_group("what to run")
@@ -263,6 +307,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.adapters = int(env("LOADTEST_ADAPTERS", str(ADAPTERS if many else 20)))
     if many:  # the scenario measures lorafleet's adapter residency: no baseline, no fairness run
         args.no_baseline = args.no_fairness = True
+    if args.models:
+        if many:
+            p.error("--models: not with --scenario many-adapters (it measures one model's adapter residency)")
+        if "--models" in shlex.split(args.locust_args):
+            p.error("--models: give it to the runner, not in --locust-args (it registers each model's adapters)")
+        args.no_baseline = True  # the baseline is one diffusers pipeline on one model
     if args.rate is not None and args.rate <= 0 or not 0 < args.load_fraction <= 1:
         p.error(f"--rate must be > 0 and --load-fraction in (0, 1], got {args.rate}, {args.load_fraction}")
     return args
@@ -272,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from . import many_adapters
     from .adapters import register_adapters, write_adapters
-    from .cluster import LocalCluster, MetricsSampler
+    from .cluster import LocalCluster, MetricsSampler, listed_model_sources
     from .report import build_report
-    from .traffic import adapter_names
+    from .traffic import adapter_names, model_adapter_prefix, parse_models
 
     out = Path(args.out or ROOT / ".lorafleet" / "loadtest" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
 
             url, metrics_url, token = args.url.rstrip("/"), args.metrics_url, args.admin_token
             model_dir = resolve_model_dir(args.model_uri)
-            model_name = requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            listed = listed_model_sources(url, token)
+            sources = {name: (uri, None) for name, uri in listed.items()}
+            model_name = next(iter(listed))
             replicas_fn = None
             slot_budget = None  # the target's config is not ours to read
         else:
@@ -296,14 +348,31 @@ def main(argv: list[str] | None = None) -> int:
             cluster = LocalCluster.start(Path(args.config), out / "cluster")
             url, metrics_url, token = cluster.url, cluster.metrics_url, cluster.admin_token
             model_dir, model_name, replicas_fn = cluster.model_dir, cluster.model_name, cluster.replicas
+            sources = cluster.model_sources
             slot_budget = cluster_lora_config(Path(args.config))
-        names = adapter_names(args.adapters, args.adapter_prefix)
-        files = write_adapters(model_dir, out / "adapters", names, rank=args.adapter_rank) if names else {}
-        if files:
+        mix = parse_models(args.models)
+        # Adapters belong to one base model: with a mix, each model gets its own, built from its own
+        # architecture and registered for it (model=<name>); without, the default model's, as before.
+        model_dirs: dict[str | None, Path | None] = {None: model_dir}
+        if mix and args.adapters:
+            model_dirs = dict(model_dirs_for_mix(mix, sources, url))
+        elif mix:  # no adapters to build
+            check_mix_served(mix, list(sources), url)
+            model_dirs = dict.fromkeys(name for name, _ in mix)
+        adapters_of: dict[str | None, list[str]] = {}
+        files: dict[str, Path] = {}
+        for model, directory in model_dirs.items():
+            names = adapter_names(args.adapters, model_adapter_prefix(args.adapter_prefix, model))
+            adapters_of[model] = names
+            if not names:
+                continue
             if not token:
                 raise SystemExit("error: registering adapters needs --admin-token (or $LORAFLEET_ADMIN_TOKEN)")
-            print(f"registering {len(files)} synthetic adapters (rank {args.adapter_rank}) ...", flush=True)
-            register_adapters(url, token, files)
+            model_files = write_adapters(directory, out / "adapters" / (model or ""), names, rank=args.adapter_rank)
+            for_model = f" for {model}" if model else ""
+            print(f"registering {len(names)} synthetic adapters (rank {args.adapter_rank}){for_model} ...", flush=True)
+            register_adapters(url, token, model_files, model=model)
+            files.update(model_files)
         targets = {"lorafleet": url}
         if not args.no_baseline:
             if args.baseline_url:
@@ -313,14 +382,17 @@ def main(argv: list[str] | None = None) -> int:
                 targets["baseline"] = cluster.start_baseline(files, args.baseline_torch_threads)
         info["targets"] = targets
         info["model_name"] = model_name
+        info["models"] = [{"name": name, "weight": w} for name, w in mix]
         for name, target in targets.items():
-            print(f"warming up {name} ...", flush=True)
-            warm_up(target, model_name, names)
+            for model, model_adapters in adapters_of.items():
+                print(f"warming up {name}" + (f" (model {model})" if model else "") + " ...", flush=True)
+                warm_up(target, model_name, model_adapters, model=model)
 
         sampler = MetricsSampler(metrics_url, interval_s=2.0, replicas_fn=replicas_fn).start()
         common = [
             "--adapters", str(args.adapters), "--adapter-prefix", args.adapter_prefix, "--model-name", model_name,
             "--slo-ms", str(args.slo_ms), "--warmup-s", str(args.warmup_s), "--concurrency", str(args.concurrency),
+            *(["--models", args.models] if mix else []),
             *(many_adapters.LOCUST_ARGS if args.scenario == many_adapters.NAME else []),
             *shlex.split(args.locust_args),
         ]  # fmt: skip

@@ -4,9 +4,10 @@ locust process (which steers the search) and the report (which recomputes everyt
 A *record* is one request as the client saw it, a JSON line in ``requests.jsonl``::
 
     {"t": 1732712345.12, "ms": 184.2, "ok": true, "status": 200, "tenant": "acme",
-     "api": "native", "images": 1, "adapters": ["lt-style-000"], "error": null}
+     "api": "native", "images": 1, "adapters": ["lt-style-000"], "model": null, "error": null}
 
-``t`` is the wall-clock start, ``ms`` the latency. A *stage* is a window of
+``t`` is the wall-clock start, ``ms`` the latency, ``model`` the base model asked for
+(null: none, the server's default; logs from before models could be mixed lack it). A *stage* is a window of
 constant offered rate: requests *started* after its warm-up count for its
 latency percentiles and error rate; requests *completed* inside the window
 give its throughput (a backlog finishing after the window does not inflate it).
@@ -88,6 +89,18 @@ def summarize(records: Iterable[dict], start: float, end: float, rate_rps: float
         images_per_s=sum(r["images"] for r in completed_ok) / window,
         images=sum(r["images"] for r in ok),
     )
+
+
+def summarize_by_model(records: Iterable[dict], start: float, end: float, warmup_s: float = 0.0) -> dict[str, dict]:
+    """``summarize`` per base model (the records' ``model``), over the same window; ``{}`` when no record
+    names a model (traffic that does not mix models). The offered rate of a model is not known here
+    (``rate_rps`` None): its share of the stage's rate is its ``--models`` weight.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("model") is not None:
+            groups.setdefault(r["model"], []).append(r)
+    return {model: summarize(rs, start, end, math.nan, warmup_s).to_dict() for model, rs in sorted(groups.items())}
 
 
 def apportion(total: int, shares: list[float]) -> list[int]:

@@ -13,7 +13,10 @@ milliseconds and the same model drives lorafleet and the baseline.
   hashes it into the fair-queuing tenant) and a weight, its share of the
   offered load;
 * two API shapes: lorafleet's native ``/v1/generate`` and the OpenAI Images
-  API (``/v1/images/generations``, the adapter in ``model``).
+  API (``/v1/images/generations``, the adapter in ``model``);
+* base models (``models``, optional): each request's base model drawn by weight,
+  its adapters only from that model's own (``model_adapter_prefix``); without it,
+  requests carry no ``model`` and the server's default model answers.
 
 Weighted mixes are written ``value=weight,...``:
 
@@ -23,15 +26,18 @@ Weighted mixes are written ``value=weight,...``:
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import itertools
 import random
+import re
 from dataclasses import dataclass, field
 
 from .prompts import negative_prompt, prompt_corpus
 
 NATIVE_PATH = "/v1/generate"
 OPENAI_PATH = "/v1/images/generations"
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # graph/config.py's, without importing graph
 
 
 def parse_weighted(spec: str) -> list[tuple[str, float]]:
@@ -111,6 +117,59 @@ def adapter_names(n: int, prefix: str) -> list[str]:
     return [f"{prefix}{i:03d}" for i in range(n)]
 
 
+class ModelsSpecError(ValueError):
+    """A bad ``--models`` spec; the message is one line naming the option."""
+
+    def __init__(self, spec: str, problem: str):
+        super().__init__(f"--models {spec!r}: {problem}")
+        self.spec, self.problem = spec, problem
+
+
+def parse_models(spec: str) -> list[tuple[str, float]]:
+    """The ``--models`` mix: ``"tiny-sd=3,tiny-sdxl=1"`` -> ``[("tiny-sd", 3.0), ("tiny-sdxl", 1.0)]``; ``""``: none.
+
+    Raises ``ModelsSpecError`` (a ``ValueError``) whose message names ``--models``.
+
+    >>> parse_models("tiny-sd=3,tiny-sdxl")
+    [('tiny-sd', 3.0), ('tiny-sdxl', 1.0)]
+    """
+    if not spec.strip():
+        return []
+    try:
+        models = parse_weighted(spec)
+    except ValueError as e:
+        raise ModelsSpecError(spec, "expected MODEL=WEIGHT,... with weights > 0") from e
+    names = [name for name, _ in models]
+    for name, weight in models:
+        if not MODEL_NAME_RE.match(name):
+            raise ModelsSpecError(spec, f"{name!r} is not a model name (letters, digits, '.', '_', '-')")
+        if weight <= 0:
+            raise ModelsSpecError(spec, f"every model needs a weight > 0, {name!r} has {weight:g}")
+    if len(set(names)) != len(names):
+        raise ModelsSpecError(spec, "a model is named twice")
+    return models
+
+
+def models_option(spec: str) -> str:
+    """argparse ``type`` of ``--models``: the spec, checked (argparse prints ``argument --models: <problem>``)."""
+    try:
+        parse_models(spec)
+    except ModelsSpecError as e:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {e.problem}") from e
+    return spec
+
+
+def model_adapter_prefix(prefix: str, model: str | None) -> str:
+    """The names of a model's synthetic adapters begin with this: adapters belong to one base model, and
+    adapter names are lowercase (``lt-style-`` + ``tiny-sdxl`` -> ``lt-style-tiny-sdxl-``). ``None``
+    (requests without ``model``): ``prefix`` itself, as before models could be mixed.
+
+    >>> adapter_names(2, model_adapter_prefix("lt-style-", "tiny-SDXL"))
+    ['lt-style-tiny-sdxl-000', 'lt-style-tiny-sdxl-001']
+    """
+    return prefix if model is None else f"{prefix}{model.lower()}-"
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
@@ -150,6 +209,7 @@ class TrafficConfig:
     openai_share: float = 0.25
     tenants: str = "acme=4,globex=2,initech=1,umbrella=1"
     model_name: str = "tiny-sd"
+    models: str = ""  # "tiny-sd=3,tiny-sdxl=1": each request's base model, by weight; "": no `model` field
     prompt_pool: int = 400
     seed: int = 0
 
@@ -162,6 +222,7 @@ class TrafficConfig:
             raise ValueError(f"adapters must be >= 0, got {self.adapters}")
         parse_range(self.lora_scales)
         parse_tenants(self.tenants)
+        parse_models(self.models)
 
 
 @dataclass(frozen=True)
@@ -175,6 +236,7 @@ class PlannedRequest:
     tenant: str
     images: int
     adapters: tuple[str, ...] = field(default_factory=tuple)
+    model: str | None = None  # the base model asked for; None: the server's default (no `model` field)
 
 
 class RequestFactory:
@@ -184,26 +246,36 @@ class RequestFactory:
         self.config = config
         self.rng = rng or random.Random(config.seed)
         self.prompts = prompt_corpus(config.prompt_pool, config.seed)
-        self.adapter_names = adapter_names(config.adapters, config.adapter_prefix)
-        self.adapter_pick = (
-            Weighted(list(zip(self.adapter_names, zipf_weights(config.adapters, config.zipf_s), strict=True)))
-            if config.adapters
-            else None
-        )
+        models = parse_models(config.models)
+        # One Zipf law per base model over that model's own adapters; None: requests without `model`.
+        self.model_pick = Weighted(models) if models else None
+        self.adapter_picks = {
+            model: self._zipf(adapter_names(config.adapters, model_adapter_prefix(config.adapter_prefix, model)))
+            for model in ([m for m, _ in models] or [None])
+        }
         self.scale_range = parse_range(config.lora_scales)
         self.size_pick = Weighted([(parse_size(v), w) for v, w in parse_weighted(config.sizes)])
         self.steps_pick = Weighted([(int(v), w) for v, w in parse_weighted(config.steps)])
         self.images_pick = Weighted([(int(v), w) for v, w in parse_weighted(config.num_images)])
         self.scheduler_pick = Weighted(parse_weighted(config.schedulers))
 
-    def loras(self) -> list[tuple[str, float]]:
-        """The adapters of one request: none, one, or two distinct, each with a scale."""
-        if self.adapter_pick is None or self.rng.random() < self.config.no_lora_share:
+    def _zipf(self, names: list[str]) -> Weighted | None:
+        return Weighted(list(zip(names, zipf_weights(len(names), self.config.zipf_s), strict=True))) if names else None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter the traffic may use, over all its models."""
+        return [name for pick in self.adapter_picks.values() if pick is not None for name in pick.values]
+
+    def loras(self, model: str | None = None) -> list[tuple[str, float]]:
+        """The adapters of one request on ``model``: none, one, or two distinct of that model's, each with a scale."""
+        pick = self.adapter_picks[model]
+        if pick is None or self.rng.random() < self.config.no_lora_share:
             return []
         count = 2 if self.config.adapters > 1 and self.rng.random() < self.config.multi_lora_share else 1
         names: list[str] = []
         while len(names) < count:
-            name = self.adapter_pick(self.rng)
+            name = pick(self.rng)
             if name not in names:
                 names.append(name)
         lo, hi = self.scale_range
@@ -211,6 +283,8 @@ class RequestFactory:
 
     def make(self, api: str, tenant: Tenant) -> PlannedRequest:
         rng = self.rng
+        # Drawn first and only when mixing, so that a run without models draws exactly as before.
+        model = self.model_pick(rng) if self.model_pick is not None else None
         width, height = self.size_pick(rng)
         steps = self.steps_pick(rng)
         n = self.images_pick(rng)
@@ -221,7 +295,7 @@ class RequestFactory:
         headers = {"Authorization": f"Bearer {tenant.api_key}"}
         end_user = f"{tenant.name}-user-{rng.randrange(100)}"
         if api == "native":
-            loras = self.loras()
+            loras = self.loras(model)
             body = {
                 "prompt": prompt,
                 "negative_prompt": negative,
@@ -235,13 +309,16 @@ class RequestFactory:
                 "loras": [{"name": name, "scale": scale} for name, scale in loras],
                 "user": end_user,
             }
-            return PlannedRequest("native", NATIVE_PATH, body, headers, tenant.name, n, tuple(x for x, _ in loras))
+            if model is not None:
+                body["model"] = model
+            adapters = tuple(x for x, _ in loras)
+            return PlannedRequest("native", NATIVE_PATH, body, headers, tenant.name, n, adapters, model)
         if api == "openai":
             # The OpenAI shape names one adapter in `model`, at scale 1.
-            loras = self.loras()[:1]
-            model = f"{self.config.model_name}:{loras[0][0]}" if loras else self.config.model_name
+            loras = self.loras(model)[:1]
+            base = self.config.model_name if model is None else model
             body = {
-                "model": model,
+                "model": f"{base}:{loras[0][0]}" if loras else base,
                 "prompt": prompt,
                 "n": n,
                 "size": f"{width}x{height}",
@@ -254,7 +331,8 @@ class RequestFactory:
             }
             if negative:
                 body["negative_prompt"] = negative
-            return PlannedRequest("openai", OPENAI_PATH, body, headers, tenant.name, n, tuple(x for x, _ in loras))
+            adapters = tuple(x for x, _ in loras)
+            return PlannedRequest("openai", OPENAI_PATH, body, headers, tenant.name, n, adapters, model)
         raise ValueError(f"unknown API shape {api!r}; expected native or openai")
 
 

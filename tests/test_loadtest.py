@@ -31,6 +31,8 @@ from loadtest.traffic import (
     Weighted,
     adapter_names,
     count_images,
+    model_adapter_prefix,
+    parse_models,
     parse_range,
     parse_size,
     parse_tenants,
@@ -171,6 +173,210 @@ def test_prompt_corpus_lengths_fit_clip(tiny_dir):
     assert min(lengths) <= 8 and max(lengths) >= 40
     assert sum(1 for n in lengths if 12 < n < 40) > 0.2 * len(corpus)
     assert [name for name, *_ in LENGTH_CLASSES] == ["short", "medium", "long"]
+
+
+# -- mixing base models (--models) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("", []),
+        ("tiny-sd=3,tiny-sdxl=1", [("tiny-sd", 3.0), ("tiny-sdxl", 1.0)]),
+        (" tiny-sd , SDXL_base.1=0.5 ", [("tiny-sd", 1.0), ("SDXL_base.1", 0.5)]),
+    ],
+)
+def test_parse_models(spec, expected):
+    assert parse_models(spec) == expected
+
+
+NOT_A_NAME = "is not a model name (letters, digits, '.', '_', '-')"
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("tiny-sd=x", "expected MODEL=WEIGHT,... with weights > 0"),
+        ("tiny-sd=3,=1", "expected MODEL=WEIGHT,... with weights > 0"),
+        ("tiny-sd=0", "expected MODEL=WEIGHT,... with weights > 0"),
+        ("tiny-sd=1,tiny-sdxl=0", "every model needs a weight > 0, 'tiny-sdxl' has 0"),
+        ("tiny-sd=1,tiny-sd=2", "a model is named twice"),
+        ("tiny sd=1", f"'tiny sd' {NOT_A_NAME}"),
+        ("-sd=1", f"'-sd' {NOT_A_NAME}"),
+    ],
+)
+def test_parse_models_rejects_with_one_line_naming_the_option(spec, problem):
+    with pytest.raises(ValueError) as e:
+        parse_models(spec)
+    assert str(e.value) == f"--models {spec!r}: {problem}"
+    with pytest.raises(ValueError, match="^--models "):
+        TrafficConfig(models=spec)
+
+
+@pytest.mark.parametrize("via", ["argv", "env"])
+def test_runner_rejects_a_bad_models_spec_in_one_line(via, capsys, monkeypatch):
+    from loadtest.run import parse_args
+
+    argv = ["--no-baseline"]
+    if via == "argv":
+        argv += ["--models", "tiny-sd=3,tiny-sdxl=-1"]
+    else:
+        monkeypatch.setenv("LOADTEST_MODELS", "tiny-sd=3,tiny-sdxl=-1")
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "python -m loadtest.run: error: argument --models: 'tiny-sd=3,tiny-sdxl=-1': expected MODEL=WEIGHT,... "
+        "with weights > 0"
+    )
+
+
+def test_runner_models_option(capsys):
+    from loadtest.run import parse_args
+
+    args = parse_args(["--models", "tiny-sd=3,tiny-sdxl=1"])
+    assert args.models == "tiny-sd=3,tiny-sdxl=1" and args.no_baseline  # the baseline serves one model
+    assert parse_args([]).models == "" and not parse_args([]).no_baseline
+    for argv, message in [
+        (["--models", "a", "--scenario", "many-adapters"], "not with --scenario many-adapters"),
+        (["--models", "a", "--locust-args", "--zipf-s 1 --models b"], "give it to the runner"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert f"error: --models: {message}" in capsys.readouterr().err
+
+
+def test_locustfile_rejects_a_bad_models_spec_in_one_line():
+    cmd = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "--models", "tiny-sd=3,=1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: argument --models: 'tiny-sd=3,=1': expected MODEL=WEIGHT,... with weights > 0")
+    )
+
+
+def test_requests_carry_models_in_proportion_with_their_own_adapters():
+    """3:1 over 8000 seeded draws; each model's adapters follow their own Zipf law; bodies valid for the server."""
+    from graph.schemas import GenerateRequest, OpenAIImagesRequest
+
+    config = TrafficConfig(adapters=4, zipf_s=1.0, models="tiny-sd=3,tiny-sdxl=1", multi_lora_share=0.3)
+    factory = RequestFactory(config, random.Random(11))
+    prefixes = {"tiny-sd": "lt-style-tiny-sd-", "tiny-sdxl": "lt-style-tiny-sdxl-"}
+    assert sorted(factory.adapter_names) == sorted(f"{p}{i:03d}" for p in prefixes.values() for i in range(4))
+    n = 8000
+    models = collections.Counter()
+    uses: dict[str, collections.Counter] = {m: collections.Counter() for m in prefixes}
+    for i in range(n):
+        api = "openai" if i % 4 == 0 else "native"
+        req = factory.make(api, Tenant("acme", 1.0))
+        models[req.model] += 1
+        # only its own model's adapters (a prefix of one model is not a prefix of the other's names)
+        assert all(a.startswith(prefixes[req.model]) for a in req.adapters), (req.model, req.adapters)
+        uses[req.model].update(req.adapters[:1])
+        if api == "native":
+            body = GenerateRequest.model_validate(req.body)
+            assert body.model == req.model and [x.name for x in body.loras] == list(req.adapters)
+        else:
+            body = OpenAIImagesRequest.model_validate(req.body)
+            assert body.model == (f"{req.model}:{req.adapters[0]}" if req.adapters else req.model)
+    assert set(models) == {"tiny-sd", "tiny-sdxl"}
+    assert models["tiny-sd"] / n == pytest.approx(0.75, abs=0.015)
+    harmonic = sum(1 / k for k in range(1, 5))
+    for model, prefix in prefixes.items():
+        total = sum(uses[model].values())
+        assert uses[model][prefix + "000"] / total == pytest.approx(1 / harmonic, abs=0.03)
+
+
+def test_requests_without_models_name_no_model():
+    """The default: no `model` field (the server's default model), the OpenAI shape on --model-name, and
+    adapters named as before models could be mixed."""
+    factory = RequestFactory(TrafficConfig(adapters=3, no_lora_share=0.0), random.Random(5))
+    single = RequestFactory(TrafficConfig(adapters=3, no_lora_share=0.0, models="tiny-sd"), random.Random(5))
+    for i in range(200):
+        api = "openai" if i % 2 else "native"
+        req = factory.make(api, Tenant("a", 1.0))
+        assert req.model is None
+        if api == "native":
+            assert "model" not in req.body
+        else:
+            assert req.body["model"] in ("tiny-sd", *(f"tiny-sd:{a}" for a in req.adapters))
+        assert set(req.adapters) <= {"lt-style-000", "lt-style-001", "lt-style-002"}
+        mixed = single.make(api, Tenant("a", 1.0))
+        assert mixed.model == "tiny-sd" and all(a.startswith("lt-style-tiny-sd-") for a in mixed.adapters)
+    assert model_adapter_prefix("lt-", None) == "lt-" and model_adapter_prefix("lt-", "SDXL") == "lt-sdxl-"
+
+
+def test_summarize_by_model():
+    from loadtest.stats import summarize_by_model
+
+    records = [
+        {**_rec(1.0, 100), "model": "tiny-sd"},
+        {**_rec(2.0, 300), "model": "tiny-sd"},
+        {**_rec(3.0, 900, ok=False), "model": "tiny-sdxl"},
+        {**_rec(4.0, 1500), "model": "tiny-sdxl"},
+        {**_rec(20.0, 10), "model": "tiny-sd"},  # after the window
+    ]
+    by_model = summarize_by_model(records, 0.0, 10.0, warmup_s=0.5)
+    assert list(by_model) == ["tiny-sd", "tiny-sdxl"]
+    sd, xl = by_model["tiny-sd"], by_model["tiny-sdxl"]
+    assert (sd["requests"], sd["failed"], sd["p50_ms"], sd["p95_ms"]) == (2, 0, 200.0, pytest.approx(290.0))
+    assert (xl["requests"], xl["failed"], xl["error_rate"], xl["p50_ms"]) == (2, 1, 0.5, 1500.0)
+    assert sd["rate_rps"] is None and sd["window_s"] == 9.5
+    assert summarize_by_model([_rec(1.0, 100), {**_rec(2.0, 5), "model": None}], 0.0, 10.0) == {}
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_each_model_gets_adapters_of_its_own_architecture(model, cache_dir, tiny_dir, tiny_sdxl_dir, tmp_path):
+    """Resolved from the serve config's `models` (as the local cluster does), written from that model's
+    modules and registered in a registry for that base; the other base's registry refuses them."""
+    from graph.config import AppConfig, load_serve_config
+    from loadtest.adapters import write_adapters
+    from loadtest.cluster import served_model_sources
+    from loadtest.run import model_dirs_for_mix
+    from lora_registry import DiskCache, MemoryCache, Registry, base_model_spec_from_dir, open_store
+    from lora_registry.errors import InvalidAdapterError
+
+    _, args = load_serve_config(ROOT / "serve_config.multi.yaml")
+    for entry in args["models"]:
+        entry["cache_dir"] = str(cache_dir)
+    sources = served_model_sources(AppConfig.load(args))
+    assert {k: uri for k, (uri, _) in sources.items()} == {
+        "tiny-sd": "builtin:tiny-sd",
+        "tiny-sdxl": "builtin:tiny-sdxl",
+    }
+    dirs = model_dirs_for_mix(parse_models("tiny-sd=3,tiny-sdxl=1"), sources, "http://x")
+    assert dirs == {"tiny-sd": tiny_dir, "tiny-sdxl": tiny_sdxl_dir}
+    name = adapter_names(1, model_adapter_prefix("lt-", model))[0]
+    files = write_adapters(dirs[model], tmp_path / model, [name])
+
+    def registry(base_dir: Path, where: str) -> Registry:
+        return Registry(
+            open_store(str(tmp_path / where)),
+            base=base_model_spec_from_dir(base_dir),
+            cache=DiskCache(tmp_path / f"{where}-cache", 1 << 30),
+            memory=MemoryCache(1 << 30),
+            manifest_ttl_s=0.0,
+        )
+
+    manifest = registry(dirs[model], "own").register(files[name], name=name)
+    assert manifest.name == name and manifest.rank == 4
+    other = "tiny-sdxl" if model == "tiny-sd" else "tiny-sd"
+    with pytest.raises(InvalidAdapterError):
+        registry(dirs[other], "other").register(files[name], name=name)
+
+
+def test_mixed_models_must_be_served_and_their_uris_known(tmp_path):
+    from loadtest.run import check_mix_served, model_dirs_for_mix
+
+    mix = parse_models("tiny-sd=3,tiny-sdxl=1")
+    with pytest.raises(SystemExit, match=r"--models: tiny-sdxl not served by http://x \(served: tiny-sd, sd2\)"):
+        check_mix_served(mix, ["tiny-sd", "sd2"], "http://x")
+    hidden = {"tiny-sd": (None, None), "tiny-sdxl": (None, None)}
+    with pytest.raises(SystemExit, match="--models: http://x/v1/models gives no uri for tiny-sd, tiny-sdxl"):
+        model_dirs_for_mix(mix, hidden, "http://x")
 
 
 # -- statistics and the saturation search ------------------------------------------------------------
@@ -375,11 +581,12 @@ def test_locustfile_runs_a_plan_with_knobs_from_cli_and_environment(tmp_path):
         "--stages", "4:2", "--warmup-s", "0", "--tenants", "x=3,y=1", "--concurrency", "4",
         "--request-log", str(tmp_path / "requests.jsonl"), "--stage-log", str(tmp_path / "stages.json"),
     ]  # fmt: skip
-    env = {**os.environ, "LOADTEST_ZIPF_S": "1.7", "LOADTEST_OPENAI_SHARE": "0.5"}
+    env = {**os.environ, "LOADTEST_ZIPF_S": "1.7", "LOADTEST_OPENAI_SHARE": "0.5", "LOADTEST_MODELS": "m1=3,m2=1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads((tmp_path / "stages.json").read_text())
     assert doc["done"] and doc["traffic"]["zipf_s"] == 1.7 and doc["traffic"]["openai_share"] == 0.5
+    assert doc["traffic"]["models"] == "m1=3,m2=1"
     assert [(t["name"], t["share"]) for t in doc["tenants"]] == [("x", 0.75), ("y", 0.25)]
     (stage,) = doc["stages"]
     assert stage["rate_rps"] == 4.0 and not stage["passed"]
@@ -393,6 +600,11 @@ def test_locustfile_runs_a_plan_with_knobs_from_cli_and_environment(tmp_path):
     assert stage["stats"]["requests"] == stage["stats"]["failed"] == len(in_window)
     assert all(not r["ok"] and r["error"] for r in records)
     assert {r["api"] for r in records} <= {"native", "openai"} and {r["tenant"] for r in records} <= {"x", "y"}
+    assert {r["model"] for r in records} <= {"m1", "m2"}
+    assert all(a.startswith(f"lt-style-{r['model']}-") for r in records for a in r["adapters"])
+    # the stage's per-model figures add up to its own
+    assert sum(m["requests"] for m in stage["models"].values()) == stage["stats"]["requests"]
+    assert all(m["failed"] == m["requests"] for m in stage["models"].values())
 
 
 # -- synthetic adapters and the baseline ---------------------------------------------------------------
@@ -551,3 +763,51 @@ def test_report_from_logs(tmp_path):
     assert "| sustainable load at p95 ≤ 1000 ms (req/s offered) | 4.50 | 2.00 | **2.25×** |" in md
     assert "![latency_vs_load](latency_vs_load.png)" in md and "test cpu" in md
     assert json.loads((tmp_path / "summary.json").read_text())["headline"]["sustainable_rps_ratio"] == 2.25
+    assert summary["models"] == {} and "## Per model" not in md  # no model mix: no per-model section
+
+
+def test_report_per_model(tmp_path):
+    """Traffic mixing models: each stage's and the phase's figures per model, in summary.json and report.md."""
+    from loadtest.report import build_report, popularity_bucket
+
+    t0 = 2_000_000.0
+    records, stages = [], []
+    for index, (rate, sd_ms, xl_ms) in enumerate([(2.0, 100.0, 400.0), (4.0, 200.0, 800.0)]):
+        start = t0 + 20 * index
+        recs = []
+        for k in range(int(rate * 10)):
+            model = "tiny-sdxl" if k % 4 == 3 else "tiny-sd"  # 3:1
+            rec = _rec(start + k / rate, xl_ms if model == "tiny-sdxl" else sd_ms, ok=not (index == 1 and k == 3))
+            recs.append({**rec, "model": model, "adapters": [f"lt-style-{model}-000"]})
+        s = summarize(recs, start, start + 10, rate)
+        stages.append({"index": index, "rate_rps": rate, "start": start, "end": start + 10, "warmup_s": 0.0,
+                       "stats": s.to_dict(), "passed": meets_slo(s, 1000, 0.01)})  # fmt: skip
+        records += recs
+    _write_phase(tmp_path, "lorafleet-stages", records, stages)
+    phases = [
+        {"name": "lorafleet-stages", "target": "lorafleet", "start": t0, "end": t0 + 30, "dir": "lorafleet-stages"}
+    ]
+    run = {"machine": {}, "args": {"slo_ms": 1000, "adapters": 1, "stages": "2:10,4:10"}, "started": t0 - 5}
+    models = [{"name": "tiny-sd", "weight": 3.0}, {"name": "tiny-sdxl", "weight": 1.0}]
+    (tmp_path / "run.json").write_text(json.dumps({**run, "phases": phases, "samples": [], "models": models}))
+
+    summary = build_report(tmp_path)
+    per_model = summary["models"]["lorafleet-stages"]
+    first, second = per_model["stages"]
+    assert first["rate_rps"] == 2.0 and second["rate_rps"] == 4.0
+    assert {m: (x["requests"], x["failed"], x["p50_ms"]) for m, x in first["models"].items()} == {
+        "tiny-sd": (15, 0, 100.0), "tiny-sdxl": (5, 0, 400.0),
+    }  # fmt: skip
+    assert {m: (x["requests"], x["failed"], x["p95_ms"]) for m, x in second["models"].items()} == {
+        "tiny-sd": (30, 0, 200.0), "tiny-sdxl": (10, 1, 800.0),
+    }  # fmt: skip
+    assert second["models"]["tiny-sdxl"]["error_rate"] == pytest.approx(0.1)
+    everything = per_model["all"]
+    assert (everything["tiny-sd"]["requests"], everything["tiny-sdxl"]["requests"]) == (45, 15)
+    assert summary["phases"]["lorafleet-stages"]["models"] == everything
+    md = (tmp_path / "report.md").read_text()
+    assert "Models `tiny-sd` (75% of requests), `tiny-sdxl` (25% of requests); 1 synthetic adapters per model" in md
+    assert "## Per model" in md
+    assert "| lorafleet-stages | 4.00 req/s | tiny-sdxl | 10 | 1 | 10.0% | 800 | 800 | 800 |" in md
+    assert "| lorafleet-stages | all stages | tiny-sd | 45 | 0 | 0.0% | 200 | 200 | 200 |" in md
+    assert popularity_bucket(records[3], "lt-style-") == "adapters ranked 1-3"  # each model's own ranks

@@ -89,3 +89,53 @@ def test_many_adapters_scenario_smoke(cluster, tmp_path):
     assert m["hit_ratio"] is None or 0.0 <= m["hit_ratio"] <= 1.0
     assert s["target"]["passed"] in (True, False, None) and s["target"]["limit"] == 1.5
     assert "## Scenario many-adapters" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_loadtest_mixes_models_smoke(multi_app, cluster, tmp_path):
+    """``--models`` against the session's two-model app: adapters built and registered per model, the
+    warm-up wakes tiny-sdxl (it scales from zero), one 10 s stage at 2 req/s mixing both models 1:1.
+
+    tiny-sdxl's fixture goes back to zero 2 s after its last request, so a stage's first tiny-sdxl
+    request may wait for a replica again: timeouts are generous, and only what is invariant is asserted.
+    """
+    import requests
+
+    from loadtest.run import main
+
+    from conftest import ADMIN_TOKEN
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "--out", str(out), "--url", multi_app.url, "--metrics-url", cluster.metrics_url,
+            "--admin-token", ADMIN_TOKEN, "--models", "tiny-sd=1,tiny-sdxl=1",
+            "--no-fairness", "--stages", "2:10", "--warmup-s", "1",
+            "--adapters", "2", "--adapter-prefix", "mix-", "--concurrency", "6", "--phase-timeout-s", "300",
+            "--locust-args", "--steps-mix 3 --sizes 64x64 --images-mix 1 --request-timeout-s 240 --drain-timeout-s 240",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    # registered for their own base model (form field `model`)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for model in ("tiny-sd", "tiny-sdxl"):
+        listed = requests.get(f"{multi_app.url}/v1/adapters?model={model}&tag=loadtest", headers=admin, timeout=60)
+        names = {a["name"] for a in listed.json()["data"] if a["name"].startswith("mix-")}
+        assert names == {f"mix-{model}-000", f"mix-{model}-001"}, listed.text
+    records = [json.loads(line) for line in (out / "lorafleet-stages" / "requests.jsonl").read_text().splitlines()]
+    stages = json.loads((out / "lorafleet-stages" / "stages.json").read_text())["stages"]
+    not_sent = sum(ln["dropped_arrivals"] + ln["voided_arrivals"] for s in stages for ln in s["lanes"].values())
+    assert len(records) + not_sent == 20
+    assert all(r["ok"] for r in records), [r["error"] for r in records if not r["ok"]]
+    assert {r["model"] for r in records} == {"tiny-sd", "tiny-sdxl"}
+    assert all(a.startswith(f"mix-{r['model']}-") for r in records for a in r["adapters"])
+    summary = json.loads((out / "summary.json").read_text())
+    per_model = summary["models"]["lorafleet-stages"]["stages"][0]["models"]
+    assert sum(x["requests"] for x in per_model.values()) == summary["phases"]["lorafleet-stages"]["requests"]
+    for model, x in per_model.items():
+        window = (stages[0]["start"] + 1, stages[0]["end"])
+        in_window = [r for r in records if r["model"] == model and window[0] <= r["t"] < window[1]]
+        assert x["requests"] == len(in_window) and x["failed"] == 0
+        assert x["requests"] == 0 or 0 < x["p50_ms"] <= x["p95_ms"]
+    report = (out / "report.md").read_text()
+    assert "## Per model" in report and "| lorafleet-stages | 2.00 req/s | tiny-sdxl |" in report
