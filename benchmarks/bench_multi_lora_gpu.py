@@ -117,12 +117,26 @@ class Settings:
 
 def time_ms(fn, s: Settings) -> float:
     """Median milliseconds of ``fn()`` over ``s.iters`` runs after ``s.warmup``; CUDA events on the GPU."""
-    for _ in range(s.warmup):
+    return median_ms(fn, s.iters, s.warmup, cuda=s.device == "cuda")
+
+
+def median_ms(fn, iters: int, warmup: int, *, cuda: bool, budget_s: float | None = None) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` (CUDA events when ``cuda``).
+
+    ``budget_s``: stop timing once that many seconds have passed since the start (warm-up included),
+    after one timed run at least: a time-boxed suite takes fewer iterations, never none.
+    """
+    began = time.perf_counter()
+
+    def more(done: int) -> bool:
+        return done < iters and (budget_s is None or done == 0 or time.perf_counter() - began < budget_s)
+
+    for _ in range(warmup):
         fn()
-    times = []
-    if s.device == "cuda":
+    times: list[float] = []
+    if cuda:
         torch.cuda.synchronize()
-        for _ in range(s.iters):
+        while more(len(times)):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -130,7 +144,7 @@ def time_ms(fn, s: Settings) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end))
     else:
-        for _ in range(s.iters):
+        while more(len(times)):
             t0 = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t0))
@@ -178,42 +192,65 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype):
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def added_conditions(unet_config: dict, s: Settings, g: torch.Generator) -> dict[str, torch.Tensor] | None:
-    """SDXL's ``added_cond_kwargs`` for ``s.rows`` rows (None for other UNets): random pooled text
+def added_conditions(unet_config: dict, rows: int, latent: int, g: torch.Generator) -> dict[str, torch.Tensor] | None:
+    """SDXL's ``added_cond_kwargs`` for ``rows`` rows (None for other UNets): random pooled text
     embeddings and the time ids of a square image at the latent size (original size, crop (0, 0), target size)."""
     if unet_config.get("addition_embed_type") != "text_time":
         return None
     time_dim = unet_config["addition_time_embed_dim"]
     pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * time_dim
-    px = 8 * s.latent
+    px = 8 * latent
     return {
-        "text_embeds": torch.randn((s.rows, pooled), generator=g),  # [rows, pooled]
-        "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * s.rows, dtype=torch.float32),  # [rows, 6]
+        "text_embeds": torch.randn((rows, pooled), generator=g),  # [rows, pooled]
+        "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * rows, dtype=torch.float32),  # [rows, 6]
     }
 
 
-def random_adapters(lora: MultiLoRAModel, s: Settings, dtype: torch.dtype) -> list[dict]:
-    """``s.adapters`` adapters ``{module path: (A [r, in], B [out, r], alpha)}`` on every targeted layer."""
-    g = torch.Generator().manual_seed(1)
+def step_inputs(
+    unet_config: dict, rows: int, latent: int, tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Random inputs of one UNet step over ``rows`` rows: ``(x_t, t, context, added_cond_kwargs or None)``."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, unet_config["in_channels"], latent, latent)  # [rows, c, h, w]
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (rows,), generator=g).to(device)  # [rows]: each row at its own step
+    context = torch.randn((rows, tokens, unet_config["cross_attention_dim"]), generator=g).to(device, dtype)
+    added = added_conditions(unet_config, rows, latent, g)
+    if added is not None:
+        added = {k: v.to(device, dtype) for k, v in added.items()}
+    return x, t, context, added
+
+
+def random_adapters(
+    lora: MultiLoRAModel, count: int, rank: int, dtype: torch.dtype, *, only=None, device=None, seed: int = 1
+) -> list[dict]:
+    """``count`` adapters ``{module path: (A [r, in], B [out, r], alpha)}`` on every layer of ``lora``, or on
+    the layers whose path ends in one of ``only``; on the slots' device, or ``device`` (e.g. host memory)."""
+    g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(s.adapters):
+    for _ in range(count):
         weights = {}
         for path, layer in lora.layers.items():
-            fan_in, fan_out = layer.a_shape[0], layer.out_features
-            A = torch.randn((s.rank, fan_in), generator=g) / fan_in**0.5
-            B = torch.randn((fan_out, s.rank), generator=g) / s.rank**0.5 * 0.1
-            weights[path] = (A.to(layer.lora_A.device, dtype), B.to(layer.lora_B.device, dtype), s.rank)
+            if only is not None and not any(path == o or path.endswith("." + o) for o in only):
+                continue
+            fan_in, fan_out = layer.lora_A[0].numel(), layer.out_features
+            A = torch.randn((rank, *layer.a_shape), generator=g) / fan_in**0.5
+            B = torch.randn((fan_out, rank), generator=g) / rank**0.5 * 0.1
+            if len(layer.a_shape) == 3:  # a conv's B is [out, r, 1, 1]
+                B = B[:, :, None, None]
+            target = layer.lora_A.device if device is None else device
+            weights[path] = (A.to(target, dtype), B.to(target, dtype), rank)
         out.append(weights)
     return out
 
 
-def add_peft_adapters(unet, adapters: list[dict], s: Settings, dtype: torch.dtype) -> list[str]:
+def add_peft_adapters(unet, adapters: list[dict], rank: int, dtype: torch.dtype, targets=TARGETS) -> list[str]:
     """The same adapters as peft LoRA layers through diffusers' ``add_adapter``, weights copied in."""
     from peft import LoraConfig
 
     names = [f"adapter{k}" for k in range(len(adapters))]
     for name in names:
-        config = LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=TARGETS, init_lora_weights=False)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
         unet.add_adapter(config, adapter_name=name)
     unet.to(dtype)  # peft may keep adapter weights in float32; diffusers' fp16 pipelines run them in fp16
     with torch.no_grad():
@@ -231,13 +268,7 @@ def add_peft_adapters(unet, adapters: list[dict], s: Settings, dtype: torch.dtyp
 def run(s: Settings, unet_config: dict) -> dict:
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     base = build_unet(unet_config, device, dtype)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn((s.rows, 4, s.latent, s.latent), generator=g).to(device, dtype)  # [rows, c, h, w]
-    t = torch.randint(0, 1000, (s.rows,), generator=g).to(device)  # [rows]: each row at its own step
-    context = torch.randn((s.rows, s.tokens, unet_config["cross_attention_dim"]), generator=g).to(device, dtype)
-    added = added_conditions(unet_config, s, g)
-    if added is not None:
-        added = {k: v.to(device, dtype) for k, v in added.items()}
+    x, t, context, added = step_inputs(unet_config, s.rows, s.latent, s.tokens, device, dtype)
     per = s.rows // s.adapters  # rows per adapter
     routing = [((1 + k // per, 1.0),) for k in range(s.rows)]  # rows 2k, 2k+1 -> slot k+1
 
@@ -256,7 +287,7 @@ def run(s: Settings, unet_config: dict) -> dict:
 
         fleet_unet = copy.deepcopy(base)
         lora = MultiLoRAModel(fleet_unet, TARGETS, num_slots=s.adapters + 1, max_rank=s.rank, deterministic=False)
-        adapters = random_adapters(lora, s, dtype)
+        adapters = random_adapters(lora, s.adapters, s.rank, dtype)
         for k, weights in enumerate(adapters):
             lora.load(k + 1, weights)
         res["lora_layers"] = len(lora.layers)
@@ -289,7 +320,7 @@ def run(s: Settings, unet_config: dict) -> dict:
             eps_fleet2 = step(fleet_unet).float()
 
     peft_unet = copy.deepcopy(base)
-    names = add_peft_adapters(peft_unet, adapters, s, dtype)
+    names = add_peft_adapters(peft_unet, adapters, s.rank, dtype)
     with torch.inference_mode():
 
         def sub_batches():
