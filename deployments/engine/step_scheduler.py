@@ -58,6 +58,7 @@ import torch
 
 from .conditioning import ImageConditioning, check_strength
 from .fair_queue import FairQueue
+from .scheduler_steps import JobSchedule, SchedulerStep, step_for
 from .schedulers import SchedulerFactory
 
 
@@ -126,12 +127,14 @@ class DenoiseJob:
     id: int
     request: DenoiseRequest
     bucket: tuple[int, int, int]  # (latent height, latent width, context tokens)
-    scheduler: object
+    scheduler: object  # the request's diffusers scheduler (the reference for its schedule)
     timesteps: torch.Tensor  # [num_ticks]
     x_t: torch.Tensor  # [1, channels, h, w]
     context: torch.Tensor  # [rows, tokens, hidden]: (negative, positive) with CFG, else (positive,)
     step_kwargs: dict
     enqueued_at: float
+    schedule: JobSchedule  # how its steps run: a vectorized kind's coefficient table, or the scheduler itself
+    unet_timesteps: torch.Tensor  # [num_ticks] float32: the UNet's timestep input
     index: int = 0
     last_tick: int = -1
     started_at: float | None = None
@@ -262,6 +265,7 @@ class StepScheduler:
         mask_tensors = self.prepare_mask_latents(cond, shape, context.shape[0], noise, image_latents)
         added_cond = self.prepare_added_conditions(request, context.shape[0]) if self.text_time else None
         step_kwargs = self.prepare_extra_step_kwargs(scheduler, generator, eta=0.0)
+        schedule = step_for(scheduler, step_kwargs).prepare(scheduler, timesteps, generator, step_kwargs)
         return DenoiseJob(
             id=next(self._ids),
             request=request,
@@ -272,6 +276,8 @@ class StepScheduler:
             context=context,
             step_kwargs=step_kwargs,
             enqueued_at=self.clock(),
+            schedule=schedule,
+            unet_timesteps=timesteps.to(torch.float32),
             added_cond=added_cond,
             **mask_tensors,
         )
@@ -656,29 +662,50 @@ class StepScheduler:
         if self.on_tick is not None:
             self.on_tick(rows, now - start)
         done = [j for j in jobs if j.done]
-        for j in done:
-            j.finished_at = now
-            if not bool(torch.isfinite(j.x_t).all()):  # one check per image, at its end: never a silent black image
-                names = tuple(str(key) for key, _ in j.request.adapters)
-                j.error = NonFiniteLatentsError(names, len(j.timesteps))
+        if done:
+            self._hand_over(done, now)
         self.active = [j for j in self.active if not j.done]
         self._leave(done)
         return finished + done
 
+    def _hand_over(self, done: list[DenoiseJob], now: float) -> None:
+        """Finished latents leave the batch: one host sync per tick checks them all for NaN/inf.
+
+        Never a silent black image: a job whose latents are not finite fails. Each keeps its
+        own copy of its latents (not a view of the tick's batch).
+        """
+        finite = torch.stack([torch.isfinite(j.x_t).all() for j in done]).tolist()  # the one sync
+        for j, ok in zip(done, finite, strict=True):
+            j.finished_at = now
+            j.x_t = j.x_t.clone()
+            if not ok:
+                names = tuple(str(key) for key, _ in j.request.adapters)
+                j.error = NonFiniteLatentsError(names, len(j.timesteps))
+
     def _step(self, jobs: list[DenoiseJob], start: float) -> None:
-        x_in, t_in = [], []
+        """One UNet forward over ``jobs``' rows, then each scheduler kind's step over its jobs.
+
+        No host sync: step indices are Python ints, coefficients are gathered on the device
+        (``scheduler_steps``); only ``PerRequestStep`` jobs call diffusers' objects, syncs included.
+        """
         for j in jobs:
             if j.started_at is None:
                 j.started_at = start
-            t = j.timesteps[j.index]
-            x = torch.cat([j.x_t] * 2) if j.cfg else j.x_t  # [rows, c, h, w]
-            x = j.scheduler.scale_model_input(x, t)
+        groups = self._group_by_kind(jobs)
+        scaled: list[torch.Tensor] = [None] * len(jobs)  # type: ignore[list-item]
+        for kind, members in groups:
+            x_t = torch.cat([jobs[m].x_t for m in members])  # [n, c, h, w]
+            x = kind.scale_model_input([jobs[m].schedule for m in members], [jobs[m].index for m in members], x_t)
+            for m, x_m in zip(members, x.split(1), strict=True):
+                scaled[m] = x_m
+        x_in = []
+        for j, x in zip(jobs, scaled, strict=True):
+            x = x.expand(j.rows, -1, -1, -1)  # [rows, c, h, w]: CFG's two rows
             if j.unet_extra is not None:  # diffusers scales x_t alone, then concatenates
                 x = torch.cat([x, j.unet_extra], dim=1)  # [rows, 2c + 1, h, w]
             x_in.append(x)
-            t_in.append(t.to(torch.float32).expand(j.rows))
         x_in = torch.cat(x_in)  # [sum rows, c, h, w]
-        t_in = torch.cat(t_in).to(self.device)  # [sum rows]
+        t_in = torch.cat([j.unet_timesteps[j.index].expand(j.rows) for j in jobs])  # [sum rows]
         context = torch.cat([j.context for j in jobs])  # [sum rows, tokens, hidden]
         kwargs: dict = {"encoder_hidden_states": context, "return_dict": False}
         if self.text_time:
@@ -693,20 +720,36 @@ class StepScheduler:
                 eps_all = self.unet(x_in, t_in, **kwargs)[0]
         else:
             eps_all = self.unet(x_in, t_in, **kwargs)[0]
+        guided: list[torch.Tensor] = []
         for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
             if j.cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + j.request.guidance_scale * (eps_text - eps_uncond)
-            t = j.timesteps[j.index]
-            j.x_t = j.scheduler.step(eps, t, j.x_t, **j.step_kwargs, return_dict=False)[0]
-            if j.blend_mask is not None:
-                # Keep the unmasked region on the init image's trajectory: noised to the next timestep.
-                init = j.image_latents
-                if j.index < len(j.timesteps) - 1:
-                    init = j.scheduler.add_noise(init, j.noise, j.timesteps[j.index + 1 : j.index + 2])
-                j.x_t = (1 - j.blend_mask) * init + j.blend_mask * j.x_t
-            j.index += 1
-            j.last_tick = self.ticks_run
+            guided.append(eps)  # [1, c, h, w]
+        for kind, members in groups:
+            schedules, indices = [jobs[m].schedule for m in members], [jobs[m].index for m in members]
+            eps = torch.cat([guided[m] for m in members])  # [n, c, h, w]
+            x_t = torch.cat([jobs[m].x_t for m in members])
+            x_next = kind.step(schedules, indices, eps, x_t)
+            for m, x_m in zip(members, x_next.split(1), strict=True):
+                j = jobs[m]
+                if j.blend_mask is not None:
+                    # Keep the unmasked region on the init image's trajectory: noised to the next timestep.
+                    init = j.image_latents
+                    if j.index < len(j.timesteps) - 1:
+                        init = kind.add_noise(j.schedule, init, j.noise, j.index + 1)
+                    x_m = (1 - j.blend_mask) * init + j.blend_mask * x_m
+                j.x_t = x_m
+                j.index += 1
+                j.last_tick = self.ticks_run
+
+    @staticmethod
+    def _group_by_kind(jobs: list[DenoiseJob]) -> list[tuple[SchedulerStep, list[int]]]:
+        """Positions of ``jobs`` by scheduler kind, in order of first appearance."""
+        groups: dict[SchedulerStep, list[int]] = {}
+        for m, j in enumerate(jobs):
+            groups.setdefault(j.schedule.kind, []).append(m)
+        return list(groups.items())
 
     # -- progress of a request (async jobs) -------------------------------------
 
