@@ -210,13 +210,19 @@ class GraphClient:
 
 class GraphRouter:
     """Runs each plan on its own model's graph (``Plan.model``): the ingress's and the Jobs store's one
-    way into the deployments."""
+    way into the deployments. With a single graph, every plan runs on it (the Jobs replica does not
+    read the model, so it knows a single model's name only from the plans)."""
 
     def __init__(self, clients: dict[str, GraphClient]):
         self.clients = clients
 
+    def client(self, model: str) -> GraphClient:
+        if model not in self.clients and len(self.clients) == 1:
+            return next(iter(self.clients.values()))
+        return self.clients[model]
+
     async def run(self, plan: Plan, **kwargs) -> DecodedImages:
-        return await self.clients[plan.model].run(plan, **kwargs)
+        return await self.client(plan.model).run(plan, **kwargs)
 
 
 def _cancel(responses: list) -> None:

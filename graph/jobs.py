@@ -122,11 +122,12 @@ class Jobs:
         )
 
         async def run(plan: Plan, on_event: Callable[[Queued | Step | Preview], None]) -> DecodedImages:
-            eta = await self.cold_starts.loading(plan.model)
+            model = self.key(plan.model)
+            eta = await self.cold_starts.loading(model)
             if eta is not None:
                 on_event(LoadingModel(plan.model, eta))
-                detached(self.wake(plan.model))
-                on_event = self.cold_starts.timed(plan.model, on_event)
+                detached(self.wake(model))
+                on_event = self.cold_starts.timed(model, on_event)
             return await graph.run(plan, on_event=on_event, preview_every_steps=cfg.preview_every_steps)
 
         records = None
@@ -152,10 +153,14 @@ class Jobs:
         self.sweep_every_s = min(60.0, max(1.0, cfg.ttl_s / 4))
         self._sweeper: asyncio.Task | None = None
 
+    def key(self, model: str) -> str:
+        """A plan's model as this replica names its graphs: the name, or "" for a single unnamed model."""
+        return model if model in self.graphs or len(self.graphs) != 1 else next(iter(self.graphs))
+
     async def wake(self, model: str) -> None:
         """Ask every stage of a cold model for a replica at once (a job's chain reaches the VAE only after
         denoising): a call waiting at a handle is what makes Ray Serve scale a deployment up from zero."""
-        graph = self.graphs.get(model) or next(iter(self.graphs.values()))
+        graph = self.graphs[model]
         calls = [handle.ready.remote() for handle in (graph.text_encoder, graph.denoiser, graph.vae)]
         for outcome in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(outcome, Exception):

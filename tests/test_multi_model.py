@@ -321,3 +321,24 @@ def test_a_job_shows_loading_model_then_queued_then_running():
         ("running", None, None, 1.0, "xl"),
     ]
     assert manager.get(job.id).to_dict()["phase"] is None
+
+
+def test_plans_run_on_their_models_graph_and_a_single_graph_takes_every_plan():
+    from graph.chain import GraphRouter
+
+    from conftest import make_plan
+
+    class Client:
+        def __init__(self, name):
+            self.name = name
+
+        async def run(self, plan, **kwargs):
+            return self.name
+
+    both = GraphRouter({"sd": Client("sd"), "xl": Client("xl")})
+    assert [asyncio.run(both.run(make_plan(model=m))) for m in ("xl", "sd")] == ["xl", "sd"]
+    with pytest.raises(KeyError):
+        asyncio.run(both.run(make_plan(model="sd3")))
+    # The Jobs replica of a single-model app keys its graph "" (the name comes from the model itself).
+    single = GraphRouter({"": Client("only")})
+    assert asyncio.run(single.run(make_plan(model="tiny-sd"))) == "only"
