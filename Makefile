@@ -60,3 +60,30 @@ export-model: venv  ## write a builtin model as a diffusers directory: make expo
 
 clean:
 	rm -rf $(VENV) .lorafleet .pytest_cache
+
+# -- #19: the prepared GPU suite ------------------------------------------------------------------
+.PHONY: gpu-suite gpu-wheels
+OUT ?= .lorafleet/gpu-suite
+SMOKE ?=
+# The venv's Python where there is one (CI, a developer's machine); on a GPU host without one, python3
+# with the wheel bundle on PYTHONPATH (README: GPU suite).
+SUITE_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-suite:  ## #19's GPU suite on the Ray-free engine, JSON + Markdown into OUT (SMOKE=1: all of it on the CPU, tiny models)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(SUITE_PY) -m benchmarks.gpu_suite --out $(OUT) $(if $(SMOKE),--smoke)
+
+# Every wheel the suite needs beyond what a GPU host with torch, transformers, peft and safetensors has
+# (Python 3.12, x86-64): diffusers and its own requirements, pydantic (the engine's config), Pillow (images),
+# open_clip_torch (only for the CLIP BPE vocabulary file it ships). Versions: the venv's. No Ray.
+WHEEL_DIR ?= .whl
+GPU_WHEELS := diffusers==0.42.1 importlib-metadata==10.2.0 zipp==4.1.2 lazy-importer==0.1.0 pillow==13.0.0 \
+	requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3 idna==3.20 \
+	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 open_clip_torch==3.3.0
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+gpu-wheels:  ## download the GPU suite's wheels into WHEEL_DIR (< 64 MiB): see README, GPU suite
+	mkdir -p $(WHEEL_DIR)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) -d $(WHEEL_DIR) $(GPU_WHEELS)
+	@total=$$(du -cb $(WHEEL_DIR)/*.whl | tail -1 | cut -f1); \
+	echo "$(WHEEL_DIR): $$(ls $(WHEEL_DIR)/*.whl | wc -l) wheels, $$((total / 1048576)) MiB"; \
+	test $$total -lt 67108864 || { echo "the bundle is over 64 MiB"; exit 1; }

@@ -84,3 +84,145 @@ def test_gpu_bench_smoke(model):
     # Batched and two-row CPU kernels round differently (up to ~3e-4 on the SD1.5-shaped UNet), so not 0;
     # a wrong adapter on any row would differ by about the adapters' effect.
     assert res["fleet_vs_subbatch_max_abs"] <= 0.01 * res["adapter_effect_max_abs"]
+
+
+# -- #19: the prepared GPU suite --------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+# What the GPU host has (torch, transformers, peft, safetensors and their requirements), found in this venv.
+GPU_HOST_ROOTS = ("torch", "transformers", "peft", "safetensors")
+
+
+def _requirement_closure(roots) -> set[str]:
+    """Distribution names (normalised) of ``roots`` and everything they require (extras aside)."""
+    import importlib.metadata as md
+    import re
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    seen: set[str] = set()
+    stack = [norm(r) for r in roots]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = md.distribution(name).requires or []
+        except md.PackageNotFoundError:
+            continue
+        for req in requires:
+            if ";" in req and "extra" in req.split(";", 1)[1]:
+                continue
+            stack.append(norm(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]))
+    return seen
+
+
+def _bundle() -> set[str]:
+    """The wheels `make gpu-wheels` downloads (the Makefile's GPU_WHEELS), normalised names."""
+    import re
+
+    text = (ROOT / "Makefile").read_text()
+    block = text.split("GPU_WHEELS :=", 1)[1].split("\nWHEEL_PLATFORMS", 1)[0]
+    return {re.sub(r"[-_.]+", "-", spec.split("==")[0]).lower() for spec in block.replace("\\", " ").split()}
+
+
+def _gpu_host_site(directory):
+    """A site directory with only what the GPU host has and the bundle brings: links to those distributions'
+    files in this venv. A run on it with ``python -S`` sees no other installed package, as on that host."""
+    import importlib.metadata as md
+    import re
+
+    allowed = _requirement_closure(GPU_HOST_ROOTS) | _bundle()
+    directory.mkdir()
+    for dist in md.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if name not in allowed or name == "lorafleet":
+            continue
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            source, link = dist.locate_file(top), directory / top
+            if source.exists() and not link.exists():
+                link.symlink_to(source)
+    return directory
+
+
+def _on_gpu_host_site(site, code: str) -> list[str]:
+    """``python -S`` with ``site`` and the repository on the path, nothing else installed: ``code``'s argv."""
+    import sys
+
+    prelude = f"import sys; sys.path[:0] = [{str(site)!r}, {str(ROOT)!r}]; "
+    return [sys.executable, "-S", "-c", prelude + code]
+
+
+def test_gpu_suite_imports_no_ray(tmp_path):
+    """Every module of the suite imports on a site with only the GPU host's packages and the bundle, without Ray."""
+    import subprocess
+
+    site = _gpu_host_site(tmp_path / "site")
+    code = "import benchmarks.gpu_suite.run; print('RAY' if 'ray' in sys.modules else 'NO-RAY')"
+    proc = subprocess.run(_on_gpu_host_site(site, code), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "NO-RAY"
+    assert {"diffusers", "pydantic", "pillow", "open-clip-torch"} <= _bundle()
+
+
+def test_gpu_suite_smoke(cache_dir, tmp_path):
+    """`make gpu-suite SMOKE=1`'s run: every part (a)-(f) has figures, or an explicit reason where it needs CUDA."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "suite"
+    env = {**os.environ, "LORAFLEET_CACHE_DIR": str(cache_dir), "OUT": str(out)}
+    # On a site with only the GPU host's packages and the bundle: the bundle is complete if this runs.
+    site = _gpu_host_site(tmp_path / "site")
+    code = "from benchmarks.gpu_suite.run import main; main(['--smoke'])"
+    proc = subprocess.run(_on_gpu_host_site(site, code), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((out / "suite.json").read_text())
+    parts = result["parts"]
+    assert set(parts) == {"a_step", "b_engine", "c_diffusers", "d_sdxl", "e_memory", "f_correctness"}
+    assert not [k for k, v in parts.items() if "error" in v], {k: v.get("error") for k, v in parts.items()}
+
+    def positive(x) -> bool:
+        return isinstance(x, int | float) and x > 0
+
+    # (a) and (d): every row count timed for the base step and both kernels; the adapters change the step's
+    # output (a mixed step that ignored its routing would equal the base); graphs skipped with a reason on the CPU.
+    for step, rows in ((parts["a_step"], {"2", "16", "32", "64"}), (parts["d_sdxl"]["step"], {"2", "16"})):
+        assert set(step["rows"]) == rows
+        assert step["graph"] == "CUDA graphs need a CUDA device"
+        for r in step["rows"].values():
+            assert all(positive(r[k]) for k in ("base_ms", "mixed_grouped_ms", "mixed_gather_ms", "mixed_served_ms"))
+            assert r["adapter_effect_max_abs"] > 1e-3
+    # (b) and (d): closed loops at each level, every image served; residency timed for the 8 adapters.
+    for engine, levels in ((parts["b_engine"], [1, 8, 32]), (parts["d_sdxl"]["engine"], [1, 4])):
+        assert [lv["concurrency"] for lv in engine["levels"]] == levels
+        for lv in engine["levels"]:
+            assert lv["images"] >= lv["concurrency"] and lv["failed"] == 0
+            assert positive(lv["images_per_s"]) and 0 < lv["p50_s"] <= lv["p95_s"]
+            assert lv["mean_rows_per_tick"] <= 2 * lv["concurrency"]
+    residency = parts["b_engine"]["residency"]
+    assert residency["adapters"] == 8 and len(residency["each_ms"]) == 8 and positive(residency["median_ms"])
+    # (c): three diffusers systems, and peft's mixed batch really took the mixed path.
+    diff = parts["c_diffusers"]
+    assert set(diff) == {"one_per_call_lora", "batch_8_no_lora", "peft_mixed_8"}
+    assert all(positive(d["images_per_s"]) and d["images"] >= 1 for d in diff.values())
+    assert diff["peft_mixed_8"]["mixed_batch_forward_calls"] > 0
+    # (e): slot memory computed everywhere; CUDA figures skipped with a reason.
+    memory = parts["e_memory"]
+    assert positive(memory["sd_slot_pages_bytes"]) and positive(memory["sdxl_rank16_adapter_bytes"])
+    assert memory["cuda"] == "CPU run: no CUDA allocator to measure"
+    # (f): served images equal diffusers' (fp32 on the CPU) far above what a missed adapter would give.
+    f = parts["f_correctness"]
+    assert f["graph_vs_eager"] == {"skipped": "CUDA graphs need a CUDA device"}
+    served = f["served_vs_diffusers"]
+    assert served["min_psnr_db"] >= 60
+    assert served["max_psnr_vs_no_adapter_db"] < served["min_psnr_db"] - 20
+    # The targets: all four measured, each with a verdict; no Ray, nothing the GPU host lacks.
+    assert len(result["targets"]) == 4
+    assert all(isinstance(t["measured"], float) and isinstance(t["pass"], bool) for t in result["targets"])
+    assert result["ray_imported"] is False
+    report = (out / "suite.md").read_text()
+    assert "| target | measured | verdict | how |" in report and report.count("PASS") + report.count("MISS") == 4

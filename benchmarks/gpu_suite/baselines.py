@@ -143,14 +143,22 @@ def served_vs_diffusers(engine: ServedEngine, pipes: Pipelines, check: list[Requ
         pipes.switch(r.adapter)
         z = pipes.call(pipes.peft, [r], run, output_type="latent")  # [1, c, h, w]
         theirs = decode(engine.parts.vae, z.to(engine.lora.device))[0]
+        z_base = pipes.call(pipes.plain, [r], run, output_type="latent")  # the same request without its adapter
+        base = decode(engine.parts.vae, z_base.to(engine.lora.device))[0]
         ours = served.pixels[r.index]
         per_image.append(
             {
                 "request": r.index,
                 "adapter": r.adapter,
                 "psnr_db": psnr(ours, theirs),
+                # What a served image that missed its adapter would score: the check's floor.
+                "psnr_vs_no_adapter_db": psnr(ours, base),
                 "latents_max_abs": (served.latents[r.index] - z.float().cpu()).abs().max().item(),
                 "pixels_max_abs": (ours - theirs).abs().max().item(),
             }
         )
-    return {"images": per_image, "min_psnr_db": min(p["psnr_db"] for p in per_image)}
+    return {
+        "images": per_image,
+        "min_psnr_db": min(p["psnr_db"] for p in per_image),
+        "max_psnr_vs_no_adapter_db": max(p["psnr_vs_no_adapter_db"] for p in per_image),
+    }

@@ -119,8 +119,24 @@ def markdown(result: dict) -> str:
             lines.append(f"| {key} | {v} |")
     lines += ["", "## (f) correctness", ""]
     for key, v in parts.get("f_correctness", {}).items():
-        lines.append(f"- {key}: {v}")
+        lines.append(f"- {key}: {_correctness(v)}")
     return "\n".join(lines) + "\n"
+
+
+def _correctness(v) -> str:
+    """One line per check: its figure, or why it has none."""
+    if not isinstance(v, dict):
+        return str(v)
+    if "error" in v or "skipped" in v:
+        return v.get("error") or f"skipped: {v['skipped']}"
+    if "min_psnr_db" in v:
+        return (
+            f"served vs diffusers, {len(v['images'])} images with adapters: PSNR >= {v['min_psnr_db']:.1f} dB "
+            f"(against diffusers without the adapter: <= {v['max_psnr_vs_no_adapter_db']:.1f} dB)"
+        )
+    if "latents_max_abs" in v:
+        return f"max |latents| difference {v['latents_max_abs']:.3g} over {v.get('images', '?')} images"
+    return str(v)
 
 
 def _step_table(title: str, step: dict, level: str = "##") -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .baselines import Pipelines, diffusers_part, served_vs_diffusers
-from .models import draw_requests, host_adapters, load_model
+from .models import Request, draw_requests, host_adapters, load_model
 from .report import markdown, targets
 from .served import ServedEngine, engine_graph_support, residency_timings
 from .settings import SUITE_LIMIT_S, Budget, ModelRun, SuiteSettings
@@ -118,7 +118,8 @@ class Suite:
         engine_out: dict = {}
         with self.measured("residency"):
             engine_out["residency"] = self.attempt("residency", residency_timings, engine, s.adapters)
-        self.log(f"residency: {engine_out['residency']}")
+        res = engine_out["residency"]
+        self.log(f"residency: median {res['median_ms']:.2f} ms" if "median_ms" in res else f"residency: {res}")
 
         budget = self.budget("step")
         if budget is None:
@@ -168,7 +169,7 @@ class Suite:
             correctness["served_vs_diffusers"] = {"skipped": "diffusers' pipelines were not built"}
         else:
             self.log("(f) served vs diffusers")
-            check = draw_requests(2, s.adapters, s.zipf_s, seed=11, prefix="check: ")
+            check = [Request(0, "check: a lighthouse", 0, seed=11), Request(1, "check: a red fox", 3, seed=12)]
             correctness["served_vs_diffusers"] = self.attempt(
                 "(f) served vs diffusers", served_vs_diffusers, engine, pipes, check, run
             )
@@ -217,6 +218,15 @@ def engine_graphs_vs_eager(engine: ServedEngine) -> dict:
     return {"images": len(check), "latents_max_abs": max(diffs)}
 
 
+def imported_distributions() -> list[str]:
+    """The installed distributions whose modules the run imported: what a GPU host must have (or the bundle)."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    tops = {name.partition(".")[0] for name in sys.modules}
+    return sorted({dist for top in tops for dist in owners.get(top, [])})
+
+
 def machine(device: torch.device) -> dict:
     def version(name: str) -> str | None:
         try:
@@ -260,6 +270,7 @@ def run_suite(s: SuiteSettings) -> dict:
         "parts": parts,
         "wall_s": time.perf_counter() - suite.start,
         "ray_imported": "ray" in sys.modules,
+        "imported_distributions": imported_distributions(),
     }
     result["targets"] = targets(result)
     suite.log(f"done in {result['wall_s']:.1f} s")
@@ -275,6 +286,7 @@ def quiet() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
