@@ -43,7 +43,8 @@ import torch
 
 @dataclass(eq=False)
 class JobSchedule:
-    """One job's scheduler state: its row of a ``SchedulerStep``, its diffusers object, its generator."""
+    """One job's side of its scheduler kind: where its steps sit in the kind's coefficient table, its own
+    diffusers scheduler and generator, and (DPM++) its previous model output."""
 
     kind: SchedulerStep
     scheduler: object  # the request's diffusers scheduler: the reference; stepped only by PerRequestStep

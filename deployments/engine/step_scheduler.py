@@ -3,13 +3,17 @@
 Each request (one image) is a ``DenoiseJob`` with its own scheduler instance,
 latents ``x_t``, timestep list and random generator. A *tick* runs one UNet
 forward over every active job of one shape bucket, each at its own timestep
-(classifier-free guidance rows included), then each job's own scheduler step.
+(classifier-free guidance rows included), then the scheduler step: one
+vectorized step per scheduler kind over all its jobs (``scheduler_steps``:
+DDIM, Euler, Euler a, DPM++ 2M), each job's diffusers object for the others.
 Jobs join at the next tick and leave as soon as their last step is done, so a
-short request never waits for a long batch to finish.
+short request never waits for a long batch to finish. Nothing in a tick reads
+the device back on the host (``host_syncs``), except one check of the finished
+jobs' latents as they leave; the per-request fallback's own syncs aside.
 
 The arithmetic per job is exactly ``StableDiffusionPipeline.__call__``'s
-(same ``scale_model_input``, guidance and ``scheduler.step`` calls on the same
-tensors), which is what makes the served image equal the pipeline's. Image-
+(``scale_model_input``, guidance and ``scheduler.step``'s operations on the same
+values), which is what makes the served image equal the pipeline's. Image-
 conditioned jobs (``DenoiseRequest.conditioning``) follow
 ``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` the
 same way, in the same batches as text-to-image jobs:
