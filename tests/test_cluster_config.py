@@ -31,7 +31,10 @@ def app_args(doc: dict) -> dict:
 # ---- Serve configs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml", "autoscale/serve_config.fake.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.multi.yaml", "autoscale/serve_config.fake.yaml"],
+)
 def test_serve_config_validates_with_serve_and_lorafleet(path):
     from ray.serve.schema import ServeDeploySchema
 
@@ -41,6 +44,15 @@ def test_serve_config_validates_with_serve_and_lorafleet(path):
     config = AppConfig.load(app_args(doc))  # ConfigError names any bad field
     assert config.denoiser.autoscaling is not None
     assert config.denoiser.autoscaling["policy"]["policy_function"] == "deployments.autoscaling:PendingWorkPolicy"
+    for served in config.served_models():  # each model's merged sections keep the policy
+        assert served.denoiser.autoscaling["policy"]["policy_function"] == "deployments.autoscaling:PendingWorkPolicy"
+
+
+def test_the_multi_model_example_scales_its_second_model_from_zero():
+    sd, xl = AppConfig.load(app_args(load("serve_config.multi.yaml"))).served_models()
+    assert (sd.name, xl.name) == ("tiny-sd", "tiny-sdxl")
+    assert [s.autoscaling["min_replicas"] for s in (sd.text_encoder, sd.denoiser, sd.vae)] == [1, 1, 1]
+    assert [s.autoscaling["min_replicas"] for s in (xl.text_encoder, xl.denoiser, xl.vae)] == [0, 0, 0]
 
 
 # The knobs serve_config.gpu.yaml may change (marked "GPU:" in the file); everything else must match
