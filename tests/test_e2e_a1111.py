@@ -219,7 +219,7 @@ def test_an_a1111_client_call_sequence(cluster, ink):
     assert r.status_code == 200, r.text
     out = r.json()
     info = json.loads(out["info"])
-    assert info["ignored_fields"] == ["eta", "override_settings"]
+    assert info["ignored_fields"] == ["eta"]  # sd_model_checkpoint is honoured: it picks the served model
     assert info["all_seeds"] == [77, 78] and info["sampler_name"] == "Euler a"
     assert info["loras"] == [{"ref": lora["path"], "scale": 1.0}]
     assert out["parameters"]["override_settings"] == {"sd_model_checkpoint": model["title"]}
