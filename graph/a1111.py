@@ -517,9 +517,11 @@ def lora_entry(listing: dict) -> dict:
 
     Public by design: names, descriptions, trigger words, tags and versions are what a user needs to
     use an adapter; the admin API (``/v1/adapters``, behind ``admin.protect_reads``) has the rest.
+    ``model``: the served model the latest version is for (None: no served one), where the listing says
+    (``AdapterResolver.listed`` does), so the page offers each model only its own adapters.
     """
     latest = listing["latest"]
-    return {
+    entry = {
         "name": listing["name"],
         "alias": listing["name"],
         "path": f"{latest['name']}@{latest['version']}",
@@ -536,6 +538,9 @@ def lora_entry(listing: dict) -> dict:
             "created_at": latest["created_at"],
         },
     }
+    if "model" in listing:
+        entry["model"] = listing["model"]
+    return entry
 
 
 def list_loras(resolver) -> list[dict]:

@@ -3,7 +3,9 @@
 No CDN and no build step: ``index.html``, ``app.js`` and ``style.css`` are read once per replica.
 The page learns this server's limits and defaults from a JSON block ``render_index`` writes into
 ``index.html``, so its inputs show the same bounds the API enforces (the API still checks them all;
-the page shows its errors).
+the page shows its errors). The block is the default model's ``page_config`` plus ``models``: one per
+served model, the default first; with more than one, the page offers a model picker and lays its form
+out for the chosen model (sizes, schedulers, adapters) and sends ``model`` with every request.
 """
 
 from __future__ import annotations

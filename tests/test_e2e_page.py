@@ -8,52 +8,27 @@ value or an unreachable server shows a message next to the form. Screenshots go 
 from __future__ import annotations
 
 import base64
-import io
 import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from page_helpers import artifacts_dir, by_id, decode_data_url, fill, start_chromium, wait
 from PIL import Image
 
-from conftest import ROOT, HeldDenoiser
+from conftest import HeldDenoiser
 from lora_helpers import UNET_ATTN, make_peft_lora_file
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-TIMEOUT_S = 120
 ADAPTER = "page-watercolor"
 STEPS = 40
 
 
-def artifacts_dir() -> Path:
-    path = Path(os.environ.get("LORAFLEET_ARTIFACTS_DIR") or ROOT / "test-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1100",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_chromium()
     try:
         yield driver
     finally:
@@ -76,24 +51,6 @@ def adapter(cluster, tiny, tmp_path_factory):
         )
     assert r.status_code == 201, r.text
     return r.json()
-
-
-def wait(driver, condition, timeout=TIMEOUT_S, message=""):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout).until(condition, message)
-
-
-def by_id(driver, element_id):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id)
-
-
-def fill(driver, element_id, value):
-    element = by_id(driver, element_id)
-    element.clear()
-    element.send_keys(str(value))
 
 
 def open_page(driver, cluster):
@@ -122,12 +79,6 @@ def open_page(driver, cluster):
 def error_text(driver):
     wait(driver, lambda d: by_id(d, "form-error").is_displayed(), 60, "no error was shown")
     return by_id(driver, "form-error").text
-
-
-def decode_data_url(src: str, mime: str = "image/png") -> Image.Image:
-    prefix = f"data:{mime};base64,"
-    assert src.startswith(prefix), src[:64]
-    return Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :])))
 
 
 def test_prompt_and_style_to_an_image_in_the_gallery(cluster, browser, adapter):

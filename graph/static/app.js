@@ -3,12 +3,20 @@
 // shows what it says (error.message next to the form, the named field marked).
 "use strict";
 
+// The default model's config, and in `models` one per served model, the default first (graph/page.py).
 const config = JSON.parse(document.getElementById("config").textContent);
+const models = config.models ?? [config];
 const $ = (id) => document.getElementById(id);
+// The page is served at the application's root, which may sit under a route prefix ("/multi/"):
+// every API path is relative to it.
+const root = location.pathname.endsWith("/") ? location.pathname : `${location.pathname}/`;
+const api = (path) => root + path;
+const FAMILIES = { sd1: "SD1.x", sdxl: "SDXL", "sd1-inpaint": "SD1.x inpainting", "sdxl-inpaint": "SDXL inpainting" };
 
 const state = {
   mode: "txt2img",        // "txt2img" | "img2img" | "inpaint"
-  adapters: new Map(),    // name -> /sdapi/v1/loras entry
+  model: models[0],       // the chosen model's config: sizes, limits and schedulers come from it
+  adapters: new Map(),    // name -> /sdapi/v1/loras entry, every model's
   chosen: [],             // [{name, scale: <input>, item: <li>}] in request order
   image: null,            // {dataUrl, img: HTMLImageElement} of the input image
   job: null,              // {id, events: EventSource, finished}
@@ -17,21 +25,12 @@ const state = {
 // -- set-up ---------------------------------------------------------------------------------
 
 function setUpForm() {
-  const family = { sd1: "SD1.x", sdxl: "SDXL", "sd1-inpaint": "SD1.x inpainting", "sdxl-inpaint": "SDXL inpainting" };
-  const native = `${config.default_side}×${config.default_side}`;
-  $("model-line").textContent = `Model: ${config.model} (${family[config.family] || config.family}, native ${native}). ` +
-    "Text to image, image to image and inpainting with LoRA styles.";
-  for (const id of ["width", "height"]) {
-    Object.assign($(id), { min: config.min_side, max: config.max_side, value: config.default_side });
-  }
-  $("steps").max = config.max_steps;
-  $("num_images").max = config.max_num_images;
-  $("guidance_scale").max = config.max_guidance_scale;
-  const scheduler = $("scheduler");
-  for (const s of config.schedulers) {
-    scheduler.append(new Option(s.value === "default" ? `${s.name} (the model's own)` : s.name, s.value));
-  }
-  scheduler.value = "default";
+  const pick = $("model");
+  for (const m of models) pick.append(new Option(`${m.model} (${familyName(m)})`, m.model));
+  $("model-field").hidden = models.length < 2;  // one model: the line under the title names it
+  pick.addEventListener("change", () => chooseModel(pick.value));
+  for (const id of ["width", "height"]) $(id).value = state.model.default_side;
+  applyModel(state.model);
   const tabs = [...document.querySelectorAll("[role=tab]")];
   for (const [i, tab] of tabs.entries()) {
     tab.addEventListener("click", () => setMode(tab.dataset.mode));
@@ -50,6 +49,47 @@ function setUpForm() {
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   setUpMask();
+}
+
+function familyName(model) {
+  return FAMILIES[model.family] ?? model.family;
+}
+
+function chooseModel(name) {
+  const next = models.find((m) => m.model === name);
+  if (!next || next === state.model) return;
+  const previous = state.model;
+  state.model = next;
+  clearError();
+  // A size still at the old model's native side becomes the new one's; one the person (or the input
+  // image) set stays, within the new bounds.
+  for (const id of ["width", "height"]) {
+    const input = $(id);
+    const value = Number(input.value);
+    if (input.value.trim() === "" || value === previous.default_side) input.value = next.default_side;
+    else if (!Number.isNaN(value)) input.value = Math.min(next.max_side, Math.max(next.min_side, value));
+  }
+  applyModel(next);
+  renderAdapterPick();
+  dropOtherModelsAdapters();
+}
+
+function applyModel(model) {
+  const native = `${model.default_side}×${model.default_side}`;
+  $("model-line").textContent = `Model: ${model.model} (${familyName(model)}, native ${native}). ` +
+    "Text to image, image to image and inpainting with LoRA styles.";
+  $("model").value = model.model;
+  for (const id of ["width", "height"]) Object.assign($(id), { min: model.min_side, max: model.max_side });
+  $("steps").max = model.max_steps;
+  $("num_images").max = model.max_num_images;
+  $("guidance_scale").max = model.max_guidance_scale;
+  for (const c of state.chosen) c.scale.max = model.max_lora_scale;
+  // Each model has its own default scheduler; a named one the person chose stays if this model has it.
+  const scheduler = $("scheduler");
+  const chosen = scheduler.value;
+  scheduler.replaceChildren(...model.schedulers.map((s) =>
+    new Option(s.value === "default" ? `${s.name} (the model's own)` : s.name, s.value)));
+  scheduler.value = model.schedulers.some((s) => s.value === chosen) ? chosen : "default";
 }
 
 function setMode(mode) {
@@ -74,7 +114,7 @@ async function loadAdapters() {
   const pick = $("adapter-pick");
   let entries;
   try {
-    const response = await fetch("/sdapi/v1/loras");
+    const response = await fetch(api("sdapi/v1/loras"));
     if (!response.ok) throw new Error(await errorText(response));
     entries = await response.json();
   } catch (e) {
@@ -83,8 +123,36 @@ async function loadAdapters() {
     return;
   }
   state.adapters = new Map(entries.map((entry) => [entry.name, entry]));
-  pick.replaceChildren(new Option(entries.length ? "Choose a style…" : "No adapters registered", ""));
+  state.adaptersLoaded = true;
+  renderAdapterPick();
+}
+
+function forModel(entry) {
+  // Entries name the served model their latest version is for (null: none served); a server that does
+  // not say lists only adapters for its one model.
+  return !("model" in entry) || entry.model === state.model.model;
+}
+
+function renderAdapterPick() {
+  if (!state.adaptersLoaded) return;
+  const pick = $("adapter-pick");
+  const picked = pick.value;
+  const entries = [...state.adapters.values()].filter(forModel);
+  const none = models.length > 1 ? `No adapters registered for ${state.model.model}` : "No adapters registered";
+  pick.replaceChildren(new Option(entries.length ? "Choose a style…" : none, ""));
   for (const entry of entries) pick.append(new Option(entry.name, entry.name));
+  pick.value = entries.some((e) => e.name === picked) ? picked : "";
+  describePicked();
+}
+
+function dropOtherModelsAdapters() {
+  const gone = state.chosen.filter((c) => !forModel(state.adapters.get(c.name)));
+  for (const c of gone) c.item.remove();
+  state.chosen = state.chosen.filter((c) => !gone.includes(c));
+  if (gone.length) {
+    const names = gone.map((c) => c.name).join(", ");
+    $("adapter-info").textContent = `Removed ${names}: not for ${state.model.model}.`;
+  }
 }
 
 function describePicked() {
@@ -103,10 +171,10 @@ function describe(entry) {
 function addAdapter(name) {
   clearError();
   const entry = state.adapters.get(name);
-  if (!entry) return showError("Choose a style to add first.", "adapter-pick");
+  if (!entry || !forModel(entry)) return showError("Choose a style to add first.", "adapter-pick");
   if (state.chosen.some((c) => c.name === name)) return showError(`${name} is already added.`, "adapter-pick");
-  if (state.chosen.length >= config.max_loras) {
-    return showError(`At most ${config.max_loras} styles per image.`, "adapter-pick");
+  if (state.chosen.length >= state.model.max_loras) {
+    return showError(`At most ${state.model.max_loras} styles per image.`, "adapter-pick");
   }
   const item = document.createElement("li");
   const title = document.createElement("strong");
@@ -119,7 +187,7 @@ function addAdapter(name) {
   const scaleId = `scale-${name}`;
   const label = Object.assign(document.createElement("label"), { htmlFor: scaleId, textContent: "Scale" });
   const scale = Object.assign(document.createElement("input"), {
-    type: "number", id: scaleId, min: 0, max: config.max_lora_scale, step: 0.05, value: 1,
+    type: "number", id: scaleId, min: 0, max: state.model.max_lora_scale, step: 0.05, value: 1,
   });
   row.append(label, scale);
   const words = entry.metadata.trigger_words;
@@ -170,7 +238,7 @@ function loadImage() {
       $("image-preview").src = reader.result;
       // Output size follows the input, to a multiple of 8 within the limits; the server has the last word.
       for (const [id, side] of [["width", img.naturalWidth], ["height", img.naturalHeight]]) {
-        $(id).value = Math.min(config.max_side, Math.max(config.min_side, side - (side % 8)));
+        $(id).value = Math.min(state.model.max_side, Math.max(state.model.min_side, side - (side % 8)));
       }
       resetMask();
       setMode(state.mode);
@@ -269,6 +337,7 @@ function number(id) {
 
 function buildBody() {
   const body = {
+    model: state.model.model,
     prompt: $("prompt").value,
     negative_prompt: $("negative_prompt").value,
     seed: number("seed"),
@@ -303,7 +372,7 @@ async function submit(event) {
   setBusy(true);
   let response;
   try {
-    response = await fetch("/v1/jobs", {
+    response = await fetch(api("v1/jobs"), {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify(body),
@@ -356,7 +425,10 @@ function follow(created, body) {
 }
 
 function showProgress(job) {
-  if (job.status === "queued") {
+  if (job.status === "queued" && job.phase === "loading_model") {
+    const eta = job.eta_s === null ? "" : `: about ${Math.ceil(job.eta_s)} s`;
+    setStatus(`Starting ${job.model}${eta}.`, 0);
+  } else if (job.status === "queued") {
     const ahead = job.position === null ? "" : ` ${job.position} ahead of you`;
     const eta = job.eta_s === null ? "" : `, about ${Math.ceil(job.eta_s)} s`;
     setStatus(`Queued:${ahead}${eta}.`, 0);
@@ -377,7 +449,7 @@ async function cancel() {
   const job = state.job;
   if (!job) return;
   try {
-    const response = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+    const response = await fetch(api(`v1/jobs/${encodeURIComponent(job.id)}`), { method: "DELETE" });
     if (!response.ok) showError(apiMessage(response, await readJson(response)));
   } catch (e) {
     showError(`Network error: could not cancel (${e.message}).`);
@@ -396,6 +468,9 @@ function addToGallery(job, body) {
     const seed = Object.assign(document.createElement("span"), { className: "seed", textContent: `Seed ${image.seed}` });
     const size = Object.assign(document.createElement("span"), { textContent: `${image.width}×${image.height}` });
     caption.append(seed, size);
+    if (models.length > 1) {
+      caption.append(Object.assign(document.createElement("span"), { className: "model", textContent: job.model }));
+    }
     if (styles) caption.append(Object.assign(document.createElement("span"), { className: "styles", textContent: styles }));
     const download = Object.assign(document.createElement("a"), {
       href: src, download: `lorafleet-${image.seed}.png`, textContent: "Download",
