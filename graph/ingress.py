@@ -14,7 +14,7 @@ import hashlib
 import time
 
 from fastapi import FastAPI, File, Form, Request, Security, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -509,6 +509,11 @@ class Ingress:
 
     @app.get("/", include_in_schema=False)
     async def page_index(self, request: Request) -> Response:
+        """The page. It loads ``static/...`` relative to itself (so it works under a route prefix): at a
+        prefix without its trailing slash (``/multi``) it redirects to ``/multi/`` first."""
+        if not request.url.path.endswith("/"):
+            query = f"?{request.url.query}" if request.url.query else ""
+            return RedirectResponse(request.url.path + "/" + query, status_code=307)
         return self.static_response("index.html", request)
 
     @app.get("/static/{name}", include_in_schema=False)

@@ -411,8 +411,8 @@ def test_static_files_are_served_with_their_types_and_load_nothing_from_elsewher
         assert not re.search(r"(src|href)=\"(https?:)?//", text), name
         assert "@import" not in text and "url(http" not in text, name
     index = files["index.html"].body.decode()
-    assert '<script src="/static/app.js" defer></script>' in index
-    assert '<link rel="stylesheet" href="/static/style.css">' in index
+    assert '<script src="static/app.js" defer></script>' in index
+    assert '<link rel="stylesheet" href="static/style.css">' in index
 
 
 def test_index_carries_the_config_and_nothing_can_close_its_script():

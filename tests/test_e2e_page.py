@@ -14,11 +14,11 @@ import re
 import numpy as np
 import pytest
 import requests
-from page_helpers import artifacts_dir, by_id, decode_data_url, fill, start_chromium, wait
 from PIL import Image
 
 from conftest import HeldDenoiser
 from lora_helpers import UNET_ATTN, make_peft_lora_file
+from page_helpers import artifacts_dir, by_id, decode_data_url, fill, start_chromium, wait
 
 pytestmark = pytest.mark.e2e
 

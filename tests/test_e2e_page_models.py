@@ -14,9 +14,9 @@ import re
 
 import pytest
 import requests
-from page_helpers import artifacts_dir, by_id, fill, start_chromium, wait
 
 from conftest import ADMIN_TOKEN, MULTI_APP
+from page_helpers import artifacts_dir, by_id, fill, start_chromium, wait
 
 pytestmark = pytest.mark.e2e
 

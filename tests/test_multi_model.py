@@ -342,3 +342,18 @@ def test_plans_run_on_their_models_graph_and_a_single_graph_takes_every_plan():
     # The Jobs replica of a single-model app keys its graph "" (the name comes from the model itself).
     single = GraphRouter({"": Client("only")})
     assert asyncio.run(single.run(make_plan(model="tiny-sd"))) == "only"
+
+
+def test_the_page_under_a_route_prefix_loads_its_files_relative_to_itself(served):
+    """``/multi`` (Serve's route prefix, no trailing slash) redirects to ``/multi/``, whose ``static/...``
+    then resolve under the prefix."""
+    from fastapi.testclient import TestClient
+
+    from graph import ingress as ingress_module
+
+    client, _ = served
+    assert 'src="static/app.js"' in client.get("/").text
+    prefixed = TestClient(ingress_module.app, root_path="/multi", raise_server_exceptions=False)
+    r = prefixed.get("/multi", follow_redirects=False)
+    assert r.status_code in (307, 308) and r.headers["location"].endswith("/multi/")
+    assert prefixed.get("/multi/").status_code == 200
