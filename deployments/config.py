@@ -50,6 +50,15 @@ class DenoiserConfig(ResourceConfig):
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="Fair-share weight per tenant (API key or `user`); others get 1."
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Run each tick's UNet step on static buffers padded to a row bucket (1, 2, 4, ... 64 rows), replayed "
+            "from a CUDA graph captured per shape (engine/step_graphs.py): captured at start for the model's native "
+            "size, on first use for others. auto = on with CUDA when the multi-LoRA kernel reads only its routing "
+            "buffers (lora.kernel gather, auto's choice on CUDA); on elsewhere runs the same buffers eagerly."
+        ),
+    )
 
 
 class VAEConfig(ResourceConfig):

@@ -19,6 +19,7 @@ from .engine.loop import DenoiseLoop
 from .engine.previews import preview_data_url, unit_variance
 from .engine.runtime import prepare_runtime
 from .engine.schedulers import SchedulerFactory
+from .engine.step_graphs import make_step_graphs
 from .engine.step_scheduler import DenoiseJob, DenoiseRequest, StepScheduler
 from .messages import (
     Denoised,
@@ -53,6 +54,15 @@ class Denoiser:
             tenant_weights=config.tenant_weights,
             lora=self.adapters.lora,
             residency=self.adapters.residency,
+            # Each tick's UNet step on static buffers, replayed from CUDA graphs on CUDA (denoiser.cuda_graphs).
+            step_graphs=make_step_graphs(
+                unet,
+                self.adapters.lora,
+                config.cuda_graphs,
+                routing_depth=lora.max_loras_per_request,
+                max_rows=config.max_rows_per_tick,
+                native_latent_side=info.default_side // info.vae_scale_factor,
+            ),
         )
         self.sdxl = info.sdxl
         self.loop = DenoiseLoop(self.steps)

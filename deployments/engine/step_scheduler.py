@@ -202,16 +202,20 @@ class StepScheduler:
         clock: Callable[[], float] = time.monotonic,
         lora=None,
         residency=None,
+        step_graphs=None,
     ):
         """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them.
 
         ``lora``: a ``MultiLoRAModel`` over ``unet``; ``residency``: an ``AdapterResidency`` over it
-        (requests then name adapters by key, pinned at admission).
+        (requests then name adapters by key, pinned at admission). ``step_graphs``: a ``StepGraphs`` over
+        ``unet`` (and ``lora``): each tick's forward then runs on its static buffers, replayed from a CUDA
+        graph where captured (``engine/step_graphs.py``).
         """
         if max_rows_per_tick < 2:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
         self.unet = unet
         self.lora = lora  # a MultiLoRAModel over ``unet``, or None
+        self.step_graphs = step_graphs  # a StepGraphs over ``unet``, or None: plain eager forwards
         self.residency = residency
         self.on_tick: Callable[[int, float], None] | None = None  # (rows, seconds) after each forward
         # (seconds) per admitted job with adapters: how long it waited for them to become resident.
@@ -686,6 +690,20 @@ class StepScheduler:
                 names = tuple(str(key) for key, _ in j.request.adapters)
                 j.error = NonFiniteLatentsError(names, len(j.timesteps))
 
+    def forward_unet(
+        self, x_in: torch.Tensor, t_in: torch.Tensor, context: torch.Tensor, added: dict | None, rows
+    ) -> torch.Tensor:
+        """The UNet's noise prediction for a tick's rows; ``rows``: each row's adapters (None: none at all)."""
+        if self.step_graphs is not None:
+            return self.step_graphs.forward(x_in, t_in, context, added, rows)
+        kwargs: dict = {"encoder_hidden_states": context, "return_dict": False}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
+        if rows is not None:
+            with self.lora.routed(rows):
+                return self.unet(x_in, t_in, **kwargs)[0]
+        return self.unet(x_in, t_in, **kwargs)[0]
+
     def _step(self, jobs: list[DenoiseJob], start: float) -> None:
         """One UNet forward over ``jobs``' rows, then each scheduler kind's step over its jobs.
 
@@ -711,19 +729,17 @@ class StepScheduler:
         x_in = torch.cat(x_in)  # [sum rows, c, h, w]
         t_in = torch.cat([j.unet_timesteps[j.index].expand(j.rows) for j in jobs])  # [sum rows]
         context = torch.cat([j.context for j in jobs])  # [sum rows, tokens, hidden]
-        kwargs: dict = {"encoder_hidden_states": context, "return_dict": False}
+        added = None
         if self.text_time:
-            kwargs["added_cond_kwargs"] = {
+            added = {
                 "text_embeds": torch.cat([j.added_cond["text_embeds"] for j in jobs]),  # [sum rows, pooled]
                 "time_ids": torch.cat([j.added_cond["time_ids"] for j in jobs]),  # [sum rows, 6]
             }
+        rows = None
         if self.lora is not None and any(j.slots for j in jobs):
             # Both guidance rows of a request carry its adapters, as in diffusers.
             rows = [j.slots for j in jobs for _ in range(j.rows)]
-            with self.lora.routed(rows):
-                eps_all = self.unet(x_in, t_in, **kwargs)[0]
-        else:
-            eps_all = self.unet(x_in, t_in, **kwargs)[0]
+        eps_all = self.forward_unet(x_in, t_in, context, added, rows)
         guided: list[torch.Tensor] = []
         for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
             if j.cfg:
