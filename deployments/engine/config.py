@@ -42,6 +42,17 @@ class ModelConfig(StrictConfig):
         ),
     )
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per replica.")
+    tf32: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "TensorFloat-32 matmuls and convolutions for float32 weights on CUDA (Ampere and later): auto = on for "
+            "a float32 model on CUDA unless deterministic; off keeps full float32 products."
+        ),
+    )
+    channels_last: bool = Field(
+        False,
+        description="The UNet (and VAE) in channels_last memory format on CUDA; measure with `make gpu-suite`.",
+    )
 
     @field_validator("uri")
     @classmethod

@@ -17,9 +17,14 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     deterministic: bool
+    tf32: bool = False  # TensorFloat-32 products for float32 on CUDA (set process-wide by prepare_runtime)
+    channels_last: bool = False
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Apply batch-invariant kernels where configured (see ``batch_invariance``)."""
+        """Apply batch-invariant kernels where configured (see ``batch_invariance``), and channels_last on CUDA
+        where asked."""
+        if self.channels_last and self.device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
         return make_batch_invariant(module) if self.deterministic else module
 
 
@@ -36,4 +41,29 @@ def prepare_runtime(config: ModelConfig) -> Runtime:
         deterministic = device.type == "cpu"
     else:
         deterministic = config.deterministic == "on"
-    return Runtime(info=info, device=device, dtype=dtype, deterministic=deterministic)
+    tf32 = resolve_tf32(config.tf32, device, dtype, deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return Runtime(
+        info=info,
+        device=device,
+        dtype=dtype,
+        deterministic=deterministic,
+        tf32=tf32,
+        channels_last=config.channels_last,
+    )
+
+
+def resolve_tf32(setting: str, device: torch.device, dtype: torch.dtype, deterministic: bool) -> bool:
+    """``model.tf32``: TensorFloat-32 only on CUDA, only for float32 weights; ``auto`` not in deterministic mode.
+
+    >>> cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    >>> resolve_tf32("auto", cuda, torch.float32, False), resolve_tf32("auto", cuda, torch.float32, True)
+    (True, False)
+    >>> resolve_tf32("on", cpu, torch.float32, False), resolve_tf32("on", cuda, torch.float16, False)
+    (False, False)
+    """
+    if device.type != "cuda" or dtype != torch.float32 or setting == "off":
+        return False
+    return setting == "on" or not deterministic
