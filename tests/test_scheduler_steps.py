@@ -75,8 +75,8 @@ def make_scheduler(name: str, overrides: dict):
 class Job:
     """A reference diffusers scheduler and our schedule, from twin schedulers set up as the engine does."""
 
-    def __init__(self, n: int, name, overrides, steps, strength):
-        self.n, self.index = n, 0
+    def __init__(self, n: int, name, overrides, steps, strength, dtype=torch.float32):
+        self.n, self.index, self.dtype = n, 0, dtype
         self.ref, ours = make_scheduler(name, overrides), make_scheduler(name, overrides)
         for s in (self.ref, ours):
             s.set_timesteps(steps)
@@ -86,17 +86,29 @@ class Job:
         self.ref_kwargs = StepScheduler.prepare_extra_step_kwargs(self.ref, self.ref_generator)
         step_kwargs = StepScheduler.prepare_extra_step_kwargs(ours, generator)
         self.schedule = step_for(ours, step_kwargs).prepare(ours, timesteps, generator, step_kwargs)
-        self.x_t = self.ref_x_t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(100 + n))
+        self.x_t = self.ref_x_t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(100 + n)).to(dtype)
 
     @property
     def done(self) -> bool:
         return self.index >= len(self.timesteps)
 
     def eps(self) -> torch.Tensor:
-        return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1000 * self.n + self.index))
+        return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1000 * self.n + self.index)).to(
+            self.dtype
+        )
 
 
-def tick(jobs: list[Job]) -> None:
+def bitwise(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    return torch.equal(ours, ref)
+
+
+def half_rounding(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Same dtype, equal to half precision's rounding (relative to the values' scale)."""
+    scale = max(1.0, ref.float().abs().max().item())
+    return ours.dtype == ref.dtype and (ours.float() - ref.float()).abs().max().item() <= 4e-3 * scale
+
+
+def tick(jobs: list[Job], same=bitwise) -> None:
     """One tick of the engine's scheduler part: each kind over its jobs, and the reference alone per job."""
     groups: dict = {}
     for j in jobs:
@@ -109,16 +121,16 @@ def tick(jobs: list[Job]) -> None:
         for k, j in enumerate(members):
             t = j.timesteps[j.index]
             ref_scaled = j.ref.scale_model_input(torch.cat([j.ref_x_t] * 2), t)  # the pipeline's CFG rows
-            assert torch.equal(scaled[k : k + 1].expand(2, -1, -1, -1), ref_scaled), (j.n, j.index)
+            assert same(scaled[k : k + 1].expand(2, -1, -1, -1), ref_scaled), (j.n, j.index)
             j.ref_x_t = j.ref.step(eps[k : k + 1], t, j.ref_x_t, **j.ref_kwargs, return_dict=False)[0]
             j.x_t = x_next[k : k + 1]
-            assert torch.equal(j.x_t, j.ref_x_t), (j.n, j.index, (j.x_t - j.ref_x_t).abs().max())
+            assert same(j.x_t, j.ref_x_t), (j.n, j.index, (j.x_t - j.ref_x_t).abs().max())
             j.index += 1
             if not j.done:  # an inpainting blend's init latents, noised to the next timestep
-                image, noise = torch.full((1, 4, 8, 8), 0.3), j.eps()
+                image, noise = torch.full((1, 4, 8, 8), 0.3, dtype=j.dtype), j.eps()
                 ours = kind.add_noise(j.schedule, image, noise, j.index)
                 ref = j.ref.add_noise(image, noise, j.timesteps[j.index : j.index + 1])
-                assert torch.equal(ours, ref), (j.n, j.index)
+                assert same(ours, ref), (j.n, j.index)
 
 
 def test_kinds_are_picked_by_class_and_config():
@@ -172,3 +184,14 @@ def test_tables_are_shared_by_alike_requests():
     assert a.schedule.coefficients is b.schedule.coefficients
     assert c.schedule.coefficients is not a.schedule.coefficients
     assert (a.schedule.start, b.schedule.start) == (0, 4)
+
+
+def test_half_precision_keeps_diffusers_dtypes():
+    """float16 latents and model outputs: each result has diffusers' dtype and agrees to fp16 rounding.
+
+    (The engine would feed a float32 UNet input to a float16 UNet otherwise.)
+    """
+    jobs = [Job(n, *spec[:4], dtype=torch.float16) for n, spec in enumerate(JOBS) if spec[4] is not PerRequestStep]
+    while jobs:
+        tick(jobs, same=half_rounding)
+        jobs = [j for j in jobs if not j.done]

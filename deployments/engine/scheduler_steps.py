@@ -15,11 +15,14 @@ tick in one set of tensor ops:
   by the job's step index (a Python int: a view, no transfer) and apply diffusers'
   update, in diffusers' names and operation order, to all of the kind's jobs.
 
-So a row gives exactly what its own diffusers scheduler gives, on the CPU
-bitwise, whatever the rows beside it. Euler a draws its noise from each request's
-own CPU generator, as diffusers does, so an image never depends on its batch.
-(Half precision on a GPU agrees to rounding only: diffusers multiplies by 0-d
-host tensors, which keep the sample's dtype and divide by reciprocals on CUDA.)
+So a row gives exactly what its own diffusers scheduler gives, in float32 on the
+CPU bitwise, whatever the rows beside it. Euler a draws its noise from each
+request's own CPU generator, as diffusers does, so an image never depends on its
+batch. In half precision the results have diffusers' dtypes and agree to
+rounding: diffusers multiplies half tensors by 0-d float32 host tensors (kept in
+float32 inside each operation, rounded to half after each; on CUDA a division by
+one is a multiplication by its reciprocal), where these coefficients are float32
+rows and intermediate results stay float32 until diffusers' casts.
 
 Kinds: ``DDIMStep`` (η = 0), ``EulerStep``, ``EulerAncestralStep`` and
 ``DPMSolverMultistepStep`` (DPM++ 2M: ``dpmsolver++``, order ≤ 2). Every other
@@ -144,8 +147,9 @@ class DDIMStep:
     clip_sample_range: float | None  # config.clip_sample: clamp the x0 prediction to [-range, range]
 
     # Table columns, per position in the scheduler's timesteps:
-    # alpha_prod_t ** 0.5, beta_prod_t ** 0.5, alpha_prod_t_prev ** 0.5, (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5
-    COLUMNS = 4
+    # alpha_prod_t ** 0.5, beta_prod_t ** 0.5, alpha_prod_t_prev ** 0.5, (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5,
+    # alpha_prod_t (add_noise, which takes its square roots in the sample's dtype)
+    COLUMNS = 5
 
     @classmethod
     def supports(cls, scheduler, step_kwargs: dict) -> bool:
@@ -181,6 +185,7 @@ class DDIMStep:
                         beta_prod_t ** (0.5),
                         alpha_prod_t_prev ** (0.5),
                         (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5),
+                        alpha_prod_t,
                     ]
                 )
             return rows
@@ -193,7 +198,7 @@ class DDIMStep:
         return x_t
 
     def step(self, jobs, indices, eps, x_t):
-        sqrt_alpha_prod_t, sqrt_beta_prod_t, sqrt_alpha_prod_t_prev, direction = _gather(jobs, indices, self.COLUMNS)
+        sqrt_alpha_prod_t, sqrt_beta_prod_t, sqrt_alpha_prod_t_prev, direction, _ = _gather(jobs, indices, self.COLUMNS)
         model_output, sample = eps, x_t
         if self.prediction_type == "epsilon":
             pred_original_sample = (sample - sqrt_beta_prod_t * model_output) / sqrt_alpha_prod_t
@@ -211,7 +216,9 @@ class DDIMStep:
         return prev_sample.to(x_t.dtype)
 
     def add_noise(self, job, original, noise, index):
-        sqrt_alpha_prod, sqrt_one_minus_alpha_prod, _, _ = (c.to(original.dtype) for c in job.coefficients_at(index))
+        alpha_prod = job.coefficients_at(index)[4].to(original.dtype)  # alphas_cumprod.to(dtype)[timesteps]
+        sqrt_alpha_prod = alpha_prod**0.5
+        sqrt_one_minus_alpha_prod = (1 - alpha_prod) ** 0.5
         return sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise
 
 
@@ -268,7 +275,7 @@ class EulerStep:
 
     def scale_model_input(self, jobs, indices, x_t):
         scale, *_ = _gather(jobs, indices, self.COLUMNS)
-        return x_t / scale
+        return (x_t / scale).to(x_t.dtype)
 
     def step(self, jobs, indices, eps, x_t):
         _, sigma_hat, dt, c_out, c_skip, sigma = _gather(jobs, indices, self.COLUMNS)
@@ -330,7 +337,7 @@ class EulerAncestralStep:
 
     def scale_model_input(self, jobs, indices, x_t):
         scale, *_ = _gather(jobs, indices, self.COLUMNS)
-        return x_t / scale
+        return (x_t / scale).to(x_t.dtype)
 
     def step(self, jobs, indices, eps, x_t):
         _, sigma, sigma_up, dt, c_out, c_skip = _gather(jobs, indices, self.COLUMNS)
@@ -454,7 +461,7 @@ class DPMSolverMultistepStep:
 
     def step(self, jobs, indices, eps, x_t):
         alpha_s0, sigma_s0, sigma_ratio, c_d0, inv_r0, c_d1 = _gather(jobs, indices, self.COLUMNS)
-        model_output = self.convert_model_output(alpha_s0, sigma_s0, eps, x_t)  # [jobs, c, h, w]
+        model_output = self.convert_model_output(alpha_s0, sigma_s0, eps, x_t).to(eps.dtype)  # [jobs, c, h, w]
         sample = x_t.to(torch.float32)
         # dpm_solver_first_order_update (x_t = (sigma_t / sigma_s0) * sample - (alpha_t * (exp(-h) - 1.0)) * D0)
         first_order = sigma_ratio * sample - c_d0 * model_output
