@@ -89,6 +89,15 @@ def test_a_tick_has_no_host_syncs(engine):
     assert_no_syncs_but_the_hand_over(count_syncs(engine, scenario(engine)))
 
 
+def test_a_tick_on_step_graph_buffers_has_no_host_syncs(tiny):
+    """The UNet step through ``StepGraphs``' static buffers (eager on the CPU: no capture), padded row buckets."""
+    from deployments.engine.step_graphs import StepGraphs
+
+    engine = Engine(tiny, max_rows_per_tick=16, max_queued=16)
+    engine.steps.step_graphs = StepGraphs(engine.unet, capture=False)
+    assert_no_syncs_but_the_hand_over(count_syncs(engine, scenario(engine)))
+
+
 def test_the_per_request_fallback_does_sync(engine):
     """The counter sees diffusers' own syncs: a PNDM image (the tiny model's default) in the batch."""
     plan = [(0, engine.request("x", steps=3, seed=1, scheduler="default")), *scenario(engine)[:2]]
