@@ -243,8 +243,8 @@ class _LoRALayers(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = torch.nn.Linear(48, 40)
-        self.pointwise = torch.nn.Conv2d(12, 20, 1)  # a Linear over pixels: the batched product too
-        self.conv = torch.nn.Conv2d(12, 20, 3, padding=1)  # k x k: per adapter through invariant_conv2d
+        self.pointwise = torch.nn.Conv2d(12, 20, 1)  # convs: per adapter, through invariant_conv2d
+        self.conv = torch.nn.Conv2d(12, 20, 3, padding=1)
         # The base layers' own kernels, as make_batch_invariant gives a UNet's.
         self.linear.forward = types.MethodType(bi._linear_forward, self.linear)
         for conv in (self.pointwise, self.conv):

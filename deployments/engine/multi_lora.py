@@ -42,8 +42,8 @@ Kernels (``make_kernel`` picks one by name):
   B, so its reductions run over its own adapter's ``in`` and ``r`` only), so a
   row's result depends neither on its batch-mates nor on which adapters they
   use. One product per layer and pass on the usual mix, where a product per
-  adapter costs more in calls than the model on a small UNet. k x k and strided
-  convolutions: per adapter, through ``invariant_conv2d``.
+  adapter costs more in calls than the model on a small UNet. Convolutions:
+  per adapter, through ``invariant_conv2d``, as peft's conv layers compute.
 - ``GatherKernel``: every row gathers its adapters' A and B, ranks stacked, and
   each layer runs two ``bmm`` whatever the mix: a fixed number of kernels that
   read only the preallocated routing buffers, for GPUs (and CUDA graphs).
@@ -365,17 +365,18 @@ class RowInvariantKernel(GroupedKernel):
     adapters' A [r, in] and B [r, out] and run ``invariant_low_rank``: a row's reductions run over
     ``in``, then its own ``r``, and are checked to be the same whatever the other rows, so its result
     does not depend on them or on their adapters. Then peft's ``result + delta * scaling``, as the
-    grouped kernel. Layers that are no matmul per token (k x k or strided convs) go per adapter
-    through ``invariant_conv2d``.
+    grouped kernel. Convolutions go per adapter through ``invariant_conv2d``: a 1x1 conv as a
+    matmul over pixels rounds otherwise than oneDNN's convolution does in peft's conv layers
+    (3e-4 apart on images with ISAs capped at AVX2), and the convs LoCon adapts are few.
     """
 
     name = "row-invariant"
 
     def apply(self, layer, x, result, routing):
-        if not layer.tokenwise:
+        if not isinstance(layer, MultiLoRALinear):
             return super().apply(layer, x, result, routing)
-        tokens = _as_tokens(layer, x)  # [rows, tokens, in]
-        A_pages, B_pages = layer.lora_A.flatten(1), layer.lora_B  # [pages, in], [pages, out]
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])  # [rows, tokens, in]
+        A_pages, B_pages = layer.lora_A, layer.lora_B  # [pages, in], [pages, out]
         for k in range(len(routing.passes)):
             for g in self.rank_groups(layer, routing, k):
                 xs = tokens if g.rows is None else tokens.index_select(0, g.rows)  # [n, tokens, in]
@@ -383,7 +384,7 @@ class RowInvariantKernel(GroupedKernel):
                 A = A_pages.index_select(0, g.pages).view(n, g.r, -1)  # [n, r, in]
                 B = B_pages.index_select(0, g.pages).view(n, g.r, -1)  # [n, r, out]
                 delta = invariant_low_rank(xs, A, B) * g.scale  # [n, tokens, out]: peft's lora_B(lora_A(x)) * scaling
-                delta = _from_tokens(layer, delta, (n, *result.shape[1:]))
+                delta = delta.reshape(n, *result.shape[1:])
                 if g.rows is None:
                     result.add_(delta)
                 else:
