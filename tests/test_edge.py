@@ -439,8 +439,9 @@ def test_the_page_runs_under_its_csp(client):
     scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.S)
     assert scripts, html[:200]
     for attrs, content in scripts:
-        # Only external scripts of this origin, and the JSON config block (data: never executed).
-        assert ('src="/static/' in attrs and not content.strip()) or 'type="application/json"' in attrs, attrs
+        # Only external scripts of this origin (relative to the page, so it works under a route prefix), and the
+        # JSON config block (data: never executed).
+        assert ('src="static/' in attrs and not content.strip()) or 'type="application/json"' in attrs, attrs
     assert "<style" not in html and not re.search(r"\sstyle=", html)
     assert not re.search(r"\son[a-z]+=", html)
     assert not re.search(r"(src|href)=\"(https?:)?//", html)
