@@ -203,7 +203,8 @@ def test_norms(regime, norm, shape):
     [(64, 32, 8, 32), (77, 160, 4, 64), (1, 128, 16, 256), (16, 64, 64, 64), (256, 64, 64, 64)],
 )
 def test_low_rank(regime, tokens, k, r, out):
-    """Each row with its own A and B: the row's product whatever the other rows (and their adapters)."""
+    """Each row with its own A and B: the row's product whatever the other rows (and their adapters), and
+    exactly the two invariant_linear calls it stands for."""
     g = torch.Generator().manual_seed(tokens + r)
     x, A, B = (
         torch.randn(9, tokens, k, generator=g),
@@ -218,9 +219,10 @@ def test_low_rank(regime, tokens, k, r, out):
         return bi.invariant_low_rank(xs.reshape(n, tokens, k), As.reshape(n, r, k), Bs.reshape(n, r, out))
 
     assert_rows_invariant(product, pool)
-    for i in range(9):
-        want = F.linear(F.linear(x[i], A[i]), B[i].t())
-        torch.testing.assert_close(product(pool[i][None])[0], want, rtol=1e-4, atol=1e-4)
+    for i in range(9):  # what peft's lora_A and lora_B Linear layers give under make_batch_invariant, bit for bit
+        want = bi.invariant_linear(bi.invariant_linear(x[i], A[i], None), B[i].t().contiguous(), None)
+        assert torch.equal(product(pool[i][None])[0], want), i
+        torch.testing.assert_close(want, F.linear(F.linear(x[i], A[i]), B[i].t()), rtol=1e-4, atol=1e-4)
 
 
 # Per row of a multi-LoRA batch: its adapters (slot, weight), in order. Slots 1: rank 4, 2 and 3: rank 8,
@@ -304,6 +306,7 @@ def test_row_invariant_kernel_runs_one_product_per_pass_and_rank(monkeypatch):
         return real(x, A, B)
 
     monkeypatch.setattr(multi_lora, "invariant_low_rank", counted)
+    monkeypatch.setattr(multi_lora, "low_rank_batches", lambda x, A, B: True)  # whatever this CPU's bmm does
     x = torch.randn(len(LORA_ROWS), *LORA_INPUTS["linear"])
     with lora.routed(LORA_ROWS):
         lora.layers["linear"](x)
@@ -315,6 +318,21 @@ def test_row_invariant_kernel_runs_one_product_per_pass_and_rank(monkeypatch):
         lora.layers["linear"](x[:3])
         (group,) = lora.kernel.rank_groups(lora.layers["linear"], routing, 0)
     assert calls == [(3, 8)] and group.rows is None  # every row, in order: no gather of rows
+
+
+@torch.inference_mode()
+def test_row_invariant_kernel_gives_the_bits_of_its_per_adapter_path(monkeypatch):
+    """The batched product (where this CPU's check allows it) and the per-adapter invariant_linear calls
+    (peft's arithmetic; the fallback) give every row the same bits."""
+    from deployments.engine import multi_lora
+
+    lora = _lora_layers()
+    x = torch.randn(len(LORA_ROWS), *LORA_INPUTS["linear"], generator=torch.Generator().manual_seed(7))
+    with lora.routed(LORA_ROWS):
+        batched = lora.layers["linear"](x)
+        monkeypatch.setattr(multi_lora, "low_rank_batches", lambda x, A, B: False)
+        per_adapter = lora.layers["linear"](x)
+    assert torch.equal(batched, per_adapter)
 
 
 def test_make_batch_invariant_refuses_a_text_encoder(tiny):

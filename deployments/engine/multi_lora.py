@@ -39,7 +39,7 @@ Kernels (``make_kernel`` picks one by name):
 - ``RowInvariantKernel`` (deterministic mode): per pass, the rows whose adapters
   have one rank in the layer, whatever the adapters, in one batched product
   (``batch_invariance.invariant_low_rank``: each row with its own gathered A and
-  B, so its reductions run over its own adapter's ``in`` and ``r`` only), so a
+  B, checked to give each row what its own ``invariant_linear`` calls give), so a
   row's result depends neither on its batch-mates nor on which adapters they
   use. One product per layer and pass on the usual mix, where a product per
   adapter costs more in calls than the model on a small UNet. Convolutions:
@@ -59,7 +59,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .batch_invariance import invariant_conv2d, invariant_linear, invariant_low_rank
+from .batch_invariance import invariant_conv2d, invariant_linear, invariant_low_rank, low_rank_batches
 
 RowAdapters = Sequence[tuple[int, float]]  # ((slot, weight), ...) in the request's order
 
@@ -362,12 +362,13 @@ class RowInvariantKernel(GroupedKernel):
     """Deterministic mode: per pass, one batched product per rank, each row with its own adapter.
 
     For pass ``k``, the rows whose ``k``-th adapter has rank ``r`` in the layer gather their
-    adapters' A [r, in] and B [r, out] and run ``invariant_low_rank``: a row's reductions run over
-    ``in``, then its own ``r``, and are checked to be the same whatever the other rows, so its result
-    does not depend on them or on their adapters. Then peft's ``result + delta * scaling``, as the
-    grouped kernel. Convolutions go per adapter through ``invariant_conv2d``: a 1x1 conv as a
-    matmul over pixels rounds otherwise than oneDNN's convolution does in peft's conv layers
-    (3e-4 apart on images with ISAs capped at AVX2), and the convs LoCon adapts are few.
+    adapters' A [r, in] and B [r, out] and run one ``invariant_low_rank`` product, which gives each
+    row exactly its two ``invariant_linear`` calls (peft's ``lora_A`` and ``lora_B``), so its result
+    depends neither on the other rows nor on their adapters. Then peft's ``result + delta * scaling``.
+    Where the batched product is not shown equal to that for a shape (``low_rank_batches``), the
+    layer runs per adapter as the grouped kernel does, through ``invariant_linear``: the same bits.
+    Convolutions go per adapter through ``invariant_conv2d``, as peft's conv layers compute (a 1x1
+    conv as a matmul over pixels rounds otherwise than oneDNN's convolution).
     """
 
     name = "row-invariant"
@@ -377,18 +378,23 @@ class RowInvariantKernel(GroupedKernel):
             return super().apply(layer, x, result, routing)
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])  # [rows, tokens, in]
         A_pages, B_pages = layer.lora_A, layer.lora_B  # [pages, in], [pages, out]
+        products = []
         for k in range(len(routing.passes)):
             for g in self.rank_groups(layer, routing, k):
                 xs = tokens if g.rows is None else tokens.index_select(0, g.rows)  # [n, tokens, in]
                 n = xs.shape[0]
                 A = A_pages.index_select(0, g.pages).view(n, g.r, -1)  # [n, r, in]
                 B = B_pages.index_select(0, g.pages).view(n, g.r, -1)  # [n, r, out]
-                delta = invariant_low_rank(xs, A, B) * g.scale  # [n, tokens, out]: peft's lora_B(lora_A(x)) * scaling
-                delta = delta.reshape(n, *result.shape[1:])
-                if g.rows is None:
-                    result.add_(delta)
-                else:
-                    result.index_add_(0, g.rows, delta)
+                if not low_rank_batches(xs, A, B):  # row by row would cost more calls than per adapter
+                    return super().apply(layer, x, result, routing)
+                products.append((g, xs, A, B))
+        for g, xs, A, B in products:  # passes in order: each row's additions in its request's order
+            delta = invariant_low_rank(xs, A, B) * g.scale  # [n, tokens, out]: peft's lora_B(lora_A(x)) * scaling
+            delta = delta.reshape(xs.shape[0], *result.shape[1:])
+            if g.rows is None:
+                result.add_(delta)
+            else:
+                result.index_add_(0, g.rows, delta)
         return result
 
     @staticmethod
