@@ -40,7 +40,9 @@ TESTS = [
     "tests/test_inpaint_equivalence.py",
     "tests/test_multi_lora.py",
     "tests/test_prompts.py",
+    "tests/test_scheduler_steps.py",
     "tests/test_sdxl_equivalence.py",
+    "tests/test_step_graphs.py",
 ]
 SHIM_SOURCE = Path(__file__).resolve().parent / "mkl_as_intel.c"
 
