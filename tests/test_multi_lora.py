@@ -375,3 +375,17 @@ def test_ranks_4_16_128_mixed_in_one_batch_on_scattered_pages_equal_diffusers(ti
         ref = reference(tiny, files, prompt, loras, steps=2, seed=seed)
         assert (images[i] - ref[0]).abs().max().item() <= 1e-4, (prompt, loras)
     assert (images[2] - images[3]).abs().max().item() > 0.05  # rank 128 really changes the picture
+
+
+def test_slots_load_weights_from_another_device():
+    """The registry hands weights over in host memory; pages on another device (the GPU) take them. The meta
+    device stands in for it here: a mixed-device index_copy_ is refused before any data moves."""
+    import torch
+
+    from deployments.engine.multi_lora import MultiLoRAModel
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).to("meta")
+    lora = MultiLoRAModel(model, ["0"], num_slots=2, max_rank=2)
+    layer = next(m for m in model.modules() if hasattr(m, "load_slot"))
+    layer.load_slot(1, [1, 2], torch.ones(2, 4), torch.ones(4, 2), alpha=2.0)  # host tensors into meta pages
+    assert layer.lora_A.device.type == "meta"

@@ -158,3 +158,54 @@ def test_sdxl_native_shapes_carry_the_added_conditions(tiny_sdxl):
     (shape,) = native_shapes(tiny_sdxl["unet"], 4, 32, 2, buckets=(2,))
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     assert (shape.rows, shape.text_embeds, shape.time_ids, shape.depth) == (2, pooled, 6, 4)
+
+
+# -- the routing a captured graph replays (CUDA's path, run eagerly here) -------------------------------------
+
+LOCON = [*TARGETS, "conv1", "conv2", "downsamplers.0.conv"]  # 3x3 and strided convs too
+
+
+def lora_unet(tiny, kernel: str):
+    from lora_helpers import random_slot_weights
+
+    unet = copy.deepcopy(tiny["unet"]).eval()
+    lora = MultiLoRAModel(unet, LOCON, num_slots=4, max_rank=4, deterministic=False, kernel=kernel)
+    g = torch.Generator().manual_seed(8)
+    for slot, rank in ((1, 4), (2, 2)):
+        lora.load(slot, random_slot_weights(lora, rank, g, scale=0.3))
+    return unet, lora
+
+
+@torch.inference_mode()
+def test_static_routing_with_the_gather_kernel_equals_the_grouped_kernel(tiny):
+    """Fixed depth, padded rows, every layer on its LoRA path (what capture records), k x k and strided convs
+    through the gather kernel's grouped conv: the grouped kernel's result, to rounding, and no adapter no change."""
+    grouped_unet, grouped = lora_unet(tiny, "grouped")
+    gather_unet, gather = lora_unet(tiny, "gather")
+    assert gather.kernel.reads_only_buffers
+    graphs = StepGraphs(gather_unet, gather, capture=False, static_routing=True, routing_depth=3)
+    sample, timestep, context = inputs(5, seed=9)
+    adapters = [((1, 1.0),), (), ((2, 0.5), (1, 1.0)), ((2, 1.0),), ()]
+    out = graphs.forward(sample, timestep, context, None, adapters)
+    with grouped.routed(adapters):
+        want = plain(grouped_unet, sample, timestep, context)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    base = plain(gather_unet, sample, timestep, context)
+    # Stock kernels here (as on CUDA): padding to 8 rows may round differently, so to rounding, not bits.
+    torch.testing.assert_close(out[1], base[1], rtol=1e-4, atol=1e-5)  # slot 0 at weight 0 adds zeros
+    assert (out[0] - base[0]).abs().max() > 1e-3  # the adapters act
+    # Without any adapter the static routing still takes every layer's LoRA path, adding zeros.
+    none = graphs.forward(sample, timestep, context, None, [()] * 5)
+    torch.testing.assert_close(none, base, rtol=1e-4, atol=1e-5)
+
+
+def test_a_static_routing_is_written_at_its_depth_and_refuses_deeper_rows():
+    from deployments.engine.multi_lora import RoutingBuffers
+
+    buffers = RoutingBuffers(max_rows=4, max_depth=2)
+    routing = buffers.write([((1, 1.0),), ()], depth=3)
+    assert routing.static and not routing.empty and routing.slot_ids.shape == (2, 3)
+    assert routing.slot_ids.tolist() == [[1, 0, 0], [0, 0, 0]] and routing.weights.tolist() == [[1.0, 0, 0], [0, 0, 0]]
+    assert buffers.write([(), ()]).empty  # without a depth, no adapters: nothing to do
+    with pytest.raises(ValueError, match="a row has 2 adapters; this routing is written at depth 1"):
+        buffers.write([((1, 1.0), (2, 1.0))], depth=1)

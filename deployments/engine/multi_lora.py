@@ -93,6 +93,9 @@ class LoRARouting:
     passes: tuple[tuple[SlotGroup, ...], ...]
     # Kernels' index tensors derived from this routing, shared by the layers of one forward.
     memo: dict = field(default_factory=dict, compare=False, repr=False)
+    # Written at a fixed depth for a captured CUDA graph (``RoutingBuffers.write(..., depth=)``): every layer
+    # then takes the LoRA path, adapters or not, so that the capture records it for any later routing.
+    static: bool = False
 
     @property
     def depth(self) -> int:
@@ -100,7 +103,7 @@ class LoRARouting:
 
     @property
     def empty(self) -> bool:
-        return not self.passes
+        return not self.passes and not self.static
 
 
 class RoutingBuffers:
@@ -130,10 +133,18 @@ class RoutingBuffers:
         # Every pass's rows sorted by slot, passes one after the other: each SlotGroup is a slice.
         self.group_rows = torch.zeros(n, dtype=torch.long, device=self.device)  # [max_rows * max_depth]
 
-    def write(self, rows: Sequence[RowAdapters]) -> LoRARouting:
-        """Write the routing of ``rows`` (one entry per batch row) and return its views."""
+    def write(self, rows: Sequence[RowAdapters], depth: int | None = None) -> LoRARouting:
+        """Write the routing of ``rows`` (one entry per batch row) and return its views.
+
+        ``depth``: write exactly this many entries per row (slot 0 at weight 0 past a row's adapters) and mark
+        the routing ``static``, as a captured CUDA graph needs: its shapes, and the LoRA path, must not depend
+        on the mix of adapters. None: as deep as the row with the most adapters."""
         num_rows = len(rows)
-        depth = max((len(r) for r in rows), default=0)
+        static = depth is not None
+        deepest = max((len(r) for r in rows), default=0)
+        if static and deepest > depth:
+            raise ValueError(f"a row has {deepest} adapters; this routing is written at depth {depth}")
+        depth = depth if static else deepest
         if num_rows > self.max_rows or depth > self.max_depth:
             self._allocate(max(num_rows, self.max_rows), max(depth, self.max_depth))
         n = num_rows * depth
@@ -169,6 +180,7 @@ class RoutingBuffers:
             self.slot_ids[:n].view(num_rows, depth),
             self.weights[:n].view(num_rows, depth),
             passes,
+            static=static,
         )
 
 
@@ -245,8 +257,11 @@ class MultiLoRALayer(torch.nn.Module):
         r = A.shape[0]
         if r > len(pages):
             raise ValueError(f"adapter rank {r} needs {r} pages, the slot has {len(pages)}")
-        self.lora_A.index_copy_(0, index[:r], A.to(self.lora_A.dtype))
-        self.lora_B.index_copy_(0, index[:r], B.reshape(B.shape[0], r).t().to(self.lora_B.dtype))  # [r, out]
+        # Weights come from the registry's host memory; the pages may be on the GPU.
+        A = A.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        B = B.to(device=self.lora_B.device, dtype=self.lora_B.dtype)
+        self.lora_A.index_copy_(0, index[:r], A)
+        self.lora_B.index_copy_(0, index[:r], B.reshape(B.shape[0], r).t())  # [r, out]
         self.alphas[slot] = float(alpha)
         self.slot_scale[slot] = float(alpha) / r
         self.ranks[slot] = r
@@ -463,13 +478,16 @@ class GatherKernel(MultiLoRAKernel):
     """
 
     name = "gather"
+    reads_only_buffers = True  # CUDA graphs can capture it (engine/step_graphs.py)
 
     def __init__(self, fallback: GroupedKernel):
         self.fallback = fallback
 
     def apply(self, layer, x, result, routing):
         if not layer.tokenwise:
-            return self.fallback.apply(layer, x, result, routing)
+            if layer.base.groups != 1:
+                return self.fallback.apply(layer, x, result, routing)
+            return self.conv_apply(layer, x, result, routing)
         rows, depth = routing.slot_ids.shape
         ids = routing.slot_ids  # [rows, depth]
         pages = layer.state.page_table[ids]  # [rows, depth, R]: each adapter's pages, page 0 (zero) past its rank
@@ -480,6 +498,24 @@ class GatherKernel(MultiLoRAKernel):
         h = torch.bmm(_as_tokens(layer, x), A.transpose(1, 2))  # [rows, tokens, depth*R]
         h = h * scale.repeat_interleave(R, dim=1)[:, None, :]
         return result + _from_tokens(layer, torch.bmm(h, B), result.shape)  # [rows, tokens, out] -> result's shape
+
+    def conv_apply(self, layer, x, result, routing):
+        """A k x k (or strided) conv: each row's stacked A as the filters of its own group of one grouped
+        conv (the base conv's stride, padding, dilation), then its B as a per-row matmul over pixels."""
+        rows, depth = routing.slot_ids.shape
+        ids = routing.slot_ids  # [rows, depth]
+        pages = layer.state.page_table[ids]  # [rows, depth, R]
+        R = pages.shape[2]
+        conv = layer.base
+        A = layer.lora_A[pages].reshape(rows * depth * R, *layer.lora_A.shape[1:])  # [rows*depth*R, in, kh, kw]
+        h = F.conv2d(
+            x.reshape(1, -1, *x.shape[2:]), A, None, conv.stride, conv.padding, conv.dilation, groups=rows
+        )  # [1, rows*depth*R, h', w']
+        h = h.reshape(rows, depth * R, -1)  # [rows, depth*R, pixels]
+        scale = (routing.weights * layer.slot_scale[ids]).to(x.dtype)  # [rows, depth]: weight * alpha / r
+        h = h * scale.repeat_interleave(R, dim=1)[:, :, None]
+        B = layer.lora_B[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, out]
+        return result + torch.bmm(B.transpose(1, 2), h).reshape(result.shape)  # [rows, out, h', w']
 
 
 def make_kernel(name: str, *, deterministic: bool, on_cuda: bool) -> MultiLoRAKernel:
@@ -714,24 +750,26 @@ class MultiLoRAModel:
                 layer.load_slot(slot, pages, None, None)
         self._free(slot)
 
-    def routed(self, rows: Sequence[RowAdapters]) -> _Routed:
+    def routed(self, rows: Sequence[RowAdapters], depth: int | None = None) -> _Routed:
         """A context in which this model's forwards apply ``rows[i]`` to batch row i.
 
-        Entering it takes the model's lock and writes the routing into the preallocated buffers.
+        Entering it takes the model's lock and writes the routing into the preallocated buffers; with ``depth``,
+        at that fixed depth and ``static`` (what a captured CUDA graph replays, ``engine/step_graphs.py``).
         """
-        return _Routed(self.state, self.routing_buffers, rows)
+        return _Routed(self.state, self.routing_buffers, rows, depth)
 
 
 class _Routed:
-    def __init__(self, state: LoRAState, buffers: RoutingBuffers, rows: Sequence[RowAdapters]):
+    def __init__(self, state: LoRAState, buffers: RoutingBuffers, rows: Sequence[RowAdapters], depth: int | None):
         self.state = state
         self.buffers = buffers
         self.rows = rows
+        self.depth = depth
 
     def __enter__(self) -> LoRARouting:
         self.state.lock.acquire()
         try:
-            self.state.routing = self.buffers.write(self.rows)
+            self.state.routing = self.buffers.write(self.rows, self.depth)
         except BaseException:
             self.state.lock.release()
             raise

@@ -94,7 +94,9 @@ class StepGraphs:
 
     ``unet``: the (multi-LoRA) UNet. ``lora``: its ``MultiLoRAModel``, or None. ``capture``: capture CUDA graphs
     (only on CUDA; requires a routing-buffer kernel, ``lora.kernel`` gather). ``routing_depth``: the fixed
-    depth every tick's routing is written at (the most adapters a request may compose).
+    depth every tick's routing is written at (the most adapters a request may compose). ``static_routing``
+    (default: ``capture``): write it at that depth, every layer on its LoRA path, as capture needs; the CPU
+    tests run that path eagerly.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class StepGraphs:
         routing_depth: int = 0,
         buckets: Sequence[int] = ROW_BUCKETS,
         warmup_iters: int = 2,
+        static_routing: bool | None = None,
     ):
         param = next(unet.parameters())
         if capture and param.device.type != "cuda":
@@ -118,6 +121,8 @@ class StepGraphs:
         self.unet = unet
         self.lora = lora
         self.capture = capture
+        # Routing at a fixed depth, every layer on its LoRA path (what capture needs; default: with capture).
+        self.static_routing = capture if static_routing is None else static_routing
         self.depth = routing_depth if lora is not None else 0
         self.buckets = tuple(sorted(buckets))
         self.warmup_iters = warmup_iters
@@ -188,7 +193,7 @@ class StepGraphs:
     def _routed(self, padded):
         if padded is None:
             return _NoRouting()
-        if self.capture:  # a captured graph's shapes: the routing is always written at the same depth
+        if self.static_routing:  # a captured graph's shapes: the routing is always written at the same depth
             return self.lora.routed(padded, depth=self.depth)
         return self.lora.routed(padded)
 
