@@ -126,8 +126,9 @@ class LoRAConfig(StrictConfig):
         description=(
             "Multi-LoRA kernel (engine/multi_lora.py): grouped (one product per adapter in the batch; exact, best "
             "on CPU), gather (stacked ranks, two bmm per layer; fixed kernel count for GPUs and CUDA graphs) or "
-            "row-invariant (grouped through the batch-invariant tiles); auto = row-invariant when deterministic, "
-            "else gather on CUDA, else grouped."
+            "row-invariant (through the batch-invariant tiles: one batched product per pass and rank where "
+            "checked exact, else per adapter); auto = row-invariant when deterministic, else gather on CUDA, "
+            "else grouped."
         ),
     )
 
