@@ -385,7 +385,7 @@ def test_slots_load_weights_from_another_device():
     from deployments.engine.multi_lora import MultiLoRAModel
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4)).to("meta")
-    lora = MultiLoRAModel(model, ["0"], num_slots=2, max_rank=2)
+    MultiLoRAModel(model, ["0"], num_slots=2, max_rank=2)  # wraps the Linear in place
     layer = next(m for m in model.modules() if hasattr(m, "load_slot"))
     layer.load_slot(1, [1, 2], torch.ones(2, 4), torch.ones(4, 2), alpha=2.0)  # host tensors into meta pages
     assert layer.lora_A.device.type == "meta"
