@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import threading
@@ -345,6 +346,37 @@ def multi_app(cluster, cache_dir, tiny_sdxl_dir, tmp_path_factory):
         yield app
     finally:
         serve.delete(MULTI_APP)
+
+
+def multi_running(deployment: str) -> int:
+    """Running replicas of one of ``multi_app``'s deployments."""
+    from ray import serve
+
+    status = serve.status().applications[MULTI_APP].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+@contextlib.contextmanager
+def free_cpus_held():
+    """Hold every free logical CPU of the session's Ray instance with a placeholder actor, so that no replica
+    asking for CPUs can be placed until the block ends (a cold start kept waiting, deterministically)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Placeholder:
+        def ready(self) -> bool:
+            return True
+
+    free = ray.available_resources().get("CPU", 0.0)
+    holder = Placeholder.options(num_cpus=free).remote() if free > 0 else None
+    try:
+        if holder is not None:
+            ray.get(holder.ready.remote(), timeout=60)
+        wait_until(lambda: ray.available_resources().get("CPU", 0.0) < 0.25, "every free CPU held", timeout_s=60)
+        yield
+    finally:
+        if holder is not None:
+            ray.kill(holder)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120.0, interval_s: float = 0.05):

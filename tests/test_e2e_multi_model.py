@@ -19,7 +19,8 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ADMIN_TOKEN, MULTI_APP, assert_clean_error, wait_until
+from conftest import ADMIN_TOKEN, assert_clean_error, free_cpus_held, wait_until
+from conftest import multi_running as running
 
 
 def expect_error(r: requests.Response, status: int, code: str, field: str | None) -> None:
@@ -34,20 +35,12 @@ SMALL = {"width": 64, "height": 64, "steps": 3}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def running(deployment: str) -> int:
-    from ray import serve
-
-    status = serve.status().applications[MULTI_APP].deployments[deployment]
-    return int(status.replica_states.get("RUNNING", 0))
-
-
 @pytest.fixture
 def multi(multi_app):
     return multi_app
 
 
 def test_a_model_at_zero_starts_on_a_request_while_the_other_keeps_serving(multi):
-    import ray
 
     # Idle, the cold model costs no replica; readiness does not wake it. (Another test may have used it:
     # idle for downscale_delay_s, it is back at zero.)
@@ -62,18 +55,7 @@ def test_a_model_at_zero_starts_on_a_request_while_the_other_keeps_serving(multi
     before = multi.post("/v1/generate", warm_body, headers={"Accept": "image/png"})
     assert before.status_code == 200 and before.headers["X-Model"] == "tiny-sd"
 
-    @ray.remote(num_cpus=0)
-    class Placeholder:
-        def ready(self) -> bool:
-            return True
-
-    free = ray.available_resources().get("CPU", 0.0)
-    holder = Placeholder.options(num_cpus=free).remote() if free > 0 else None
-    try:
-        if holder is not None:
-            ray.get(holder.ready.remote(), timeout=60)
-        wait_until(lambda: ray.available_resources().get("CPU", 0.0) < 0.25, "every free CPU held")
-
+    with free_cpus_held():
         r = multi.post("/v1/jobs", {"prompt": "a harbour", "model": "tiny-sdxl", "seed": 9, **SMALL})
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
@@ -90,9 +72,6 @@ def test_a_model_at_zero_starts_on_a_request_while_the_other_keeps_serving(multi
         job = multi.get(f"/v1/jobs/{job_id}").json()
         assert (job["status"], job["phase"]) == ("queued", "loading_model")
         assert running("Denoiser-tiny-sdxl") == 0
-    finally:
-        if holder is not None:
-            ray.kill(holder)
 
     done = wait_until(
         lambda: (j := multi.get(f"/v1/jobs/{job_id}").json())["status"] in ("done", "failed") and j,

@@ -15,7 +15,8 @@ import re
 import pytest
 import requests
 
-from conftest import ADMIN_TOKEN, MULTI_APP
+from conftest import ADMIN_TOKEN, free_cpus_held
+from conftest import multi_running as running
 from page_helpers import artifacts_dir, by_id, fill, start_chromium, wait
 
 pytestmark = pytest.mark.e2e
@@ -203,17 +204,9 @@ def test_sizes_follow_the_chosen_model(multi_app, browser, styles):
     assert by_id(driver, "height").get_attribute("value") == str(sd["default_side"])
 
 
-def running(deployment: str) -> int:
-    from ray import serve
-
-    status = serve.status().applications[MULTI_APP].deployments[deployment]
-    return int(status.replica_states.get("RUNNING", 0))
-
-
 def test_an_image_from_tiny_sdxl_with_its_style(multi_app, browser, styles):
     """Picked on the page, tiny-sdxl makes the image: the job is for it (the page shows it starting from
     zero), and the image equals what /v1/generate gives for tiny-sdxl with the same settings."""
-    import ray
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -233,26 +226,13 @@ def test_an_image_from_tiny_sdxl_with_its_style(multi_app, browser, styles):
     wait_s = 180
     wait(driver, lambda _: running("Denoiser-tiny-sdxl") == 0, wait_s, "tiny-sdxl never went back to zero")
 
-    @ray.remote(num_cpus=0)
-    class Placeholder:
-        def ready(self) -> bool:
-            return True
-
-    free = ray.available_resources().get("CPU", 0.0)
-    holder = Placeholder.options(num_cpus=free).remote() if free > 0 else None
-    try:
-        if holder is not None:
-            ray.get(holder.ready.remote(), timeout=60)
-        wait(driver, lambda _: ray.available_resources().get("CPU", 0.0) < 0.25, 60, "the free CPUs never held")
+    with free_cpus_held():
         by_id(driver, "submit").click()
         wait(
             driver,
             lambda d: any(s.startswith(f"Starting {XL}") for s in d.execute_script("return window.statuses")),
             message="the page never showed tiny-sdxl starting",
         )
-    finally:
-        if holder is not None:
-            ray.kill(holder)
 
     [sent] = driver.execute_script("return window.sent")
     assert sent["url"] == "/multi/v1/jobs"
