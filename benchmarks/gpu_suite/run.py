@@ -36,13 +36,23 @@ NO_CUDA_MEMORY = "CPU run: no CUDA allocator to measure"
 
 
 class Suite:
-    def __init__(self, s: SuiteSettings):
+    def __init__(self, s: SuiteSettings, out: Path | None = None):
         self.s = s
+        self.out = out
+        self.parts: dict = {}
         self.device = torch.device(s.device)
         self.dtype = getattr(torch, s.dtype)
         self.start = time.perf_counter()
         self.memory: dict = {} if self.device.type == "cuda" else {"cuda": NO_CUDA_MEMORY}
         self.graph_kwargs, self.graph_support = engine_graph_support(self.device)
+
+    def save_partial(self) -> None:
+        """What is measured so far into ``suite.partial.json``: a run cut off by its host still gives figures."""
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        partial = {"parts": self.parts, "memory": self.memory, "wall_s": time.perf_counter() - self.start}
+        (self.out / "suite.partial.json").write_text(json.dumps(partial, indent=2, default=str))
 
     def log(self, message: str) -> None:
         print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", flush=True)
@@ -79,6 +89,8 @@ class Suite:
             self.log(f"{label} failed: {type(e).__name__}: {e}")
             traceback.print_exc(file=sys.stdout)
             return {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            self.save_partial()
 
     # -- one architecture ---------------------------------------------------------------------
 
@@ -116,6 +128,7 @@ class Suite:
         s, run = self.s, self.s.sd
         parts, host, plain, peft, engine = self.prepare(run, "sd", with_diffusers=True)
         engine_out: dict = {}
+        parts_out["b_engine"] = engine_out  # filled as it goes: suite.partial.json shows what is measured
         with self.measured("residency"):
             engine_out["residency"] = self.attempt("residency", residency_timings, engine, s.adapters)
         res = engine_out["residency"]
@@ -130,6 +143,7 @@ class Suite:
                 parts_out["a_step"] = self.attempt("(a)", step_part, plain, engine, run, s, budget, self.log)
 
         correctness: dict = {"graph_support": self.graph_support}
+        parts_out["f_correctness"] = correctness
         budget = self.budget("correctness")
         self.log("(f) graph vs eager latents")
         with self.measured("graph_vs_eager"):
@@ -148,7 +162,6 @@ class Suite:
             self.log(f"(b) engine end to end, {budget.seconds:.0f} s")
             with self.measured("engine"):
                 engine_out.update(self.attempt("(b)", self.engine_levels, engine, run, budget, seed=0))
-        parts_out["b_engine"] = engine_out
 
         budget = self.budget("diffusers")
         pipes = None
@@ -173,7 +186,6 @@ class Suite:
             correctness["served_vs_diffusers"] = self.attempt(
                 "(f) served vs diffusers", served_vs_diffusers, engine, pipes, check, run
             )
-        parts_out["f_correctness"] = correctness
         if engine.residency is not None:
             engine.residency.close()
 
@@ -250,11 +262,11 @@ def machine(device: torch.device) -> dict:
     }
 
 
-def run_suite(s: SuiteSettings) -> dict:
-    """Every part, in order; the result that ``suite.json`` holds."""
-    suite = Suite(s)
+def run_suite(s: SuiteSettings, out: Path | None = None) -> dict:
+    """Every part, in order; the result that ``suite.json`` holds (and, as it goes, ``suite.partial.json``)."""
+    suite = Suite(s, out)
     suite.log(f"lorafleet GPU suite ({'CPU smoke' if s.smoke else 'CUDA'}); {suite.graph_support}")
-    parts: dict = {}
+    parts = suite.parts
     suite.attempt("SD1.5 parts", suite.sd_parts, parts)
     for key, reason in (("a_step", "not run"), ("b_engine", "not run"), ("c_diffusers", "not run")):
         parts.setdefault(key, {"error": reason})
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)  # a shared CPU's other load makes multi-threaded OpenMP spin and stall
     quiet()
     s = SuiteSettings.smoke_run() if args.smoke else SuiteSettings.full()
-    result = run_suite(s)
+    result = run_suite(s, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.json").write_text(json.dumps(result, indent=2, default=str))
     report = markdown(result)
