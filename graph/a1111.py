@@ -425,9 +425,13 @@ def _infotext(prompt, negative, steps, sampler, cfg, seed, width, height, model,
     return "\n".join(lines)
 
 
-def a1111_response(req: Txt2ImgRequest, call: NativeCall, plan, images: list[bytes], model: str, mhash: str) -> dict:
-    """``{images, parameters, info}``: base64 PNGs, the request echoed (defaults filled in; init
-    images and mask left out, as A1111 does), and ``info`` as a JSON string."""
+def a1111_response(
+    req: Txt2ImgRequest, call: NativeCall, plan, images: list[bytes], model: str, mhash: str, stopped: str | None = None
+) -> dict:
+    """``{images, parameters, info}``: base64 images (PNG unless the caller's ``samples_format`` says
+    otherwise), the request echoed (defaults filled in; init images and mask left out, as A1111 does), and
+    ``info`` as a JSON string. ``stopped``: "interrupted" / "skipped" when ``/interrupt`` / ``/skip`` ended
+    the generation (``images`` then holds what it finished: none), in ``info["stopped"]``."""
     seeds = [plan.seed + k for k in range(plan.num_images)]
     extra = {}
     if call.mode != "txt2img":
@@ -485,6 +489,7 @@ def a1111_response(req: Txt2ImgRequest, call: NativeCall, plan, images: list[byt
         "loras": [{"ref": ref, "scale": scale} for ref, scale in plan.applied],
         "lorafleet_scheduler": plan.scheduler,
         "ignored_fields": call.ignored,
+        "stopped": stopped,
     }
     parameters = req.model_dump()
     parameters["width"], parameters["height"] = plan.width, plan.height

@@ -8,7 +8,6 @@ graph (``chain``) and shapes the answer.
 
 import asyncio
 import base64
-import dataclasses
 import functools
 import hashlib
 import time
@@ -23,7 +22,9 @@ from deployments.engine.images import MIME_TYPES
 from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
 
-from . import a1111, errors, job_routes, openai_images, page
+from . import a1111, a1111_info, errors, job_routes, openai_images, page
+from .a1111_front import A1111Front
+from .a1111_options import caller_of
 from .adapters_api import AdminAuth
 from .chain import GraphClient, GraphRouter, ModelGraph, resolve
 from .config import AppConfig
@@ -415,35 +416,25 @@ class Ingress:
     # -- AUTOMATIC1111 -------------------------------------------------------------------
     # The A1111 web UI's API over the same planner and graph (rules: graph/a1111.py).
 
-    def a1111_model(self, body: a1111.Txt2ImgRequest, request: Request) -> ServedModel:
-        """The model an A1111 request asks for: ``override_settings.sd_model_checkpoint`` (a title, name or
-        hash from ``GET /sdapi/v1/sd-models``), else the default."""
-        checkpoint = a1111.requested_checkpoint(body)
-        if checkpoint is None:
-            return self.model_for(None, request)
-        known = [(m.name, a1111.model_hash(m.base_spec.fingerprint)) for m in self.models.all]
-        name = a1111.checkpoint_model(checkpoint, known)
-        if name is None:
-            titles = ", ".join(repr(f"{n} [{h}]") for n, h in known)
-            raise APIError(
-                404,
-                "model_not_found",
-                f"unknown override_settings.sd_model_checkpoint {checkpoint!r}; served: {titles}",
-                "override_settings.sd_model_checkpoint",
-            )
-        return self.model_for(name, request)
+    @functools.cached_property
+    def a1111_front(self) -> A1111Front:
+        """Each caller's A1111 options and in-flight generations (graph/a1111_front.py)."""
+        models = [(m.name, m.base_spec.fingerprint) for m in self.models.all]
+        return A1111Front.of(models, self.config.jobs.preview_every_steps)
 
     async def a1111_generate(self, body: a1111.Txt2ImgRequest, request: Request, translate) -> dict:
-        """An A1111 generation on its model: translated (``translate``: ``a1111.txt2img_call`` or
-        ``img2img_call``), planned, run and answered in A1111's shape."""
-        served = self.a1111_model(body, request)
+        """An A1111 generation on its model (``override_settings``, else the caller's options): translated
+        (``translate``: ``a1111.txt2img_call`` or ``img2img_call``), planned, run as the caller's generation
+        (``/progress``, ``/interrupt``, ``/skip``) and answered in A1111's shape."""
+        front, caller = self.a1111_front, caller_of(request)
+        served = self.model_for(front.model_for(body, caller), request)
         samplers = a1111.sampler_table(served.info.scheduler_class)
         call = translate(body, served.limits, samplers, tenant_of(request, None))
-        call = dataclasses.replace(call, request=dataclasses.replace(call.request, model=served.name))
+        call = front.native_call(call, served.name, caller)
         plan = await self.check_inputs(call.request, call.names)
-        result = await self.graph.run(plan)
-        mhash = a1111.model_hash(served.base_spec.fingerprint)
-        return a1111.a1111_response(body, call, plan, list(result.images), served.name, mhash)
+        outcome = await front.generate(caller, call.mode, plan.steps, functools.partial(self.graph.run, plan))
+        mhash = front.checkpoint(served.name).short_hash
+        return a1111.a1111_response(body, call, plan, outcome.images, served.name, mhash, outcome.stopped)
 
     @app.post("/sdapi/v1/txt2img", responses=_ERRORS)
     async def a1111_txt2img(self, body: a1111.Txt2ImgRequest, request: Request) -> dict:
@@ -479,6 +470,59 @@ class Ingress:
     async def a1111_loras(self) -> list[dict]:
         """Every adapter: name, description, trigger words, tags, versions. Public (the page's picker)."""
         return await self.registry_op("list", a1111.list_loras, self.resolver)
+
+    @app.get("/sdapi/v1/options")
+    async def a1111_get_options(self, request: Request) -> dict:
+        """A1111's options as this caller sees them: ``sd_model_checkpoint`` (the title of the model its requests
+        run on), ``sd_checkpoint_hash`` (its sha256, as in sd-models), ``samples_format``, ..."""
+        return self.a1111_front.get_options(caller_of(request))
+
+    @app.post("/sdapi/v1/options", responses=_ERRORS)
+    async def a1111_set_options(self, body: dict, request: Request) -> dict:
+        """Set options for this caller only (API key, A1111's Basic credentials, else network address), never
+        for others: ``sd_model_checkpoint``, ``samples_format``. Other keys are ignored; the answer lists both."""
+        return self.a1111_front.set_options(caller_of(request), body)
+
+    @app.get("/sdapi/v1/progress")
+    async def a1111_progress(self, request: Request, skip_current_image: bool = False) -> dict:
+        """The progress of this caller's own A1111 generations; ``current_image``: the latest latent preview."""
+        return self.a1111_front.work.progress(caller_of(request), not skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt")
+    async def a1111_interrupt(self, request: Request) -> dict:
+        """Stop every A1111 generation of this caller (only theirs); each is answered with what it finished."""
+        return {"interrupted": self.a1111_front.work.interrupt(caller_of(request))}
+
+    @app.post("/sdapi/v1/skip")
+    async def a1111_skip(self, request: Request) -> dict:
+        """Stop this caller's oldest A1111 generation (A1111's current job); their others go on."""
+        return {"skipped": self.a1111_front.work.skip(caller_of(request))}
+
+    @app.get("/sdapi/v1/schedulers")
+    async def a1111_schedulers(self) -> list[dict]:
+        return a1111_info.schedulers()
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def a1111_cmd_flags(self) -> dict:
+        return a1111_info.cmd_flags()
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def a1111_sd_vae(self) -> list[dict]:
+        """No separate VAE files: each model decodes with its own VAE (options' ``sd_vae``: Automatic)."""
+        return []
+
+    @app.get("/sdapi/v1/embeddings")
+    async def a1111_embeddings(self) -> dict:
+        return a1111_info.embeddings()
+
+    @app.get("/sdapi/v1/scripts")
+    async def a1111_scripts(self) -> dict:
+        return a1111_info.scripts()
+
+    @app.get("/sdapi/v1/memory")
+    async def a1111_memory(self) -> dict:
+        """RAM (and CUDA memory, where it has a device) of the ingress replica that answers."""
+        return await asyncio.to_thread(a1111_info.memory)
 
     # -- page ------------------------------------------------------------------------------
     # The browser page: graph/static, rendered with this server's limits (graph/page.py).

@@ -26,7 +26,7 @@ class FakeGraph:
     def __init__(self):
         self.plans = []
 
-    async def run(self, plan):
+    async def run(self, plan, **progress):  # progress: on_event, preview_every_steps (A1111 routes pass them)
         self.plans.append(plan)
         return DecodedImages(tuple(png_bytes() for _ in range(plan.num_images)), 0.0, 0.0, 0.0, 0.0)
 
