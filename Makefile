@@ -3,23 +3,49 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel (this machine and CI). On a GPU machine, e.g.:
-#   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-TORCH_SPEC ?= torch==2.13.0
+# torch: pyproject.toml's pin (the one place its version is written), installed first, in one build. The CPU
+# build here and in CI, from pip's configured sources (this machine: /opt/wheels). On a GPU machine, the CUDA
+# build of the same version: make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128 (README, Install).
+TORCH_VERSION := $(shell sed -n 's/^ *"torch==\([^"]*\)",*$$/\1/p' pyproject.toml)
+TORCH_INDEX ?=
+TORCH_SPEC ?= torch==$(TORCH_VERSION)$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX))
+# Every other runtime and dev dependency, pinned: `make lock` writes it from pyproject.toml.
+LOCK := requirements.lock
 CONFIG ?= serve_config.yaml
 PYTEST_ARGS ?=
 
 .PHONY: venv serve stop test test-fast test-isa lint bench export-model clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
-	# Only for the CLIP BPE vocabulary file it ships (its own deps would pull torchvision).
-	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
+
+# `make lock`: resolve pyproject.toml (runtime + dev) into requirements.lock for CPython 3.11 on Linux x86-64
+# (manylinux_2_28, as torch's wheels), with torch's CPU build so that no CUDA package enters the lock; torch's
+# line is written without its build label (+cpu), so the CUDA build of the same version satisfies it. uv keeps
+# the current pins wherever they still fit, and looks at nothing uploaded after LOCK_DATE: the same inputs give
+# the same file. Newer releases: make lock LOCK_DATE=<now, UTC> LOCK_UPGRADE=1.
+UV ?= $(if $(wildcard $(VENV)/bin/uv),$(VENV)/bin/uv,uv)
+LOCK_DATE ?= 2026-11-30T15:00:00Z
+LOCK_UPGRADE ?=
+# Where uv finds torch's CPU wheel: pip's own find-links where set (this machine), else PyTorch's CPU index.
+TORCH_CPU_WHEELS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),\
+	https://download.pytorch.org/whl/cpu/torch/)
+.PHONY: lock
+lock:  ## re-resolve requirements.lock after editing pyproject.toml's dependencies (then: make venv)
+	@tmp=$$(mktemp); trap 'rm -f $$tmp' EXIT; \
+	if [ -f $(LOCK) ]; then sed -E 's/^(torch==[^+ ]+)$$/\1+cpu/' $(LOCK) > $$tmp; fi; \
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--exclude-newer $(LOCK_DATE) $(foreach f,$(TORCH_CPU_WHEELS),--find-links $(f)) \
+		$(if $(LOCK_UPGRADE),--upgrade) --custom-compile-command "make lock" --quiet -o $$tmp || exit 1; \
+	if grep -qE '^(nvidia-|cuda-|triton==)' $$tmp; then echo "make lock: torch's CPU wheel not found (TORCH_CPU_WHEELS)"; exit 1; fi; \
+	sed -E 's/^(torch==[^+ ]+)\+cpu$$/\1/' $$tmp > $(LOCK); \
+	echo "$(LOCK): $$(grep -c '^[a-z0-9].*==' $(LOCK)) pins"
 
 serve: venv  ## local Ray head on 127.0.0.1, the app on the embedded default; Ctrl-C stops
 	$(VENV)/bin/lorafleet serve --config $(CONFIG)
@@ -72,13 +98,14 @@ gpu-suite:  ## #19's GPU suite on the Ray-free engine, JSON + Markdown into OUT 
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(SUITE_PY) -m benchmarks.gpu_suite --out $(OUT) $(if $(SMOKE),--smoke)
 
 # Every wheel the suite needs beyond what a GPU host with torch, transformers, peft and safetensors has
-# (Python 3.12, x86-64): diffusers and its own requirements, pydantic (the engine's config), Pillow (images),
-# open_clip_torch (only for the CLIP BPE vocabulary file it ships). Versions: the venv's. No Ray.
+# (Python 3.12, x86-64): diffusers and its own requirements, pydantic (the engine's config), Pillow (images).
+# The CLIP BPE vocabulary is lorafleet's own package data (deployments/engine/clip_bpe/). Versions: the lock's.
+# No Ray.
 WHEEL_DIR ?= .whl
-GPU_WHEELS := diffusers==0.42.1 importlib-metadata==10.2.0 zipp==4.1.2 lazy-importer==0.1.0 pillow==13.0.0 \
-	requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3 idna==3.20 \
-	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-	typing-extensions==4.16.0 open_clip_torch==3.3.0
+GPU_WHEEL_NAMES := diffusers importlib-metadata zipp lazy-importer pillow requests urllib3 certifi charset-normalizer \
+	idna pydantic pydantic-core annotated-types typing-inspection typing-extensions
+locked = $(or $(shell sed -n 's/^$(1)==\([^ ]*\)$$/\1/p' $(LOCK)),$(error $(1) is not in $(LOCK)))
+GPU_WHEELS = $(foreach n,$(GPU_WHEEL_NAMES),$(n)==$(call locked,$(n)))
 WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 gpu-wheels:  ## download the GPU suite's wheels into WHEEL_DIR (< 64 MiB): see README, GPU suite
 	mkdir -p $(WHEEL_DIR)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import tomllib
 import yaml
 
 from graph.config import AppConfig
@@ -22,6 +23,12 @@ from conftest import ROOT
 
 def load(path: str):
     return yaml.safe_load((ROOT / path).read_text())
+
+
+def locked(name: str) -> str:
+    """requirements.lock's version of ``name``."""
+    (version,) = re.findall(rf"^{re.escape(name)}==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M)
+    return version
 
 
 def app_args(doc: dict) -> dict:
@@ -135,9 +142,14 @@ def test_cluster_yaml_validates_against_rays_schema():
     assert spot and spot[0]["node_config"]["InstanceType"].startswith("g5")
     assert raw["idle_timeout_minutes"] > 0
 
+    # Every node installs the locked set: lorafleet with each runtime dependency at requirements.lock's
+    # version, torch in a CUDA build of the locked version, by the uv that writes the lock, on CPython 3.11.
     setup = "\n".join(raw["setup_commands"])
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu" in setup
-    assert "pip install -q -e ." in setup and "--no-deps open_clip_torch==3.3.0" in setup
+    assert re.search(
+        r"uv pip install --python ~/venv/bin/python -q\s+-c requirements\.lock --torch-backend cu\d+ -e \.", setup
+    )
+    assert f"https://astral.sh/uv/{locked('uv')}/install.sh" in setup and "uv venv --seed --python 3.11" in setup
+    assert "open_clip" not in setup and "torch==" not in setup  # the vocabulary is package data; torch: the lock
     assert ".venv" in raw["rsync_exclude"]  # the local CPU venv never reaches the cluster
     assert any("--autoscaling-config" in c for c in raw["head_start_ray_commands"])
 
@@ -169,7 +181,7 @@ def test_rayservice_carries_the_gpu_serve_config_and_an_autoscaling_gpu_group():
     assert yaml.safe_load(spec["serveConfigV2"]) == load("serve_config.gpu.yaml")
 
     cluster = spec["rayClusterConfig"]
-    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["rayVersion"] == ray.__version__ == locked("ray")
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     (group,) = cluster["workerGroupSpecs"]
@@ -179,6 +191,25 @@ def test_rayservice_carries_the_gpu_serve_config_and_an_autoscaling_gpu_group():
     assert container["image"]
     max_replicas = AppConfig.load(app_args(load("serve_config.gpu.yaml"))).denoiser.autoscaling["max_replicas"]
     assert group["maxReplicas"] == max_replicas  # one GPU pod per Denoiser replica at most
+    images = {c["image"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]} | {container["image"]}
+    assert len(images) == 1  # head and workers run the one image k8s/Dockerfile builds
+
+
+def test_the_kuberay_image_installs_the_locked_set():
+    lines = [ln for ln in (ROOT / "k8s" / "Dockerfile").read_text().splitlines() if not ln.startswith("#")]
+    text = "\n".join(lines)
+    assert re.search(r"^FROM python:3\.11[-\w.]*$", text, re.M)  # the lock's Python
+    assert f"COPY --from=ghcr.io/astral-sh/uv:{locked('uv')} /uv" in text
+    assert "COPY pyproject.toml requirements.lock" in text
+    (install,) = [ln for ln in lines if "pip install" in ln]
+    assert "uv pip install --system" in install and "-c requirements.lock --torch-backend ${TORCH_BACKEND} ." in install
+    assert re.search(r"^ARG TORCH_BACKEND=cu\d+$", text, re.M) and "torch==" not in text
+    # Every package the image installs is in the build context: pyproject's packages, none left out.
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    copied = set(re.findall(r"^COPY (\w+) \1$", text, re.M))
+    assert copied == {p.rstrip("*") for p in packages["include"]}
+    ignored = (ROOT / "k8s" / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
 
 
 # ---- Prometheus and Grafana ----------------------------------------------------------------------------

@@ -1,16 +1,15 @@
 """The real CLIP BPE vocabulary, derived offline.
 
-No model hub is reachable, but the ``open_clip_torch`` wheel ships OpenAI's
-``bpe_simple_vocab_16e6.txt.gz``. CLIP's own tokenizer (``clip/simple_tokenizer.py``)
-builds its 49,408-token vocabulary from that file with the recipe below; the
-result is byte-for-byte the ``vocab.json``/``merges.txt`` pair that Stable
-Diffusion checkpoints ship in ``tokenizer/``.
+No model hub is reachable, so lorafleet ships OpenAI's ``bpe_simple_vocab_16e6.txt.gz``
+(``clip_bpe/``, with the MIT notices of OpenAI CLIP and open_clip, whose wheel it was copied
+from). CLIP's own tokenizer (``clip/simple_tokenizer.py``) builds its 49,408-token vocabulary
+from that file with the recipe below; the result is byte-for-byte the ``vocab.json``/``merges.txt``
+pair that Stable Diffusion checkpoints ship in ``tokenizer/``.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -18,22 +17,15 @@ from pathlib import Path
 CLIP_VOCAB_SIZE = 49_408
 # 49152 - 256 - 2 merges: the byte alphabet, its </w> forms and two specials fill the rest.
 _NUM_MERGES = 49_152 - 256 - 2
+# Vendored from OpenAI CLIP via open_clip (MIT; clip_bpe/LICENSE).
+BPE_FILE = Path(__file__).with_name("clip_bpe") / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def bpe_file() -> Path:
-    """Locate ``bpe_simple_vocab_16e6.txt.gz`` inside the installed open_clip package.
-
-    ``find_spec`` reads the package location without importing it (importing
-    open_clip would need torchvision, which this project does not install).
-    """
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "open_clip_torch is not installed: it ships the CLIP BPE vocabulary (pip install --no-deps open_clip_torch)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    """``bpe_simple_vocab_16e6.txt.gz``, package data of ``deployments.engine`` (pyproject.toml)."""
+    path = BPE_FILE
     if not path.is_file():
-        raise RuntimeError(f"CLIP BPE vocabulary not found at {path}")
+        raise RuntimeError(f"CLIP BPE vocabulary not found at {path}: reinstall lorafleet")
     return path
 
 
