@@ -98,6 +98,9 @@ class AppConfig(StrictConfig):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where adapters live (S3 or local).")
     admin: AdminConfig = Field(default_factory=lambda: AdminConfig(), description="Who may change the registry.")
     jobs: JobsConfig = Field(default_factory=lambda: JobsConfig(), description="Async jobs (/v1/jobs) and their store.")
+    openai: OpenAIConfig = Field(
+        default_factory=lambda: OpenAIConfig(), description="The OpenAI Images API (/v1/images/...): image URLs."
+    )
 
     @model_validator(mode="after")
     def _serve_autoscaling(self):
@@ -351,6 +354,19 @@ class JobsConfig(StrictConfig):
         from .webhooks import SECRET_ENV
 
         return self.webhook_secret or os.environ.get(SECRET_ENV) or None
+
+
+class OpenAIConfig(StrictConfig):
+    """The OpenAI Images API's routes (``/v1/images/generations``, ``/v1/images/edits``)."""
+
+    image_url_ttl_s: float = Field(
+        3600.0,
+        ge=0,
+        description=(
+            "How long the URL of a response_format=url image serves it. The images are kept as a finished job in "
+            "the job store (jobs.max_jobs bounds them with the jobs; durable as jobs.durable says); 0: expired at once."
+        ),
+    )
 
 
 AppConfig.model_rebuild()

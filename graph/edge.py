@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import SECURITY_HEADERS, APIError, error_response
 
 # Routes whose bodies carry base64 images (and masks): they get limits.max_image_body_bytes.
-IMAGE_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/jobs", "/sdapi/v1/img2img"})
+IMAGE_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/jobs", "/sdapi/v1/img2img", "/v1/images/edits"})
 UPLOAD_ROUTE = "/v1/adapters"
 BODY_ROUTES = IMAGE_ROUTES | {UPLOAD_ROUTE, "/v1/generate", "/v1/images/generations", "/sdapi/v1/txt2img"}
 
@@ -99,7 +99,7 @@ class EdgeLimits:
 
         async def refuse(problem: APIError) -> None:
             policy.count_refusal(route, problem.status)
-            response = error_response(problem.status, problem.code, problem.message, None, problem.headers)
+            response = error_response(problem.status, problem.code, problem.message, None, problem.headers, path)
             await response(scope, receive, send)
 
         if policy.needs_admin_before_body(method, route) and (problem := policy.admin_check(headers)):

@@ -1,4 +1,12 @@
-"""One error shape for every endpoint: ``{"error": {"code", "message", "field"}}``.
+"""One error mechanism for every endpoint, in the shape of the API a route belongs to.
+
+Routes raise ``APIError`` (or pydantic's and Starlette's own errors); the handlers here answer them in
+lorafleet's shape, ``{"error": {"code", "message", "field"}}``, except on the OpenAI Images API's routes
+(``/v1/images/...``), where the same error is translated into OpenAI's shape at the edge
+(``error_body``)::
+
+    {"error": {"message": "n must be in [1, 8], got 9", "type": "invalid_request_error",
+               "param": "n", "code": "invalid_value"}}
 
 Field paths have one spelling everywhere, pydantic's type errors included: ``width``,
 ``loras[0].scale`` (``field_path``).
@@ -82,13 +90,49 @@ SECURITY_HEADERS = {
 }
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+# The OpenAI Images API's routes (paths relative to the app's root): their errors take OpenAI's shape.
+OPENAI_PREFIX = "/v1/images/"
+# OpenAI's error ``type`` by status; every other 4xx is an ``invalid_request_error``, every 5xx a ``server_error``.
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status: ``422 -> "invalid_request_error"``, ``503 -> "server_error"``."""
+    return OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def is_openai_path(path: str) -> bool:
+    """``path`` (relative to the app's root, ``app_path``) is one of the OpenAI Images API's routes."""
+    return path.startswith(OPENAI_PREFIX)
+
+
+def app_path(scope) -> str:
+    """The request's path without the app's route prefix (``root_path``): ``/sdxl/v1/x`` -> ``/v1/x``."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
+
+
+def error_body(status: int, code: str, message: str, field: str | None, openai: bool = False) -> dict:
+    """The error's JSON body: lorafleet's shape, or OpenAI's (``param`` is the field, ``type`` from the status)."""
     message = one_line(message)
+    if openai:
+        return {"error": {"message": message, "type": openai_type(status), "param": field, "code": code}}
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers=None, path: str = ""
+) -> JSONResponse:
+    """The one error answer; ``path`` (relative to the app's root) picks the shape: OpenAI's on ``/v1/images/``."""
     return JSONResponse(
-        {"error": {"code": code, "message": message, "field": field}},
+        error_body(status, code, message, field, openai=is_openai_path(path)),
         status_code=status,
         headers={**SECURITY_HEADERS, **(headers or {})},
     )
+
+
+def _answer(request: Request, status: int, code: str, message: str, field: str | None = None, headers=None):
+    return error_response(status, code, message, field, headers, path=app_path(request.scope))
 
 
 def _field(loc: tuple) -> str | None:
@@ -99,22 +143,22 @@ def _field(loc: tuple) -> str | None:
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    return _answer(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return error_response(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}", None)
+        return _answer(request, 400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}", None)
     field = _field(tuple(first.get("loc", ())))
     if first.get("type") == "missing":
-        return error_response(422, "missing_field", f"{field} is required", field)
+        return _answer(request, 422, "missing_field", f"{field} is required", field)
     if first.get("type") == "extra_forbidden":
-        return error_response(422, "unknown_field", f"unknown field {field}", field)
+        return _answer(request, 422, "unknown_field", f"unknown field {field}", field)
     if first.get("type") == "model_attributes_type":
-        return error_response(400, "invalid_body", "request body must be a JSON object", None)
-    return error_response(422, "invalid_value", f"{field or 'request body'}: {first.get('msg')}", field)
+        return _answer(request, 400, "invalid_body", "request body must be a JSON object", None)
+    return _answer(request, 422, "invalid_value", f"{field or 'request body'}: {first.get('msg')}", field)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -123,7 +167,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
         exc.status_code, "http_error"
     )
-    return error_response(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
+    return _answer(request, exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
 
 
 def _unparsable_body(request: Request, cause: BaseException) -> JSONResponse:
@@ -133,17 +177,17 @@ def _unparsable_body(request: Request, cause: BaseException) -> JSONResponse:
         reason = {RecursionError: "it is nested too deeply", UnicodeDecodeError: "it is not UTF-8"}.get(
             type(cause), "it could not be parsed"
         )
-        return error_response(400, "invalid_json", f"request body is not valid JSON: {reason}", None)
-    return error_response(400, "invalid_body", "request body could not be parsed as a form", None)
+        return _answer(request, 400, "invalid_json", f"request body is not valid JSON: {reason}", None)
+    return _answer(request, 400, "invalid_body", "request body could not be parsed as a form", None)
 
 
 async def _registry_error(request: Request, exc) -> JSONResponse:
     if exc.status >= 500:  # the store's own words name buckets, endpoints and addresses: logged only
         logger.warning("[%s] store error: %s", request_id(request), exc.message)
         message = "the server's storage (adapter registry, job records) is unavailable; retry later"
-        return error_response(exc.status, exc.code, message, None, {"Retry-After": "5"})
+        return _answer(request, exc.status, exc.code, message, None, {"Retry-After": "5"})
     message = exc.message + (f" (keys: {', '.join(exc.keys)})" if exc.keys else "")
-    return error_response(exc.status, exc.code, message, None)
+    return _answer(request, exc.status, exc.code, message, None)
 
 
 MAX_MESSAGE_CHARS = 300
@@ -167,7 +211,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     rid = request_id(request)
     logger.error("internal error in request %s (%s %s)", rid, request.method, request.url.path, exc_info=exc)
     message = f"internal error (request id {rid}); the server log has the details"
-    return error_response(500, "internal_error", message, None)
+    return _answer(request, 500, "internal_error", message, None)
 
 
 def install(app) -> None:

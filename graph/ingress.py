@@ -11,10 +11,12 @@ import base64
 import functools
 import hashlib
 import time
+from collections.abc import AsyncIterable
 
-from fastapi import FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBearer
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -86,6 +88,7 @@ _ADMIN = [Security(_admin_bearer)]
 _GENERATION_ROUTES = {
     "/v1/generate",
     "/v1/images/generations",
+    "/v1/images/edits",
     "/v1/img2img",
     "/v1/inpaint",
     "/sdapi/v1/txt2img",
@@ -171,6 +174,15 @@ _ERRORS = {
     422: {"description": "Invalid field value; the error names the field"},
     503: {"description": "Overloaded: retry after the Retry-After header's seconds"},
 }
+# The OpenAI routes: JSON, or with ``stream: true`` Server-Sent Events; errors as {"error": {message, type, param,
+# code}}.
+_OPENAI_RESPONSES = {200: {"content": {"text/event-stream": {}}}, **_ERRORS}
+
+
+async def _existing_job(job_id: str) -> None:
+    """404 before a job's event stream starts (a streamed answer's 200 is final): the dependency finds the
+    replica's Jobs handle as Serve's class-based view finds the replica."""
+    await job_routes.require(serve.get_replica_context().servable_object.jobs, job_id)
 
 
 @serve.deployment(name="Ingress")
@@ -290,15 +302,70 @@ class Ingress:
             ),
         )
 
-    @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=_ERRORS)
+    # -- OpenAI Images API ------------------------------------------------------------------
+    # Translated in and out by graph/openai_images.py; errors in OpenAI's shape (graph/errors.py).
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=OpenAIImagesResponse,
+        response_model_exclude_none=True,
+        responses=_OPENAI_RESPONSES,
+    )
     async def images_generations(self, body: OpenAIImagesRequest, request: Request):
-        """The OpenAI Images API: works with the official ``openai`` client.
+        """The OpenAI Images API: works with the official ``openai`` client. ``stream: true``: Server-Sent Events.
 
         ``model`` may name an adapter: ``"tiny-sd:watercolor"`` or ``"tiny-sd:watercolor@2"``.
         """
-        openai_request, names = openai_images.to_input(body, tenant_of(request, body.user))
-        plan = await self.check_inputs(openai_request, names, http=request)
-        return openai_images.to_response((await self.graph.run(plan)).images)
+        how = openai_images.delivery(body, openai_images.GENERATION)
+        tenant = tenant_of(request, body.safety_identifier or body.user)
+        plan = await self.check_inputs(*openai_images.to_input(body, tenant), http=request)
+        return await self.openai_answer(plan, how, request)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=OpenAIImagesResponse,
+        response_model_exclude_none=True,
+        responses=_OPENAI_RESPONSES,
+        openapi_extra=openai_images.EDIT_OPENAPI,
+    )
+    async def images_edits(self, request: Request):
+        """OpenAI's image edits (multipart): img2img of ``image``, or with ``mask`` inpainting of its
+        transparent part. ``strength`` (lorafleet's): 0.75 by default, 1.0 with a mask."""
+        form, image, mask = await openai_images.read_edit(request, self.config.limits.max_image_bytes)
+        how = openai_images.delivery(form, openai_images.EDIT)
+        tenant = tenant_of(request, form.safety_identifier or form.user)
+        edit = await asyncio.to_thread(openai_images.edit_input, form, image, mask, tenant, self.config.limits)
+        plan = await self.check_inputs(*edit, http=request)
+        return await self.openai_answer(plan, how, request)
+
+    async def openai_answer(self, plan: Plan, how: openai_images.Delivery, request: Request):
+        """Run an OpenAI request's plan: a stream of events, or the images as base64 or as URLs (held in the
+        Jobs store for ``openai.image_url_ttl_s``)."""
+        if how.stream:
+            every = how.preview_every_steps(plan.steps)
+
+            def run(on_event):
+                return self.graph.run(plan, on_event=on_event, preview_every_steps=every)
+
+            return EventSourceResponse(openai_images.stream(run, how, plan.width, plan.height))
+        result = await self.graph.run(plan)
+        images = await asyncio.to_thread(openai_images.encode_output, result.images, how)
+        size = f"{plan.width}x{plan.height}"
+        if how.response_format == "b64_json":
+            return openai_images.to_response(images, how, size)
+        ttl_s = self.config.openai.image_url_ttl_s
+        file_id = await job_routes.keep(self.jobs, plan, images, ttl_s)
+        expires = int(time.time() + ttl_s)
+        urls = openai_images.image_urls(str(request.base_url), file_id, len(images), how.output_format, expires)
+        return openai_images.to_response(images, how, size, urls)
+
+    @app.get(
+        "/v1/images/files/{file_id}/{name}",
+        responses={200: {"content": {m: {} for m in MIME_TYPES.values()}}, 404: {"description": "image_expired"}},
+    )
+    async def images_file(self, file_id: str, name: str, expires: int | None = None) -> Response:
+        """An image of a ``response_format: "url"`` answer, while it lasts (``openai.image_url_ttl_s``)."""
+        return await openai_images.file_response(self.jobs, file_id, name, expires)
 
     # -- adapter registry (admin API) -------------------------------------------------
 
@@ -590,12 +657,18 @@ class Ingress:
 
     @app.get(
         "/v1/jobs/{job_id}/events",
-        responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "job_not_found"}},
+        response_class=EventSourceResponse,
+        dependencies=[Depends(_existing_job)],
+        responses={404: {"description": "job_not_found"}},
     )
-    async def job_events(self, job_id: str, previews: bool = False):
+    async def job_events(
+        self, job_id: str, previews: bool = False, last_event_id: str | None = Header(None)
+    ) -> AsyncIterable[ServerSentEvent]:
         """Server-Sent Events: ``status`` on each change, ``preview`` (with ``previews=true``), then
-        ``done`` / ``failed`` / ``cancelled`` and the end of the stream."""
-        return await job_routes.event_stream(self.jobs, job_id, previews)
+        ``done`` / ``failed`` / ``cancelled`` and the end of the stream. Each event has an ``id``: a client
+        reconnecting with it as ``Last-Event-ID`` gets only what changed since."""
+        async for event in job_routes.events(self.jobs, job_id, previews, last_event_id):
+            yield event
 
     @app.delete("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def cancel_job(self, job_id: str):

@@ -3,9 +3,11 @@
 ``JobManager.submit(plan)`` stores a ``Job`` and starts it as an asyncio task running the same
 chain as ``/v1/generate`` (its ``run``: ``GraphClient.run`` with the Denoiser called as a stream),
 so that queue position, step and previews arrive as they change; ``events`` is a job's Server-Sent
-Events text. The store is bounded (``max_jobs``: finished jobs are evicted oldest-first, then new
-jobs get ``StoreFullError``) and finished jobs expire after ``ttl_s``. The ``Jobs`` deployment
-(``jobs.py``) holds one of these; ``job_routes.py`` is the ingress side.
+Events (``JobEvent``: the ingress frames them with FastAPI's SSE support). The store is bounded
+(``max_jobs``: finished jobs are evicted oldest-first, then new jobs get ``StoreFullError``) and
+finished jobs expire after ``ttl_s`` (or their own ``Job.ttl_s``). ``JobManager.keep`` stores images
+made elsewhere as a finished job: the OpenAI API's image URLs. The ``Jobs`` deployment (``jobs.py``)
+holds one of these; ``job_routes.py`` is the ingress side.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import heapq
 import json
 import logging
 import secrets
@@ -32,7 +35,22 @@ from .webhooks import WebhookSender
 logger = logging.getLogger("ray.serve")
 
 FINISHED = ("done", "failed", "cancelled")
-KEEP_ALIVE = ": keep-alive\n\n"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One Server-Sent Event of a job's stream (the ingress frames it: ``job_routes.events``).
+
+    ``id`` is ``"<version>.<preview_version>"``: the state the client has seen, so a stream resumed with
+    it as ``Last-Event-ID`` sends only what changed since. ``comment`` alone: a keep-alive line."""
+
+    event: str | None = None  # status | preview | done | failed | cancelled
+    data: dict | None = None
+    id: str | None = None
+    comment: str | None = None
+
+
+KEEP_ALIVE = JobEvent(comment="keep-alive")
 
 
 @dataclass(eq=False)
@@ -61,6 +79,7 @@ class Job:
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     saved: Future | None = field(default=None, repr=False)  # the write of its creation record
     webhook_url: str | None = None  # POSTed the job object when it ends (graph/webhooks.py)
+    ttl_s: float | None = None  # how long it stays once finished; None: the store's ttl_s
 
     @property
     def finished(self) -> bool:
@@ -94,13 +113,15 @@ class Job:
 
     def to_record(self) -> dict:
         record = {name: getattr(self, name) for name in self._RECORD_FIELDS}
-        return {**record, "finished_at": self.finished_at, "webhook_url": self.webhook_url, "model": self.model}
+        extra = {"finished_at": self.finished_at, "webhook_url": self.webhook_url, "model": self.model}
+        return {**record, **extra, "ttl_s": self.ttl_s}
 
     @classmethod
     def from_record(cls, record: dict) -> Job:
         job = cls(**{name: record[name] for name in (*cls._RECORD_FIELDS, "finished_at")})
         job.webhook_url = record.get("webhook_url")
         job.model = record.get("model", "")  # records written before models had names lack it
+        job.ttl_s = record.get("ttl_s")
         job.eta_s = 0.0 if job.status == "done" else None  # as JobStore.finish leaves it
         return job
 
@@ -254,6 +275,7 @@ class JobStore:
         self.interrupted: list[Job] = []  # jobs ``recover`` found unfinished (their webhooks are due)
         self._jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in finishing order
+        self._expiry: list[tuple[float, str]] = []  # heap of (expires at, id) of finished jobs; stale entries skipped
         self.evicted = 0
         self.expired = 0
 
@@ -267,8 +289,17 @@ class JobStore:
     def unfinished(self) -> int:
         return len(self._jobs) - len(self._finished)
 
+    def expires_at(self, job: Job) -> float:
+        """When a finished job expires: ``ttl_s`` (its own, else the store's) after it finished."""
+        return job.finished_at + (self.ttl_s if job.ttl_s is None else job.ttl_s)
+
+    def _mark_finished(self, job: Job) -> None:
+        self._finished[job.id] = job
+        heapq.heappush(self._expiry, (self.expires_at(job), job.id))
+
     def add(self, job: Job) -> Future | None:
-        """Store a new job; returns the future of its record's write (None without ``records``)."""
+        """Store a new job (a finished one too: ``JobManager.keep``); returns the future of its record's
+        write (None without ``records``)."""
         self.sweep()
         if job.id in self._jobs:
             raise ValueError(f"job {job.id!r} is already in the store")
@@ -281,6 +312,8 @@ class JobStore:
             self._forget(oldest)
             self.evicted += 1
         self._jobs[job.id] = job
+        if job.finished:
+            self._mark_finished(job)
         return self._save(job)
 
     def _save(self, job: Job, retry: bool = False) -> Future | None:
@@ -306,7 +339,7 @@ class JobStore:
                 job = Job.from_record(record)
             except (KeyError, TypeError):
                 continue
-            if job.finished and now - job.finished_at >= self.ttl_s:
+            if job.finished and now >= self.expires_at(job):
                 self._forget(job.id)
                 continue
             restored.append(job)
@@ -315,7 +348,7 @@ class JobStore:
         for job in kept:
             self._jobs[job.id] = job
             if job.finished:
-                self._finished[job.id] = job
+                self._mark_finished(job)
             else:
                 message = "the server restarted while this job ran; submit it again"
                 self.finish(job, "failed", error={"code": "interrupted", "message": message, "field": None})
@@ -343,7 +376,7 @@ class JobStore:
         job.eta_s = None if status != "done" else 0.0
         job.finished_at = now
         if job.id in self._jobs:
-            self._finished[job.id] = job
+            self._mark_finished(job)
             self._save(job, retry=True)  # tried until the store takes it
         job.touch(now)
 
@@ -355,24 +388,20 @@ class JobStore:
         return job
 
     def sweep(self) -> int:
-        """Drop finished jobs older than ``ttl_s``; returns how many."""
+        """Drop finished jobs whose TTL has passed (``expires_at``); returns how many."""
         now = self.clock()
         n = 0
-        while self._finished:
-            job_id, job = next(iter(self._finished.items()))
-            if now - job.finished_at < self.ttl_s:
-                break
-            self._finished.popitem(last=False)
+        while self._expiry and self._expiry[0][0] <= now:
+            expires, job_id = heapq.heappop(self._expiry)
+            job = self._finished.get(job_id)
+            if job is None or self.expires_at(job) != expires:  # removed or evicted since
+                continue
+            del self._finished[job_id]
             del self._jobs[job_id]
             self._forget(job_id)
             n += 1
         self.expired += n
         return n
-
-
-def sse(event: str, data: dict) -> str:
-    """One Server-Sent Event: ``event: <name>`` and one line of JSON ``data``."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def detached(coro) -> asyncio.Task:
@@ -468,16 +497,7 @@ class JobManager:
             message = f"internal error (job {job.id}); the server log has the details"
             self._finish(job, "failed", error={"code": "internal_error", "message": message, "field": None})
         else:
-            images = [
-                {
-                    "b64": base64.b64encode(data).decode(),
-                    "seed": plan.seed + k,
-                    "width": plan.width,
-                    "height": plan.height,
-                }
-                for k, data in enumerate(result.images)
-            ]
-            self._finish(job, "done", images=images, step=job.steps)
+            self._finish(job, "done", images=_image_dicts(plan, result.images), step=job.steps)
 
     def _on_event(self, job: Job, event: LoadingModel | Queued | Step | Preview) -> None:
         """A progress event of the Denoiser's stream -> the job object."""
@@ -531,26 +551,84 @@ class JobManager:
         self._finish(job, "cancelled")
         return job
 
-    async def events(self, job_id: str, previews: bool = False) -> AsyncIterator[str]:
-        """The job's Server-Sent Events, as text: ``status`` on each change (without images),
-        ``preview`` (if asked), then the final ``done``/``failed``/``cancelled`` (with images);
-        a keep-alive comment every ``heartbeat_s`` while nothing changes. Nothing for an unknown id."""
+    async def keep(self, plan: Plan, images: tuple[bytes, ...], ttl_s: float) -> Job:
+        """Store ``images`` (made for ``plan`` outside any job) as a finished ``done`` job that expires
+        ``ttl_s`` after now: what the OpenAI API's image URLs serve (``image``). Returns once its record
+        is durable (with ``records``); ``StoreFullError`` when the store is full."""
+        now = self.store.clock()
+        job = Job(
+            id=secrets.token_urlsafe(16),
+            seed=plan.seed,
+            steps=plan.steps,
+            loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
+            model=plan.model,
+            created=now,
+            updated=now,
+            status="done",
+            step=plan.steps,
+            eta_s=0.0,
+            images=_image_dicts(plan, images),
+            finished_at=now,
+            ttl_s=ttl_s,
+        )
+        saved = self.store.add(job)
+        if saved is not None:
+            try:
+                await asyncio.wrap_future(saved)
+            except BaseException:
+                self.refuse(job)
+                raise
+        return job
+
+    def image(self, job_id: str, index: int) -> bytes | None:
+        """The file bytes of a done job's image ``index``; None if the job is unknown, expired, not done,
+        or has no such image."""
+        job = self.store.get(job_id)
+        if job is None or job.status != "done" or not 0 <= index < len(job.images or ()):
+            return None
+        return base64.b64decode(job.images[index]["b64"])
+
+    async def events(
+        self, job_id: str, previews: bool = False, last_event_id: str | None = None
+    ) -> AsyncIterator[JobEvent]:
+        """The job's Server-Sent Events: ``status`` on each change (without images), ``preview`` (if
+        asked), then the final ``done``/``failed``/``cancelled`` (with images); ``KEEP_ALIVE`` every
+        ``heartbeat_s`` while nothing changes. Nothing for an unknown id.
+
+        Each event's id is the state it shows (``JobEvent``); with ``last_event_id`` (a reconnecting
+        client's ``Last-Event-ID``) what that state already showed is not sent again (the final event is)."""
         job = self.store.get(job_id)
         if job is None:
             return
-        sent, sent_preview = -1, 0
+        sent, sent_preview = _seen(last_event_id)
         while True:
             changed = job.changed  # taken before reading, so no change in between is missed
             if job.finished:
-                yield sse(job.status, job.to_dict())
+                yield JobEvent(job.status, job.to_dict(), f"{job.version}.{job.preview_version}")
                 return
             if job.version != sent:
                 sent = job.version
-                yield sse("status", job.to_dict(images=False))
+                yield JobEvent("status", job.to_dict(images=False), f"{sent}.{sent_preview}")
             if previews and job.preview_version != sent_preview and job.preview is not None:
                 sent_preview = job.preview_version
-                yield sse("preview", job.preview)
+                yield JobEvent("preview", job.preview, f"{sent}.{sent_preview}")
             try:
                 await asyncio.wait_for(changed.wait(), timeout=self.heartbeat_s)
             except asyncio.TimeoutError:
                 yield KEEP_ALIVE
+
+
+def _seen(last_event_id: str | None) -> tuple[int, int]:
+    """``"7.2"`` -> (7, 2): the job version and preview version a client has seen; (-1, 0) for none or junk."""
+    version, _, preview = (last_event_id or "").partition(".")
+    if version.isascii() and version.isdigit() and preview.isascii() and preview.isdigit():
+        return int(version), int(preview)
+    return -1, 0
+
+
+def _image_dicts(plan: Plan, images: tuple[bytes, ...]) -> list[dict]:
+    """A done job's ``images``: each file in base64 with its seed and size."""
+    return [
+        {"b64": base64.b64encode(data).decode(), "seed": plan.seed + k, "width": plan.width, "height": plan.height}
+        for k, data in enumerate(images)
+    ]

@@ -195,10 +195,25 @@ class Jobs:
         self._update_gauges()
         return None if job is None else job.to_dict()
 
-    async def events(self, job_id: str, previews: bool = False):
-        """Server-Sent Events text of one job (call with ``handle.options(stream=True)``)."""
-        async for chunk in self.manager.events(job_id, previews):
-            yield chunk
+    async def events(self, job_id: str, previews: bool = False, last_event_id: str | None = None):
+        """One job's Server-Sent Events as ``JobEvent``s (call with ``handle.options(stream=True)``)."""
+        async for event in self.manager.events(job_id, previews, last_event_id):
+            yield event
+
+    async def keep(self, plan: Plan, images: tuple[bytes, ...], ttl_s: float) -> dict:
+        """Hold images made by the ingress for ``ttl_s`` (the OpenAI API's image URLs): ``{"job": {"id"}}``,
+        or ``{"rejected": {"message", "retry_after_s"}}`` when the store is full."""
+        self._start_background()
+        try:
+            job = await self.manager.keep(plan, images, ttl_s)
+        except StoreFullError as e:
+            return {"rejected": {"message": str(e), "retry_after_s": e.retry_after_s}}
+        self._update_gauges()
+        return {"job": {"id": job.id}}
+
+    async def image(self, job_id: str, index: int) -> bytes | None:
+        """The file bytes of a done job's image ``index``, None if there is none (unknown or expired job)."""
+        return self.manager.image(job_id, index)
 
     def _on_finish(self, outcome: str) -> None:
         self.metrics.jobs.inc(tags={"outcome": outcome})

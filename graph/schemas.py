@@ -87,34 +87,81 @@ class GenerateResponse(BaseModel):
     )
 
 
-class OpenAIImagesRequest(_Body):
-    """``POST /v1/images/generations`` in the OpenAI Images API shape, plus lorafleet's extras."""
+# -- the OpenAI Images API (graph/openai_images.py) ------------------------------------------------
+
+OpenAIBackground = Literal["auto", "opaque", "transparent"]
+OpenAIQuality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+OpenAIResponseFormat = Literal["b64_json", "url"]
+
+
+class _OpenAIFields(BaseModel):
+    """The fields ``/v1/images/generations`` and ``/v1/images/edits`` share: OpenAI's, then lorafleet's extras."""
 
     prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "512x512"; default: the model\'s native size.')
-    response_format: str = Field("b64_json", description='Only "b64_json" is served.')
+    model: str | None = Field(None, description='A served model, or "base:adapter[@version]" for a LoRA.')
+    n: int = Field(1, ge=1, description="Images (at most limits.max_num_images); image k uses seed + k.")
+    size: str | None = Field(
+        None, description='"WIDTHxHEIGHT" (multiples of 8), or "auto": the model\'s native size (edits: the image\'s).'
+    )
+    response_format: OpenAIResponseFormat | None = Field(
+        None, description='"b64_json" (default) or "url": served for openai.image_url_ttl_s.'
+    )
+    output_format: OutputFormat | None = Field(None, description="png (default), jpeg or webp.")
+    output_compression: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="jpeg / webp quality, 0-100 (100: best); default: the server's (jpeg 95, webp lossless).",
+    )
+    background: OpenAIBackground | None = Field(
+        None, description="auto or opaque; transparent is refused (the models draw no alpha)."
+    )
+    quality: OpenAIQuality | None = Field(None, description="Accepted for compatibility; ignored (see steps).")
+    stream: bool | None = Field(False, description="Server-Sent Events: partial images, then the image(s).")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="With stream: this many partial images (latent previews) before the final."
+    )
     user: str | None = Field(None, max_length=128, description="End-user id; the tenant for fair scheduling.")
-    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
-    style: str | None = Field(None, description="Accepted for compatibility; ignored.")
-    output_format: OutputFormat = "png"
+    safety_identifier: str | None = Field(None, max_length=128, description="OpenAI's successor of user (wins).")
     negative_prompt: str = ""
     steps: int = Field(30, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: SchedulerName = "default"
+
+
+class OpenAIImagesRequest(_OpenAIFields, _Body):
+    """``POST /v1/images/generations`` in the OpenAI Images API shape, plus lorafleet's extras."""
+
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for compatibility; ignored.")
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted for compatibility; ignored.")
     loras: list[LoRASpec] = Field(default_factory=list, description="More adapters, after the one in `model`.")
 
 
+class OpenAIEditForm(_OpenAIFields):
+    """``POST /v1/images/edits``'s form fields besides the files (``image`` or ``image[]``, ``mask``): values
+    come as text, so types are read leniently (``"2"`` is an ``n``); unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted for compatibility; ignored.")
+    strength: float | None = Field(
+        None, description="How far to move from the image, in (0, 1]; default 0.75, or 1.0 with a mask."
+    )
+
+
 class OpenAIImage(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
 
 
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+    background: Literal["opaque"] | None = None
+    output_format: OutputFormat | None = None
+    size: str | None = None
 
 
 # -- async jobs (/v1/jobs) ---------------------------------------------------------------

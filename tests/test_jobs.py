@@ -11,7 +11,7 @@ import pytest
 from deployments.engine.loop import DenoiseLoop
 from deployments.messages import DecodedImages, Preview, Queued, Step
 from graph.errors import APIError
-from graph.job_store import KEEP_ALIVE, Job, JobManager, JobRecords, JobStore, StoreFullError, sse
+from graph.job_store import KEEP_ALIVE, Job, JobEvent, JobManager, JobRecords, JobStore, StoreFullError
 from graph.planning import Plan
 
 from conftest import make_plan, until
@@ -106,9 +106,9 @@ def test_finish_sets_the_final_fields_once():
     assert store.remove("a") is j and store.get("a") is None and store.remove("a") is None
 
 
-def test_sse_format():
-    assert sse("status", {"id": "x", "step": 2}) == 'event: status\ndata: {"id":"x","step":2}\n\n'
-    assert KEEP_ALIVE == ": keep-alive\n\n"
+def test_keep_alive_is_a_comment_only():
+    assert KEEP_ALIVE == JobEvent(comment="keep-alive")
+    assert (KEEP_ALIVE.event, KEEP_ALIVE.data, KEEP_ALIVE.id) == (None, None, None)
 
 
 # -- the manager, against a fake graph ----------------------------------------------------
@@ -209,15 +209,8 @@ def finished(*images: bytes) -> DecodedImages:
     return DecodedImages(images=images, encode_ms=1.0, queue_ms=0.0, denoise_ms=2.0, decode_ms=1.0)
 
 
-def parse(chunks: list[str]) -> list[tuple[str, dict | None]]:
-    out = []
-    for chunk in chunks:
-        if chunk == KEEP_ALIVE:
-            out.append(("keep-alive", None))
-            continue
-        event, data = chunk.rstrip("\n").split("\n")
-        out.append((event.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
-    return out
+def parse(chunks: list[JobEvent]) -> list[tuple[str, dict | None]]:
+    return [("keep-alive", None) if chunk == KEEP_ALIVE else (chunk.event, chunk.data) for chunk in chunks]
 
 
 async def settle():
@@ -246,7 +239,7 @@ def test_job_lifecycle_and_its_event_stream():
             "loras": [{"ref": "ink@2", "scale": 0.5}],
             "seed": 40,
         }
-        chunks: list[str] = []
+        chunks: list[JobEvent] = []
 
         async def listen():
             async for chunk in manager.events(j.id, previews=True):
@@ -350,7 +343,7 @@ def test_cancel_stops_the_graph_call_and_deleting_a_finished_job_removes_it():
     asyncio.run(main())
 
 
-async def _collect(stream) -> list[str]:
+async def _collect(stream) -> list[JobEvent]:
     return [chunk async for chunk in stream]
 
 

@@ -248,7 +248,7 @@ OPENAI = [
     ({"guidance_scale": 31.0}, 422, "invalid_value", "guidance_scale", "guidance_scale must be in [0, 30.0]"),
     ({"prompt": "cat " * 226}, 422, "prompt_too_long", "prompt", "prompt is 226 tokens"),
     ({"prompt": "a <lora:ink:9>"}, 422, "invalid_value", "prompt", "prompt: <lora:ink:9>: the weight must be"),
-    ({"response_format": "url"}, 400, "unsupported_response_format", "response_format", 'use "b64_json"'),
+    ({"background": "transparent"}, 422, "unsupported_value", "background", 'use "opaque" or "auto"'),
 ]
 
 
