@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import os
 
-# A1111's sigma schedules (``modules/sd_schedulers.py``: name, label, aliases, default_rho, need_inner_model)
-# that lorafleet runs. Today only "automatic": each sampler's own schedule. The one list: the samplers work
-# of issue #20 adds Karras / Exponential / SGM Uniform to deployments/engine/schedulers.py; then this reads them.
-SCHEDULERS: tuple[tuple[str, str, tuple[str, ...], float, bool], ...] = (("automatic", "Automatic", (), -1.0, False),)
+from deployments.engine.schedulers import SCHEDULES
+
+# A1111's entry (``modules/sd_schedulers.py``: label, aliases, default_rho, need_inner_model) for each sigma
+# schedule lorafleet runs: "automatic" (each sampler's own) and the engine's ``SCHEDULES``, the one list.
+_A1111_SCHEDULES: dict[str, tuple[str, tuple[str, ...], float, bool]] = {
+    "automatic": ("Automatic", (), -1.0, False),
+    "karras": ("Karras", (), 7.0, False),
+    "exponential": ("Exponential", (), -1.0, False),
+    "beta": ("Beta", (), -1.0, False),
+    "sgm_uniform": ("SGM Uniform", ("SGMUniform",), -1.0, True),
+}
 
 
 def schedulers() -> list[dict]:
-    """``GET /sdapi/v1/schedulers``: A1111's entries (``default_rho`` -1: none, as A1111 lists it)."""
-    return [
-        {"name": name, "label": label, "aliases": list(aliases), "default_rho": rho, "need_inner_model": inner}
-        for name, label, aliases, rho, inner in SCHEDULERS
-    ]
+    """``GET /sdapi/v1/schedulers``: A1111's entries for "automatic" and each of the engine's ``SCHEDULES``
+    (``default_rho`` -1: none, as A1111 lists it)."""
+    out = []
+    for name in ("automatic", *SCHEDULES):
+        label, aliases, rho, inner = _A1111_SCHEDULES.get(name, (name.replace("_", " ").title(), (), -1.0, False))
+        out.append(
+            {"name": name, "label": label, "aliases": list(aliases), "default_rho": rho, "need_inner_model": inner}
+        )
+    return out
 
 
 def cmd_flags() -> dict:

@@ -133,10 +133,16 @@ def test_options_name_the_callers_checkpoint_with_its_sd_models_hash():
     assert options(CallerSettings(), CPS[0], 0)["live_previews_enable"] is False
 
 
-def test_schedulers_are_a1111_entries():
-    assert schedulers() == [
-        {"name": "automatic", "label": "Automatic", "aliases": [], "default_rho": -1.0, "need_inner_model": False}
-    ]
+def test_schedulers_are_a1111_entries_for_the_engines_schedules():
+    from deployments.engine.schedulers import SCHEDULES
+
+    out = {s["name"]: s for s in schedulers()}
+    assert list(out) == ["automatic", *SCHEDULES]
+    assert out["automatic"] == {
+        "name": "automatic", "label": "Automatic", "aliases": [], "default_rho": -1.0, "need_inner_model": False
+    }  # fmt: skip
+    assert (out["karras"]["label"], out["karras"]["default_rho"]) == ("Karras", 7.0)
+    assert (out["sgm_uniform"]["label"], out["sgm_uniform"]["aliases"]) == ("SGM Uniform", ["SGMUniform"])
 
 
 # -- in-flight work: progress, interrupt, skip ----------------------------------------------------
