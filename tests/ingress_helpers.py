@@ -100,11 +100,29 @@ ADMIN_TOKEN = "in-process-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def is_error_shape(body) -> bool:
-    """The documented error body: ``{"error": {"code": str, "message": str, "field": str | None}}``, one line."""
+def error_of(path: str, code: str, message: str, field: str | None) -> dict:
+    """The ``error`` object a route answers: lorafleet's shape, OpenAI's on the OpenAI routes (``/v1/images/``)."""
+    if path.startswith("/v1/images/"):
+        return {"message": message, "type": "invalid_request_error", "param": field, "code": code}
+    return {"code": code, "message": message, "field": field}
+
+
+def is_error_shape(body, openai: bool = False) -> bool:
+    """The documented error body: ``{"error": {"code": str, "message": str, "field": str | None}}``, one line;
+    with ``openai`` (the OpenAI routes) OpenAI's: ``{"error": {"message", "type", "param", "code"}}``."""
     if not isinstance(body, dict) or set(body) != {"error"}:
         return False
     err = body["error"]
+    if openai:
+        return (
+            isinstance(err, dict)
+            and set(err) == {"message", "type", "param", "code"}
+            and isinstance(err["type"], str)
+            and isinstance(err["code"], str)
+            and isinstance(err["message"], str)
+            and "\n" not in err["message"]
+            and (err["param"] is None or isinstance(err["param"], str))
+        )
     return (
         isinstance(err, dict)
         and set(err) == {"code", "message", "field"}

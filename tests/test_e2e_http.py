@@ -140,8 +140,8 @@ def test_openai_client(cluster):
         },
     ).json()
     assert [d.b64_json for d in result.data] == [im["b64"] for im in native["images"]]
-    with pytest.raises(openai.BadRequestError, match="b64_json"):
-        client.images.generate(model="tiny-sd", prompt="x", size="64x64", response_format="url")
+    with pytest.raises(openai.UnprocessableEntityError, match="transparent"):
+        client.images.generate(model="tiny-sd", prompt="x", size="64x64", background="transparent")
     with pytest.raises(openai.NotFoundError, match="unknown model"):
         client.images.generate(model="sdxl", prompt="x", size="64x64", response_format="b64_json")
     assert [m.id for m in client.models.list()] == ["tiny-sd"]
@@ -208,11 +208,11 @@ def test_prompt_limit_is_stated(cluster):
 
 def test_openai_bad_size_names_the_field(cluster):
     r = post(cluster, {"prompt": "x", "size": "big"}, path="/v1/images/generations")
-    assert r.status_code == 422 and r.json()["error"]["field"] == "size"
+    assert r.status_code == 422 and r.json()["error"]["param"] == "size"  # OpenAI's error shape
     r = post(cluster, {"prompt": "x", "size": "64x60"}, path="/v1/images/generations")
-    assert r.status_code == 422 and r.json()["error"]["field"] == "size"
+    assert r.status_code == 422 and r.json()["error"]["param"] == "size"
     r = post(cluster, {"prompt": "x", "n": 9}, path="/v1/images/generations")
-    assert r.status_code == 422 and r.json()["error"]["field"] == "n"
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n"
 
 
 def test_overload_answers_503_with_retry_after_and_recovers(cluster):

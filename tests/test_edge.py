@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ingress_helpers import ADMIN, app_config, is_error_shape, make_ingress, png_bytes
+from ingress_helpers import ADMIN, app_config, error_of, is_error_shape, make_ingress, png_bytes
 
 MB = 1 << 20
 CHUNK = 64 * 1024
@@ -56,11 +56,8 @@ SURROGATE = '"\\ud800"'  # a lone surrogate, as JSON carries it
 def test_a_lone_surrogate_in_negative_prompt_is_a_422_on_every_route(client, path, extra):
     r = post_json(client, path, '{"prompt": "a boat", "negative_prompt": ' + SURROGATE + extra + "}")
     assert r.status_code == 422, r.text
-    assert r.json()["error"] == {
-        "code": "invalid_value",
-        "message": "negative_prompt is not valid Unicode text: a lone surrogate at character 0",
-        "field": "negative_prompt",
-    }
+    message = "negative_prompt is not valid Unicode text: a lone surrogate at character 0"
+    assert r.json()["error"] == error_of(path, "invalid_value", message, "negative_prompt")
 
 
 def test_a_lone_surrogate_in_an_ignored_a1111_field_is_a_422(client):
@@ -71,14 +68,14 @@ def test_a_lone_surrogate_in_an_ignored_a1111_field_is_a_422(client):
 @pytest.mark.parametrize("size", ["²x64", "64x²", "６４x６４", "64x６４"])
 def test_openai_sizes_take_ascii_digits_only(client, size):
     r = client.post("/v1/images/generations", json={"prompt": "a boat", "size": size})
-    assert r.status_code == 422 and r.json()["error"]["field"] == "size", r.text
+    assert r.status_code == 422 and r.json()["error"]["param"] == "size", r.text
     assert r.json()["error"]["code"] == "invalid_value"
 
 
 @pytest.mark.parametrize("model", ["tiny-sd:x@0", "tiny-sd:x@²", "tiny-sd:x@６"])
 def test_openai_model_versions_take_ascii_digits_only(client, model):
     r = client.post("/v1/images/generations", json={"prompt": "a boat", "model": model})
-    assert r.status_code == 422 and r.json()["error"]["field"] == "model", r.text
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
@@ -316,11 +313,9 @@ def test_prompt_length_in_characters_and_bytes(tmp_path, cache_dir, tokenizer_ca
             r = client.post("/v1/images/generations", json=body)
             name = "negative_prompt" if negative else field
             assert r.status_code == 422, r.text
-            assert r.json()["error"] == {
-                "code": "prompt_too_long",
-                "message": message.replace("prompt", name, 1),
-                "field": name,
-            }
+            assert r.json()["error"] == error_of(
+                "/v1/images/generations", "prompt_too_long", message.replace("prompt", name, 1), name
+            )
         assert tokenizer_calls == []
     finally:
         mp.undo()

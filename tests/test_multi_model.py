@@ -155,7 +155,7 @@ def test_openai_model_names_the_base_and_an_adapter(served):
     r = client.post("/v1/images/generations", json={"prompt": "a boat", "model": "xl:ink", "size": "64x64"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"  # the base was found
     r = client.post("/v1/images/generations", json={"prompt": "a boat", "model": "sd3:ink"})
-    assert (r.status_code, r.json()["error"]["field"]) == (404, "model")
+    assert (r.status_code, r.json()["error"]["param"]) == (404, "model")  # OpenAI's error shape
 
 
 def test_a1111_sd_model_checkpoint_picks_the_base(served):

@@ -458,10 +458,11 @@ def test_http_errors_name_the_field_and_the_limit(served):
     r = client.post("/v1/generate", json={"prompt": "a boat", "original_size": ["1024", 1024]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "original_size[0]"
     r = client.post("/v1/images/generations", json={"prompt": "a boat", "size": "2048x2048"})
-    assert r.status_code == 422 and r.json()["error"] == {
-        "code": "invalid_value",
+    assert r.status_code == 422 and r.json()["error"] == {  # OpenAI's error shape
         "message": "size: width must be a multiple of 8 in [64, 1024], got 2048 (limits.max_side: auto for tiny-sdxl)",
-        "field": "size",
+        "type": "invalid_request_error",
+        "param": "size",
+        "code": "invalid_value",
     }
 
 
