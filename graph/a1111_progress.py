@@ -119,11 +119,14 @@ class A1111Work:
             self._by_caller.pop(gen.caller, None)
 
     def _stop(self, gens: list[Generation], why: str) -> int:
+        """Stop those of ``gens`` still running; returns how many it stopped."""
+        stopped = 0
         for gen in gens:
             if gen.stopped is None and gen.task is not None and not gen.task.done():
                 gen.stopped = why
                 gen.task.cancel()  # GraphClient cancels its calls: the images leave the batch at the next step
-        return len(gens)
+                stopped += 1
+        return stopped
 
     def interrupt(self, caller: str) -> int:
         """Stop every generation of ``caller``; returns how many."""

@@ -229,6 +229,7 @@ def test_interrupt_stops_only_the_callers_own_work():
 
         assert work.interrupt("key:c") == 0  # a caller without work stops nothing
         assert work.interrupt("key:b") == 2
+        assert work.interrupt("key:b") == 0  # already stopping: nothing more to stop
         b_outcomes = await asyncio.gather(tb1, tb2)
         assert [(o.images, o.stopped) for o in b_outcomes] == [([], "interrupted")] * 2
         assert b1.cancelled and b2.cancelled and not a.cancelled and not ta.done()
