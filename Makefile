@@ -44,7 +44,9 @@ lock:  ## re-resolve requirements.lock after editing pyproject.toml's dependenci
 		--exclude-newer $(LOCK_DATE) $(foreach f,$(TORCH_CPU_WHEELS),--find-links $(f)) \
 		$(if $(LOCK_UPGRADE),--upgrade) --custom-compile-command "make lock" --quiet -o $$tmp || exit 1; \
 	if grep -qE '^(nvidia-|cuda-|triton==)' $$tmp; then echo "make lock: torch's CPU wheel not found (TORCH_CPU_WHEELS)"; exit 1; fi; \
-	sed -E 's/^(torch==[^+ ]+)\+cpu$$/\1/' $$tmp > $(LOCK); \
+	sed -E -e 's/^(torch==[^+ ]+)\+cpu$$/\1/' -e '2a\
+#    For CPython 3.11 on Linux x86-64 (manylinux_2_28). torch: any build of this version (CPU here; CUDA: README).' \
+		$$tmp > $(LOCK); \
 	echo "$(LOCK): $$(grep -c '^[a-z0-9].*==' $(LOCK)) pins"
 
 serve: venv  ## local Ray head on 127.0.0.1, the app on the embedded default; Ctrl-C stops
