@@ -370,11 +370,12 @@ def run(s: Settings, unet_config: dict) -> dict:
                     res["lorafleet_graph_vs_eager_max_abs"] = (graph.replay().float() - eps_fleet).abs().max().item()
                     if lora.kernel.name == "gather":
                         # Captured with ``routing``, replayed after ``routing2`` is written into the same buffers.
-                        lora.routing_buffers.write(routing2)
+                        width = lora.routing_width(routing)  # the captured width
+                        lora.routing_buffers.write(routing2, lora.state.pages, width=width)
                         res["lorafleet_graph_rerouted_max_abs"] = (
                             (graph.replay().float() - eps_fleet2).abs().max().item()
                         )
-                        lora.routing_buffers.write(routing)
+                        lora.routing_buffers.write(routing, lora.state.pages, width=width)
                 del graph
     return res
 

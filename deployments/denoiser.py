@@ -44,6 +44,7 @@ class Denoiser:
         unet = rt.prepare(models.load_unet(info.directory, rt.device, rt.dtype))
         self.registry, _ = open_model_registry(registry, info.directory)
         self.adapters = ModelAdapters(unet, "unet", self.registry, lora, deterministic=rt.deterministic)
+        rt.compile_unet(unet)  # model.compile: after the LoRA layers wrap the projections, before graph capture
         self.steps = StepScheduler(
             unet,
             SchedulerFactory(info.scheduler_class, info.scheduler_config),
@@ -59,7 +60,6 @@ class Denoiser:
                 unet,
                 self.adapters.lora,
                 config.cuda_graphs,
-                routing_depth=lora.max_loras_per_request,
                 max_rows=config.max_rows_per_tick,
                 native_latent_side=info.default_side // info.vae_scale_factor,
             ),
@@ -174,6 +174,7 @@ class Denoiser:
                 adapters=adapters,
                 tenant=params.tenant,
                 conditioning=conditioning[k] if conditioning else None,
+                prompt_schedule=encoded.schedule,  # prompt editing / alternation / AND (None: none)
                 **xl,
             )
             for k in range(params.num_images)

@@ -312,7 +312,7 @@ def test_gather_kernel_reads_only_the_preallocated_routing():
     mixed = [((1, 0.5), (2, 2.0)), ((1, 0.7),)]  # slot 1 at two scales: the grouped kernel makes a tensor
     other = [((2, 1.5),), ((1, 1.0), (2, 0.25))]
     with lora.routed(mixed) as first:
-        pointers = (buffers.slot_ids.data_ptr(), buffers.weights.data_ptr())
+        pointers = (buffers.columns.data_ptr(), buffers.column_weights.data_ptr())
         with host_tensors() as made:
             gathered = layer(x)
         assert made == []
@@ -321,9 +321,12 @@ def test_gather_kernel_reads_only_the_preallocated_routing():
             layer(x)
         assert made == ["tensor"]  # the check sees the grouped kernel's per-row scales; it would see gather's
         lora.state.kernel = gather
-        buffers.write(other)  # in place: the same storage
-        assert (buffers.slot_ids.data_ptr(), buffers.weights.data_ptr()) == pointers
-        assert first.slot_ids.tolist() == [[2, 0], [1, 2]] and first.weights.tolist() == [[1.5, 0.0], [1.0, 0.25]]
+        buffers.write(other, lora.state.pages)  # in place: the same storage, the same width
+        assert (buffers.columns.data_ptr(), buffers.column_weights.data_ptr()) == pointers
+        pages = lora.state.pages
+        columns = [pages[2], pages[1] + pages[2]]  # each row's adapters' pages side by side, zero-padded
+        assert first.pages.tolist() == [c + [0] * (first.width - len(c)) for c in columns]
+        assert first.page_weights[0, : len(pages[2])].tolist() == [1.5] * len(pages[2])
         with host_tensors() as made:
             replayed = layer(x)  # still through ``first``'s views
         assert made == []

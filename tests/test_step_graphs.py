@@ -97,7 +97,7 @@ def test_padded_rows_carry_no_adapter_and_real_rows_keep_theirs(tiny):
     g = torch.Generator().manual_seed(6)
     for slot in (1, 2):
         lora.load(slot, random_slot_weights(lora, 4, g, scale=0.3))
-    graphs = StepGraphs(unet, lora, capture=False, routing_depth=2)
+    graphs = StepGraphs(unet, lora, capture=False)
     sample, timestep, context = inputs(5, seed=7)
     adapters = [((1, 1.0),), (), ((2, 0.5), (1, 1.0)), ((2, 1.0),), ()]
     out = graphs.forward(sample, timestep, context, None, adapters)
@@ -140,24 +140,25 @@ def test_the_setting_picks_the_path(tiny):
     from deployments.engine.step_graphs import make_step_graphs, native_shapes
 
     unet = tiny["unet"]
-    assert make_step_graphs(unet, None, "off", routing_depth=4, max_rows=16) is None
-    assert make_step_graphs(unet, None, "auto", routing_depth=4, max_rows=16) is None  # auto: CUDA only
-    graphs = make_step_graphs(unet, None, "on", routing_depth=4, max_rows=16, native_latent_side=4)
-    assert graphs is not None and not graphs.capture and graphs.depth == 0  # no LoRA layers: no routing
+    assert make_step_graphs(unet, None, "off", max_rows=16) is None
+    assert make_step_graphs(unet, None, "auto", max_rows=16) is None  # auto: CUDA only
+    graphs = make_step_graphs(unet, None, "on", max_rows=16, native_latent_side=4)
+    assert graphs is not None and not graphs.capture
+    assert {s.width for s in graphs.entries} == {0}  # no LoRA layers: no routing
     assert sorted(s.rows for s in graphs.entries) == [1, 2, 4, 8, 16]  # built at start, up to max_rows_per_tick
     (first, *_) = native_shapes(unet, 0, 4, 16)
     assert (first.sample, first.context, first.text_embeds) == ((4, 4, 4), (77, 64), None)
     with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off"):
-        make_step_graphs(unet, None, "yes", routing_depth=4, max_rows=16)
+        make_step_graphs(unet, None, "yes", max_rows=16)
 
 
 def test_sdxl_native_shapes_carry_the_added_conditions(tiny_sdxl):
     from deployments.engine.step_graphs import native_shapes
 
     cfg = tiny_sdxl["unet"].config
-    (shape,) = native_shapes(tiny_sdxl["unet"], 4, 32, 2, buckets=(2,))
+    (shape,) = native_shapes(tiny_sdxl["unet"], 16, 32, 2, buckets=(2,))
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    assert (shape.rows, shape.text_embeds, shape.time_ids, shape.depth) == (2, pooled, 6, 4)
+    assert (shape.rows, shape.text_embeds, shape.time_ids, shape.width) == (2, pooled, 6, 16)
 
 
 # -- the routing a captured graph replays (CUDA's path, run eagerly here) -------------------------------------
@@ -178,12 +179,12 @@ def lora_unet(tiny, kernel: str):
 
 @torch.inference_mode()
 def test_static_routing_with_the_gather_kernel_equals_the_grouped_kernel(tiny):
-    """Fixed depth, padded rows, every layer on its LoRA path (what capture records), k x k and strided convs
+    """Fixed width, padded rows, every layer on its LoRA path (what capture records), k x k and strided convs
     through the gather kernel's grouped conv: the grouped kernel's result, to rounding, and no adapter no change."""
     grouped_unet, grouped = lora_unet(tiny, "grouped")
     gather_unet, gather = lora_unet(tiny, "gather")
     assert gather.kernel.reads_only_buffers
-    graphs = StepGraphs(gather_unet, gather, capture=False, static_routing=True, routing_depth=3)
+    graphs = StepGraphs(gather_unet, gather, capture=False, static_routing=True)
     sample, timestep, context = inputs(5, seed=9)
     adapters = [((1, 1.0),), (), ((2, 0.5), (1, 1.0)), ((2, 1.0),), ()]
     out = graphs.forward(sample, timestep, context, None, adapters)
@@ -194,18 +195,32 @@ def test_static_routing_with_the_gather_kernel_equals_the_grouped_kernel(tiny):
     # Stock kernels here (as on CUDA): padding to 8 rows may round differently, so to rounding, not bits.
     torch.testing.assert_close(out[1], base[1], rtol=1e-4, atol=1e-5)  # slot 0 at weight 0 adds zeros
     assert (out[0] - base[0]).abs().max() > 1e-3  # the adapters act
-    # Without any adapter the static routing still takes every layer's LoRA path, adding zeros.
+    # Ranks 4 and 2 composed: 6 columns, width 8 (what was written and keyed), for every row.
+    assert {shape.width for shape in graphs.entries} == {8}
+    # A tick without any adapter: width 0, the plain UNet's step (its own graph on CUDA).
     none = graphs.forward(sample, timestep, context, None, [()] * 5)
     torch.testing.assert_close(none, base, rtol=1e-4, atol=1e-5)
+    assert {shape.width for shape in graphs.entries} == {0, 8}
+    # Written wider than it needs (a captured graph of width 16 replaying rank-4 adapters): the same rows.
+    with gather.routed(adapters, width=16) as routing:
+        assert routing.static and routing.width == 16
+        wide = plain(gather_unet, sample, timestep, context)
+    torch.testing.assert_close(wide, out, rtol=1e-4, atol=1e-5)
 
 
-def test_a_static_routing_is_written_at_its_depth_and_refuses_deeper_rows():
+def test_a_static_routing_is_written_at_its_width_and_refuses_wider_rows():
     from deployments.engine.multi_lora import RoutingBuffers
 
-    buffers = RoutingBuffers(max_rows=4, max_depth=2)
-    routing = buffers.write([((1, 1.0),), ()], depth=3)
-    assert routing.static and not routing.empty and routing.slot_ids.shape == (2, 3)
-    assert routing.slot_ids.tolist() == [[1, 0, 0], [0, 0, 0]] and routing.weights.tolist() == [[1.0, 0, 0], [0, 0, 0]]
-    assert buffers.write([(), ()]).empty  # without a depth, no adapters: nothing to do
-    with pytest.raises(ValueError, match="a row has 2 adapters; this routing is written at depth 1"):
-        buffers.write([((1, 1.0), (2, 1.0))], depth=1)
+    buffers = RoutingBuffers(max_rows=4, max_depth=2, max_width=8)
+    pages = [[], [3, 4], [5]]  # slot 1: rank 2; slot 2: rank 1
+    routing = buffers.write([((1, 1.0),), (), ((2, 0.5), (1, 2.0))], pages, width=4)
+    assert routing.static and not routing.empty and routing.width == 4
+    assert routing.pages.tolist() == [[3, 4, 0, 0], [0, 0, 0, 0], [5, 3, 4, 0]]
+    assert routing.page_slots.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [2, 1, 1, 0]]
+    assert routing.page_weights.tolist() == [[1.0, 1.0, 0, 0], [0, 0, 0, 0], [0.5, 2.0, 2.0, 0]]
+    assert buffers.write([(), ()], pages).empty  # no adapters: width 0, nothing to do
+    assert buffers.write([(), ()], pages, width=0).empty  # a static tick without adapters: the plain UNet
+    with pytest.raises(ValueError, match="a row needs 3 gather columns; this routing is written 2 wide"):
+        buffers.write([((2, 1.0), (1, 1.0))], pages, width=2)
+    wide = buffers.write([((1, 1.0),)] * 4, [[], list(range(1, 41))])  # grows past max_width: reallocated
+    assert wide.width == 64 and buffers.max_width == 64

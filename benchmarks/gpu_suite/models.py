@@ -99,7 +99,7 @@ def _random_model(directory: Path, info: models.ModelInfo, device: torch.device,
     return parts
 
 
-def host_adapters(unet: torch.nn.Module, count: int, rank: int, dtype: torch.dtype) -> list[dict]:
+def host_adapters(unet: torch.nn.Module, count: int, rank: int, dtype: torch.dtype, pin: bool = False) -> list[dict]:
     """``count`` rank-``rank`` adapters ``{module path: (A [r, in], B [out, r], alpha)}`` on the UNet's
     attention projections, in host memory (as the registry's cache hands them to ``AdapterResidency``).
 
@@ -114,7 +114,10 @@ def host_adapters(unet: torch.nn.Module, count: int, rank: int, dtype: torch.dty
                 continue
             A = torch.randn((rank, module.in_features), generator=g) / module.in_features**0.5  # [r, in]
             B = torch.randn((module.out_features, rank), generator=g) / rank**0.5 * 0.1  # [out, r]
-            weights[path] = (A.to(dtype), B.to(dtype), float(rank))
+            A, B = A.to(dtype), B.to(dtype)
+            if pin:  # a GPU replica's host cache: page-locked, so copies to the slots run asynchronously
+                A, B = A.pin_memory(), B.pin_memory()
+            weights[path] = (A, B, float(rank))
         out.append(weights)
     return out
 

@@ -63,7 +63,13 @@ def targets(result: dict) -> list[dict]:
         False,
         "ms",
         resident.get("error")
-        or f"median of {resident.get('adapters', 0)} rank-16 adapters, want -> ready, synchronised"
+        or f"median of {resident.get('adapters', 0)} rank-16 adapters from {resident.get('host_memory', 'host')} "
+        "memory, want -> ready, synchronised"
+        + (
+            f"; pageable: {resident['pageable']['median_ms']:.2f} ms"
+            if "median_ms" in resident.get("pageable", {})
+            else ""
+        )
         + (f"; {resident['note']}: {resident['host_weights_error']}" if "note" in resident else ""),
     )
     return out
@@ -120,6 +126,23 @@ def markdown(result: dict) -> str:
     lines += ["", "## (f) correctness", ""]
     for key, v in parts.get("f_correctness", {}).items():
         lines.append(f"- {key}: {_correctness(v)}")
+    g = parts.get("g_compile", {})
+    lines += ["", f"## (g) regional compile (model.compile: regional), {s['sd']['source']}", ""]
+    if "compile_s" not in g:
+        lines.append(str(g.get("error") or g.get("skipped") or "not run"))
+    else:
+        lines.append(
+            f"{g['rows']} rows, mixed adapters, backend {g['backend']}: compile {g['compile_s']:.1f} s "
+            f"({g.get('compiled_graphs')} graphs); step eager {_fmt(g['eager_ms'])} ms, compiled "
+            f"{_fmt(g.get('compiled_ms'))} ms ({_fmt(g.get('compiled_vs_eager_speed'))}x); another adapter mix "
+            f"recompiled: {g.get('recompiled_on_new_adapters')}"
+            + (f" ({g['recompile_error']})" if "recompile_error" in g else "")
+            + (
+                f"; compiled vs eager on it: max |diff| {g['compiled_vs_eager_max_abs']:.3g}"
+                if "compiled_vs_eager_max_abs" in g
+                else ""
+            )
+        )
     return "\n".join(lines) + "\n"
 
 

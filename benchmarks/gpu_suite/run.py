@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .baselines import Pipelines, diffusers_part, served_vs_diffusers
+from .compiled import compile_part
 from .models import Request, draw_requests, host_adapters, load_model
 from .report import markdown, targets
 from .served import ServedEngine, engine_graph_support, residency_timings
@@ -31,7 +32,7 @@ from .settings import SUITE_LIMIT_S, Budget, ModelRun, SuiteSettings
 from .step import graph_vs_eager_latents, step_part
 
 DEFAULT_OUT = ".lorafleet/gpu-suite"
-PARTS = ("step", "correctness", "engine", "diffusers", "sdxl")  # budgeted parts, in the order they run
+PARTS = ("step", "correctness", "engine", "diffusers", "sdxl", "compile")  # budgeted parts, in the order they run
 NO_CUDA_MEMORY = "CPU run: no CUDA allocator to measure"
 
 
@@ -98,7 +99,7 @@ class Suite:
         """The model, its adapters in host memory, UNet copies for diffusers, and the engine over the original."""
         with self.measured(f"{label}_model"):
             parts = load_model(run.source, self.device, self.dtype)
-        host = host_adapters(parts.unet, self.s.adapters, self.s.rank, self.dtype)
+        host = host_adapters(parts.unet, self.s.adapters, self.s.rank, self.dtype, pin=self.device.type == "cuda")
         plain = copy.deepcopy(parts.unet)  # the base step, and diffusers' pipelines: unwrapped copies
         peft = copy.deepcopy(parts.unet) if with_diffusers else None
         with self.measured(f"{label}_slots"):
@@ -107,6 +108,12 @@ class Suite:
         self.memory[f"{label}_slot_pages_bytes"] = lora.page_bytes * lora.total_pages
         self.memory[f"{label}_rank16_adapter_bytes"] = lora.page_bytes * self.s.rank
         self.log(f"{label}: {run.source} ready ({len(lora.layers)} LoRA layers, {lora.total_pages} pages)")
+        if engine.step_graphs is not None:
+            graphs = engine.step_graphs
+            self.memory[f"{label}_graphs_pool_bytes"] = engine.graphs_pool_bytes
+            self.memory[f"{label}_graphs_captured"] = graphs.captured
+            self.memory[f"{label}_graphs_capture_s"] = engine.graphs_capture_s
+            self.log(f"{label}: {graphs.captured} step graphs captured in {engine.graphs_capture_s:.1f} s")
         return parts, host, plain, peft, engine
 
     def engine_levels(self, engine: ServedEngine, run: ModelRun, budget: Budget, seed: int) -> dict:
@@ -226,8 +233,16 @@ def engine_graphs_vs_eager(engine: ServedEngine) -> dict:
         eager = engine.closed_loop(check, len(check), keep=True)
     finally:
         engine.steps, engine.graph_kwargs = graphs_steps, kwargs
+    graphs = engine.step_graphs
     diffs = [(graphed.latents[r.index] - eager.latents[r.index]).abs().max().item() for r in check]
-    return {"images": len(check), "latents_max_abs": max(diffs)}
+    return {
+        "images": len(check),
+        "latents_max_abs": max(diffs),
+        "graphs": len(graphs.entries),
+        "captured": graphs.captured,
+        "widths": sorted({shape.width for shape in graphs.entries}),
+        "eager_calls": graphs.eager_calls,
+    }
 
 
 def imported_distributions() -> list[str]:
@@ -274,6 +289,20 @@ def run_suite(s: SuiteSettings, out: Path | None = None) -> dict:
     suite.free()
     parts["d_sdxl"] = suite.attempt("(d)", suite.sdxl_part)
     suite.free()
+    budget = suite.budget("compile")
+    if budget is None:
+        parts["g_compile"] = {"skipped": "out of time"}
+    else:
+        suite.log(f"(g) regional compile, {budget.seconds:.0f} s")
+        parts["g_compile"] = suite.attempt("(g)", compile_part, s.sd, s, suite.device, suite.dtype, budget)
+        g = parts["g_compile"]
+        if "compile_s" in g:
+            suite.log(
+                f"  compile {g['compile_s']:.1f} s ({g['backend']}), eager {g['eager_ms']:.2f} ms, compiled "
+                f"{g.get('compiled_ms', float('nan')):.2f} ms, "
+                f"recompiled on new adapters: {g.get('recompiled_on_new_adapters')}"
+            )
+        suite.free()
     parts["e_memory"] = dict(suite.memory)
     result = {
         "settings": asdict(s),

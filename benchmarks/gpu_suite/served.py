@@ -9,7 +9,6 @@ loop: a finished request is replaced by a new one between ticks.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import threading
 import time
@@ -23,29 +22,19 @@ from deployments.engine.images import decode
 from deployments.engine.multi_lora import MultiLoRAModel
 from deployments.engine.prompts import PromptEncoder, SDXLPromptEncoder
 from deployments.engine.schedulers import SchedulerFactory
+from deployments.engine.step_graphs import make_step_graphs
 from deployments.engine.step_scheduler import DenoiseRequest, StepScheduler
 from deployments.messages import MicroConditioning
 
 from .models import SERVED_LORA, ModelParts, Request, adapter_name
 from .settings import Budget, ModelRun, SuiteSettings
 
-NOT_BUILT = "graph replay: not built in the engine; the step-level capture of bench (a) only"
-
 
 def engine_graph_support(device: torch.device) -> tuple[dict, str]:
-    """The ``StepScheduler`` keyword that turns the engine's CUDA graphs on, and what the suite found.
-
-    The engine gains CUDA graphs as ``denoiser.cuda_graphs`` (#19, item 1): the suite drives them where
-    ``StepScheduler`` takes a ``cuda_graphs`` argument, and says so where it does not.
-    """
-    params = inspect.signature(StepScheduler.__init__).parameters
-    if "cuda_graphs" not in params:
-        return {}, NOT_BUILT
+    """The engine's CUDA graphs as the Denoiser turns them on (``denoiser.cuda_graphs``), and what the suite says."""
     if device.type != "cuda":
-        return {}, "graph replay: the engine has cuda_graphs, but graphs need a CUDA device"
-    default = params["cuda_graphs"].default
-    value = "on" if isinstance(default, str) else True
-    return {"cuda_graphs": value}, f"graph replay: the engine's own (StepScheduler(cuda_graphs={value!r}))"
+        return {}, "graph replay: the engine's (denoiser.cuda_graphs), but graphs need a CUDA device"
+    return {"cuda_graphs": "on"}, "graph replay: the engine's own (denoiser.cuda_graphs: on, make_step_graphs)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -110,6 +99,9 @@ class ServedEngine:
         self.residency_error: str | None = None
         self.prompts = self._prompt_encoder()
         self.graph_kwargs = graph_kwargs
+        self.step_graphs = None  # built (and captured) once, as a Denoiser replica does at start
+        self.graphs_capture_s: float | None = None
+        self.graphs_pool_bytes: int | None = None
         self.steps = self._step_scheduler(max_rows, self.residency)
 
     def _fetch(self, key: str) -> dict:
@@ -119,13 +111,13 @@ class ServedEngine:
         device = self.lora.device
         return {p: (A.to(device), B.to(device), a) for p, (A, B, a) in self._fetch(key).items()}
 
-    def reset_residency(self) -> None:
-        """Empty slots and a new residency whose fetch copies the weights to the device itself (the
-        fallback where the slots refuse host tensors)."""
+    def reset_residency(self, fetch=None) -> None:
+        """Empty slots and a new residency whose fetch is ``fetch``; by default one that copies the weights to
+        the device itself (the fallback where the slots refuse host tensors)."""
         self.residency.close()
         for slot in range(1, self.lora.num_slots):
             self.lora.clear(slot)
-        self.residency = AdapterResidency(self.lora, self._fetch_to_device, on_change=self._changed.set)
+        self.residency = AdapterResidency(self.lora, fetch or self._fetch_to_device, on_change=self._changed.set)
         self.steps = self._step_scheduler(self.steps.max_rows_per_tick, self.residency)
 
     def _prompt_encoder(self):
@@ -135,6 +127,32 @@ class ServedEngine:
         first = PromptEncoder(p.tokenizer, p.text_encoder, cache_size=0, hidden_layer="penultimate")
         second = PromptEncoder(p.tokenizer_2, p.text_encoder_2, cache_size=0, hidden_layer="penultimate", pooled=True)
         return SDXLPromptEncoder(first, second, force_zeros_for_empty_prompt=p.info.force_zeros_for_empty_prompt)
+
+    def _graphs(self):
+        """The Denoiser's ``make_step_graphs``: the native size captured at every row bucket this run uses,
+        widths 0 and 16 (the adapters' rank); timed, and its memory measured."""
+        setting = self.graph_kwargs.get("cuda_graphs")
+        if setting is None:
+            return None
+        if self.step_graphs is None:
+            cuda = self.lora.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated() if cuda else 0
+            start = time.perf_counter()
+            self.step_graphs = make_step_graphs(
+                self.parts.unet,
+                self.lora,
+                setting,
+                max_rows=2 * max(self.run.concurrency),
+                native_latent_side=self.run.size_px // self.parts.info.vae_scale_factor,
+                widths=(0, self.s.rank),
+            )
+            if cuda:
+                torch.cuda.synchronize()
+            self.graphs_capture_s = time.perf_counter() - start
+            self.graphs_pool_bytes = torch.cuda.memory_allocated() - before if cuda else None
+        return self.step_graphs
 
     def _step_scheduler(self, max_rows: int, residency) -> StepScheduler:
         info = self.parts.info
@@ -146,7 +164,7 @@ class ServedEngine:
             max_queued=4096,
             lora=self.lora,
             residency=residency,
-            **self.graph_kwargs,
+            step_graphs=self._graphs(),
         )
 
     # -- adapters ---------------------------------------------------------------------------
@@ -318,8 +336,12 @@ def residency_timings(engine: ServedEngine, count: int) -> dict:
             return out
         out["note"] = "fetch copies the weights to the device (the slots refused host tensors)"
     r = engine.residency
+    pinned = any(A.is_pinned() for w in engine.host_weights[:1] for A, _, _ in w.values())
+    if pinned:
+        out["pageable"] = pageable_residency(engine, count)
     return {
         **out,
+        "host_memory": "pinned" if pinned else "pageable",
         "adapters": count,
         "median_ms": statistics.median(times),
         "max_ms": max(times),
@@ -328,3 +350,14 @@ def residency_timings(engine: ServedEngine, count: int) -> dict:
         "page_bytes": engine.lora.page_bytes,
         "adapter_bytes": engine.lora.page_bytes * engine.s.rank,
     }
+
+
+def pageable_residency(engine: ServedEngine, count: int) -> dict:
+    """The same loads from pageable (unpinned) host copies, for comparison; the pinned residency is restored."""
+    pageable = [{p: (A.clone(), B.clone(), a) for p, (A, B, a) in w.items()} for w in engine.host_weights]
+    engine.reset_residency(lambda key: pageable[int(key.removeprefix("style"))])
+    times = [engine.make_resident(k) for k in range(count)]
+    engine.reset_residency(engine._fetch)
+    for k in range(count):
+        engine.make_resident(k)
+    return {"median_ms": statistics.median(times), "max_ms": max(times), "each_ms": [round(t, 3) for t in times]}

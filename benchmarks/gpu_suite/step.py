@@ -117,7 +117,7 @@ def _graphs(engine: ServedEngine, base_unet, inputs, routing, s: SuiteSettings, 
             other = mixed_routing(engine, x.shape[0], s.adapters, shift=3, weight=0.5)
             with lora.routed(other):
                 eager = engine.parts.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
-            lora.routing_buffers.write(other)
+            lora.routing_buffers.write(other, lora.state.pages, width=lora.routing_width(routing))  # the captured width
             r["graph_rerouted_vs_eager_max_abs"] = (graph.replay().float() - eager.float()).abs().max().item()
             del graph
     except Exception as e:  # noqa: BLE001 - a failed capture is reported; the eager figures stand
@@ -174,9 +174,10 @@ def graph_vs_eager_latents(engine: ServedEngine, run: ModelRun, s: SuiteSettings
                 graph.t.copy_(t)
                 return graph.replay().clone()
 
-            lora.routing_buffers.write(routing)
+            width = lora.routing_width(routing)  # what the graph was captured at
+            lora.routing_buffers.write(routing, lora.state.pages, width=width)
             by_eager = denoise(eager)
-            lora.routing_buffers.write(routing)
+            lora.routing_buffers.write(routing, lora.state.pages, width=width)
             by_graph = denoise(replayed)
         diff = (by_graph - by_eager).abs().max().item()
         return {

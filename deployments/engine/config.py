@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictConfig(BaseModel):
@@ -53,6 +53,26 @@ class ModelConfig(StrictConfig):
         False,
         description="The UNet (and VAE) in channels_last memory format on CUDA; measure with `make gpu-suite`.",
     )
+    compile: Literal["none", "regional"] = Field(
+        "none",
+        description=(
+            "regional: torch.compile the UNet's repeated transformer blocks (diffusers' compile_repeated_blocks), "
+            "multi-LoRA layers included; adapters are data in the slot buffers, so changing them never recompiles "
+            "(a new image size or routing width compiles once). Needs deterministic off."
+        ),
+    )
+    compile_backend: str = Field(
+        "inductor", min_length=1, description="torch.compile backend for model.compile (inductor; eager in tests)."
+    )
+
+    @model_validator(mode="after")
+    def _compile_is_not_deterministic(self):
+        if self.compile != "none" and self.deterministic == "on":
+            raise ValueError(
+                "model.compile: regional needs model.deterministic off or auto "
+                "(compiled kernels are not batch-invariant)"
+            )
+        return self
 
     @field_validator("uri")
     @classmethod

@@ -51,6 +51,7 @@ Kernels (``make_kernel`` picks one by name):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -93,8 +94,13 @@ class LoRARouting:
     passes: tuple[tuple[SlotGroup, ...], ...]
     # Kernels' index tensors derived from this routing, shared by the layers of one forward.
     memo: dict = field(default_factory=dict, compare=False, repr=False)
-    # Written at a fixed depth for a captured CUDA graph (``RoutingBuffers.write(..., depth=)``): every layer
-    # then takes the LoRA path, adapters or not, so that the capture records it for any later routing.
+    # The gather kernel's columns: each row's adapters' pages side by side (every page of its first adapter,
+    # then of its second, ...), padded with page 0 (always zero) to ``width`` columns. None: not written.
+    pages: torch.Tensor | None = None  # [rows, width] int64 page numbers
+    page_slots: torch.Tensor | None = None  # [rows, width] int64: the slot each column's page belongs to (0 pads)
+    page_weights: torch.Tensor | None = None  # [rows, width] float32: its request's weight for that adapter
+    # Written at a fixed width for a captured CUDA graph (``RoutingBuffers.write(..., width=)``): its shapes
+    # depend on the width alone, never on the mix of adapters.
     static: bool = False
 
     @property
@@ -102,51 +108,84 @@ class LoRARouting:
         return self.slot_ids.shape[1]
 
     @property
+    def width(self) -> int:
+        return 0 if self.pages is None else self.pages.shape[1]
+
+    @property
     def empty(self) -> bool:
-        return not self.passes and not self.static
+        return not self.passes and self.width == 0
+
+
+ROUTING_WIDTHS = (8, 16, 32, 64, 128, 256, 512)  # the gather kernel's column counts (a captured graph's key)
+
+
+def width_bucket(columns: int, widths: Sequence[int] = ROUTING_WIDTHS) -> int:
+    """The gather width for rows needing at most ``columns`` page columns: 0 (no adapter), a bucket, or itself.
+
+    >>> width_bucket(0), width_bucket(4), width_bucket(16), width_bucket(17), width_bucket(600)
+    (0, 8, 16, 32, 600)
+    """
+    if columns <= 0:
+        return 0
+    return next((w for w in widths if w >= columns), columns)
 
 
 class RoutingBuffers:
     """One model's routing, preallocated and rewritten in place before each routed forward.
 
-    Sized for ``max_rows`` rows of up to ``max_depth`` adapters each; a larger batch reallocates
-    them once (a CUDA graph captured over the old buffers would then need capturing again).
+    Sized for ``max_rows`` rows of up to ``max_depth`` adapters each and ``max_width`` gather columns; a
+    larger forward reallocates them once (a CUDA graph captured over the old buffers must then be
+    captured again).
 
     >>> buffers = RoutingBuffers(max_rows=16, max_depth=4)
     >>> routing = buffers.write([((1, 1.0),), (), ((1, 0.5), (2, 1.0))])
     >>> routing.slot_ids.tolist()   # row 0: slot 1 at weight 1; row 1: none; row 2: slot 1 at 0.5 then slot 2
     [[1, 0], [0, 0], [1, 2]]
+    >>> routing = buffers.write([((1, 1.0),), ((2, 0.5),)], slot_pages=[[], [5, 6], [7]])
+    >>> routing.pages.tolist(), routing.page_slots.tolist()   # the gather columns, padded to a width of 8
+    ([[5, 6, 0, 0, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], [[1, 1, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0]])
     """
 
-    def __init__(self, max_rows: int = 64, max_depth: int = 4, device: torch.device | str = "cpu"):
-        if max_rows < 1 or max_depth < 1:
-            raise ValueError(f"max_rows and max_depth must be >= 1, got {max_rows} and {max_depth}")
+    def __init__(self, max_rows: int = 64, max_depth: int = 4, device: torch.device | str = "cpu", max_width: int = 64):
+        if max_rows < 1 or max_depth < 1 or max_width < 1:
+            raise ValueError(
+                f"max_rows, max_depth and max_width must be >= 1, got {max_rows}, {max_depth}, {max_width}"
+            )
         self.device = torch.device(device)
-        self._allocate(max_rows, max_depth)
+        self._allocate(max_rows, max_depth, max_width)
 
-    def _allocate(self, max_rows: int, max_depth: int) -> None:
-        self.max_rows, self.max_depth = max_rows, max_depth
+    def _allocate(self, max_rows: int, max_depth: int, max_width: int) -> None:
+        self.max_rows, self.max_depth, self.max_width = max_rows, max_depth, max_width
         n = max_rows * max_depth
         # Flat, so that the [rows, depth] view at the front of each is contiguous.
         self.slot_ids = torch.zeros(n, dtype=torch.long, device=self.device)  # [max_rows * max_depth]
         self.weights = torch.zeros(n, dtype=torch.float32, device=self.device)  # [max_rows * max_depth]
         # Every pass's rows sorted by slot, passes one after the other: each SlotGroup is a slice.
         self.group_rows = torch.zeros(n, dtype=torch.long, device=self.device)  # [max_rows * max_depth]
+        # The gather columns: pages, then their slots, in one buffer (one copy per forward); and their weights.
+        self.columns = torch.zeros(2 * max_rows * max_width, dtype=torch.long, device=self.device)
+        self.column_weights = torch.zeros(max_rows * max_width, dtype=torch.float32, device=self.device)
 
-    def write(self, rows: Sequence[RowAdapters], depth: int | None = None) -> LoRARouting:
+    def write(
+        self, rows: Sequence[RowAdapters], slot_pages: Sequence[Sequence[int]] | None = None, width: int | None = None
+    ) -> LoRARouting:
         """Write the routing of ``rows`` (one entry per batch row) and return its views.
 
-        ``depth``: write exactly this many entries per row (slot 0 at weight 0 past a row's adapters) and mark
-        the routing ``static``, as a captured CUDA graph needs: its shapes, and the LoRA path, must not depend
-        on the mix of adapters. None: as deep as the row with the most adapters."""
+        ``slot_pages``: each slot's pages (``LoRAState.pages``), for the gather kernel's columns; None: no
+        columns. ``width``: write the columns exactly this wide and mark the routing ``static``, as a captured
+        CUDA graph needs (its shapes must not depend on the mix of adapters); None: ``width_bucket`` of the
+        widest row."""
         num_rows = len(rows)
-        static = depth is not None
-        deepest = max((len(r) for r in rows), default=0)
-        if static and deepest > depth:
-            raise ValueError(f"a row has {deepest} adapters; this routing is written at depth {depth}")
-        depth = depth if static else deepest
-        if num_rows > self.max_rows or depth > self.max_depth:
-            self._allocate(max(num_rows, self.max_rows), max(depth, self.max_depth))
+        static = width is not None
+        depth = max((len(r) for r in rows), default=0)
+        columns = 0
+        if slot_pages is not None:
+            columns = max((sum(len(slot_pages[slot]) for slot, _ in r) for r in rows), default=0)
+        if static and columns > width:
+            raise ValueError(f"a row needs {columns} gather columns; this routing is written {width} wide")
+        width = width if static else width_bucket(columns) if slot_pages is not None else 0
+        if num_rows > self.max_rows or depth > self.max_depth or width > self.max_width:
+            self._allocate(max(num_rows, self.max_rows), max(depth, self.max_depth), max(width, self.max_width))
         n = num_rows * depth
         slot_ids, weights = [0] * n, [0.0] * n
         for i, adapters in enumerate(rows):
@@ -175,12 +214,30 @@ class RoutingBuffers:
             tuple(SlotGroup(slot, self.group_rows[start : start + count], ws) for slot, start, count, ws in groups)
             for groups in spans
         )
+        gather: dict = {}
+        if width:
+            m = num_rows * width
+            pages, slots, page_weights = [0] * m, [0] * m, [0.0] * m
+            for i, adapters in enumerate(rows):
+                j = i * width
+                for slot, weight in adapters:
+                    for page in slot_pages[slot]:
+                        pages[j], slots[j], page_weights[j] = page, slot, float(weight)
+                        j += 1
+            self.columns[: 2 * m].copy_(torch.tensor(pages + slots, dtype=torch.long))
+            self.column_weights[:m].copy_(torch.tensor(page_weights, dtype=torch.float32))
+            gather = {
+                "pages": self.columns[:m].view(num_rows, width),
+                "page_slots": self.columns[m : 2 * m].view(num_rows, width),
+                "page_weights": self.column_weights[:m].view(num_rows, width),
+            }
         return LoRARouting(
             num_rows,
             self.slot_ids[:n].view(num_rows, depth),
             self.weights[:n].view(num_rows, depth),
             passes,
             static=static,
+            **gather,
         )
 
 
@@ -199,6 +256,9 @@ class LoRAState:
     page_table: torch.Tensor  # [slots, max_rank] int64: each slot's pages, then page 0 (zero) as padding
     pages: list[list[int]]  # per slot: its pages (the page numbers of ranks 0, 1, ...); [] when empty
     routing: LoRARouting | None = None
+    # Whether the forward under way takes the LoRA path (``routing`` set and not empty): one plain bool, decided
+    # once per routed forward, so that a compiled block (``model.compile: regional``) guards on it alone.
+    active: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, slot: int, r: int) -> slice | list[int]:
@@ -244,27 +304,45 @@ class MultiLoRALayer(torch.nn.Module):
         return True
 
     def load_slot(
-        self, slot: int, pages: list[int], A: torch.Tensor | None, B: torch.Tensor | None, alpha: float = 0.0
+        self, slot: int, pages: list[int] | slice | torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float
     ) -> None:
-        """Write one adapter's ``A`` [r, ...] and ``B`` [out, r, ...] into ``pages`` (zeros past r), or clear them."""
-        self.ranks[slot] = 0  # never half-loaded while a forward reads it
-        self.slot_scale[slot] = 0.0
-        index = torch.tensor(pages, dtype=torch.long, device=self.lora_A.device)
-        self.lora_A.index_fill_(0, index, 0.0)
-        self.lora_B.index_fill_(0, index, 0.0)
-        if A is None or B is None:
-            return
+        """Write one adapter's ``A`` [r, ...] and ``B`` [out, r, ...] into its first r ``pages`` (a slice where
+        they are contiguous, else page numbers). Its other pages must be zero in this layer: free pages are
+        (``zero_slot`` zeroes them on the way out), so only the adapter's own rows move. Host tensors are
+        copied straight into the pages (asynchronously where they are pinned and the pages on the GPU)."""
         r = A.shape[0]
-        if r > len(pages):
-            raise ValueError(f"adapter rank {r} needs {r} pages, the slot has {len(pages)}")
-        # Weights come from the registry's host memory; the pages may be on the GPU.
-        A = A.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
-        B = B.to(device=self.lora_B.device, dtype=self.lora_B.dtype)
-        self.lora_A.index_copy_(0, index[:r], A)
-        self.lora_B.index_copy_(0, index[:r], B.reshape(B.shape[0], r).t())  # [r, out]
+        if isinstance(pages, slice):
+            if r > pages.stop - pages.start:
+                raise ValueError(f"adapter rank {r} needs {r} pages, the slot has {pages.stop - pages.start}")
+            self.lora_A[pages.start : pages.start + r].copy_(A, non_blocking=True)
+            # B [out, r] into the pages' [r, out] seen transposed: the host side stays one contiguous copy.
+            self.lora_B[pages.start : pages.start + r].t().copy_(B.reshape(B.shape[0], r), non_blocking=True)
+        else:
+            index = torch.as_tensor(pages, dtype=torch.long).to(self.lora_A.device, non_blocking=True)
+            if r > index.numel():
+                raise ValueError(f"adapter rank {r} needs {r} pages, the slot has {index.numel()}")
+            A = A.to(device=self.lora_A.device, dtype=self.lora_A.dtype, non_blocking=True)
+            B = B.to(device=self.lora_B.device, dtype=self.lora_B.dtype, non_blocking=True)
+            self.lora_A.index_copy_(0, index[:r], A)
+            self.lora_B.index_copy_(0, index[:r], B.reshape(B.shape[0], r).t())  # [r, out]
         self.alphas[slot] = float(alpha)
         self.slot_scale[slot] = float(alpha) / r
         self.ranks[slot] = r
+
+    def zero_slot(self, slot: int, pages: slice | torch.Tensor) -> None:
+        """Zero ``slot``'s pages here and forget its adapter (only where it had one: others are zero already)."""
+        r = self.ranks[slot]
+        if r == 0:
+            return
+        self.ranks[slot] = 0
+        self.alphas[slot] = 0.0
+        self.slot_scale[slot] = 0.0
+        if isinstance(pages, slice):
+            self.lora_A[pages.start : pages.start + r].zero_()
+            self.lora_B[pages.start : pages.start + r].zero_()
+        else:
+            self.lora_A.index_fill_(0, pages[:r], 0.0)
+            self.lora_B.index_fill_(0, pages[:r], 0.0)
 
     def adapter(self, slot: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``slot``'s ``A`` [r, in] (conv: [r, in, kh, kw]) and ``B`` [out, r] (conv: [out, r, 1, 1]),
@@ -282,9 +360,9 @@ class MultiLoRALayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
-        routing = self.state.routing
-        if routing is None or routing.empty:
+        if not self.state.active:
             return result
+        routing = self.state.routing
         if routing.num_rows != x.shape[0]:
             raise ValueError(f"LoRA routing covers {routing.num_rows} rows, the batch has {x.shape[0]}")
         return self.state.kernel.apply(self, x, result, routing)
@@ -470,11 +548,15 @@ def _from_tokens(layer: MultiLoRALayer, delta: torch.Tensor, shape: tuple[int, .
 
 
 class GatherKernel(MultiLoRAKernel):
-    """Every row gathers its adapters' stacked A and B: two ``bmm`` per layer, whatever the mix.
+    """Every row gathers its adapters' pages (the routing's gather columns) and runs two ``bmm`` per layer.
 
-    Reads only the routing buffers and the layers' slot buffers (no tensor made on the host per
-    forward), so one captured CUDA graph replays any routing written into the same buffers. Layers
-    that are no matmul per token (k x k or strided convs) go to ``fallback``.
+    A row's columns are its adapters' pages side by side, padded with page 0 (zero) to the routing's
+    ``width`` (``width_bucket`` of the widest row): a tick of rank-16 adapters computes 16 ranks, not the
+    slots' ``max_rank`` times ``max_depth``. Each column is scaled by its request's weight times the
+    layer's alpha / r for that slot (``slot_scale``), so composed adapters add up as peft's do. It reads only
+    the routing buffers and the layers' page buffers (no tensor made on the host per forward), so one
+    captured CUDA graph per width replays any mix of adapters written into the same buffers. Layers that are
+    no matmul per token (k x k or strided convs) run as one grouped conv; grouped convs go to ``fallback``.
     """
 
     name = "gather"
@@ -484,37 +566,35 @@ class GatherKernel(MultiLoRAKernel):
         self.fallback = fallback
 
     def apply(self, layer, x, result, routing):
+        if routing.pages is None:
+            raise ValueError("the gather kernel needs the routing's gather columns (RoutingBuffers.write slot_pages)")
         if not layer.tokenwise:
             if layer.base.groups != 1:
                 return self.fallback.apply(layer, x, result, routing)
             return self.conv_apply(layer, x, result, routing)
-        rows, depth = routing.slot_ids.shape
-        ids = routing.slot_ids  # [rows, depth]
-        pages = layer.state.page_table[ids]  # [rows, depth, R]: each adapter's pages, page 0 (zero) past its rank
-        R = pages.shape[2]
-        A = layer.lora_A.flatten(1)[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, in]: ranks stacked
-        B = layer.lora_B[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, out]
-        scale = (routing.weights * layer.slot_scale[ids]).to(x.dtype)  # [rows, depth]: weight * alpha / r
-        h = torch.bmm(_as_tokens(layer, x), A.transpose(1, 2))  # [rows, tokens, depth*R]
-        h = h * scale.repeat_interleave(R, dim=1)[:, None, :]
+        rows, width = routing.pages.shape
+        A = layer.lora_A.flatten(1)[routing.pages]  # [rows, width, in]
+        B = layer.lora_B[routing.pages]  # [rows, width, out]
+        scale = self.scale(layer, routing, x.dtype)  # [rows, width]
+        h = torch.bmm(_as_tokens(layer, x), A.transpose(1, 2)) * scale[:, None, :]  # [rows, tokens, width]
         return result + _from_tokens(layer, torch.bmm(h, B), result.shape)  # [rows, tokens, out] -> result's shape
 
+    @staticmethod
+    def scale(layer, routing, dtype) -> torch.Tensor:
+        """[rows, width]: each column's weight * alpha / r of its slot's adapter in this layer (0 where none)."""
+        return (routing.page_weights * layer.slot_scale[routing.page_slots]).to(dtype)
+
     def conv_apply(self, layer, x, result, routing):
-        """A k x k (or strided) conv: each row's stacked A as the filters of its own group of one grouped
+        """A k x k (or strided) conv: each row's columns of A as the filters of its own group of one grouped
         conv (the base conv's stride, padding, dilation), then its B as a per-row matmul over pixels."""
-        rows, depth = routing.slot_ids.shape
-        ids = routing.slot_ids  # [rows, depth]
-        pages = layer.state.page_table[ids]  # [rows, depth, R]
-        R = pages.shape[2]
+        rows, width = routing.pages.shape
         conv = layer.base
-        A = layer.lora_A[pages].reshape(rows * depth * R, *layer.lora_A.shape[1:])  # [rows*depth*R, in, kh, kw]
+        A = layer.lora_A[routing.pages].reshape(rows * width, *layer.lora_A.shape[1:])  # [rows*width, in, kh, kw]
         h = F.conv2d(
             x.reshape(1, -1, *x.shape[2:]), A, None, conv.stride, conv.padding, conv.dilation, groups=rows
-        )  # [1, rows*depth*R, h', w']
-        h = h.reshape(rows, depth * R, -1)  # [rows, depth*R, pixels]
-        scale = (routing.weights * layer.slot_scale[ids]).to(x.dtype)  # [rows, depth]: weight * alpha / r
-        h = h * scale.repeat_interleave(R, dim=1)[:, :, None]
-        B = layer.lora_B[pages].reshape(rows, depth * R, -1)  # [rows, depth*R, out]
+        )  # [1, rows*width, h', w']
+        h = h.reshape(rows, width, -1) * self.scale(layer, routing, x.dtype)[:, :, None]  # [rows, width, pixels]
+        B = layer.lora_B[routing.pages]  # [rows, width, out]
         return result + torch.bmm(B.transpose(1, 2), h).reshape(result.shape)  # [rows, out, h', w']
 
 
@@ -626,8 +706,10 @@ class MultiLoRAModel:
             page_table=torch.zeros(num_slots, max_rank, dtype=torch.long, device=self.device),
             pages=[[] for _ in range(num_slots)],
         )
-        self._free_pages = list(range(1, self.num_pages))  # sorted
-        self.routing_buffers = RoutingBuffers(max_rows, max_depth, self.device)
+        self._free_pages = list(range(1, self.num_pages))  # sorted; a free page is zero in every layer
+        self._stream = None  # CUDA: the side stream slot copies run on
+        # As wide as the widest row can be: never reallocated under a captured graph.
+        self.routing_buffers = RoutingBuffers(max_rows, max_depth, self.device, max_width=max_rank * max_depth)
         self.layers: dict[str, MultiLoRALayer] = {}
         for path, module in found:
             if isinstance(module, torch.nn.Linear):
@@ -713,6 +795,9 @@ class MultiLoRAModel:
     def load(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """Put one adapter (``{module_path: (A, B, alpha)}``) into ``slot``: pages for its rank, every layer.
 
+        Only the modules it targets are written (a free page is zero in every layer), with the page list
+        sent to the device once, or as a slice where the pages are contiguous. On CUDA the copies run on
+        a side stream (a running forward keeps the default one) and are waited for before returning.
         Raises ``NoFreePagesError`` (and changes nothing) when its pages are not free: the caller
         evicts an unused adapter first (``AdapterSlots`` does).
         """
@@ -724,52 +809,89 @@ class MultiLoRAModel:
         self.clear(slot)
         n = self.pages_needed(weights)
         pages = self._allocate(n) if n else []
+        self.state.pages[slot] = pages
         try:
-            for path, layer in self.layers.items():
-                entry = weights.get(path)
-                if entry is None:
-                    layer.load_slot(slot, pages, None, None)
-                else:
-                    A, B, alpha = entry
-                    layer.load_slot(slot, pages, A, B, alpha)
+            if pages:
+                with self._copy_stream():
+                    run = self._run_of(pages)
+                    for path, (A, B, alpha) in weights.items():
+                        self.layers[path].load_slot(slot, run, A, B, alpha)
+                    self.state.page_table[slot, :n] = torch.tensor(pages, dtype=torch.long)
         except BaseException:
-            self.state.pages[slot] = pages
             self.clear(slot)
             raise
-        self.state.pages[slot] = pages
-        if pages:
-            self.state.page_table[slot, :n] = torch.tensor(pages, dtype=torch.long)
+
+    def _run_of(self, pages: list[int]) -> slice | torch.Tensor:
+        """``pages`` as a slice where contiguous (the usual case: ``_allocate`` prefers runs), else on the device."""
+        if pages[-1] - pages[0] == len(pages) - 1:
+            return slice(pages[0], pages[-1] + 1)
+        return torch.tensor(pages, dtype=torch.long).to(self.device)
+
+    def _copy_stream(self):
+        """A side stream for slot copies on CUDA, synchronised on exit (a no-op context elsewhere)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return _OnStream(self._stream)
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` and free its pages (a forward must not be reading it)."""
         pages = self.state.pages[slot]
-        for layer in self.layers.values():
-            layer.ranks[slot] = 0
-            layer.slot_scale[slot] = 0.0
-            if pages:
-                layer.load_slot(slot, pages, None, None)
+        if pages:
+            with self._copy_stream():
+                run = self._run_of(pages)
+                for layer in self.layers.values():
+                    layer.zero_slot(slot, run)
         self._free(slot)
 
-    def routed(self, rows: Sequence[RowAdapters], depth: int | None = None) -> _Routed:
+    def routed(self, rows: Sequence[RowAdapters], width: int | None = None) -> _Routed:
         """A context in which this model's forwards apply ``rows[i]`` to batch row i.
 
-        Entering it takes the model's lock and writes the routing into the preallocated buffers; with ``depth``,
-        at that fixed depth and ``static`` (what a captured CUDA graph replays, ``engine/step_graphs.py``).
+        Entering it takes the model's lock and writes the routing into the preallocated buffers; with ``width``,
+        the gather columns at that fixed width and ``static`` (what a captured CUDA graph replays,
+        ``engine/step_graphs.py``).
         """
-        return _Routed(self.state, self.routing_buffers, rows, depth)
+        return _Routed(self.state, self.routing_buffers, rows, width)
+
+    def routing_width(self, rows: Sequence[RowAdapters]) -> int:
+        """The gather width ``rows`` are routed at: ``width_bucket`` of the most pages a row's adapters hold."""
+        pages = self.state.pages
+        return width_bucket(max((sum(len(pages[slot]) for slot, _ in r) for r in rows), default=0))
+
+
+class _OnStream:
+    """Work issued inside runs on ``stream`` (after what the current stream has queued); waited for on exit."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self._ctx = torch.cuda.stream(self.stream)
+        self._ctx.__enter__()
+        return self.stream
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self.stream.synchronize()
+        return False
 
 
 class _Routed:
-    def __init__(self, state: LoRAState, buffers: RoutingBuffers, rows: Sequence[RowAdapters], depth: int | None):
+    def __init__(self, state: LoRAState, buffers: RoutingBuffers, rows: Sequence[RowAdapters], width: int | None):
         self.state = state
         self.buffers = buffers
         self.rows = rows
-        self.depth = depth
+        self.width = width
 
     def __enter__(self) -> LoRARouting:
         self.state.lock.acquire()
         try:
-            self.state.routing = self.buffers.write(self.rows, self.depth)
+            gather = isinstance(self.state.kernel, GatherKernel)  # only it reads the columns
+            pages = self.state.pages if gather else None
+            self.state.routing = self.buffers.write(self.rows, pages, self.width)
+            self.state.active = not self.state.routing.empty
         except BaseException:
             self.state.lock.release()
             raise
@@ -777,5 +899,6 @@ class _Routed:
 
     def __exit__(self, *exc):
         self.state.routing = None
+        self.state.active = False
         self.state.lock.release()
         return False

@@ -19,6 +19,8 @@ class Runtime:
     deterministic: bool
     tf32: bool = False  # TensorFloat-32 products for float32 on CUDA (set process-wide by prepare_runtime)
     channels_last: bool = False
+    compile: str = "none"  # model.compile
+    compile_backend: str = "inductor"
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         """Apply batch-invariant kernels where configured (see ``batch_invariance``), and channels_last on CUDA
@@ -26,6 +28,11 @@ class Runtime:
         if self.channels_last and self.device.type == "cuda":
             module = module.to(memory_format=torch.channels_last)
         return make_batch_invariant(module) if self.deterministic else module
+
+    def compile_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """``model.compile: regional``: the UNet's repeated blocks compiled in place, after the multi-LoRA layers
+        wrap its projections (so the LoRA path is compiled with them). Returns ``unet``."""
+        return compile_regions(unet, self.compile, self.compile_backend)
 
 
 def prepare_runtime(config: ModelConfig) -> Runtime:
@@ -41,6 +48,11 @@ def prepare_runtime(config: ModelConfig) -> Runtime:
         deterministic = device.type == "cpu"
     else:
         deterministic = config.deterministic == "on"
+    if deterministic and config.compile != "none":
+        raise ValueError(
+            f"model.compile: {config.compile} needs model.deterministic off (auto is on for the CPU): "
+            "compiled kernels are not batch-invariant"
+        )
     tf32 = resolve_tf32(config.tf32, device, dtype, deterministic)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -52,7 +64,25 @@ def prepare_runtime(config: ModelConfig) -> Runtime:
         deterministic=deterministic,
         tf32=tf32,
         channels_last=config.channels_last,
+        compile=config.compile,
+        compile_backend=config.compile_backend,
     )
+
+
+def compile_regions(unet: torch.nn.Module, setting: str, backend: str = "inductor") -> torch.nn.Module:
+    """``regional``: ``torch.compile`` each of the UNet's repeated transformer blocks (diffusers'
+    ``compile_repeated_blocks``: one compiled code per block shape, a fraction of a whole-model compile).
+
+    The multi-LoRA layers inside the blocks read their routing from preallocated buffers and decide their path
+    from one bool (``LoRAState.active``), so a new mix of adapters is new data, not a new graph: no recompile.
+    ``none``: unchanged.
+    """
+    if setting == "none":
+        return unet
+    if setting != "regional":
+        raise ValueError(f"model.compile must be none or regional, got {setting!r}")
+    unet.compile_repeated_blocks(backend=backend, fullgraph=True)
+    return unet
 
 
 def resolve_tf32(setting: str, device: torch.device, dtype: torch.dtype, deterministic: bool) -> bool:

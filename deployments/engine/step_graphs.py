@@ -6,13 +6,16 @@ fixed memory, so everything a step reads must sit in buffers allocated once:
 
 - the step's inputs, copied each tick into static buffers of one ``StepShape`` (rows padded up to a bucket
   of ``ROW_BUCKETS``; the padding rows are zeros, and their outputs are dropped);
-- the multi-LoRA routing: ``MultiLoRAModel.routed`` writes each row's (slot, weight) pairs into the
-  model's preallocated ``RoutingBuffers`` at a fixed depth (``routing_depth``: padding entries are slot 0,
-  whose pages are zero, at weight 0), and the gather kernel reads only those buffers, so one graph replays
-  any mix of adapters. The grouped kernels loop over the adapters on the host: they are never captured.
+- the multi-LoRA routing: ``MultiLoRAModel.routed`` writes each row's adapters' pages side by side (the
+  gather columns) into the model's preallocated ``RoutingBuffers`` at a fixed width (a ``width_bucket``:
+  8, 16, 32, ... columns; padding columns are page 0, which is zero, at weight 0), and the gather kernel
+  reads only those buffers, so one graph per width replays any mix of adapters. A tick without adapters
+  has width 0: its graph is the plain UNet's. The grouped kernels loop over the adapters on the host: they
+  are never captured.
 
-On CUDA (``capture=True``) a graph is captured per ``StepShape`` at warm-up (``warm_up``, for the sizes the
-deployment configures) or on first use, all sharing one memory pool; a shape with more rows than the largest
+On CUDA (``capture=True``) a graph is captured per ``StepShape`` at warm-up (``warm_up``: the model's
+native size at every row bucket, widths 0 and 16) or on first use (another size, or adapters of another
+rank: a one-off stall of three forwards), all sharing one memory pool; a shape with more rows than the largest
 bucket runs eagerly. Elsewhere (``capture=False``: the CPU, and tests) the same code runs the same static
 buffers eagerly, so every path but capture and replay is tested on the CPU. On the CPU with batch-invariant
 kernels the padding changes no bit of a row's result (rows never depend on their batch-mates).
@@ -41,7 +44,7 @@ class StepShape:
     context: tuple[int, int]  # [tokens, hidden] of encoder_hidden_states
     text_embeds: int | None  # SDXL's pooled text embedding width (None: no added conditions)
     time_ids: int | None  # SDXL's time ids per row (6)
-    depth: int  # multi-LoRA routing depth (0: no LoRA layers)
+    width: int  # gather columns of the multi-LoRA routing (0: no adapter in the tick, or no LoRA layers)
 
 
 def bucket_rows(rows: int, buckets: Sequence[int] = ROW_BUCKETS) -> int | None:
@@ -93,10 +96,9 @@ class StepGraphs:
     """``forward``: the UNet step of a tick through static buffers, replayed from a CUDA graph where captured.
 
     ``unet``: the (multi-LoRA) UNet. ``lora``: its ``MultiLoRAModel``, or None. ``capture``: capture CUDA graphs
-    (only on CUDA; requires a routing-buffer kernel, ``lora.kernel`` gather). ``routing_depth``: the fixed
-    depth every tick's routing is written at (the most adapters a request may compose). ``static_routing``
-    (default: ``capture``): write it at that depth, every layer on its LoRA path, as capture needs; the CPU
-    tests run that path eagerly.
+    (only on CUDA; requires a routing-buffer kernel, ``lora.kernel`` gather). ``static_routing`` (default:
+    ``capture``): write each tick's routing at its bucketed width, as capture needs; the CPU tests run that
+    path eagerly.
     """
 
     def __init__(
@@ -105,7 +107,6 @@ class StepGraphs:
         lora=None,
         *,
         capture: bool,
-        routing_depth: int = 0,
         buckets: Sequence[int] = ROW_BUCKETS,
         warmup_iters: int = 2,
         static_routing: bool | None = None,
@@ -121,9 +122,8 @@ class StepGraphs:
         self.unet = unet
         self.lora = lora
         self.capture = capture
-        # Routing at a fixed depth, every layer on its LoRA path (what capture needs; default: with capture).
+        # Routing at the shape's width, every layer on its LoRA path (what capture needs; default: with capture).
         self.static_routing = capture if static_routing is None else static_routing
-        self.depth = routing_depth if lora is not None else 0
         self.buckets = tuple(sorted(buckets))
         self.warmup_iters = warmup_iters
         self.device, self.dtype = param.device, param.dtype
@@ -133,7 +133,15 @@ class StepGraphs:
         self.eager_calls = 0  # steps beyond the largest bucket
         self._lock = threading.Lock()
 
-    def shape_of(self, sample: torch.Tensor, context: torch.Tensor, added: dict | None) -> StepShape | None:
+    def width_of(self, adapters: Sequence | None) -> int:
+        """The routing width a tick's ``adapters`` are written at (0 without static routing or adapters)."""
+        if self.lora is None or not self.static_routing or not adapters:
+            return 0
+        return self.lora.routing_width(adapters)
+
+    def shape_of(
+        self, sample: torch.Tensor, context: torch.Tensor, added: dict | None, width: int = 0
+    ) -> StepShape | None:
         rows = bucket_rows(sample.shape[0], self.buckets)
         if rows is None:
             return None
@@ -143,7 +151,7 @@ class StepGraphs:
             context=tuple(context.shape[1:]),
             text_embeds=None if added is None else added["text_embeds"].shape[1],
             time_ids=None if added is None else added["time_ids"].shape[1],
-            depth=self.depth,
+            width=width,
         )
 
     def forward(
@@ -156,7 +164,7 @@ class StepGraphs:
     ) -> torch.Tensor:
         """The UNet's noise prediction for ``sample`` [rows, c, h, w] at per-row ``timestep`` [rows];
         ``adapters``: each row's ((slot, weight), ...), or None for a tick without adapters."""
-        shape = self.shape_of(sample, context, added)
+        shape = self.shape_of(sample, context, added, self.width_of(adapters))
         rows = sample.shape[0]
         if shape is None:  # beyond the largest bucket: eager, as without graphs
             self.eager_calls += 1
@@ -190,15 +198,15 @@ class StepGraphs:
             kwargs["added_cond_kwargs"] = entry.added
         return self.unet(entry.sample, entry.timestep, **kwargs)[0]
 
-    def _routed(self, padded):
+    def _routed(self, padded, width: int):
         if padded is None:
             return _NoRouting()
-        if self.static_routing:  # a captured graph's shapes: the routing is always written at the same depth
-            return self.lora.routed(padded, depth=self.depth)
+        if self.static_routing:  # a captured graph's shapes: the routing is written at the shape's width
+            return self.lora.routed(padded, width=width)
         return self.lora.routed(padded)
 
     def _run(self, entry: _Entry, padded) -> torch.Tensor:
-        with self._routed(padded):
+        with self._routed(padded, entry.shape.width):
             if not self.capture:
                 return self._call(entry)
             if entry.graph is None:
@@ -215,7 +223,8 @@ class StepGraphs:
                 self._call(entry)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the adapter loader's copies on its own thread (another stream) stay legal meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             entry.out = self._call(entry)
         self.pool = graph.pool()
         entry.graph = graph
@@ -239,21 +248,25 @@ class _NoRouting:
         return False
 
 
+WARM_WIDTHS = (0, 16)  # captured at start: ticks without adapters, and rank-16 adapters (the commonest rank)
+
+
 def make_step_graphs(
     unet: torch.nn.Module,
     lora,
     setting: str,
     *,
-    routing_depth: int,
     max_rows: int,
     native_latent_side: int | None = None,
+    widths: Sequence[int] = WARM_WIDTHS,
 ) -> StepGraphs | None:
     """The Denoiser's ``StepGraphs`` for ``denoiser.cuda_graphs`` (``auto``/``on``/``off``), or None.
 
     ``auto``: on CUDA, when the multi-LoRA kernel reads only its routing buffers (else a warning, and plain
     forwards). ``on``: the same, an error instead of the warning; on the CPU the static buffers run eagerly.
     With ``native_latent_side``, the steps of the model's native size (77-token prompts) are built, and on
-    CUDA captured, for every row bucket up to ``max_rows`` before the replica takes traffic.
+    CUDA captured, for every row bucket up to ``max_rows`` and every routing width of ``widths`` (0 alone
+    without LoRA layers) before the replica takes traffic.
     """
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"denoiser.cuda_graphs must be auto, on or off, got {setting!r}")
@@ -266,14 +279,16 @@ def make_step_graphs(
             raise ValueError(f"denoiser.cuda_graphs: on needs lora.kernel: gather ({why})")
         logger.warning("CUDA graphs off: %s; set lora.kernel: gather to capture the UNet step", why)
         return None
-    graphs = StepGraphs(unet, lora, capture=on_cuda, routing_depth=routing_depth)
+    graphs = StepGraphs(unet, lora, capture=on_cuda)
     if native_latent_side is not None:
-        graphs.warm_up(native_shapes(unet, graphs.depth, native_latent_side, max_rows, graphs.buckets))
+        warm = sorted(set(widths)) if lora is not None and graphs.static_routing else [0]
+        for width in warm:
+            graphs.warm_up(native_shapes(unet, width, native_latent_side, max_rows, graphs.buckets))
     return graphs
 
 
 def native_shapes(
-    unet: torch.nn.Module, depth: int, latent_side: int, max_rows: int, buckets: Sequence[int] = ROW_BUCKETS
+    unet: torch.nn.Module, width: int, latent_side: int, max_rows: int, buckets: Sequence[int] = ROW_BUCKETS
 ) -> list[StepShape]:
     """The step shapes of native-size images with one-chunk (77-token) prompts, every bucket up to ``max_rows``."""
     cfg = unet.config
@@ -289,7 +304,7 @@ def native_shapes(
             context=(77, cfg.cross_attention_dim),
             text_embeds=text_embeds,
             time_ids=time_ids,
-            depth=depth,
+            width=width,
         )
         for r in rows
     ]
