@@ -160,6 +160,40 @@ def test_events_stream_status_previews_and_the_final_event(cluster):
     assert "preview" not in names and names[-1] == "done"
 
 
+def raw_frames(response: requests.Response):
+    """Each frame of a text/event-stream as its fields (``event``, ``data``, ``id``, ``retry``; ``:`` for a
+    comment), one at a time as they arrive."""
+    fields = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if fields:
+                yield fields
+            fields = {}
+        else:
+            name, _, value = line.partition(":")
+            fields[name or ":"] = value.removeprefix(" ")
+
+
+def test_events_carry_ids_and_retry_and_resume_after_last_event_id(cluster):
+    held = HeldDenoiser(cluster)  # queued until released: its first status is known before it runs
+    created = create(cluster, {"prompt": "a resumed stream", "seed": 2, "steps": 6, **SMALL})
+    url = cluster.url + created["events_url"]
+    with held, requests.get(url, stream=True, timeout=120) as r:
+        first = next(raw_frames(r))
+    assert first["event"] == "status" and first["retry"] == "2000"  # FastAPI's SSE: the reconnection delay
+    version, _, previews = first["id"].partition(".")
+    assert version.isdigit() and previews == "0"
+    wait_job(cluster, created["id"], lambda j: j["status"] == "done")
+    with requests.get(url, stream=True, timeout=60) as r:
+        frames = list(raw_frames(r))
+    assert [f["event"] for f in frames] == ["done"] and frames[0]["retry"] == "2000"
+    last = frames[0]["id"]
+    assert int(last.partition(".")[0]) > int(version)
+    # A reconnecting EventSource sends the last id it saw: the final event still comes, once.
+    with requests.get(url, stream=True, timeout=60, headers={"Last-Event-ID": last}) as r:
+        assert [(f["event"], f["id"]) for f in raw_frames(r)] == [("done", last)]
+
+
 def test_delete_cancels_a_running_job_and_frees_the_denoiser(cluster):
     before = wait_idle(cluster)
     created = create(cluster, {**LONG, "seed": 3})
