@@ -262,7 +262,7 @@ class StepScheduler:
         """
         shape = self.check_inputs(request)
         context = self.prepare_prompt_embeds(request)
-        scheduler = self.schedulers.create(request.scheduler)
+        scheduler = self.schedulers.create(request.scheduler, seed=request.seed)  # DPM++ SDE seeds its noise
         # Timesteps before latents: init_noise_sigma depends on them for sigma-based schedulers.
         timesteps = self.retrieve_timesteps(scheduler, request.steps)
         cond = request.conditioning
