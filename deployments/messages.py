@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# A request's per-step conditioning (prompt editing, alternation, AND): defined with the code that makes
+# it, and part of this contract (PromptEmbeddings.schedule).
+from .engine.prompts import PromptSchedule, ScheduledConditioning  # noqa: F401
+
 
 @dataclass(frozen=True)
 class AdapterUse:
@@ -46,10 +50,13 @@ class EncodeRequest:
     empty ``negative_prompt`` on SDXL means none given: zeros where the model forces them.
     """
 
-    prompt: str  # may use A1111's weighting syntax; <lora:...> tags are already removed
+    prompt: str  # may use A1111's syntax (weights, BREAK, [edits], [a|b], AND); <lora:...> tags are removed
     negative_prompt: str
     adapters: tuple[AdapterUse, ...] = ()
     adapters_2: tuple[AdapterUse, ...] = ()  # SDXL's text_encoder_2
+    # The request's sampling steps: prompt editing, alternation and AND are scheduled over them. None:
+    # no schedule (that syntax is text; weights and BREAK still apply).
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,9 @@ class PromptEmbeddings:
     encode_ms: float
     pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]; SDXL only
     negative_pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]; SDXL only
+    # Prompt editing / alternation / AND: the conditioning per step (the embeddings above are then its
+    # first part's and the negative's entries at step 0). None: the embeddings above serve every step.
+    schedule: PromptSchedule | None = None
 
 
 # -- Ingress -> Denoiser ------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from .config import TextEncoderConfig
 from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
 from .engine.config import LoRAConfig, ModelConfig
-from .engine.prompts import PromptEncoder, SDXLPromptEncoder
+from .engine.prompt_syntax import PromptPlan, plan_prompts
+from .engine.prompts import PromptEncoder, SDXLPromptEncoder, encode_prompt_schedules
 from .engine.runtime import prepare_runtime
-from .messages import EncodeRequest, PromptEmbeddings
+from .messages import EncodeRequest, PromptEmbeddings, PromptSchedule, ScheduledConditioning
 
 
 @serve.deployment(name="TextEncoder")
@@ -65,9 +66,13 @@ class TextEncoder:
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
         """Both prompts' embeddings, with the same number of 77-token chunks (SDXL: and pooled).
 
-        The prompts may use A1111's weighting syntax (``(word:1.3)``); the planner has bounded
+        The prompts may use A1111's syntax (``(word:1.3)``, ``BREAK``); the planner has bounded
         their length by ``limits.max_prompt_chunks``. ``request.adapters`` are those with
         text-encoder weights (SDXL: ``adapters_2`` on the second encoder).
+
+        Prompt editing, alternation and ``AND`` (``prompt_syntax.plan_prompts`` over
+        ``request.steps``) add ``schedule``: every distinct text of it encoded once. A prompt
+        without them is encoded exactly as before, with no schedule.
         """
         start = time.perf_counter()
         refs = [a.ref for a in request.adapters]
@@ -80,7 +85,10 @@ class TextEncoder:
             try:
                 text = tuple((slot, a.weight, a.ref) for slot, a in zip(slots, request.adapters, strict=True))
                 text_2 = tuple((slot, a.weight, a.ref) for slot, a in zip(slots_2, request.adapters_2, strict=True))
-                out = await self._encode_batch((request.prompt, request.negative_prompt, text, text_2))
+                plan = None
+                if request.steps is not None:
+                    plan = plan_prompts(request.prompt, request.negative_prompt, request.steps)
+                out = await self._encode_batch((request.prompt, request.negative_prompt, text, text_2, plan))
             finally:
                 if refs_2:
                     self.adapters_2.release(refs_2)
@@ -89,16 +97,32 @@ class TextEncoder:
         return PromptEmbeddings(*out[:2], 1000.0 * (time.perf_counter() - start), *out[2:])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, items: list[tuple[str, str, tuple, tuple]]) -> list[tuple]:
+    async def _encode_batch(self, items: list[tuple[str, str, tuple, tuple, PromptPlan | None]]) -> list[tuple]:
         # Positive and negative come back with the same chunk count (77 tokens each): CFG stacks them.
+        # Requests whose plan has one text per step (no syntax, or an edit that never switches) are a
+        # plain pair; the others get their schedule, encoded together.
+        plain = [k for k, item in enumerate(items) if item[4] is None or not item[4].scheduled]
+        scheduled = [k for k in range(len(items)) if k not in set(plain)]
+        out: list[tuple] = [()] * len(items)
+        if plain:
+            pairs = await asyncio.to_thread(self._encode_pairs, [_plain_texts(items[k]) for k in plain])
+            for k, pair in zip(plain, pairs, strict=True):
+                out[k] = pair
+        if scheduled:
+            schedules = await asyncio.to_thread(self._encode_schedules, [items[k] for k in scheduled])
+            for k, schedule in zip(scheduled, schedules, strict=True):
+                out[k] = schedule
+        return out
+
+    def _encode_pairs(self, items: list[tuple[str, str, tuple, tuple]]) -> list[tuple]:
         prompts = [prompt for prompt, _, _, _ in items]
         negatives = [negative for _, negative, _, _ in items]
         adapters = [a for _, _, a, _ in items]
         if not self.sdxl:
-            pairs = await asyncio.to_thread(self.encoder.encode_prompt_pairs, prompts, negatives, adapters)
+            pairs = self.encoder.encode_prompt_pairs(prompts, negatives, adapters)
             return [(pos.cpu(), neg.cpu()) for pos, neg in pairs]
         adapters_2 = [a for _, _, _, a in items]
-        out = await asyncio.to_thread(self.encoder.encode_prompt_pairs, prompts, negatives, adapters, adapters_2)
+        out = self.encoder.encode_prompt_pairs(prompts, negatives, adapters, adapters_2)
         return [
             (
                 e.prompt_embeds.cpu(),
@@ -108,6 +132,17 @@ class TextEncoder:
             )
             for e in out
         ]
+
+    def _encode_schedules(self, items: list[tuple[str, str, tuple, tuple, PromptPlan]]) -> list[tuple]:
+        plans = [plan for *_, plan in items]
+        if not self.sdxl:
+            encoders, adapters, zeros = [self.encoder], [[a for _, _, a, _, _ in items]], False
+        else:
+            encoders = list(self.encoder.encoders)
+            adapters = [[a for _, _, a, _, _ in items], [a for _, _, _, a, _ in items]]
+            zeros = self.encoder.force_zeros_for_empty_prompt
+        schedules = encode_prompt_schedules(encoders, plans, adapters, zeros_for_empty_negative=zeros)
+        return [_embeddings_of(_to_cpu(schedule), self.sdxl) for schedule in schedules]
 
     def stats(self) -> dict:
         # SDXL: both encoders see the same prompts; the first one's cache counts them.
@@ -124,3 +159,27 @@ class TextEncoder:
 
     def ready(self) -> bool:
         return True
+
+
+def _plain_texts(item: tuple) -> tuple[str, str, tuple, tuple]:
+    """A request with one text per step: its prompt and negative, as the plan has them (an edit at
+    step 0 already applied)."""
+    prompt, negative, text, text_2, plan = item
+    if plan is not None:
+        prompt, negative = plan.parts[0][0][1], plan.negative[0][1]
+    return prompt, negative, text, text_2
+
+
+def _to_cpu(schedule: PromptSchedule) -> PromptSchedule:
+    def move(c: ScheduledConditioning) -> ScheduledConditioning:
+        return ScheduledConditioning(c.ends, c.embeds.cpu(), None if c.pooled is None else c.pooled.cpu())
+
+    return PromptSchedule(tuple(move(c) for c in schedule.parts), schedule.weights, move(schedule.negative))
+
+
+def _embeddings_of(schedule: PromptSchedule, sdxl: bool) -> tuple:
+    """``PromptEmbeddings``' fields after ``encode_ms``: the first part's and the negative's step-0 entries."""
+    first, negative = schedule.parts[0], schedule.negative
+    if not sdxl:
+        return first.embeds[0], negative.embeds[0], None, None, schedule
+    return first.embeds[0], negative.embeds[0], first.pooled[0], negative.pooled[0], schedule

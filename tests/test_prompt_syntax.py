@@ -58,8 +58,9 @@ ATTENTION = [
     # a colon that is no weight is text
     ("(time: noon)", [("time: noon", 1.1)]),
     ("ratio 16:9", [("ratio 16:9", 1.0)]),
-    # BREAK is ordinary text here
-    ("a BREAK b", [("a BREAK b", 1.0)]),
+    # BREAK is a chunk boundary marker (A1111's ("BREAK", -1)); only the capitalised word
+    ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+    ("a Break b", [("a Break b", 1.0)]),
     ("", [("", 1.0)]),
     ("()", [("", 1.0)]),
 ]
@@ -208,6 +209,36 @@ def test_prompt_length_is_limited_in_chunks(planner):
     assert "151 tokens" in e.value.message
     # tags cost nothing either: they are removed before counting
     assert plan(planner, "cat " * 150 + "<lora:ink:0.5>").applied == (("ink@1", 0.5),)
+
+
+def test_prompt_schedules_and_break_are_limited_per_text(planner):
+    """Each text a prompt takes over its steps is limited, not the prompt string; BREAK ends a chunk."""
+    edit = "[" + "cat " * 150 + ":" + "dog " * 150 + ":0.5]"  # 300 tokens of source, 150 at any step
+    assert plan(planner, edit).prompt == edit
+    with pytest.raises(APIError) as e:
+        plan(planner, "[" + "cat " * 151 + "|dog]")
+    assert (e.value.code, e.value.field) == ("prompt_too_long", "prompt")
+    with pytest.raises(APIError) as e:
+        plan(planner, "cat BREAK cat BREAK cat")  # three chunks
+    assert e.value.message.startswith("prompt is 151 tokens; the limit is 150 tokens")
+    with pytest.raises(APIError) as e:
+        plan(planner, "x", negative_prompt="[a:" + "dog " * 151 + ":0.5]")
+    assert (e.value.code, e.value.field) == ("prompt_too_long", "negative_prompt")
+
+
+def test_and_parts_are_limited_naming_prompt_and_the_limit(planner):
+    assert plan(planner, " AND ".join(["cat"] * 8)).prompt == " AND ".join(["cat"] * 8)
+    with pytest.raises(APIError) as e:
+        plan(planner, " AND ".join(["cat"] * 9))
+    assert (e.value.status, e.value.code, e.value.field) == (422, "invalid_value", "prompt")
+    assert e.value.message == "prompt has 9 AND parts; the limit is 8 (limits.max_prompt_and_parts)"
+    # AND in the negative prompt is text (as in A1111): no limit
+    assert plan(planner, "x", negative_prompt=" AND ".join(["cat"] * 9)).negative_prompt.count("AND") == 8
+
+
+@pytest.mark.parametrize("prompt", ["a [unbalanced", "[a:b]", "a | b", "((a][:b:c", "a\\", "[a|b:1]", "]]]::(("])
+def test_malformed_schedule_syntax_is_text_not_an_error(planner, prompt):
+    assert plan(planner, prompt).prompt == prompt
 
 
 def test_an_endpoint_names_the_prompt_fields_its_own_way(planner):

@@ -3,7 +3,12 @@
 A prompt is tokenised as AUTOMATIC1111 does it: the attention syntax (``prompt_syntax``) gives
 each token a weight, and the tokens are cut into chunks of ``model_max_length - 2`` (75 for CLIP),
 each encoded as its own ``[start, tokens..., end, pad...]`` row of ``model_max_length`` (77) and
-concatenated, so prompts longer than CLIP's context keep all their words.
+concatenated, so prompts longer than CLIP's context keep all their words. ``BREAK`` ends a chunk
+early: the rest of it is padding (``tokenize_chunks``).
+
+Prompt editing, alternation and AND (``prompt_syntax.plan_prompts``) make a request's conditioning
+a schedule over its steps: ``encode_prompt_schedules`` encodes every distinct text of it once and
+pads them to one token count as A1111 does (``PromptSchedule`` in ``messages``).
 
 For an unweighted prompt of at most 75 tokens this is exactly diffusers'
 ``StableDiffusionPipeline.encode_prompt`` (pad to the context, take the last hidden state), so an
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .prompt_syntax import parse_prompt_attention
+from .prompt_syntax import BREAK_WEIGHT, PromptPlan, Schedule, parse_prompt_attention
 
 TokenIds = tuple[int, ...]
 # An adapter set as the text encoder sees it: ((slot, weight, identity), ...). The identity
@@ -37,8 +42,12 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, truncation=False).input_ids)
 
 
+def _is_break(fragment: tuple[str, float]) -> bool:
+    return fragment[0] == "BREAK" and fragment[1] == BREAK_WEIGHT
+
+
 def tokenize_weighted(tokenizer, text: str) -> tuple[list[int], list[float]]:
-    """Token ids of ``text`` without start/end tokens, and one weight per token.
+    """Token ids of ``text`` without start/end tokens, and one weight per token (BREAK takes none).
 
     Raises ``ValueError`` for a malformed attention weight. Example: ``"a (cat:1.3)"`` ->
     ``([320, 2368], [1.0, 1.3])``.
@@ -47,10 +56,49 @@ def tokenize_weighted(tokenizer, text: str) -> tuple[list[int], list[float]]:
     per_fragment = tokenizer([t for t, _ in fragments], add_special_tokens=False, truncation=False).input_ids
     ids: list[int] = []
     weights: list[float] = []
-    for (_, weight), fragment_ids in zip(fragments, per_fragment, strict=True):
-        ids += fragment_ids
-        weights += [weight] * len(fragment_ids)
+    for fragment, fragment_ids in zip(fragments, per_fragment, strict=True):
+        if not _is_break(fragment):
+            ids += fragment_ids
+            weights += [fragment[1]] * len(fragment_ids)
     return ids, weights
+
+
+def tokenize_chunks(tokenizer, text: str, chunk_length: int) -> list[tuple[list[int], list[float]]]:
+    """``text`` cut into chunks of at most ``chunk_length`` tokens: ``[(ids, weights), ...]``, no start/end.
+
+    A1111's ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`` (without its comma backtracking
+    and textual-inversion embeddings): a chunk ends when full or at ``BREAK``; a BREAK ends the
+    current chunk even if it is empty (``"BREAK a"`` is an empty chunk, then ``a``); an empty
+    prompt is one empty chunk. Without BREAK this is ``ceil(tokens / chunk_length)`` chunks.
+
+    >>> from deployments.engine.clip_vocab import builtin_tokenizer   # doctest: +SKIP
+    >>> [ids for ids, _ in tokenize_chunks(tokenizer, "a cat BREAK a dog", 75)]   # doctest: +SKIP
+    [[320, 2368], [320, 1929]]
+    """
+    fragments = parse_prompt_attention(text)
+    per_fragment = tokenizer([t for t, _ in fragments], add_special_tokens=False, truncation=False).input_ids
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    for fragment, fragment_ids in zip(fragments, per_fragment, strict=True):
+        if _is_break(fragment):
+            chunks.append((ids, weights))
+            ids, weights = [], []
+            continue
+        for token in fragment_ids:
+            if len(ids) == chunk_length:
+                chunks.append((ids, weights))
+                ids, weights = [], []
+            ids.append(token)
+            weights.append(fragment[1])
+    if ids or not chunks:
+        chunks.append((ids, weights))
+    return chunks
+
+
+def prompt_token_count(chunks: list[tuple[list[int], list[float]]], chunk_length: int) -> int:
+    """A1111's token count of a tokenized prompt: every chunk but the last counts as full."""
+    return chunk_length * (len(chunks) - 1) + len(chunks[-1][0])
 
 
 def chunk_count(n_tokens: int, chunk_length: int) -> int:
@@ -201,16 +249,13 @@ class PromptEncoder:
     def tokenize(self, texts: list[str]) -> list[TokenizedPrompt]:
         """Parse the weighting syntax and cut each text into chunks of ``chunk_length`` tokens."""
         out = []
-        n = self.chunk_length
         for text in texts:
-            ids, weights = tokenize_weighted(self.tokenizer, text)
-            k = chunk_count(len(ids), n)
-            chunks = tuple(self._chunk(ids[i * n : (i + 1) * n]) for i in range(k))
+            pieces = tokenize_chunks(self.tokenizer, text, self.chunk_length)
+            chunks = tuple(self._chunk(ids) for ids, _ in pieces)
             per_position = None
-            if any(w != 1.0 for w in weights):
+            if any(w != 1.0 for _, weights in pieces for w in weights):
                 per_position = []
-                for i in range(k):
-                    part = weights[i * n : (i + 1) * n]
+                for _, part in pieces:
                     per_position += [1.0, *part] + [1.0] * (self.max_length - 1 - len(part))
             out.append(TokenizedPrompt(chunks, None if per_position is None else tuple(per_position)))
         return out
@@ -368,3 +413,154 @@ class SDXLPromptEncoder:
                 neg_embeds, neg_pooled = torch.cat([n1[0], n2[0]], dim=-1), n2[1]
             out.append(SDXLEmbeddings(pos_embeds, neg_embeds, pooled, neg_pooled))
         return out
+
+
+# -- prompt editing, alternation and AND: a request's conditioning per step ----------------------------
+
+
+@dataclass(frozen=True)
+class ScheduledConditioning:
+    """One prompt's conditioning over the sampling steps (A1111's list of ``ScheduledPromptConditioning``).
+
+    Entry i applies at the steps ``ends[i - 1] < step <= ends[i]`` (steps counted from 0, as A1111's
+    sampler compares its step index with ``end_at_step``); past the last end, entry 0 (A1111's
+    fallback). Every entry has the same token count, so a row can switch entries between steps.
+    """
+
+    ends: tuple[int, ...]  # end_at_step per entry, ascending
+    embeds: torch.Tensor  # [entries, tokens, hidden]
+    pooled: torch.Tensor | None = None  # [entries, pooled]; SDXL only
+
+    def entry_at(self, step: int) -> int:
+        """The entry in force at sampling step ``step`` (from 0).
+
+        >>> c = ScheduledConditioning((2, 4), torch.zeros(2, 1, 1))
+        >>> [c.entry_at(step) for step in range(4)]
+        [0, 0, 0, 1]
+        """
+        for i, end in enumerate(self.ends):
+            if step <= end:
+                return i
+        return 0
+
+
+@dataclass(frozen=True)
+class PromptSchedule:
+    """A request's per-step conditioning: A1111's prompt editing ``[a:b:when]``, alternation ``[a|b]`` and
+    ``AND`` (composable diffusion), made once by the TextEncoder.
+
+    Each AND part is its own UNet row, beside the negative prompt's row; the guided noise is
+    ``eps_uncond + sum_i weights[i] * guidance_scale * (eps_i - eps_uncond)`` (A1111's
+    ``combine_denoised``) when ``composable``, plain classifier-free guidance otherwise.
+    """
+
+    parts: tuple[ScheduledConditioning, ...]  # one per AND part (one without AND)
+    weights: tuple[float, ...]  # per part
+    negative: ScheduledConditioning
+
+    @property
+    def composable(self) -> bool:
+        return len(self.parts) > 1 or self.weights != (1.0,)
+
+
+def encode_prompt_schedules(
+    encoders: list[PromptEncoder],
+    plans: list[PromptPlan],
+    adapters: list[list[TextAdapters]] | None = None,
+    *,
+    zeros_for_empty_negative: bool = False,
+) -> list[PromptSchedule]:
+    """Encode each plan's distinct texts once and assemble its ``PromptSchedule`` (A1111's padding rules).
+
+    ``encoders``: one (SD 1.x / 2.x) or SDXL's two, whose hidden states are concatenated (the
+    pooled embedding is the last encoder's); ``adapters[e][i]``: encoder e's LoRAs for plan i.
+    All texts of all plans go through one ``encode_tokenized_pooled`` per encoder (its cache and
+    de-duplication make each distinct text one encoding). Token counts, as A1111 makes them stack:
+
+    - the entries of one prompt's schedule are padded with empty chunks to its longest entry
+      (``get_learned_conditioning`` encodes them as one batch);
+    - shorter AND parts repeat their last token's embedding up to the longest part (``stack_conds``);
+    - the parts and the negative prompt are then padded with empty chunks to the longer of the two
+      (``pad_cond_uncond``, as ``encode_prompt_pairs`` pads a plain pair).
+
+    ``zeros_for_empty_negative`` (SDXL's ``force_zeros_for_empty_prompt``): an empty negative
+    prompt is zeros, embeddings and pooled, as in ``SDXLPromptEncoder``.
+    """
+    m = len(plans)
+    adapters = adapters or [[()] * m for _ in encoders]
+    zero = [zeros_for_empty_negative and plan.negative == ((plan.negative[0][0], ""),) for plan in plans]
+    # Chunk counts per text: the encoders' tokenizers share CLIP's vocabulary, but take the largest.
+    tokenized = [{} for _ in encoders]  # per encoder: text -> TokenizedPrompt
+    for encoder, table in zip(encoders, tokenized, strict=True):
+        texts = sorted({text for plan in plans for text in _texts(plan)})
+        table.update(zip(texts, encoder.tokenize(texts), strict=True))
+
+    def chunks(text: str) -> int:
+        return max(len(table[text].chunks) for table in tokenized)
+
+    layouts = []  # per plan: (chunks per part, chunks of the negative, total chunks)
+    for plan, z in zip(plans, zero, strict=True):
+        part_chunks = [max(chunks(text) for _, text in part) for part in plan.parts]
+        negative_chunks = 0 if z else max(chunks(text) for _, text in plan.negative)
+        layouts.append((part_chunks, negative_chunks, max(*part_chunks, negative_chunks)))
+    # What to encode, per plan: (text, padded chunk count); None is the empty chunk that pads to the total.
+    needs: list[list[tuple[str | None, int]]] = []
+    for plan, z, (part_chunks, _, total) in zip(plans, zero, layouts, strict=True):
+        need = [(text, k) for part, k in zip(plan.parts, part_chunks, strict=True) for _, text in part]
+        need += [] if z else [(text, total) for _, text in plan.negative]
+        needs.append([*dict.fromkeys([*need, (None, 1)])])
+    per_encoder = []  # per encoder: (text, k, adapters) -> (embedding [k*77, hidden], pooled or None)
+    for e, (encoder, table) in enumerate(zip(encoders, tokenized, strict=True)):
+        keys = {(text, k, adapters[e][i]): None for i, need in enumerate(needs) for text, k in need}
+        prompts = [
+            TokenizedPrompt((encoder.empty_chunk,), None)
+            if text is None
+            else table[text].padded(k, encoder.empty_chunk)
+            for text, k, _ in keys
+        ]
+        encoded = encoder.encode_tokenized_pooled(prompts, [a for _, _, a in keys])
+        per_encoder.append(dict(zip(keys, encoded, strict=True)))
+
+    out = []
+    for i, (plan, (part_chunks, _, total)) in enumerate(zip(plans, layouts, strict=True)):
+
+        def entry(text: str | None, k: int, i=i) -> tuple[torch.Tensor, torch.Tensor | None]:
+            found = [table[(text, k, adapters[e][i])] for e, table in enumerate(per_encoder)]
+            return torch.cat([z for z, _ in found], dim=-1), found[-1][1]  # [k*77, hidden], [pooled]
+
+        empty, _ = entry(None, 1)  # [77, hidden]
+        longest_part = max(part_chunks)
+        parts = []
+        for part, k in zip(plan.parts, part_chunks, strict=True):
+            embeds, pooled = [], []
+            for _, text in part:
+                z, p = entry(text, k)
+                if k < longest_part:  # stack_conds: repeat the last token's embedding
+                    z = torch.cat([z, z[-1:].expand((longest_part - k) * empty.shape[0], -1)])
+                if longest_part < total:  # pad_cond_uncond: empty chunks
+                    z = torch.cat([z, *[empty] * (total - longest_part)])
+                embeds.append(z)
+                pooled.append(p)
+            parts.append(_scheduled(part, embeds, pooled))
+        if zero[i]:
+            shape = parts[0].embeds.shape[1:]
+            negative_embeds = [torch.zeros(shape, dtype=empty.dtype, device=empty.device)]
+            negative_pooled = [None if parts[0].pooled is None else torch.zeros_like(parts[0].pooled[0])]
+        else:
+            found = [entry(text, total) for _, text in plan.negative]
+            negative_embeds, negative_pooled = [z for z, _ in found], [p for _, p in found]
+        negative = _scheduled(plan.negative, negative_embeds, negative_pooled)
+        out.append(PromptSchedule(parts=tuple(parts), weights=plan.weights, negative=negative))
+    return out
+
+
+def _texts(plan: PromptPlan) -> list[str]:
+    return [text for part in plan.parts for _, text in part] + [text for _, text in plan.negative]
+
+
+def _scheduled(schedule: Schedule, embeds: list[torch.Tensor], pooled: list) -> ScheduledConditioning:
+    return ScheduledConditioning(
+        ends=tuple(end for end, _ in schedule),
+        embeds=torch.stack(embeds),  # [entries, tokens, hidden]
+        pooled=None if pooled[0] is None else torch.stack(pooled),  # [entries, pooled]
+    )

@@ -62,6 +62,7 @@ import torch
 
 from .conditioning import ImageConditioning, check_strength
 from .fair_queue import FairQueue
+from .prompts import PromptSchedule
 from .scheduler_steps import JobSchedule, SchedulerStep, step_for
 from .schedulers import SchedulerFactory
 
@@ -124,6 +125,44 @@ class DenoiseRequest:
     negative_pooled_prompt_embeds: torch.Tensor | None = None  # [pooled]
     add_time_ids: tuple[int, ...] | None = None  # 6 numbers
     negative_add_time_ids: tuple[int, ...] | None = None
+    # A1111's prompt editing, alternation and AND: the conditioning per step, each AND part its own UNet
+    # row (``prepare_row_conditioning``). None: prompt_embeds / negative_prompt_embeds at every step.
+    prompt_schedule: PromptSchedule | None = None
+
+
+@dataclass(frozen=True)
+class RowConditioning:
+    """A scheduled job's UNet conditioning per call: row r at call i reads ``embeds[r][entries[i][r]]``.
+
+    Rows: the negative prompt's (with guidance or AND), then one per AND part. ``context`` and
+    ``pooled_at`` give views, so a tick's ``torch.cat`` of all jobs' rows is the only copy.
+    """
+
+    embeds: tuple[torch.Tensor, ...]  # per row: [entries, tokens, hidden], on the UNet's device
+    pooled: tuple[torch.Tensor, ...] | None  # per row: [entries, pooled]; SDXL only
+    entries: tuple[tuple[int, ...], ...]  # per UNet call: each row's entry
+    weights: tuple[float, ...] | None  # per AND part: A1111's composable guidance; None: plain CFG
+
+    def context(self, call: int) -> list[torch.Tensor]:
+        """Each row's ``[1, tokens, hidden]`` at UNet call ``call``."""
+        return [e[k : k + 1] for e, k in zip(self.embeds, self.entries[call], strict=True)]
+
+    def pooled_at(self, call: int) -> list[torch.Tensor]:
+        """Each row's ``[1, pooled]`` at UNet call ``call`` (SDXL)."""
+        return [p[k : k + 1] for p, k in zip(self.pooled, self.entries[call], strict=True)]
+
+
+def composable_guidance(eps: torch.Tensor, weights: tuple[float, ...], guidance_scale: float) -> torch.Tensor:
+    """A1111's ``combine_denoised``: ``eps_uncond + sum_i (eps_i - eps_uncond) * (weights[i] * guidance_scale)``.
+
+    ``eps``: ``[1 + parts, c, h, w]``, the negative prompt's row first; returns ``[1, c, h, w]``.
+    Added part by part in A1111's order.
+    """
+    eps_uncond = eps[:1]
+    guided = eps_uncond.clone()
+    for i, weight in enumerate(weights):
+        guided += (eps[1 + i : 2 + i] - eps_uncond) * (weight * guidance_scale)
+    return guided
 
 
 @dataclass(eq=False)
@@ -146,6 +185,7 @@ class DenoiseJob:
     error: BaseException | None = None
     cancelled: bool = field(default=False)
     unet_extra: torch.Tensor | None = None  # [rows, 5, h, w]: mask, masked-image latents (9-channel UNets)
+    row_conditioning: RowConditioning | None = None  # prompt editing / alternation / AND: context per call
     blend_mask: torch.Tensor | None = None  # [1, 1, h, w]: 4-channel inpainting, 1 = repaint
     image_latents: torch.Tensor | None = None  # [1, 4, h, w]: the init image, for blending
     noise: torch.Tensor | None = None  # [1, 4, h, w]: the initial noise, for blending
@@ -270,8 +310,14 @@ class StepScheduler:
             timesteps = self.get_timesteps(scheduler, request.steps, cond.strength)
         generator = self._generator(request)
         x_T, noise, image_latents = self.prepare_latents(scheduler, shape, generator, timesteps, cond)
+        row_conditioning = None
+        if request.prompt_schedule is not None:
+            row_conditioning = self.prepare_row_conditioning(request, scheduler, len(timesteps))
+            context = torch.cat(row_conditioning.context(0))  # [rows, tokens, hidden] at the first call
         mask_tensors = self.prepare_mask_latents(cond, shape, context.shape[0], noise, image_latents)
-        added_cond = self.prepare_added_conditions(request, context.shape[0]) if self.text_time else None
+        added_cond = None
+        if self.text_time:
+            added_cond = self.prepare_added_conditions(request, context.shape[0], row_conditioning)
         step_kwargs = self.prepare_extra_step_kwargs(scheduler, generator, eta=0.0)
         schedule = step_for(scheduler, step_kwargs).prepare(scheduler, timesteps, generator, step_kwargs)
         return DenoiseJob(
@@ -287,6 +333,7 @@ class StepScheduler:
             schedule=schedule,
             unet_timesteps=timesteps.to(torch.float32),
             added_cond=added_cond,
+            row_conditioning=row_conditioning,
             **mask_tensors,
         )
 
@@ -313,7 +360,37 @@ class StepScheduler:
                 f"negative_prompt_embeds {list(neg.shape)} must have the shape of prompt_embeds {list(pos.shape)}"
             )
         self._check_added_conditions(request)
+        if request.prompt_schedule is not None:
+            self._check_prompt_schedule(request)
         return shape
+
+    @staticmethod
+    def schedule_rows(request: DenoiseRequest) -> int:
+        """UNet rows of a scheduled request: one per AND part, and the negative prompt's with guidance or AND."""
+        schedule = request.prompt_schedule
+        uncond = schedule.composable or request.guidance_scale > 1.0
+        return len(schedule.parts) + uncond
+
+    def _check_prompt_schedule(self, request: DenoiseRequest) -> None:
+        """The schedule's rows fit a tick, and every entry has the prompt's token count and width."""
+        schedule = request.prompt_schedule
+        rows = self.schedule_rows(request)
+        if rows > self.max_rows_per_tick:
+            raise ValueError(
+                f"a prompt of {len(schedule.parts)} AND parts takes {rows} UNet rows per image; "
+                f"max_rows_per_tick is {self.max_rows_per_tick}"
+            )
+        if len(schedule.weights) != len(schedule.parts):
+            raise ValueError(f"{len(schedule.weights)} AND weights for {len(schedule.parts)} parts")
+        want = list(request.prompt_embeds.shape)
+        for name, c in [*((f"parts[{i}]", c) for i, c in enumerate(schedule.parts)), ("negative", schedule.negative)]:
+            if c.embeds.ndim != 3 or list(c.embeds.shape[1:]) != want or c.embeds.shape[0] != len(c.ends):
+                raise ValueError(
+                    f"prompt_schedule.{name} is {list(c.embeds.shape)} for {len(c.ends)} entries; "
+                    f"expected [{len(c.ends)}, {want[0]}, {want[1]}]"
+                )
+            if self.text_time and (c.pooled is None or c.pooled.shape[0] != len(c.ends)):
+                raise ValueError(f"prompt_schedule.{name} needs one pooled embedding per entry on an SDXL UNet")
 
     def _check_added_conditions(self, request: DenoiseRequest) -> None:
         """SDXL's UNet needs pooled embeddings and 6 time ids whose embedding fits its ``add_embedding``
@@ -387,7 +464,33 @@ class StepScheduler:
         neg = request.negative_prompt_embeds.to(self.device, self.dtype)  # [tokens, hidden]
         return torch.stack([neg, pos])
 
-    def prepare_added_conditions(self, request: DenoiseRequest, rows: int) -> dict[str, torch.Tensor]:
+    def prepare_row_conditioning(self, request: DenoiseRequest, scheduler, calls: int) -> RowConditioning:
+        """The job's rows and, per UNet call, each row's schedule entry (A1111's ``reconstruct_cond_batch``).
+
+        Call i is sampling step ``i * steps // len(scheduler.timesteps)``: itself for a first-order
+        sampler, and a sampler with more calls than steps (Heun's and DPM2's two per step, PLMS's
+        extra first one) spreads its calls over the steps. Calls count from the job's first one
+        (img2img too, as in A1111). Each row takes the first entry whose ``end_at_step`` is at
+        least the step.
+        """
+        schedule = request.prompt_schedule
+        rows = [schedule.negative] if self.schedule_rows(request) > len(schedule.parts) else []
+        rows += schedule.parts
+        full = len(scheduler.timesteps)  # every call of the full schedule (img2img runs its last ones)
+        entries = tuple(tuple(c.entry_at(i * request.steps // full) for c in rows) for i in range(calls))
+        pooled = None
+        if self.text_time:
+            pooled = tuple(c.pooled.to(self.device, self.dtype) for c in rows)
+        return RowConditioning(
+            embeds=tuple(c.embeds.to(self.device, self.dtype) for c in rows),
+            pooled=pooled,
+            entries=entries,
+            weights=schedule.weights if schedule.composable else None,
+        )
+
+    def prepare_added_conditions(
+        self, request: DenoiseRequest, rows: int, row_conditioning: RowConditioning | None = None
+    ) -> dict[str, torch.Tensor]:
         """SDXL's ``added_cond_kwargs`` for the job's rows: ``text_embeds`` ``[rows, pooled]`` and
         ``time_ids`` ``[rows, 6]``.
 
@@ -396,6 +499,13 @@ class StepScheduler:
         """
         pooled = request.pooled_prompt_embeds.to(self.device, self.dtype)[None]  # [1, pooled]
         time_ids = torch.tensor([request.add_time_ids], dtype=self.dtype, device=self.device)  # [1, 6]
+        if row_conditioning is not None:  # text_embeds follow the schedule (_step); time ids: negative row first
+            parts = len(request.prompt_schedule.parts)
+            ids = [request.negative_add_time_ids] * (rows - parts) + [request.add_time_ids] * parts
+            return {
+                "text_embeds": torch.cat(row_conditioning.pooled_at(0)),  # [rows, pooled]
+                "time_ids": torch.tensor(ids, dtype=self.dtype, device=self.device),  # [rows, 6]
+            }
         if rows == 2:
             neg_pooled = request.negative_pooled_prompt_embeds.to(self.device, self.dtype)[None]
             neg_time_ids = torch.tensor([request.negative_add_time_ids], dtype=self.dtype, device=self.device)
@@ -728,11 +838,12 @@ class StepScheduler:
             x_in.append(x)
         x_in = torch.cat(x_in)  # [sum rows, c, h, w]
         t_in = torch.cat([j.unet_timesteps[j.index].expand(j.rows) for j in jobs])  # [sum rows]
-        context = torch.cat([j.context for j in jobs])  # [sum rows, tokens, hidden]
+        # [sum rows, tokens, hidden]; a scheduled job's rows at its current call (views: the cat is the one copy)
+        context = torch.cat([c for j in jobs for c in self._context(j)])
         added = None
         if self.text_time:
             added = {
-                "text_embeds": torch.cat([j.added_cond["text_embeds"] for j in jobs]),  # [sum rows, pooled]
+                "text_embeds": torch.cat([p for j in jobs for p in self._pooled(j)]),  # [sum rows, pooled]
                 "time_ids": torch.cat([j.added_cond["time_ids"] for j in jobs]),  # [sum rows, 6]
             }
         rows = None
@@ -742,7 +853,9 @@ class StepScheduler:
         eps_all = self.forward_unet(x_in, t_in, context, added, rows)
         guided: list[torch.Tensor] = []
         for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
-            if j.cfg:
+            if j.row_conditioning is not None and j.row_conditioning.weights is not None:
+                eps = composable_guidance(eps, j.row_conditioning.weights, j.request.guidance_scale)
+            elif j.cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + j.request.guidance_scale * (eps_text - eps_uncond)
             guided.append(eps)  # [1, c, h, w]
@@ -762,6 +875,20 @@ class StepScheduler:
                 j.x_t = x_m
                 j.index += 1
                 j.last_tick = self.ticks_run
+
+    @staticmethod
+    def _context(job: DenoiseJob) -> list[torch.Tensor]:
+        """The job's ``encoder_hidden_states`` rows for its current call."""
+        if job.row_conditioning is None:
+            return [job.context]
+        return job.row_conditioning.context(job.index)
+
+    @staticmethod
+    def _pooled(job: DenoiseJob) -> list[torch.Tensor]:
+        """The job's SDXL ``text_embeds`` rows for its current call."""
+        if job.row_conditioning is None:
+            return [job.added_cond["text_embeds"]]
+        return job.row_conditioning.pooled_at(job.index)
 
     @staticmethod
     def _group_by_kind(jobs: list[DenoiseJob]) -> list[tuple[SchedulerStep, list[int]]]:
