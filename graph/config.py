@@ -191,6 +191,15 @@ class LimitsConfig(StrictConfig):
             "adds 77 tokens to the UNet's cross-attention context."
         ),
     )
+    max_prompt_and_parts: int = Field(
+        8,
+        ge=1,
+        le=63,
+        description=(
+            "Most AND parts in a prompt (A1111's composable diffusion). Each part is its own UNet row per step, "
+            "beside the negative prompt's: keep it below denoiser.max_rows_per_tick."
+        ),
+    )
     max_image_bytes: int = Field(
         10_000_000, ge=1024, description="Largest uploaded image or mask (img2img, inpainting), in bytes."
     )

@@ -17,8 +17,8 @@ from fastapi import Request
 from deployments.engine.conditioning import ConditioningInput
 from deployments.engine.images import MIME_TYPES
 from deployments.engine.models import ModelInfo
-from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags
-from deployments.engine.prompts import chunk_count, tokenize_weighted
+from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags, plan_prompts, prompt_schedule
+from deployments.engine.prompts import prompt_token_count, tokenize_chunks
 from deployments.messages import AdapterUse, DecodeParams, DenoiseParams, EncodeRequest, MicroConditioning, Overlay
 
 from .adapters_api import AdapterResolver, Adapters
@@ -67,7 +67,7 @@ class Plan:
         """What the TextEncoder gets (``deployments/messages.py``)."""
         adapters = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters)
         adapters_2 = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters_2)
-        return EncodeRequest(self.prompt, self.negative_prompt, adapters, adapters_2)
+        return EncodeRequest(self.prompt, self.negative_prompt, adapters, adapters_2, steps=self.steps)
 
     def denoise_params(self) -> DenoiseParams:
         """What the Denoiser gets besides the embeddings."""
@@ -134,8 +134,8 @@ class Planner:
         self.check_guidance_scale(request.guidance_scale)
         self.check_num_images(request.num_images)
         prompt, tags = self.split_lora_tags(request.prompt)
-        self.check_prompt_length(prompt, "prompt")
-        self.check_prompt_length(request.negative_prompt, "negative_prompt")
+        self.check_prompt_length(prompt, "prompt", request.steps)
+        self.check_prompt_length(request.negative_prompt, "negative_prompt", request.steps)
         adapters = self.check_adapters(request.loras, tags)
         seed = self.check_seed(request.seed)
         conditioning, overlay = None, None
@@ -267,26 +267,43 @@ class Planner:
         except ValueError as e:
             raise FieldError(422, "invalid_value", "prompt", "{field}: {error}", error=e) from e
 
-    def check_prompt_length(self, text: str, field: str) -> None:
-        """At most ``limits.max_prompt_chunks`` chunks of 75 tokens; a malformed weight is a 422 too."""
-        try:
-            ids, _ = tokenize_weighted(self.tokenizer, text)
-        except ValueError as e:
-            raise FieldError(422, "invalid_value", field, "{field}: {error}", error=e) from e
+    def check_prompt_length(self, text: str, field: str, steps: int = 1) -> None:
+        """Every text the prompt takes over its ``steps`` (prompt editing, alternation, each AND part) is at
+        most ``limits.max_prompt_chunks`` chunks of 75 tokens (a BREAK ends one); the prompt has at most
+        ``limits.max_prompt_and_parts`` AND parts (each is a UNet row); a malformed weight is a 422 too."""
+        if field == "prompt":
+            parts = plan_prompts(text, "", steps).parts
+            limit = self.limits.max_prompt_and_parts
+            if len(parts) > limit:
+                raise FieldError(
+                    422,
+                    "invalid_value",
+                    field,
+                    "{field} has {parts} AND parts; the limit is {limit} (limits.max_prompt_and_parts)",
+                    parts=len(parts),
+                    limit=limit,
+                )
+        else:
+            parts = (tuple(prompt_schedule(text, steps)),)
         chunk_length = self.tokenizer.model_max_length - 2
         max_chunks = self.limits.max_prompt_chunks
-        if chunk_count(len(ids), chunk_length) > max_chunks:
-            raise FieldError(
-                422,
-                "prompt_too_long",
-                field,
-                "{field} is {tokens} tokens; the limit is {limit} tokens "
-                "({chunks} chunks of {chunk_length}: limits.max_prompt_chunks)",
-                tokens=len(ids),
-                limit=chunk_length * max_chunks,
-                chunks=max_chunks,
-                chunk_length=chunk_length,
-            )
+        for part_text in dict.fromkeys(t for part in parts for _, t in part):
+            try:
+                chunks = tokenize_chunks(self.tokenizer, part_text, chunk_length)
+            except ValueError as e:
+                raise FieldError(422, "invalid_value", field, "{field}: {error}", error=e) from e
+            if len(chunks) > max_chunks:
+                raise FieldError(
+                    422,
+                    "prompt_too_long",
+                    field,
+                    "{field} is {tokens} tokens; the limit is {limit} tokens "
+                    "({chunks} chunks of {chunk_length}: limits.max_prompt_chunks)",
+                    tokens=prompt_token_count(chunks, chunk_length),
+                    limit=chunk_length * max_chunks,
+                    chunks=max_chunks,
+                    chunk_length=chunk_length,
+                )
 
     def check_adapters(self, loras: tuple[LoRASpec, ...], tags: list[LoraTag]) -> Adapters:
         """The body's ``loras``, then the prompt's tags: resolved, applicable, together within the limits."""

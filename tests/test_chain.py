@@ -149,7 +149,7 @@ def test_a_plan_goes_through_the_three_stages_as_typed_messages():
     result = asyncio.run(client.run(PLAN))
     assert result.images == (b"png", b"png") and result.decode_ms == 4.0
     encode, params = seen
-    assert encode == EncodeRequest("a boat", "fog", adapters=PLAN.encode_request().adapters)
+    assert encode == EncodeRequest("a boat", "fog", adapters=PLAN.encode_request().adapters, steps=PLAN.steps)
     assert (params.seed, params.num_images, [a.ref for a in params.adapters]) == (7, 2, ["ink@2"])
     assert log == Counter({"encode": 1, "denoise": 1, "decode": 1})  # nothing cancelled
     assert metrics.counts[("images", (("model", ""),))] == 2 and metrics.stages == [

@@ -108,3 +108,26 @@ def test_unknown_or_malformed_lora_tag_is_an_error_on_prompt(cluster, adapter):
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert (error["code"], error["field"]) == ("invalid_value", "prompt") and "lots" in error["message"]
+
+
+def test_a1111_prompt_editing_alternation_and_and(cluster):
+    """[from:to:when], [a|b] and AND go through the TextEncoder's schedule to the Denoiser's rows."""
+    plain = image(cluster, {"prompt": "a cat", "seed": 6})
+    # An edit between equal texts takes the schedule path (two entries, one row) and must equal the plain image.
+    same = image(cluster, {"prompt": "[a cat:a cat:0.5]", "seed": 6})
+    assert np.array_equal(same, plain)
+    edited = image(cluster, {"prompt": "[a cat:a dog:0.5]", "seed": 6})
+    dog = image(cluster, {"prompt": "a dog", "seed": 6})
+    assert np.abs(edited - plain).max() > 0 and np.abs(edited - dog).max() > 0
+    assert image(cluster, {"prompt": "a [cat|dog]", "seed": 6}).std() > 5
+    # AND with weights 1.0 and 0.0 is the first part alone, computed in two parts' rows
+    assert np.array_equal(image(cluster, {"prompt": "a cat :1 AND a dog :0", "seed": 6}), plain)
+    both = image(cluster, {"prompt": "a cat AND a dog :0.8", "seed": 6})
+    assert np.abs(both - plain).max() > 0
+    # malformed syntax is text; too many AND parts is a 422 naming prompt and the limit
+    assert image(cluster, {"prompt": "a [cat:dog", "seed": 6}).shape == (64, 64, 3)
+    r = generate(cluster, {**SMALL, "prompt": " AND ".join(["cat"] * 9)})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["field"], error["code"]) == ("prompt", "invalid_value")
+    assert "limits.max_prompt_and_parts" in error["message"] and "8" in error["message"]
