@@ -7,6 +7,7 @@ very bits of a plain call.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -224,3 +225,39 @@ def test_a_static_routing_is_written_at_its_width_and_refuses_wider_rows():
         buffers.write([((2, 1.0), (1, 1.0))], pages, width=2)
     wide = buffers.write([((1, 1.0),)] * 4, [[], list(range(1, 41))])  # grows past max_width: reallocated
     assert wide.width == 64 and buffers.max_width == 64
+
+
+@torch.inference_mode()
+def test_layers_no_adapter_targets_skip_the_lora_path_and_a_new_layout_is_captured_again(tiny):
+    """Adapters on the attention projections alone leave the convolutions plain (no LoRA path, no zeros
+    computed); the first adapter to target a layer changes the layout, which drops the steps built before
+    (``rewarm`` builds them again). Evicting it changes nothing: the layout only grows."""
+    from lora_helpers import random_slot_weights
+
+    unet = copy.deepcopy(tiny["unet"]).eval()
+    lora = MultiLoRAModel(unet, LOCON, num_slots=4, max_rank=4, kernel="gather")
+    graphs = StepGraphs(unet, lora, capture=False, static_routing=True)
+    sample, timestep, context = inputs(2, seed=3)
+    base = plain(unet, sample, timestep, context)
+    assert lora.state.layout == 0 and not any(layer.carries for layer in lora.layers.values())
+    torch.testing.assert_close(graphs.forward(sample, timestep, context, None, [(), ()]), base, rtol=0, atol=0)
+    (before,) = graphs.entries
+    g = torch.Generator().manual_seed(4)
+    weights = random_slot_weights(lora, 4, g, scale=0.3)
+    attention = {p: w for p, w in weights.items() if p.endswith(tuple(TARGETS))}
+    lora.load(1, attention)
+    assert {p for p, layer in lora.layers.items() if layer.carries} == set(attention)
+    assert lora.state.layout == len(attention)  # each layer once
+    out = graphs.forward(sample, timestep, context, None, [((1, 1.0),), ()])
+    with lora.routed([((1, 1.0),), ()]):
+        want = plain(unet, sample, timestep, context)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert (out[0] - base[0]).abs().max() > 1e-3 and torch.equal(out[1], base[1])
+    assert {shape.layout for shape in graphs.entries} == {lora.state.layout}  # the old layout's step dropped
+    assert graphs.rewarm() == 1  # ... and built again for this layout
+    assert dataclasses.replace(before, layout=lora.state.layout) in graphs.entries
+    layout = lora.state.layout
+    lora.clear(1)  # evicted: the layers keep their LoRA path (zeros), no graph goes stale
+    assert lora.state.layout == layout and all(lora.layers[p].carries for p in attention)
+    lora.load(2, weights)  # every LoCon layer now: the convolutions join
+    assert lora.state.layout == len(weights)

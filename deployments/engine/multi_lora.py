@@ -259,6 +259,9 @@ class LoRAState:
     # Whether the forward under way takes the LoRA path (``routing`` set and not empty): one plain bool, decided
     # once per routed forward, so that a compiled block (``model.compile: regional``) guards on it alone.
     active: bool = False
+    # Bumped whenever a layer first carries an adapter (``MultiLoRALayer.carries``): a captured CUDA graph
+    # recorded which layers take the LoRA path, so one of an older layout is stale.
+    layout: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, slot: int, r: int) -> slice | list[int]:
@@ -281,6 +284,10 @@ class MultiLoRALayer(torch.nn.Module):
         self.register_buffer("lora_B", torch.zeros((num_pages, out), dtype=w.dtype, device=w.device))
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.alphas = [0.0] * num_slots
+        # Whether an adapter has targeted this module since start: a layer none has skips the LoRA path (adapters
+        # that target only the attention projections leave the convolutions plain). It never turns back off, so
+        # evictions never invalidate captured graphs: the layout changes at most once per layer.
+        self.carries = False
         # [slots]: alpha / r of each slot's adapter in this module, 0 where none (its pages are zeros here)
         self.register_buffer("slot_scale", torch.zeros(num_slots, dtype=torch.float32, device=w.device))
 
@@ -304,12 +311,19 @@ class MultiLoRALayer(torch.nn.Module):
         return True
 
     def load_slot(
-        self, slot: int, pages: list[int] | slice | torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float
+        self,
+        slot: int,
+        pages: list[int] | slice | torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        alpha: float,
+        write_scale: bool = True,
     ) -> None:
         """Write one adapter's ``A`` [r, ...] and ``B`` [out, r, ...] into its first r ``pages`` (a slice where
         they are contiguous, else page numbers). Its other pages must be zero in this layer: free pages are
         (``zero_slot`` zeroes them on the way out), so only the adapter's own rows move. Host tensors are
-        copied straight into the pages (asynchronously where they are pinned and the pages on the GPU)."""
+        copied straight into the pages (asynchronously where they are pinned and the pages on the GPU).
+        ``write_scale=False``: the caller writes ``slot_scale`` (``MultiLoRAModel.load``: one copy for every layer)."""
         r = A.shape[0]
         if isinstance(pages, slice):
             if r > pages.stop - pages.start:
@@ -326,8 +340,15 @@ class MultiLoRALayer(torch.nn.Module):
             self.lora_A.index_copy_(0, index[:r], A)
             self.lora_B.index_copy_(0, index[:r], B.reshape(B.shape[0], r).t())  # [r, out]
         self.alphas[slot] = float(alpha)
-        self.slot_scale[slot] = float(alpha) / r
+        if write_scale:
+            self.slot_scale[slot] = float(alpha) / r
         self.ranks[slot] = r
+        self._update_carries()
+
+    def _update_carries(self) -> None:
+        if not self.carries and any(self.ranks):
+            self.carries = True
+            self.state.layout += 1
 
     def zero_slot(self, slot: int, pages: slice | torch.Tensor) -> None:
         """Zero ``slot``'s pages here and forget its adapter (only where it had one: others are zero already)."""
@@ -360,7 +381,7 @@ class MultiLoRALayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
-        if not self.state.active:
+        if not self.state.active or not self.carries:
             return result
         routing = self.state.routing
         if routing.num_rows != x.shape[0]:
@@ -720,6 +741,11 @@ class MultiLoRAModel:
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, name, layer)
             self.layers[key_prefix + path] = layer
+        # Every layer's slot_scale is a row of one table, so a load writes an adapter's scales in one copy.
+        self.scale_table = torch.zeros(len(self.layers), num_slots, dtype=torch.float32, device=self.device)
+        self._layer_index = {path: i for i, path in enumerate(self.layers)}
+        for i, layer in enumerate(self.layers.values()):
+            layer.slot_scale = self.scale_table[i]  # [slots]: a view (the buffer stays registered)
 
     # -- memory --------------------------------------------------------------------------
 
@@ -814,8 +840,11 @@ class MultiLoRAModel:
             if pages:
                 with self._copy_stream():
                     run = self._run_of(pages)
+                    scales = [0.0] * len(self.layers)
                     for path, (A, B, alpha) in weights.items():
-                        self.layers[path].load_slot(slot, run, A, B, alpha)
+                        self.layers[path].load_slot(slot, run, A, B, alpha, write_scale=False)
+                        scales[self._layer_index[path]] = float(alpha) / A.shape[0]
+                    self.scale_table[:, slot].copy_(torch.tensor(scales, dtype=torch.float32))  # every layer's
                     self.state.page_table[slot, :n] = torch.tensor(pages, dtype=torch.long)
         except BaseException:
             self.clear(slot)

@@ -10,7 +10,9 @@ fixed memory, so everything a step reads must sit in buffers allocated once:
   gather columns) into the model's preallocated ``RoutingBuffers`` at a fixed width (a ``width_bucket``:
   8, 16, 32, ... columns; padding columns are page 0, which is zero, at weight 0), and the gather kernel
   reads only those buffers, so one graph per width replays any mix of adapters. A tick without adapters
-  has width 0: its graph is the plain UNet's. The grouped kernels loop over the adapters on the host: they
+  has width 0: its graph is the plain UNet's. Layers no adapter has targeted yet skip the LoRA path; when
+  one first does (``LoRAState.layout``), the steps captured before are dropped and captured again
+  (``rewarm``, or on first use). The grouped kernels loop over the adapters on the host: they
   are never captured.
 
 On CUDA (``capture=True``) a graph is captured per ``StepShape`` at warm-up (``warm_up``: the model's
@@ -23,6 +25,7 @@ kernels the padding changes no bit of a row's result (rows never depend on their
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -45,6 +48,7 @@ class StepShape:
     text_embeds: int | None  # SDXL's pooled text embedding width (None: no added conditions)
     time_ids: int | None  # SDXL's time ids per row (6)
     width: int  # gather columns of the multi-LoRA routing (0: no adapter in the tick, or no LoRA layers)
+    layout: int = 0  # the multi-LoRA layout captured (``LoRAState.layout``: which layers carry adapters)
 
 
 def bucket_rows(rows: int, buckets: Sequence[int] = ROW_BUCKETS) -> int | None:
@@ -122,7 +126,7 @@ class StepGraphs:
         self.unet = unet
         self.lora = lora
         self.capture = capture
-        # Routing at the shape's width, every layer on its LoRA path (what capture needs; default: with capture).
+        # Routing at the shape's width, every layer that carries adapters on its LoRA path (what capture needs).
         self.static_routing = capture if static_routing is None else static_routing
         self.buckets = tuple(sorted(buckets))
         self.warmup_iters = warmup_iters
@@ -131,6 +135,7 @@ class StepGraphs:
         self.pool = None  # the graphs' shared memory pool
         self.captured = 0
         self.eager_calls = 0  # steps beyond the largest bucket
+        self.stale: set[StepShape] = set()  # shapes dropped for an older layout (layout 0 here), for ``rewarm``
         self._lock = threading.Lock()
 
     def width_of(self, adapters: Sequence | None) -> int:
@@ -152,7 +157,31 @@ class StepGraphs:
             text_embeds=None if added is None else added["text_embeds"].shape[1],
             time_ids=None if added is None else added["time_ids"].shape[1],
             width=width,
+            layout=self.layout,
         )
+
+    @property
+    def layout(self) -> int:
+        return 0 if self.lora is None else self.lora.state.layout
+
+    def _drop_stale(self) -> None:
+        """Forget the steps of an older layout (their graphs skip or take layers' LoRA paths as they were);
+        ``rewarm`` captures them again. Caller holds the lock."""
+        layout = self.layout
+        stale = [shape for shape in self.entries if shape.layout != layout]
+        for shape in stale:
+            self.stale.add(dataclasses.replace(shape, layout=0))
+            del self.entries[shape]
+
+    def rewarm(self) -> int:
+        """Build again (on CUDA, capture) the steps dropped when layers began or ceased to carry adapters, for the
+        current layout; returns how many. A replica calls it once its adapters are loaded, ahead of traffic."""
+        with self._lock:
+            self._drop_stale()
+            shapes = [dataclasses.replace(shape, layout=self.layout) for shape in self.stale]
+            self.stale.clear()
+        self.warm_up(shapes)
+        return len(shapes)
 
     def forward(
         self,
@@ -172,6 +201,7 @@ class StepGraphs:
         with self._lock:
             entry = self.entries.get(shape)
             if entry is None:
+                self._drop_stale()
                 entry = self.entries[shape] = _Entry(shape, self.device, self.dtype)
             entry.write(sample, timestep, context, added)
             padded = None
