@@ -172,6 +172,8 @@ class StepGraphs:
         for shape in stale:
             self.stale.add(dataclasses.replace(shape, layout=0))
             del self.entries[shape]
+        if stale and not self.entries:
+            self.pool = None  # its last graph is gone, and the allocator with it: the next capture opens a new one
 
     def rewarm(self) -> int:
         """Build again (on CUDA, capture) the steps dropped when layers began or ceased to carry adapters, for the
