@@ -3,9 +3,9 @@
     make gpu-suite [OUT=dir]            # python -m benchmarks.gpu_suite --out dir   (CUDA, fp16)
     make gpu-suite SMOKE=1              # the same code on the CPU with the tiny builtin models
 
-Needs torch, transformers, peft, safetensors, diffusers, pydantic, Pillow and
-open_clip's BPE vocabulary file (``make gpu-wheels`` bundles what a GPU host
-with the first four lacks); never Ray. Models have random weights built from
+Needs torch, transformers, peft, safetensors, diffusers, pydantic and Pillow
+(``make gpu-wheels`` bundles what a GPU host with the first four lacks; the CLIP
+vocabulary ships with lorafleet); never Ray. Models have random weights built from
 the architecture configs lorafleet ships (``deployments/engine/configs``):
 nothing is downloaded. Parts, each with its own time budget so that the run
 ends within 8 minutes on an H200 (fewer iterations, never smaller models):
@@ -27,10 +27,15 @@ ends within 8 minutes on an H200 (fewer iterations, never smaller models):
 - (e) ``memory``: ``torch.cuda.max_memory_allocated`` around each part, the
   bytes of the adapter slots and of each CUDA graph's pool.
 - (f) ``correctness``: CUDA graph vs eager, max abs difference of the latents
-  after a whole denoising run; served images vs diffusers' on the same
+  after a whole denoising run (the step-level capture, and the engine's own
+  graphs against its eager engine); served images vs diffusers' on the same
   weights, seeds and adapters (PSNR).
+- (g) ``compile``: ``model.compile: regional`` on a fresh UNet with the slots:
+  compile time, the compiled mixed step against eager, and another adapter mix
+  under ``fail_on_recompile`` (it must not recompile).
 
 It writes ``suite.json`` and ``suite.md`` (with PASS/MISS per target of the
-issue) into ``--out``. A measurement the engine cannot make yet, or one that
+issue) into ``--out``, and ``suite.partial.json`` after every part (a run cut
+short by its host still gives what it measured). A measurement the engine cannot make yet, or one that
 needs CUDA, is recorded with its reason instead of a number.
 """
