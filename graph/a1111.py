@@ -12,8 +12,10 @@ Compatibility rules, in one place:
 - ``seed: -1`` (or null) means random; image ``k`` of ``batch_size × n_iter`` uses ``seed + k``, as
   A1111 does without variation seeds.
 - ``sampler_name`` (or the legacy ``sampler_index``) names an A1111 sampler or one of its aliases,
-  case-insensitively (``"Euler a"``, ``"k_euler_a"``, ``"euler_a"``); an unknown one is a 422 listing
-  the choices (``GET /sdapi/v1/samplers``).
+  case-insensitively (``"Euler a"``, ``"k_euler_a"``, ``"euler_a"``), maybe with a schedule's label after it
+  (``"DPM++ 2M Karras"``, the names before A1111 1.9); else ``scheduler`` (A1111 >= 1.9) picks the sigma
+  schedule, and "Automatic" is the sampler's own as A1111 has it (Karras for DPM++ 2M). An unknown sampler
+  or schedule is a 422 listing the choices (``GET /sdapi/v1/samplers``, ``/sdapi/v1/schedulers``).
 - Fields lorafleet does not implement (``override_settings``, ``styles``, ``restore_faces``,
   ``enable_hr``, ``alwayson_scripts``, extensions' own fields, ...) are accepted and ignored, as A1111
   ignores fields it does not know. Those sent with a value that would have changed A1111's result
@@ -26,6 +28,7 @@ Compatibility rules, in one place:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -33,69 +36,191 @@ from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.engine.schedulers import DEFAULT_SCHEDULER, SAMPLERS, scheduler_name, schedules_of
+
+from . import a1111_info
 from .config import LimitsConfig
 from .errors import APIError, FieldError
 from .schemas import MAX_SEED
 from .validation import FieldNames, GenerationInput
 
 # -- samplers -----------------------------------------------------------------------------
+# A1111's samplers (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py, sd_samplers_lcm.py, 1.10) that
+# diffusers has, each run by a lorafleet sampler (deployments/engine/schedulers.py), and A1111 >= 1.9's separate
+# sigma schedule: its ``scheduler`` field, or a schedule's label after the name ("DPM++ 2M Karras", the
+# names before 1.9, which win over the field, as A1111's ``get_sampler_and_scheduler`` has it).
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """An A1111 sampler name and the lorafleet scheduler that runs it."""
+    """An A1111 sampler: its name, aliases and options as ``GET /sdapi/v1/samplers`` lists them, the lorafleet
+    sampler that runs it and, once resolved (``resolve_sampler``), the schedule it runs with."""
 
-    name: str
-    scheduler: str  # lorafleet's name (deployments/engine/schedulers.py)
+    name: str  # A1111's: "DPM++ 2M"
+    sampler: str  # lorafleet's, without a schedule: "dpmpp_2m"; "default": the model's own scheduler
     diffusers_class: str
     aliases: tuple[str, ...] = ()
+    automatic: str | None = None  # what A1111's "Automatic" schedule is for it ("karras"); None: the sampler's own
+    own: bool = False  # the model's own scheduler: "Automatic" runs it ("default") as the model configures it
+    schedule: str = "automatic"  # A1111's scheduler name, as resolved: "automatic", "karras", ...
+
+    @property
+    def schedules(self) -> tuple[str, ...]:
+        """The A1111 schedules it takes besides "automatic" (the engine's names, as ``/sdapi/v1/schedulers``)."""
+        return schedules_of(self.sampler) if self.sampler != DEFAULT_SCHEDULER else ()
+
+    @property
+    def scheduler(self) -> str:
+        """lorafleet's scheduler name for the sampler with its schedule: ``dpmpp_2m_karras``."""
+        if self.schedule != "automatic":
+            return scheduler_name(self.sampler, self.schedule)
+        return DEFAULT_SCHEDULER if self.own else scheduler_name(self.sampler, self.automatic)
+
+    @property
+    def schedule_label(self) -> str:
+        """The schedule it runs with, by A1111's label ("Schedule type" in the infotext)."""
+        schedule = self.automatic if self.schedule == "automatic" and not self.own else self.schedule
+        return _schedule_labels()[schedule or "automatic"]
 
     def to_dict(self) -> dict:
-        """``GET /sdapi/v1/samplers`` entry. A1111's ``options`` are str -> str."""
-        return {
-            "name": self.name,
-            "aliases": list(self.aliases),
-            "options": {"lorafleet_scheduler": self.scheduler, "diffusers_class": self.diffusers_class},
-        }
+        """``GET /sdapi/v1/samplers`` entry: A1111's options (str -> str, as its API gives them: ``scheduler``, the
+        "Automatic" schedule; ``second_order``), then lorafleet's: the scheduler it runs by default, its diffusers
+        class and the schedules it takes."""
+        options = {}
+        if self.automatic is not None:
+            options["scheduler"] = self.automatic
+        if self.sampler in SAMPLERS and SAMPLERS[self.sampler].second_order:
+            options["second_order"] = "True"
+        if self.sampler == "dpmpp_sde":
+            options["brownian_noise"] = "True"
+        options["lorafleet_scheduler"] = self.scheduler
+        options["diffusers_class"] = self.diffusers_class
+        options["schedulers"] = ",".join(("automatic", *self.schedules))
+        return {"name": self.name, "aliases": list(self.aliases), "options": options}
 
 
-# A1111 names whose arithmetic is the diffusers scheduler's (same schedule, no Karras sigmas).
+# (A1111 name, lorafleet sampler, A1111's aliases, its "Automatic" schedule), in A1111's order.
 _SAMPLERS = (
-    ("Euler", "euler", "EulerDiscreteScheduler", ("k_euler",)),
-    ("Euler a", "euler_a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral")),
-    ("DDIM", "ddim", "DDIMScheduler", ()),
-    ("DPM++ 2M", "dpmpp_2m", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",)),
+    ("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), "karras"),
+    ("DPM++ SDE", "dpmpp_sde", ("k_dpmpp_sde",), "karras"),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde", ("k_dpmpp_2m_sde",), "exponential"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", ("k_dpmpp_2m_sde_heun",), "exponential"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", ("k_dpmpp_3m_sde",), "exponential"),
+    ("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), None),
+    ("Euler", "euler", ("k_euler",), None),
+    ("LMS", "lms", ("k_lms",), None),
+    ("Heun", "heun", ("k_heun",), None),
+    ("DPM2", "dpm2", ("k_dpm_2",), "karras"),
+    ("DPM2 a", "dpm2_a", ("k_dpm_2_a",), "karras"),
+    ("DDIM", "ddim", ("ddim",), None),
+    ("PLMS", "plms", ("plms",), None),
+    ("UniPC", "unipc", ("unipc",), None),
+    ("LCM", "lcm", ("k_lcm",), None),
 )
-# A1111's name for the model's own scheduler, where it has one: PNDM (skipping PRK steps) is PLMS.
-_DEFAULT_NAMES = {"PNDMScheduler": ("PLMS", ("plms", "pndm"))}
+# The A1111 sampler that is the model's own scheduler, by its class: PNDM (skipping PRK steps) is PLMS.
+_DEFAULT_NAMES = {"PNDMScheduler": "PLMS"}
 DEFAULT_SAMPLER = "Euler"  # A1111's default (its ``sampler_index``)
 
 
 def sampler_table(model_scheduler_class: str) -> tuple[Sampler, ...]:
-    """The samplers this server offers, A1111 names first; every entry also answers to our own name.
+    """The samplers this server offers, in A1111's order, the model's own scheduler last: under its A1111 name
+    (PLMS for PNDM), else as "Default". Every entry also answers to lorafleet's sampler name.
 
-    >>> [s.name for s in sampler_table("PNDMScheduler")]
-    ['Euler', 'Euler a', 'DDIM', 'DPM++ 2M', 'PLMS']
+    >>> [s.name for s in sampler_table("PNDMScheduler")][-3:], sampler_table("EulerDiscreteScheduler")[-1].name
+    (['UniPC', 'LCM', 'PLMS'], 'Default')
     """
-    table = [Sampler(name, ours, cls, (*aliases, ours)) for name, ours, cls, aliases in _SAMPLERS]
-    name, aliases = _DEFAULT_NAMES.get(model_scheduler_class, ("Default", ()))
-    table.append(Sampler(name, "default", model_scheduler_class, (*aliases, "default")))
-    return tuple(table)
+    own = _DEFAULT_NAMES.get(model_scheduler_class)
+    table, last = [], []
+    for name, ours, aliases, automatic in _SAMPLERS:
+        cls = SAMPLERS[ours].diffusers_class
+        aliases = aliases if ours in aliases else (*aliases, ours)
+        if name == own:
+            last.append(Sampler(name, ours, cls, (*aliases, "pndm", "default"), automatic, own=True))
+        else:
+            table.append(Sampler(name, ours, cls, aliases, automatic))
+    if own is None:
+        last.append(Sampler("Default", DEFAULT_SCHEDULER, model_scheduler_class, ("default",), own=True))
+    return (*table, *last)
 
 
-def resolve_sampler(name: str, table: tuple[Sampler, ...], field_name: str = "sampler_name") -> Sampler:
-    """Find ``name`` among the samplers' names and aliases, ignoring case; else a 422 listing them."""
+@functools.cache
+def _schedule_labels() -> dict[str, str]:
+    """A1111 scheduler name -> its label, for those ``GET /sdapi/v1/schedulers`` lists."""
+    return {s["name"]: s["label"] for s in a1111_info.schedulers()}
+
+
+def _schedule_named(text: str) -> str | None:
+    """The A1111 scheduler ``text`` names (its name, label or an alias, any case), or None."""
+    wanted = text.strip().lower()
+    for s in a1111_info.schedulers():
+        if wanted in (o.lower() for o in (s["name"], s["label"], *s["aliases"])):
+            return s["name"]
+    return None
+
+
+def _find(name: str, table: tuple[Sampler, ...]) -> Sampler | None:
     wanted = name.strip().lower()
-    for sampler in table:
-        if wanted == sampler.name.lower() or wanted in (a.lower() for a in sampler.aliases):
-            return sampler
-    raise APIError(
-        422,
-        "invalid_value",
-        f"{field_name}: unknown sampler {name!r}; choose one of {[s.name for s in table]} "
-        "(GET /sdapi/v1/samplers lists their aliases)",
-        field_name,
-    )
+    return next((s for s in table if wanted in (n.lower() for n in (s.name, *s.aliases))), None)
+
+
+def resolve_sampler(
+    name: str,
+    table: tuple[Sampler, ...],
+    field_name: str = "sampler_name",
+    scheduler: str | None = None,
+    scheduler_field: str = "scheduler",
+) -> Sampler:
+    """The sampler ``name`` names (its name or an alias, ignoring case) with its schedule: a schedule's label
+    after the name ("DPM++ 2M Karras"), else ``scheduler`` (A1111's field: a name, label or alias of
+    ``GET /sdapi/v1/schedulers``; None, "" and "Automatic": the sampler's own, as A1111 >= 1.9 gives it).
+    An unknown sampler, an unknown schedule or one the sampler does not take is a 422 naming the field
+    and listing the choices.
+
+    >>> table = sampler_table("PNDMScheduler")
+    >>> [resolve_sampler("DPM++ 2M Karras", table).scheduler, resolve_sampler("DPM++ 2M", table).scheduler]
+    ['dpmpp_2m_karras', 'dpmpp_2m_karras']
+    >>> [resolve_sampler(n, table, scheduler=s).scheduler for n, s in [("Euler", "Karras"), ("DPM++ 2M", "uniform")]]
+    ['euler_karras', 'dpmpp_2m_uniform']
+    """
+    sampler, schedule, where = _find(name, table), None, scheduler_field
+    if sampler is None:  # A1111's combined names: "<sampler> <schedule's label or alias>"
+        for s in a1111_info.schedulers():
+            for option in (s["label"], *s["aliases"]):
+                base = name.strip()
+                if s["name"] != "automatic" and base.lower().endswith(" " + option.lower()):
+                    sampler, schedule, where = _find(base[: -len(option) - 1], table), s["name"], field_name
+                    break
+            if sampler is not None:
+                break
+    if sampler is None:
+        raise APIError(
+            422,
+            "invalid_value",
+            f"{field_name}: unknown sampler {name[:60]!r}; choose one of {[s.name for s in table]} "
+            "(GET /sdapi/v1/samplers lists their aliases)",
+            field_name,
+        )
+    if schedule is None and scheduler is not None and scheduler.strip():
+        schedule = _schedule_named(scheduler)
+        if schedule is None:
+            raise APIError(
+                422,
+                "invalid_value",
+                f"{scheduler_field}: unknown scheduler {scheduler[:60]!r}; choose one of "
+                f"{list(_schedule_labels().values())} (GET /sdapi/v1/schedulers)",
+                scheduler_field,
+            )
+    schedule = schedule or "automatic"
+    if schedule != "automatic" and schedule not in sampler.schedules:
+        labels = _schedule_labels()
+        raise APIError(
+            422,
+            "invalid_value",
+            f"{where}: sampler {sampler.name!r} takes no {labels[schedule]!r} schedule; choose one of "
+            f"{[labels[s] for s in ('automatic', *sampler.schedules)]}",
+            where,
+        )
+    return replace(sampler, schedule=schedule)
 
 
 # -- request bodies -------------------------------------------------------------------------
@@ -120,6 +245,11 @@ class Txt2ImgRequest(_A1111Body):
     n_iter: int = Field(1, ge=1, description="Batches; batch_size × n_iter images in all.")
     sampler_name: str | None = Field(None, description="An A1111 sampler name or alias (GET /sdapi/v1/samplers).")
     sampler_index: str = Field(DEFAULT_SAMPLER, description="A1111's legacy sampler field, used if no sampler_name.")
+    scheduler: str | None = Field(
+        None,
+        description="A1111 >= 1.9's sigma schedule (GET /sdapi/v1/schedulers): Karras, Exponential, ...; "
+        "default Automatic, the sampler's own. A schedule in sampler_name wins.",
+    )
     send_images: bool = Field(True, description="false: answer without the images.")
 
 
@@ -181,7 +311,6 @@ _NEUTRAL: dict[str, object] = {
     "script_args": _DEPENDENT,
     "alwayson_scripts": ({},),
     "infotext": (),
-    "scheduler": ("automatic",),  # A1111 >= 1.9's sigma schedule; ours is the sampler's own
     "clip_skip": (1,),
     "user": _DEPENDENT,
     # img2img
@@ -343,7 +472,7 @@ def txt2img_call(
     """
     check_extra_text(req)
     sampler_field = "sampler_name" if req.sampler_name is not None else "sampler_index"
-    sampler = resolve_sampler(getattr(req, sampler_field), samplers, sampler_field)
+    sampler = resolve_sampler(getattr(req, sampler_field), samplers, sampler_field, req.scheduler)
     request = GenerationInput(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -405,11 +534,12 @@ def model_hash(fingerprint: str) -> str:
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
 
 
-def _infotext(prompt, negative, steps, sampler, cfg, seed, width, height, model, mhash, extra: dict) -> str:
+def _infotext(prompt, negative, steps, sampler: Sampler, cfg, seed, width, height, model, mhash, extra: dict) -> str:
     """A1111's "parameters" text, as its PNG info and infotexts carry it."""
     settings = {
         "Steps": steps,
-        "Sampler": sampler,
+        "Sampler": sampler.name,
+        "Schedule type": sampler.schedule_label,
         "CFG scale": cfg,
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -443,7 +573,7 @@ def a1111_response(
             req.prompt,
             req.negative_prompt,
             plan.steps,
-            call.sampler.name,
+            call.sampler,
             req.cfg_scale,
             seed,
             plan.width,

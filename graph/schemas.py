@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from deployments.engine.images import OUTPUT_FORMATS
-from deployments.engine.schedulers import SCHEDULER_NAMES
+from deployments.engine.schedulers import SCHEDULER_NAMES, canonical_name
 
 MAX_SEED = 2**32 - 1
 OutputFormat = Literal[tuple(OUTPUT_FORMATS)]  # type: ignore[valid-type]
-SchedulerName = Literal[tuple(SCHEDULER_NAMES)]  # type: ignore[valid-type]
+# A sampler, maybe with a sigma schedule ("dpmpp_2m_karras"; engine/schedulers.py), or "default"; diffusers' class
+# names stand for their samplers ("EulerAncestralDiscreteScheduler" is "euler_a"). Unknown: a one-line 422.
+SchedulerName = Annotated[
+    str, AfterValidator(canonical_name), WithJsonSchema({"type": "string", "enum": list(SCHEDULER_NAMES)})
+]
 
 
 class _Body(BaseModel):
@@ -38,7 +42,11 @@ class GenerateRequest(_Body):
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance; <= 1 disables it.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image k uses seed + k; chosen if omitted.")
     num_images: int = Field(1, ge=1, description="Images to generate (at most limits.max_num_images).")
-    scheduler: SchedulerName = Field("default", description="default = the model's own scheduler.")
+    scheduler: SchedulerName = Field(
+        "default",
+        description="default (the model's own), or a sampler with an optional sigma schedule: euler_a, "
+        "dpmpp_2m_karras, dpmpp_sde_exponential, ... (GET /v1/models lists them).",
+    )
     output_format: OutputFormat = Field("png", description="png, jpeg or webp (lossless).")
     loras: list[LoRASpec] = Field(default_factory=list, description="Adapters to compose, in order.")
     user: str | None = Field(None, max_length=128, description="End-user id: the tenant for fair scheduling.")

@@ -18,6 +18,7 @@ from typing import Any
 from deployments.engine import models
 from deployments.engine.adapters import open_model_registry
 from deployments.engine.models import ModelInfo
+from deployments.engine.schedulers import SCHEDULER_NAMES
 from lora_registry.base_model import BaseModelSpec
 
 from .adapters_api import AdapterResolver
@@ -52,7 +53,8 @@ class ServedModel:
 
     def describe(self, created: int, admin: bool) -> dict:
         """Its ``GET /v1/models`` entry: kind (``sd1``, ``sdxl``), family (``sdxl-inpaint``, ...), native size
-        (the default), largest size, scheduler; ``uri`` only for the admin token."""
+        (the default), largest size, its own scheduler and every scheduler name it takes; ``uri`` only for the admin
+        token."""
         side, max_side = self.info.default_side, self.limits.max_side
         entry = {
             "id": self.name,
@@ -65,6 +67,7 @@ class ServedModel:
             "default_size": f"{side}x{side}",
             "max_size": f"{max_side}x{max_side}",
             "default_scheduler": self.info.scheduler_class,
+            "schedulers": list(SCHEDULER_NAMES),  # its scheduler field's names (engine/schedulers.py): all of them
         }
         if admin:
             entry["uri"] = self.uri

@@ -27,57 +27,7 @@ LIMITS = LimitsConfig()
 # -- samplers -----------------------------------------------------------------------------
 
 
-def test_sampler_table_names_the_model_default_by_its_a1111_name():
-    assert [(s.name, s.scheduler) for s in SAMPLERS] == [
-        ("Euler", "euler"),
-        ("Euler a", "euler_a"),
-        ("DDIM", "ddim"),
-        ("DPM++ 2M", "dpmpp_2m"),
-        ("PLMS", "default"),
-    ]
-    other = a1111.sampler_table("LMSDiscreteScheduler")
-    assert (other[-1].name, other[-1].scheduler, other[-1].diffusers_class) == (
-        "Default",
-        "default",
-        "LMSDiscreteScheduler",
-    )
-    assert SAMPLERS[1].to_dict() == {
-        "name": "Euler a",
-        "aliases": ["k_euler_a", "k_euler_ancestral", "euler_a"],
-        "options": {"lorafleet_scheduler": "euler_a", "diffusers_class": "EulerAncestralDiscreteScheduler"},
-    }
-
-
-@pytest.mark.parametrize(
-    "name, scheduler",
-    [
-        ("Euler", "euler"),
-        ("euler", "euler"),
-        ("k_euler", "euler"),
-        ("Euler a", "euler_a"),
-        ("EULER A", "euler_a"),
-        ("k_euler_ancestral", "euler_a"),
-        ("euler_a", "euler_a"),
-        ("DDIM", "ddim"),
-        ("DPM++ 2M", "dpmpp_2m"),
-        ("k_dpmpp_2m", "dpmpp_2m"),
-        ("PLMS", "default"),
-        ("PNDM", "default"),
-        ("default", "default"),
-        (" Euler ", "euler"),
-    ],
-)
-def test_resolve_sampler(name, scheduler):
-    assert a1111.resolve_sampler(name, SAMPLERS).scheduler == scheduler
-
-
-@pytest.mark.parametrize("name", ["DPM++ 2M Karras", "LMS", "Heun", "", "UniPC"])
-def test_unknown_sampler_is_a_422_listing_the_choices(name):
-    with pytest.raises(APIError) as e:
-        a1111.resolve_sampler(name, SAMPLERS)
-    assert (e.value.status, e.value.field) == (422, "sampler_name")
-    assert "['Euler', 'Euler a', 'DDIM', 'DPM++ 2M', 'PLMS']" in e.value.message
-    assert repr(name) in e.value.message
+# The sampler table, names, schedules and their errors: tests/test_samplers_names.py.
 
 
 # -- txt2img ------------------------------------------------------------------------------
@@ -201,7 +151,7 @@ def test_unimplemented_fields_are_ignored_and_reported_unless_neutral():
     )
     assert a1111.ignored_fields(req) == ["enable_hr", "my_extension", "restore_faces", "seed_resize_from_h", "tiling"]
     req = a1111.Txt2ImgRequest(prompt="p", scheduler="Karras", override_settings={"CLIP_stop_at_last_layers": 2})
-    assert a1111.txt2img_call(req, LIMITS, SAMPLERS).ignored == ["override_settings", "scheduler"]
+    assert a1111.txt2img_call(req, LIMITS, SAMPLERS).ignored == ["override_settings"]  # scheduler: implemented
 
 
 # -- img2img ------------------------------------------------------------------------------
@@ -305,8 +255,8 @@ def test_response_has_images_parameters_and_info():
     assert info["ignored_fields"] == ["tiling"]
     assert info["infotexts"][1] == (
         "a boat <lora:ink:0.5>\nNegative prompt: fog\n"
-        "Steps: 4, Sampler: Euler, CFG scale: 7.0, Seed: 41, Size: 64x64, Model hash: 0123456789, "
-        "Model: tiny-sd, Lora: ink@2:0.5, Version: lorafleet"
+        "Steps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0, Seed: 41, Size: 64x64, "
+        "Model hash: 0123456789, Model: tiny-sd, Lora: ink@2:0.5, Version: lorafleet"
     )
     quiet = a1111.Txt2ImgRequest(prompt="p", send_images=False)
     call = a1111.txt2img_call(quiet, LIMITS, SAMPLERS)

@@ -65,19 +65,7 @@ def test_random_seed_is_reported_and_reproduces_the_image(cluster):
     assert again["images"] == out["images"]
 
 
-def test_every_listed_sampler_runs_and_they_differ(cluster):
-    samplers = requests.get(cluster.url + "/sdapi/v1/samplers", timeout=30).json()
-    assert [s["name"] for s in samplers] == ["Euler", "Euler a", "DDIM", "DPM++ 2M", "PLMS"]
-    assert samplers[1]["aliases"] == ["k_euler_a", "k_euler_ancestral", "euler_a"]
-    images = {}
-    for s in samplers:
-        r = txt2img(cluster, {"prompt": "a cat", "seed": 3, "sampler_name": s["name"], **SMALL})
-        assert r.status_code == 200, (s["name"], r.text)
-        assert json.loads(r.json()["info"])["sampler_name"] == s["name"]
-        images[s["name"]] = r.json()["images"][0]
-    assert len(set(images.values())) == len(samplers)
-    alias = txt2img(cluster, {"prompt": "a cat", "seed": 3, "sampler_name": "k_euler_a", **SMALL}).json()
-    assert alias["images"][0] == images["Euler a"]
+# Every listed sampler, end to end: tests/test_e2e_samplers.py.
 
 
 def test_sd_models(cluster):
@@ -93,7 +81,7 @@ def test_sd_models(cluster):
 @pytest.mark.parametrize(
     "body, status, code, field, text",
     [
-        ({"sampler_name": "DPM++ 2M Karras"}, 422, "invalid_value", "sampler_name", "'Euler a'"),
+        ({"sampler_name": "DPM fast"}, 422, "invalid_value", "sampler_name", "'Euler a'"),
         ({"sampler_index": "nope"}, 422, "invalid_value", "sampler_index", "unknown sampler 'nope'"),
         ({"steps": 999}, 422, "invalid_value", "steps", "steps must be in [1, 150], got 999"),
         ({"steps": "20"}, 422, "invalid_value", "steps", "steps"),

@@ -40,6 +40,7 @@ DOCUMENTED = {
 # ... and per "noise schedule and schedule type".
 SCHEDULE_ARGS = {
     None: {},
+    "uniform": {"timestep_spacing": "linspace"},  # not in diffusers' table: k-diffusion's get_sigmas, evenly in t
     "karras": {"use_karras_sigmas": True},
     "exponential": {"timestep_spacing": "linspace", "use_exponential_sigmas": True},
     "beta": {"timestep_spacing": "linspace", "use_beta_sigmas": True},
@@ -144,7 +145,7 @@ MIXED = {
     "samplers": [n for n in NAMES if split_name(n)[1] is None],
     "karras": [n for n in NAMES if split_name(n)[1] == "karras"],
     "exponential_beta": [n for n in NAMES if split_name(n)[1] in ("exponential", "beta")],
-    "sgm_uniform": [n for n in NAMES if split_name(n)[1] == "sgm_uniform"],
+    "uniform_sgm_uniform": [n for n in NAMES if split_name(n)[1] in ("uniform", "sgm_uniform")],
 }
 
 

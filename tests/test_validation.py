@@ -317,7 +317,20 @@ A1111 = [
     ),
     ({"init_images": [PIC], "width": 60}, 422, "invalid_value", "width", "width must be a multiple of 8"),
     ({"init_images": [PIC], "cfg_scale": 40.0}, 422, "invalid_value", "cfg_scale", "cfg_scale must be in [0, 30.0]"),
-    ({"init_images": [PIC], "sampler_name": "UniPC"}, 422, "invalid_value", "sampler_name", "unknown sampler 'UniPC'"),
+    (
+        {"init_images": [PIC], "sampler_name": "DPM fast"},
+        422,
+        "invalid_value",
+        "sampler_name",
+        "unknown sampler 'DPM fast'",
+    ),
+    (
+        {"sampler_name": "Euler a", "scheduler": "Karras"},
+        422,
+        "invalid_value",
+        "scheduler",
+        "takes no 'Karras' schedule",
+    ),
 ]
 
 

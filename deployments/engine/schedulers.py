@@ -15,6 +15,7 @@ gives them (``docs/source/en/api/schedulers/overview.md``):
 schedule       config
 =============  ==============================================================
 (none)         the model's config as it is (its ``timestep_spacing``, ...)
+``uniform``    ``timestep_spacing="linspace"`` (k-diffusion's and A1111's "Uniform")
 ``karras``     ``use_karras_sigmas=True``
 ``exponential`` ``timestep_spacing="linspace"``, ``use_exponential_sigmas=True``
 ``beta``       ``timestep_spacing="linspace"``, ``use_beta_sigmas=True``
@@ -23,7 +24,7 @@ schedule       config
 
 A schedule sets the other sigma options off (a model config with Karras sigmas still
 gets exponential ones when asked). A sampler takes the schedules its diffusers class has
-options for: the timestep samplers (DDIM, PLMS, LCM) and Euler a only ``sgm_uniform``.
+options for: the timestep samplers (DDIM, PLMS, LCM) and Euler a only ``uniform`` and ``sgm_uniform``.
 ``default`` is the model's own scheduler, unchanged. Diffusers' class names are accepted
 as aliases of the bare samplers (``canonical_name``).
 
@@ -81,6 +82,7 @@ _SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigma
 
 # The sigma schedules, by name: the config values that make them (the other sigma options are set off).
 SCHEDULES: dict[str, dict] = {
+    "uniform": {"timestep_spacing": "linspace"},
     "karras": {"use_karras_sigmas": True},
     "exponential": {"timestep_spacing": "linspace", "use_exponential_sigmas": True},
     "beta": {"timestep_spacing": "linspace", "use_beta_sigmas": True},
@@ -98,7 +100,7 @@ def schedules_of(sampler: str) -> tuple[str, ...]:
     """The schedules a sampler takes: those its diffusers class has options for.
 
     >>> schedules_of("dpmpp_2m"), schedules_of("euler_a")
-    (('karras', 'exponential', 'beta', 'sgm_uniform'), ('sgm_uniform',))
+    (('uniform', 'karras', 'exponential', 'beta', 'sgm_uniform'), ('uniform', 'sgm_uniform'))
     """
     cls_name = SAMPLERS[sampler].diffusers_class
     return tuple(name for name, config in SCHEDULES.items() if _takes(cls_name, config))
@@ -168,12 +170,12 @@ def canonical_name(name: str) -> str:
     sampler = next((s for s in sorted(SAMPLERS, key=len, reverse=True) if name.startswith(s + "_")), None)
     if sampler is not None and name[len(sampler) + 1 :] in SCHEDULES:
         raise ValueError(
-            f"unknown scheduler {name[:40]!r}: {sampler} takes no {name[len(sampler) + 1 :]} schedule; "
+            f"unknown scheduler {name[:30]!r}: {sampler} takes no {name[len(sampler) + 1 :]} schedule; "
             f"it takes {', '.join(schedules_of(sampler))}"
         )
     raise ValueError(
-        f"unknown scheduler {name[:40]!r}; choose default or a sampler ({', '.join(SAMPLERS)}), "
-        f"maybe + _{', _'.join(SCHEDULES)} (GET /v1/models)"
+        f"unknown scheduler {name[:30]!r}; choose default or a sampler ({', '.join(SAMPLERS)}), "
+        f"maybe + _{', _'.join(SCHEDULES)}"
     )
 
 
