@@ -450,8 +450,14 @@ class JobManager:
         """Store a job for ``plan``, not started; ``job.saved`` is its record's write (or None)."""
         if webhook_url is not None and self.webhooks is None:
             raise ValueError("a webhook_url needs a WebhookSender (jobs.webhook_secret)")
-        now = self.store.clock()
-        job = Job(
+        job = self._new_job(plan, self.store.clock(), webhook_url=webhook_url)
+        job.saved = self.store.add(job)
+        return job
+
+    @staticmethod
+    def _new_job(plan: Plan, now: float, **fields) -> Job:
+        """A job record for ``plan`` created ``now`` (``fields``: its status, images, ... where not the defaults)."""
+        return Job(
             id=secrets.token_urlsafe(16),
             seed=plan.seed,
             steps=plan.steps,
@@ -459,10 +465,8 @@ class JobManager:
             model=plan.model,
             created=now,
             updated=now,
-            webhook_url=webhook_url,
+            **fields,
         )
-        job.saved = self.store.add(job)
-        return job
 
     async def submit_durable(self, plan: Plan, webhook_url: str | None = None) -> Job:
         """``submit``, but the job starts only once its creation record is durable; if the record
@@ -556,14 +560,9 @@ class JobManager:
         ``ttl_s`` after now: what the OpenAI API's image URLs serve (``image``). Returns once its record
         is durable (with ``records``); ``StoreFullError`` when the store is full."""
         now = self.store.clock()
-        job = Job(
-            id=secrets.token_urlsafe(16),
-            seed=plan.seed,
-            steps=plan.steps,
-            loras=[{"ref": ref, "scale": scale} for ref, scale in plan.applied],
-            model=plan.model,
-            created=now,
-            updated=now,
+        job = self._new_job(
+            plan,
+            now,
             status="done",
             step=plan.steps,
             eta_s=0.0,
