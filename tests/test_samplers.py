@@ -222,3 +222,25 @@ def test_sdxl_mixed_batch_rows_equal_the_pipeline(tiny_sdxl):
         pipe.scheduler = reference_scheduler(engine.info, name, seed)
         ref = engine.reference_latents("a lighthouse", "fog", steps=s, seed=seed, pipe=pipe)
         assert close(ours[k : k + 1], ref), (name, (ours[k : k + 1] - ref).abs().max().item())
+
+
+# img2img with the two-evaluation samplers: diffusers skips ``t_start * scheduler.order`` timesteps and sets the
+# scheduler's begin index there (``get_timesteps``); the rows beside each other still equal the pipeline's.
+IMG2IMG = [("heun_karras", 4, 0.6, 7.0), ("dpm2_a", 3, 0.5, 1.0), ("dpmpp_2m_sde_exponential", 4, 0.75, 5.0)]
+
+
+def test_img2img_mixed_batch_rows_equal_the_pipeline(engine):
+    from test_img2img_equivalence import img2img_reference, img2img_request, init_image
+
+    kws = [
+        dict(scheduler=n, steps=s, strength=st, guidance_scale=g, seed=20 + k)
+        for k, (n, s, st, g) in enumerate(IMG2IMG)
+    ]
+    requests = [img2img_request(engine, init_image(seed=k), "a pencil sketch", **kw) for k, kw in enumerate(kws)]
+    jobs: list = []
+    ours = latents(engine, requests, jobs)
+    # heun: int(4 * 0.6) = 2 steps left of 4, the last 3 of its 7 timesteps; dpm2_a: 1 of 3, the last 1 of 5
+    assert [len(j.timesteps) for j in jobs] == [3, 1, 3]
+    for k, kw in enumerate(kws):
+        ref, _ = img2img_reference(engine, init_image(seed=k), "a pencil sketch", **kw)
+        assert close(ours[k : k + 1], ref), (kw["scheduler"], (ours[k : k + 1] - ref).abs().max().item())
