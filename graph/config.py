@@ -101,6 +101,10 @@ class AppConfig(StrictConfig):
     openai: OpenAIConfig = Field(
         default_factory=lambda: OpenAIConfig(), description="The OpenAI Images API (/v1/images/...): image URLs."
     )
+    auth: AuthConfig = Field(
+        default_factory=lambda: AuthConfig(),
+        description="Tenant API keys, their weights and quotas (docs/security.md).",
+    )
 
     @model_validator(mode="after")
     def _serve_autoscaling(self):
@@ -375,6 +379,45 @@ class OpenAIConfig(StrictConfig):
             "How long the URL of a response_format=url image serves it. The images are kept as a finished job in "
             "the job store (jobs.max_jobs bounds them with the jobs; durable as jobs.durable says); 0: expired at once."
         ),
+    )
+
+
+class QuotaConfig(StrictConfig):
+    """One tenant's limits; a field left unset has no limit."""
+
+    rate_per_s: float | None = Field(
+        None, gt=0, description="Requests per second (token bucket refill), per ingress replica; unset: no limit."
+    )
+    burst: int | None = Field(
+        None, ge=1, description="Requests a tenant may send at once before rate_per_s applies; default: ceil(rate)."
+    )
+    max_images_in_flight: int | None = Field(
+        None, ge=1, description="Images a tenant may have generating at once, per ingress replica; unset: no limit."
+    )
+
+
+class AuthConfig(StrictConfig):
+    """Who may generate and how much: tenant keys (``lorafleet keys ...``, ``/v1/admin/keys``) and quotas."""
+
+    require_keys: bool = Field(
+        False,
+        description=(
+            "Generation needs `Authorization: Bearer <tenant key>` (401 otherwise); the tenant is the key's name. "
+            "Off: generation is open, the tenant is the hashed bearer key, else `user`, else the client address."
+        ),
+    )
+    default_quota: QuotaConfig = Field(
+        default_factory=QuotaConfig, description="Every tenant's limits unless `quotas` or its key overrides them."
+    )
+    quotas: dict[str, QuotaConfig] = Field(
+        default_factory=dict,
+        description="Per-tenant overrides of default_quota by key name; a key's own stored quota wins over these.",
+    )
+    key_cache_ttl_s: float = Field(
+        5.0, ge=0, description="How long an ingress trusts a key record it read before reading it again (revocations)."
+    )
+    max_tenant_labels: int = Field(
+        50, ge=1, le=10_000, description="Distinct tenant label values in metrics; later tenants count as `other`."
     )
 
 

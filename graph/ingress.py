@@ -10,6 +10,7 @@ import asyncio
 import base64
 import functools
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterable
 
@@ -23,16 +24,18 @@ from ray.serve.handle import DeploymentHandle
 from deployments.engine.images import MIME_TYPES
 from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
+from lora_registry.keys import KeyStoreError
 
 from . import a1111, a1111_info, errors, job_routes, openai_images, page
 from .a1111_front import A1111Front
 from .a1111_options import caller_of
 from .adapters_api import AdminAuth
+from .auth import GatedGraph, KeyCreate, KeyUpdate, TenantGate, TenantMetrics, key_store, release_when_done
 from .chain import GraphClient, GraphRouter, ModelGraph, resolve
 from .config import AppConfig
 from .edge import EdgeLimits, EdgePolicy, SecurityHeaders
 from .errors import APIError, FieldError
-from .planning import Plan, raw_format, tenant_of
+from .planning import Plan, raw_format
 from .schemas import (
     GeneratedImage,
     GenerateRequest,
@@ -196,6 +199,9 @@ class Ingress:
         if graphs is None:
             graphs = [ModelGraph(None, None, None) for _ in self.models.all]
         self.handles = dict(zip(self.models.names, graphs, strict=True))
+        self.auth = AdminAuth(config.admin)
+        tenant_metrics = TenantMetrics(config.auth.max_tenant_labels)
+        self.gate = TenantGate(config.auth, None, self.auth.is_admin, metrics=tenant_metrics)
         self.graph = GraphRouter(
             {m.name: GraphClient.of(self.handles[m.name], m.limits, metrics, m.name) for m in self.models.all}
         )
@@ -204,7 +210,6 @@ class Ingress:
             and served.denoiser.autoscaling.get("min_replicas", 1) == 0
             for served_model, served in zip(self.models.all, config.served_models(), strict=True)
         }
-        self.auth = AdminAuth(config.admin)
         self.edge = EdgePolicy(
             limits=config.limits,
             upload_bytes=config.upload_limit_bytes(),
@@ -214,6 +219,27 @@ class Ingress:
         )
         self.jobs = jobs  # the Jobs deployment (graph/jobs.py): the async-job store
         self.started = int(time.time())
+
+    @property
+    def graph(self) -> GatedGraph:
+        """The graph every synchronous generation runs through, holding its images in flight (``graph/auth.py``)."""
+        return self._graph
+
+    @graph.setter
+    def graph(self, graph) -> None:  # tests put fakes here: they are gated too
+        self._graph = GatedGraph(graph, self.gate)
+
+    @functools.cached_property
+    def keys(self):
+        """Tenant keys in the registry's store (``lora_registry/keys.py``), opened on first use."""
+        return key_store(self.config.registry)
+
+    def tenant(self, request: Request, user: str | None = None) -> str:
+        """Who a generation is from (401 without a valid key when keys are required, 429 over the rate):
+        the one check every generation route makes, before planning."""
+        if self.gate.keys is None and self.config.auth.require_keys:
+            self.gate.keys = self.keys
+        return self.gate.tenant(request, user).id
 
     @property
     def resolver(self):
@@ -257,7 +283,7 @@ class Ingress:
     async def native(self, body: GenerateRequest, request: Request):
         """A native generation route: the body's names are the canonical ones."""
         raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user), raw), http=request)
+        plan = await self.check_inputs(native_input(body, self.tenant(request, body.user), raw), http=request)
         return self.generated(plan, await self.graph.run(plan), raw, admin=self.auth.is_admin(request.headers))
 
     async def check_inputs(
@@ -317,7 +343,7 @@ class Ingress:
         ``model`` may name an adapter: ``"tiny-sd:watercolor"`` or ``"tiny-sd:watercolor@2"``.
         """
         how = openai_images.delivery(body, openai_images.GENERATION)
-        tenant = tenant_of(request, body.safety_identifier or body.user)
+        tenant = self.tenant(request, body.safety_identifier or body.user)
         plan = await self.check_inputs(*openai_images.to_input(body, tenant), http=request)
         return await self.openai_answer(plan, how, request)
 
@@ -333,7 +359,7 @@ class Ingress:
         transparent part. ``strength`` (lorafleet's): 0.75 by default, 1.0 with a mask."""
         form, image, mask = await openai_images.read_edit(request, self.config.limits.max_image_bytes)
         how = openai_images.delivery(form, openai_images.EDIT)
-        tenant = tenant_of(request, form.safety_identifier or form.user)
+        tenant = self.tenant(request, form.safety_identifier or form.user)
         edit = await asyncio.to_thread(openai_images.edit_input, form, image, mask, tenant, self.config.limits)
         plan = await self.check_inputs(*edit, http=request)
         return await self.openai_answer(plan, how, request)
@@ -440,6 +466,40 @@ class Ingress:
         self.auth.check(request, write=True)
         return await self.registry_op("delete", self.resolver.delete, ref)
 
+    # -- tenant keys (admin API) ----------------------------------------------------------------
+    # Stored hashed in the registry's store (lora_registry/keys.py); every route needs the admin token.
+
+    async def keys_op(self, request: Request, fn, *args):
+        self.auth.check(request, write=True)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except KeyStoreError as e:
+            status = {"key_exists": 409, "key_not_found": 404}.get(e.code, 422)
+            raise APIError(status, e.code, str(e), "name" if status != 404 else None) from e
+
+    @app.post("/v1/admin/keys", status_code=201, dependencies=_ADMIN, responses={401: {}, 403: {}, 409: {}, 422: {}})
+    async def create_key(self, body: KeyCreate, request: Request) -> dict:
+        """A new tenant key: the answer's ``key`` is shown this once (the store keeps its SHA-256 only)."""
+        quota = body.quota.model_dump(exclude_none=True)
+        raw, record = await self.keys_op(request, self.keys.create, body.name, body.weight, quota)
+        return {"key": raw, **record.public()}
+
+    @app.get("/v1/admin/keys", dependencies=_ADMIN)
+    async def list_keys(self, request: Request) -> dict:
+        """Every tenant key (revoked ones too): id, name, weight, quota overrides; never a key or its hash."""
+        records = await self.keys_op(request, self.keys.list)
+        return {"object": "list", "data": [r.public() for r in records]}
+
+    @app.patch("/v1/admin/keys/{name}", dependencies=_ADMIN, responses={404: {}, 422: {}})
+    async def update_key(self, name: str, body: KeyUpdate, request: Request) -> dict:
+        """Change a key's weight or quota overrides; ingresses apply it within ``auth.key_cache_ttl_s``."""
+        return (await self.keys_op(request, self.keys.set, name, body.weight, body.quota)).public()
+
+    @app.delete("/v1/admin/keys/{name}", dependencies=_ADMIN, responses={404: {}})
+    async def revoke_key(self, name: str, request: Request) -> dict:
+        """Revoke a key (by name or id): 401 from then on (within ``auth.key_cache_ttl_s``)."""
+        return (await self.keys_op(request, self.keys.revoke, name)).public()
+
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
         """Every served base model, the default (for requests without ``model``) first: its kind (``sd1``,
@@ -496,7 +556,7 @@ class Ingress:
         front, caller = self.a1111_front, caller_of(request)
         served = self.model_for(front.model_for(body, caller), request)
         samplers = a1111.sampler_table(served.info.scheduler_class)
-        call = translate(body, served.limits, samplers, tenant_of(request, None))
+        call = translate(body, served.limits, samplers, self.tenant(request))
         call = front.native_call(call, served.name, caller)
         plan = await self.check_inputs(call.request, call.names)
         outcome = await front.generate(caller, call.mode, plan.steps, functools.partial(self.graph.run, plan))
@@ -647,8 +707,16 @@ class Ingress:
                 problem = "needs a signing secret on the server (jobs.webhook_secret or $LORAFLEET_WEBHOOK_SECRET)"
             if problem is not None:
                 raise APIError(422, "invalid_value", f"webhook_url {problem}", "webhook_url")
-        plan = await self.check_inputs(native_input(body, tenant_of(request, body.user)), http=request)
-        return await job_routes.create(self.jobs, plan, body.webhook_url, request.scope.get("root_path", ""))
+        plan = await self.check_inputs(native_input(body, self.tenant(request, body.user)), http=request)
+        tenant = self.gate.admitted(plan.tenant)
+        self.gate.hold(tenant, plan.num_images)  # released when the job ends, however it ends
+        try:
+            created = await job_routes.create(self.jobs, plan, body.webhook_url, request.scope.get("root_path", ""))
+        except BaseException:
+            self.gate.release(tenant, plan.num_images)
+            raise
+        release_when_done(self.jobs, json.loads(created.body)["id"], lambda: self.gate.release(tenant, plan.num_images))
+        return created
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):

@@ -360,12 +360,33 @@ class Planner:
         return seed
 
 
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
 def tenant_of(request: Request, user: str | None) -> str:
-    """The fair-scheduling tenant: the API key if one is sent, else the ``user`` field."""
-    auth = request.headers.get("authorization", "")
+    """Who a request is from, for fair scheduling, quotas, metrics and A1111's per-caller options (one
+    identity everywhere), first of: the bearer key (hashed: never the key itself), A1111's HTTP Basic
+    credentials (hashed), the body's ``user`` field, the client's network address. With ``auth.require_keys``
+    the ingress replaces a key's hash by the key's name (``graph/auth.py``).
+
+    Only a key is a credential: ``user`` and the address are whatever the client says or connects from
+    (docs/security.md).
+
+    >>> from starlette.requests import Request as R
+    >>> tenant_of(R({"type": "http", "headers": [], "client": ("10.0.0.7", 5)}), "ann")
+    'user:ann'
+    >>> tenant_of(R({"type": "http", "headers": [], "client": ("10.0.0.7", 5)}), None)
+    'addr:10.0.0.7'
+    """
+    auth = request.headers.get("authorization", "").strip()
     if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return "key:" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:12]
-    return f"user:{user}" if user else "anonymous"
+        return "key:" + _digest(auth[7:].strip())
+    if auth.lower().startswith("basic ") and auth[6:].strip():
+        return "basic:" + _digest(auth[6:].strip())
+    if user:
+        return f"user:{user}"
+    return f"addr:{request.client.host if request.client is not None else 'unknown'}"
 
 
 def raw_format(accept: str) -> str | None:

@@ -473,6 +473,10 @@ def test_openapi_declares_the_bearer_scheme_on_admin_routes(client):
         ("GET", "/v1/adapters"),
         ("GET", "/v1/adapters/{ref}"),
         ("DELETE", "/v1/adapters/{ref}"),
+        ("POST", "/v1/admin/keys"),
+        ("GET", "/v1/admin/keys"),
+        ("PATCH", "/v1/admin/keys/{name}"),
+        ("DELETE", "/v1/admin/keys/{name}"),
     }
 
 
