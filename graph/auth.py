@@ -213,6 +213,12 @@ class GatedGraph:
         self.inner = inner
         self.gate = gate
 
+    def check_room(self, plan) -> None:
+        """429 now if the plan's images would pass its tenant's limit (for a stream, whose 200 comes first)."""
+        tenant = self.gate.admitted(plan.tenant)
+        self.gate.hold(tenant, plan.num_images)
+        self.gate.release(tenant, plan.num_images)
+
     async def run(self, plan, **kwargs):
         tenant = self.gate.admitted(plan.tenant)
         self.gate.hold(tenant, plan.num_images)

@@ -6,6 +6,7 @@ lorafleet export-model builtin:tiny-sdxl DIR   write a builtin model (tiny-sd, t
 lorafleet export-model builtin:tiny-sd OUT --single-file   ... as one .safetensors in the original (LDM/SGM)
                                                layout: OUT/tiny-sd.safetensors, or OUT itself if it ends so
 lorafleet adapters register|list|show|delete|pull|gc ...   the LoRA registry (see docs/registry.md)
+lorafleet keys create|list|revoke|set ...   tenant API keys in the registry's store (see docs/security.md)
 """
 
 from __future__ import annotations
@@ -113,6 +114,70 @@ def _served_targets(serve_config: str | None):
     return served_targets(AppConfig.load(args).lora)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """``lorafleet keys ...``: tenant keys in the registry's store, as ``/v1/admin/keys`` keeps them."""
+    import json
+
+    from lora_registry.config import RegistryConfig, default_registry_uri
+    from lora_registry.keys import KeyStore, KeyStoreError
+    from lora_registry.stores import open_store
+
+    config = RegistryConfig(uri=args.registry or default_registry_uri(), s3_endpoint_url=args.s3_endpoint_url)
+    keys = KeyStore(open_store(config.uri, **config.s3_options()))
+    quota = {
+        "rate_per_s": getattr(args, "rate", None),
+        "burst": getattr(args, "burst", None),
+        "max_images_in_flight": getattr(args, "max_images_in_flight", None),
+    }
+    try:
+        if args.keys_command == "create":
+            raw, record = keys.create(args.name, args.weight, {k: v for k, v in quota.items() if v is not None})
+            payload, text = {"key": raw, **record.public()}, f"{raw}\n(shown once: give it to {args.name!r})"
+        elif args.keys_command == "list":
+            records = keys.list()
+            payload = [r.public() for r in records]
+            text = "\n".join(
+                f"{r.name}  id {r.id}  weight {r.weight:g}  quota {r.quota or '-'}{'  revoked' if r.revoked else ''}"
+                for r in records
+            )
+        elif args.keys_command == "revoke":
+            record = keys.revoke(args.name)
+            payload, text = record.public(), f"revoked {record.name} (id {record.id})"
+        else:
+            record = keys.set(args.name, args.weight, {k: v for k, v in quota.items() if v is not None})
+            payload, text = record.public(), f"{record.name}  weight {record.weight:g}  quota {record.quota or '-'}"
+    except KeyStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(payload, indent=2) if args.json else text)
+    return 0
+
+
+def _add_keys_parser(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry", default=None, help="s3://bucket/prefix or a directory (default: $LORAFLEET_REGISTRY)"
+    )
+    common.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: the AWS chain)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    quota = argparse.ArgumentParser(add_help=False)
+    quota.add_argument("--rate", type=float, default=None, help="requests per second (auth quota rate_per_s)")
+    quota.add_argument("--burst", type=int, default=None, help="requests at once before the rate applies")
+    quota.add_argument("--max-images-in-flight", type=int, default=None, help="images generating at once")
+    keys = sub.add_parser("keys", help="tenant API keys: create, list, revoke, set (weight, quotas)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("create", parents=[common, quota], help="a new key (printed once; stored hashed)")
+    p.add_argument("name")
+    p.add_argument("--weight", type=float, default=1.0, help="fair-share weight (default 1)")
+    keys_sub.add_parser("list", parents=[common], help="every key: name, id, weight, quota, revoked")
+    p = keys_sub.add_parser("revoke", parents=[common], help="revoke a key (by name or id)")
+    p.add_argument("name")
+    p = keys_sub.add_parser("set", parents=[common, quota], help="change a key's weight or quotas (by name or id)")
+    p.add_argument("name")
+    p.add_argument("--weight", type=float, default=None)
+    keys.set_defaults(func=_keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorafleet", description="lorafleet: text-to-image serving on Ray Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora_registry.cli import add_adapters_parser
 
     add_adapters_parser(sub, _base_spec, _served_targets)
+    _add_keys_parser(sub)
     from training.cli import add_train_parser
 
     add_train_parser(sub)

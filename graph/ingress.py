@@ -368,6 +368,7 @@ class Ingress:
         """Run an OpenAI request's plan: a stream of events, or the images as base64 or as URLs (held in the
         Jobs store for ``openai.image_url_ttl_s``)."""
         if how.stream:
+            self.graph.check_room(plan)  # a 429 before the stream's 200; the run holds its images
             every = how.preview_every_steps(plan.steps)
 
             def run(on_event):

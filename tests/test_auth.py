@@ -299,3 +299,33 @@ def test_without_require_keys_generation_stays_open(tmp_path, cache_dir, monkeyp
     assert client.post("/v1/generate", json={**GENERATE, "user": "ann"}).status_code == 200
     assert client.post("/v1/generate", json=GENERATE, headers={"Authorization": "Bearer k1"}).status_code == 200
     assert [p.tenant for p in ingress.graph.plans] == ["user:ann", f"key:{_h('k1')}"]
+
+
+def test_keys_cli_create_list_set_revoke(tmp_path, capsys):
+    from graph.cli import main
+
+    registry = ["--registry", str(tmp_path / "reg"), "--json"]
+    assert main(["keys", "create", "alice", "--weight", "2", "--rate", "3", *registry]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert (created["name"], created["weight"], created["quota"]) == ("alice", 2.0, {"rate_per_s": 3.0})
+    keys = KeyStore(__import__("lora_registry.stores.local", fromlist=["LocalStore"]).LocalStore(tmp_path / "reg"))
+    assert keys.lookup(created["key"]).name == "alice"
+    assert main(["keys", "set", "alice", "--max-images-in-flight", "4", *registry]) == 0
+    assert json.loads(capsys.readouterr().out)["quota"] == {"rate_per_s": 3.0, "max_images_in_flight": 4}
+    assert main(["keys", "list", *registry]) == 0
+    listed = capsys.readouterr().out
+    assert created["key"] not in listed and [k["name"] for k in json.loads(listed)] == ["alice"]
+    assert main(["keys", "revoke", created["id"], *registry]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked"] is True
+    assert main(["keys", "create", "bad name", *registry]) == 2
+    assert "key name must be 1-64" in capsys.readouterr().err
+
+
+def test_a_stream_over_its_images_in_flight_gets_429_before_the_stream_starts(keyed):
+    client, ingress, _ = keyed
+    raw = create_key(client, "alice", quota={"max_images_in_flight": 1, "rate_per_s": 100, "burst": 100})
+    ingress.gate.hold(ingress.gate.admitted("key:alice"), 1)
+    body = {"prompt": "p", "size": "64x64", "stream": True, "partial_images": 1}
+    r = client.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {raw}"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["message"] == "images in flight limit: 1 for key 'alice' (1 generating, 1 asked)"
