@@ -14,6 +14,10 @@ Read top to bottom, this is one request's trip through the graph::
 go replica to replica through Ray's object store; nothing here is ever JSON. ``ConditioningInput``
 and ``ImageConditioning`` live with the code that makes them (``engine/conditioning.py``).
 
+Every stage call carries the request's tenant, so each stage's queue has the same fair order
+(``engine/fair_queue.py``): ``EncodeRequest.tenant``, ``DenoiseParams.tenant``,
+``DecodeParams.tenant``, and ``VAE.encode``'s ``tenant`` argument.
+
 No Ray in this module: the engine's tests and the ingress import it alike. Every field is read by
 name on the other side, so a typo is an ``AttributeError`` at the sender's tests, not a ``KeyError``
 inside a replica, and a type checker sees every seam.
@@ -57,6 +61,7 @@ class EncodeRequest:
     # The request's sampling steps: prompt editing, alternation and AND are scheduled over them. None:
     # no schedule (that syntax is text; weights and BREAK still apply).
     steps: int | None = None
+    tenant: str = "anonymous"  # whose request: the fair order of the TextEncoder's batches
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ class Overlay:
 class DecodeParams:
     output_format: str  # "png", "jpeg" or "webp" (engine/images.py)
     overlay: Overlay | None = None
+    tenant: str = "anonymous"  # whose request: the fair order of the VAE's batches
 
 
 @dataclass(frozen=True)

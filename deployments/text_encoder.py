@@ -16,6 +16,7 @@ from .config import TextEncoderConfig
 from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
 from .engine.config import LoRAConfig, ModelConfig
+from .engine.fair_batcher import FairBatcher
 from .engine.prompt_syntax import PromptPlan, plan_prompts
 from .engine.prompts import PromptEncoder, SDXLPromptEncoder, encode_prompt_schedules
 from .engine.runtime import prepare_runtime
@@ -24,7 +25,15 @@ from .messages import EncodeRequest, PromptEmbeddings, PromptSchedule, Scheduled
 
 @serve.deployment(name="TextEncoder")
 class TextEncoder:
-    def __init__(self, model: ModelConfig, config: TextEncoderConfig, lora: LoRAConfig, registry: RegistryConfig):
+    def __init__(
+        self,
+        model: ModelConfig,
+        config: TextEncoderConfig,
+        lora: LoRAConfig,
+        registry: RegistryConfig,
+        tenant_weights: dict[str, float] | None = None,
+    ):
+        """``tenant_weights``: the fair-share weights (``denoiser.tenant_weights``, as ``build_app`` passes them)."""
         rt = prepare_runtime(model)
         info = rt.info
         directory = info.directory
@@ -60,8 +69,10 @@ class TextEncoder:
                 ),
                 force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
             )
-        self._encode_batch.set_max_batch_size(config.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # Batches across requests, filled tenant by tenant in weighted-fair order (engine/fair_batcher.py).
+        self.batcher = FairBatcher(
+            self._encode_items, config.max_batch_size, config.batch_wait_timeout_s, tenant_weights
+        )
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
         """Both prompts' embeddings, with the same number of 77-token chunks (SDXL: and pooled).
@@ -88,7 +99,8 @@ class TextEncoder:
                 plan = None
                 if request.steps is not None:
                     plan = plan_prompts(request.prompt, request.negative_prompt, request.steps)
-                out = await self._encode_batch((request.prompt, request.negative_prompt, text, text_2, plan))
+                item = (request.prompt, request.negative_prompt, text, text_2, plan)
+                out = await self.batcher.submit(request.tenant, item)
             finally:
                 if refs_2:
                     self.adapters_2.release(refs_2)
@@ -96,8 +108,7 @@ class TextEncoder:
             self.adapters.release(refs)
         return PromptEmbeddings(*out[:2], 1000.0 * (time.perf_counter() - start), *out[2:])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, items: list[tuple[str, str, tuple, tuple, PromptPlan | None]]) -> list[tuple]:
+    async def _encode_items(self, items: list[tuple[str, str, tuple, tuple, PromptPlan | None]]) -> list[tuple]:
         # Positive and negative come back with the same chunk count (77 tokens each): CFG stacks them.
         # Requests whose plan has one text per step (no syntax, or an edit that never switches) are a
         # plain pair; the others get their schedule, encoded together.
@@ -152,6 +163,8 @@ class TextEncoder:
             "cache_misses": cache.misses,
             "cache_entries": len(cache),
             "adapters": self.adapters.stats(),
+            "batches": self.batcher.batches,
+            "waiting_by_tenant": self.batcher.depths(),
         }
         if self.adapters_2 is not None:
             stats["adapters_2"] = self.adapters_2.stats()

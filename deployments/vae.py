@@ -13,6 +13,7 @@ from .config import VAEConfig
 from .engine import models
 from .engine.conditioning import ConditioningInput, ImageConditioning, encode_conditioning, overlay_unmasked
 from .engine.config import ModelConfig
+from .engine.fair_batcher import FairBatcher
 from .engine.images import TilingVAE, decode, encode_image, to_uint8
 from .engine.runtime import prepare_runtime
 from .messages import DecodedImages, DecodeParams, Denoised
@@ -20,7 +21,8 @@ from .messages import DecodedImages, DecodeParams, Denoised
 
 @serve.deployment(name="VAE")
 class VAE:
-    def __init__(self, model: ModelConfig, config: VAEConfig):
+    def __init__(self, model: ModelConfig, config: VAEConfig, tenant_weights: dict[str, float] | None = None):
+        """``tenant_weights``: the fair-share weights (``denoiser.tenant_weights``, as ``build_app`` passes them)."""
         rt = prepare_runtime(model)
         # float32 where the VAE's config says force_upcast, even on a float16 server (load_vae); decode and
         # encode cast to its dtype. Tiled (diffusers' enable_tiling) above config.tile_above_px, per call.
@@ -29,16 +31,20 @@ class VAE:
         self.unet_in_channels = rt.info.unet_in_channels
         self.noise_dtype = rt.dtype
         self.encoded_images = 0
-        for batch in (self._decode_batch, self._encode_batch):
-            batch.set_max_batch_size(config.max_batch_size)
-            batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # Batches across requests, filled tenant by tenant in weighted-fair order (engine/fair_batcher.py).
+        self.encoder = FairBatcher(
+            self._encode_batch, config.max_batch_size, config.batch_wait_timeout_s, tenant_weights
+        )
+        self.decoder = FairBatcher(
+            self._decode_batch, config.max_batch_size, config.batch_wait_timeout_s, tenant_weights
+        )
 
-    async def encode(self, conditioning: ConditioningInput) -> list[ImageConditioning]:
+    async def encode(self, conditioning: ConditioningInput, tenant: str = "anonymous") -> list[ImageConditioning]:
         """img2img / inpainting: VAE-encode a request's image (and masked image) and draw each output
-        image's noise, as diffusers' pipelines do (``engine/conditioning.py``); one entry per seed."""
-        return await self._encode_batch(conditioning)
+        image's noise, as diffusers' pipelines do (``engine/conditioning.py``); one entry per seed.
+        ``tenant``: whose request it is (the batch's fair order)."""
+        return await self.encoder.submit(tenant, conditioning)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _encode_batch(self, inputs: list[ConditioningInput]) -> list[list[ImageConditioning]]:
         self.encoded_images += len(inputs)
         return await asyncio.to_thread(
@@ -57,7 +63,8 @@ class VAE:
         back where the mask is 0, so they come out exactly as sent.
         """
         start = time.perf_counter()
-        images = await self._decode_batch(denoised.latents)  # [n, 3, H, W] in [0, 1]
+        # [n, 3, H, W] in [0, 1]; a request's cost in the fair order is its number of images
+        images = await self.decoder.submit(params.tenant, denoised.latents, cost=denoised.latents.shape[0])
         pixels = to_uint8(images)  # [n, H, W, 3]
         if params.overlay is not None:
             pixels = [overlay_unmasked(params.overlay.original, p, params.overlay.mask) for p in pixels]
@@ -71,7 +78,6 @@ class VAE:
             trace=denoised.trace,
         )
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _decode_batch(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
         # Requests of one shape share a decode; each request may carry several images.
         return await asyncio.to_thread(self._decode_grouped, latents)
@@ -88,7 +94,11 @@ class VAE:
         return out  # type: ignore[return-value]
 
     def stats(self) -> dict:
-        return {"encoded_images": self.encoded_images}
+        return {
+            "encoded_images": self.encoded_images,
+            "batches": {"encode": self.encoder.batches, "decode": self.decoder.batches},
+            "waiting_by_tenant": {"encode": self.encoder.depths(), "decode": self.decoder.depths()},
+        }
 
     def ready(self) -> bool:
         return True

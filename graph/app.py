@@ -48,13 +48,16 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     )
     graphs = []  # one per config.served_models(), in its order
     for served in config.served_models():
+        # One set of fair-share weights for every stage's queue: the TextEncoder's and the VAE's batches
+        # order tenants as the Denoiser's queue does (engine/fair_batcher.py, engine/fair_queue.py).
+        weights = served.denoiser.tenant_weights
         text_encoder = TextEncoder.options(name=f"TextEncoder{served.suffix}", **_options(served.text_encoder)).bind(
-            served.model, served.text_encoder, config.lora, config.registry
+            served.model, served.text_encoder, config.lora, config.registry, weights
         )
         denoiser = Denoiser.options(
             name=f"Denoiser{served.suffix}", **_options(served.denoiser), request_router_config=router
         ).bind(served.model, served.denoiser, config.lora, config.registry)
-        vae = VAE.options(name=f"VAE{served.suffix}", **_options(served.vae)).bind(served.model, served.vae)
+        vae = VAE.options(name=f"VAE{served.suffix}", **_options(served.vae)).bind(served.model, served.vae, weights)
         graphs.append(ModelGraph(text_encoder, denoiser, vae))
     # One replica: it holds every async job, so each ingress replica finds each job there.
     jobs = Jobs.options(

@@ -159,7 +159,7 @@ class GraphClient:
         conditioning = None
         if plan.conditioning is not None:
             # img2img / inpainting: the VAE encodes the image beside the prompt encoding.
-            conditioning = self.vae.encode.remote(plan.conditioning)
+            conditioning = self.vae.encode.remote(plan.conditioning, plan.tenant)
             inflight.append(conditioning)
         # The Denoiser's router (deployments/routing.py) prefers replicas that hold the adapters.
         denoiser = self.denoiser

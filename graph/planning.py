@@ -67,7 +67,9 @@ class Plan:
         """What the TextEncoder gets (``deployments/messages.py``)."""
         adapters = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters)
         adapters_2 = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters_2)
-        return EncodeRequest(self.prompt, self.negative_prompt, adapters, adapters_2, steps=self.steps)
+        return EncodeRequest(
+            self.prompt, self.negative_prompt, adapters, adapters_2, steps=self.steps, tenant=self.tenant
+        )
 
     def denoise_params(self) -> DenoiseParams:
         """What the Denoiser gets besides the embeddings."""
@@ -86,7 +88,7 @@ class Plan:
 
     def decode_params(self) -> DecodeParams:
         """What the VAE's decode gets besides the latents."""
-        return DecodeParams(self.output_format, self.overlay)
+        return DecodeParams(self.output_format, self.overlay, tenant=self.tenant)
 
 
 def _is_int(value) -> bool:

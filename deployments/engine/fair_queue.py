@@ -1,11 +1,16 @@
-"""Weighted fair queuing of denoise jobs across tenants.
+"""Weighted fair queuing across tenants: the one policy of every stage's queue.
+
+The Denoiser's waiting images (``StepScheduler``) and the TextEncoder's and the VAE's batches
+(``FairBatcher``) each keep a ``FairQueue``, with the same tenant weights (``denoiser.tenant_weights``,
+handed to every stage by ``build_app``).
 
 Each tenant (API key, or the OpenAI ``user`` field) has a FIFO. A job's cost is
-its work (UNet rows x steps); its virtual finish time is
+its work in the stage's unit (the Denoiser's: UNet rows x steps; a VAE decode's:
+its images; a prompt's: 1); its virtual finish time is
 ``max(V, tenant's last finish) + cost / weight``, and the job with the
 smallest finish time among the tenants' heads goes next (self-clocked fair
 queuing: V is the finish time of the job last admitted). So while several
-tenants have a backlog they share denoiser throughput by weight, FIFO within
+tenants have a backlog they share the stage's throughput by weight, FIFO within
 a tenant, and no tenant starves: a newly active tenant starts at V, never
 behind the flooders' accumulated backlog.
 
