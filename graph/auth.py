@@ -31,6 +31,7 @@ from .config import AuthConfig, QuotaConfig
 from .errors import APIError
 from .planning import tenant_of
 
+MAX_TRACKED = 10_000  # key records, token buckets and admitted tenants an ingress replica remembers
 ADMIN_TENANT = "admin"  # the admin token used as a generation key (keys required): no quota
 
 
@@ -110,7 +111,7 @@ class TenantGate:
         self.clock = clock
         self.metrics = metrics
         self._records: OrderedDict[str, tuple[KeyRecord | None, float]] = OrderedDict()  # sha256 -> (record, read at)
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # the most recently used MAX_TRACKED
         self.in_flight: dict[str, int] = {}
         self.known: OrderedDict[str, Tenant] = OrderedDict()  # tenant id -> the Tenant last admitted (GatedGraph)
         self._lock = threading.Lock()
@@ -128,7 +129,7 @@ class TenantGate:
         record = self.keys.get_hash(sha) if self.keys is not None else None
         self._records[sha] = (record, now)
         self._records.move_to_end(sha)
-        while len(self._records) > 10_000:
+        while len(self._records) > MAX_TRACKED:
             self._records.popitem(last=False)
         return record
 
@@ -159,6 +160,9 @@ class TenantGate:
                 bucket = self._buckets.get(tenant.id)
                 if bucket is None or (bucket.rate_per_s, bucket.burst) != (rate, burst):
                     bucket = self._buckets[tenant.id] = TokenBucket(rate, burst, self.clock)
+                self._buckets.move_to_end(tenant.id)
+                while len(self._buckets) > MAX_TRACKED:  # an evicted tenant starts again with a full bucket
+                    self._buckets.popitem(last=False)
                 wait_s = bucket.take()
             if wait_s is not None:
                 self._count(tenant, "rate_limited")
@@ -167,7 +171,7 @@ class TenantGate:
         with self._lock:
             self.known[tenant.id] = tenant
             self.known.move_to_end(tenant.id)
-            while len(self.known) > 10_000:
+            while len(self.known) > MAX_TRACKED:
                 self.known.popitem(last=False)
         return tenant
 
