@@ -249,3 +249,138 @@ def write_builtin(uri: str, directory: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+# -- IP-Adapter (issue 22) ---------------------------------------------------------------------------------------
+
+# A tiny CLIP vision encoder (``CLIPVisionModelWithProjection``) and IP-Adapter weights for every builtin model,
+# plain and "plus", in a directory of their own laid out as h94/IP-Adapter's ``models/`` folder
+# (``write_builtin_ip_adapter``). The models' own directories and weights are untouched.
+TINY_IP_ADAPTER = {
+    "image_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        "projection_dim": 48,
+        "hidden_act": "gelu",
+    },
+    # The "plus" resampler (diffusers' IPAdapterPlusImageProjection; its attention heads are 64 wide).
+    "plus": {"hidden_dims": 64, "heads": 1, "num_queries": 8, "depth": 4},
+}
+BUILTIN_IP_ADAPTERS = {name: TINY_IP_ADAPTER for name in BUILTIN_MODELS}
+IP_ADAPTER_FILES = {"plain": "ip-adapter.safetensors", "plus": "ip-adapter-plus.safetensors"}
+IP_ADAPTER_SEED = BUILTIN_SEED + 22  # its own stream
+
+
+def ip_adapter_state(spec: dict, unet, variant: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Random IP-Adapter weights for ``unet`` in the original (h94) format that diffusers' ``load_ip_adapter``
+    converts: ``{"image_proj": {...}, "ip_adapter": {"1.to_k_ip.weight": ..., ...}}``. Call under a seed."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+    from .ip_adapter import cross_attention_layers
+
+    enc = spec["image_encoder"]
+    cross = unet.config.cross_attention_dim
+    if variant == "plain":
+        proj = ImageProjection(
+            cross_attention_dim=cross, image_embed_dim=enc["projection_dim"], num_image_text_embeds=4
+        )
+        image_proj = {k.replace("image_embeds", "proj"): v for k, v in proj.state_dict().items()}
+    else:
+        plus = spec["plus"]
+        proj = IPAdapterPlusImageProjection(
+            embed_dims=enc["hidden_size"],
+            output_dims=cross,
+            hidden_dims=plus["hidden_dims"],
+            depth=plus["depth"],
+            heads=plus["heads"],
+            num_queries=plus["num_queries"],
+        )
+        image_proj = _plus_to_original(proj.state_dict())
+    for t in image_proj.values():  # LayerNorms start at (1, 0): make every parameter count
+        if t.ndim == 1:
+            t.add_(0.1 * torch.randn_like(t))
+    ip = {}
+    for _, attn, key_id in cross_attention_layers(unet):
+        for role in ("to_k_ip", "to_v_ip"):
+            linear = torch.nn.Linear(attn.cross_attention_dim, attn.inner_dim, bias=False)
+            ip[f"{key_id}.{role}.weight"] = linear.weight.detach().clone()
+    return {"image_proj": {k: v.detach().clone().contiguous() for k, v in image_proj.items()}, "ip_adapter": ip}
+
+
+def _plus_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' ``IPAdapterPlusImageProjection`` keys back to the resampler's original ones (the inverse of
+    ``_convert_ip_adapter_image_proj_to_diffusers``' plus branch: to_k and to_v concatenated as to_kv)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            out[key] = value
+            continue
+        i, rest = parts[1], ".".join(parts[2:])
+        if rest.startswith("ln0."):
+            out[f"layers.{i}.0.norm1.{rest[4:]}"] = value
+        elif rest.startswith("ln1."):
+            out[f"layers.{i}.0.norm2.{rest[4:]}"] = value
+        elif rest.startswith("attn.to_q."):
+            out[f"layers.{i}.0.to_q.{rest[10:]}"] = value
+        elif rest.startswith("attn.to_k."):
+            v = state[key.replace("attn.to_k.", "attn.to_v.")]
+            out[f"layers.{i}.0.to_kv.{rest[10:]}"] = torch.cat([value, v])
+        elif rest.startswith("attn.to_v."):
+            continue
+        elif rest.startswith("attn.to_out.0."):
+            out[f"layers.{i}.0.to_out.{rest[14:]}"] = value
+        elif rest.startswith("ff.0."):
+            out[f"layers.{i}.1.0.{rest[5:]}"] = value
+        elif rest.startswith("ff.1.net.0.proj."):
+            out[f"layers.{i}.1.1.{rest[16:]}"] = value
+        elif rest.startswith("ff.1.net.2."):
+            out[f"layers.{i}.1.3.{rest[11:]}"] = value
+        else:
+            raise ValueError(f"unexpected resampler key {key!r}")
+    return out
+
+
+def save_ip_adapter_file(state: dict[str, dict[str, torch.Tensor]], path: str | Path) -> Path:
+    """Write ``{"image_proj", "ip_adapter"}`` as one ``.safetensors`` file with prefixed keys (diffusers' format)."""
+    import safetensors.torch
+
+    flat = {f"{part}.{k}": v.contiguous() for part in ("image_proj", "ip_adapter") for k, v in state[part].items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(flat, str(path))
+    return path
+
+
+def write_builtin_ip_adapter(uri: str, directory: str | Path) -> Path:
+    """The builtin model's IP-Adapter: ``directory/image_encoder`` and one weights file per variant
+    (``IP_ADAPTER_FILES``), from a fixed seed; written under a temporary name and renamed into place."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    name = builtin_name(uri)
+    spec = BUILTIN_IP_ADAPTERS[name]
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        with torch.device("meta"):  # the layout only: which cross-attention layers, of what widths
+            unet = UNet2DConditionModel(**BUILTIN_MODELS[name]["unet"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(IP_ADAPTER_SEED)
+            encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["image_encoder"]))
+            states = {variant: ip_adapter_state(spec, unet, variant) for variant in IP_ADAPTER_FILES}
+        encoder.save_pretrained(staging / "image_encoder")
+        for variant, file_name in IP_ADAPTER_FILES.items():
+            save_ip_adapter_file(states[variant], staging / file_name)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory

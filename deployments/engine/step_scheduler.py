@@ -117,6 +117,7 @@ class DenoiseRequest:
     # ("name@version"), pinned at admission; without one, slots of the UNet's MultiLoRAModel already loaded.
     adapters: tuple[tuple, ...] = ()
     tenant: str = ""
+    tenant_weight: float | None = None  # the tenant key's weight (DenoiseParams.tenant_weight); None: the config's
     # img2img / inpainting: made by conditioning.encode_conditioning in the VAE stage. None: text-to-image.
     conditioning: ImageConditioning | None = None
     # SDXL ("text_time" UNets) only: the second encoder's pooled output and the six micro-conditioning
@@ -128,6 +129,13 @@ class DenoiseRequest:
     # A1111's prompt editing, alternation and AND: the conditioning per step, each AND part its own UNet
     # row (``prepare_row_conditioning``). None: prompt_embeds / negative_prompt_embeds at every step.
     prompt_schedule: PromptSchedule | None = None
+    # IP-Adapter (a StepScheduler with ``ip_adapter``): the reference image's encoded embeddings, as
+    # ``ip_adapter.encode_image`` makes them: [dim] image_embeds (plain) or [tokens, dim] penultimate hidden
+    # states ("plus"). With guidance the negative row reads ``negative_ip_adapter_embeds`` (None: zeros, as
+    # diffusers' plain variant). ``ip_adapter_scale``: a number, or per-block scales as set_ip_adapter_scale.
+    ip_adapter_embeds: torch.Tensor | None = None
+    negative_ip_adapter_embeds: torch.Tensor | None = None
+    ip_adapter_scale: float | dict = 1.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,7 @@ class DenoiseJob:
     slots: tuple[tuple[int, float], ...] = ()  # ((slot, weight), ...): set at admission, routed every tick
     pinned: tuple = ()  # the residency keys this job pinned at admission (released when it leaves)
     adapter_wait_since: float | None = None  # first admission pass its adapters were not resident
+    ip_image: object | None = None  # ip_adapter.RowImage: its rows' image tokens and scales; None: no image
 
     @property
     def adapter_keys(self) -> tuple:
@@ -243,6 +252,7 @@ class StepScheduler:
         lora=None,
         residency=None,
         step_graphs=None,
+        ip_adapter=None,
     ):
         """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them.
 
@@ -257,6 +267,7 @@ class StepScheduler:
         self.lora = lora  # a MultiLoRAModel over ``unet``, or None
         self.step_graphs = step_graphs  # a StepGraphs over ``unet``, or None: plain eager forwards
         self.residency = residency
+        self.ip_adapter = ip_adapter  # an installed ip_adapter.IPAdapterModel over ``unet``, or None
         self.on_tick: Callable[[int, float], None] | None = None  # (rows, seconds) after each forward
         # (seconds) per admitted job with adapters: how long it waited for them to become resident.
         self.on_adapter_wait: Callable[[float], None] | None = None
@@ -318,6 +329,7 @@ class StepScheduler:
         added_cond = None
         if self.text_time:
             added_cond = self.prepare_added_conditions(request, context.shape[0], row_conditioning)
+        ip_image = self.prepare_ip_adapter_image_embeds(request, context.shape[0])
         step_kwargs = self.prepare_extra_step_kwargs(scheduler, generator, eta=0.0)
         schedule = step_for(scheduler, step_kwargs).prepare(scheduler, timesteps, generator, step_kwargs)
         return DenoiseJob(
@@ -334,7 +346,27 @@ class StepScheduler:
             unet_timesteps=timesteps.to(torch.float32),
             added_cond=added_cond,
             row_conditioning=row_conditioning,
+            ip_image=ip_image,
             **mask_tensors,
+        )
+
+    def prepare_ip_adapter_image_embeds(self, request: DenoiseRequest, rows: int):
+        """The job's IP-Adapter rows (``ip_adapter.RowImage``), or None without a reference image.
+
+        ``StableDiffusionPipeline.prepare_ip_adapter_image_embeds`` with ``do_classifier_free_guidance``:
+        the unconditional row(s) first, reading the negative embeddings; the prompt's row(s) the image's.
+        """
+        if request.ip_adapter_embeds is None:
+            return None
+        if self.ip_adapter is None:
+            raise ValueError("ip_adapter_embeds given but this model is served without IP-Adapter weights")
+        positive = len(request.prompt_schedule.parts) if request.prompt_schedule is not None else 1
+        return self.ip_adapter.prepare(
+            request.ip_adapter_embeds,
+            request.negative_ip_adapter_embeds,
+            rows,
+            rows - positive,
+            request.ip_adapter_scale,
         )
 
     def check_inputs(self, request: DenoiseRequest) -> tuple[int, int, int, int]:
@@ -652,7 +684,7 @@ class StepScheduler:
         with self._lock:
             self._check_room(tenant, len(jobs))
             for job in jobs:
-                self.waiting.push(tenant, job, cost=job.rows * len(job.timesteps))
+                self.waiting.push(tenant, job, cost=job.rows * len(job.timesteps), weight=requests[0].tenant_weight)
         return jobs
 
     def cancel(self, jobs: list[DenoiseJob]) -> None:
@@ -850,7 +882,13 @@ class StepScheduler:
         if self.lora is not None and any(j.slots for j in jobs):
             # Both guidance rows of a request carry its adapters, as in diffusers.
             rows = [j.slots for j in jobs for _ in range(j.rows)]
-        eps_all = self.forward_unet(x_in, t_in, context, added, rows)
+        if self.ip_adapter is not None:
+            starts = itertools.accumulate([j.rows for j in jobs], initial=0)
+            images = [(start, j.ip_image) for start, j in zip(starts, jobs, strict=False) if j.ip_image is not None]
+            with self.ip_adapter.routed(images):
+                eps_all = self.forward_unet(x_in, t_in, context, added, rows)
+        else:
+            eps_all = self.forward_unet(x_in, t_in, context, added, rows)
         guided: list[torch.Tensor] = []
         for j, eps in zip(jobs, eps_all.split([j.rows for j in jobs]), strict=True):
             if j.row_conditioning is not None and j.row_conditioning.weights is not None:
