@@ -173,6 +173,7 @@ class Denoiser:
                 scheduler=params.scheduler,
                 adapters=adapters,
                 tenant=params.tenant,
+                tenant_weight=params.tenant_weight,
                 conditioning=conditioning[k] if conditioning else None,
                 prompt_schedule=encoded.schedule,  # prompt editing / alternation / AND (None: none)
                 **xl,

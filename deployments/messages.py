@@ -134,6 +134,9 @@ class DenoiseParams:
     adapters: tuple[AdapterUse, ...] = ()  # those with UNet weights, in the request's order
     tenant: str = "anonymous"
     micro: MicroConditioning | None = None  # SDXL models only (None there: every default)
+    # The tenant key's fair-share weight (graph/auth.py, from the key's record, never from a request field);
+    # None: denoiser.tenant_weights, else 1.
+    tenant_weight: float | None = None
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class Tenant:
 
     id: str  # the tenant string on the Plan: "key:alice" (keys required), "key:<hash>", "user:x", "addr:1.2.3.4"
     name: str  # what 429 messages call it: the key's name, else the id
-    weight: float = 1.0
+    weight: float | None = None  # the key's fair-share weight; None: denoiser.tenant_weights decides
     quota: QuotaConfig = QuotaConfig()
 
 
@@ -137,7 +137,7 @@ class TenantGate:
         """Who the request is from (401 if keys are required and it has no valid one)."""
         if not self.config.require_keys:
             tenant = tenant_of(request, user)
-            return Tenant(tenant, tenant, 1.0, _quota(self.config, tenant, None))
+            return Tenant(tenant, tenant, None, _quota(self.config, tenant, None))
         header = request.headers.get("authorization", "").strip()
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise unauthorized("this endpoint needs Authorization: Bearer <API key>")
@@ -177,7 +177,7 @@ class TenantGate:
 
     def admitted(self, tenant_id: str) -> Tenant:
         """The ``Tenant`` a route admitted under ``tenant_id`` (a plan's ``tenant``)."""
-        return self.known.get(tenant_id) or Tenant(tenant_id, tenant_id, 1.0, _quota(self.config, tenant_id, None))
+        return self.known.get(tenant_id) or Tenant(tenant_id, tenant_id, None, _quota(self.config, tenant_id, None))
 
     # -- images in flight --------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ graph (``chain``) and shapes the answer.
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -294,9 +295,11 @@ class Ingress:
         try:
             served = self.model_for(request.model, http)
             check_text(request, served.limits)  # before any tokenizing: cheap, and first
-            return await asyncio.to_thread(served.planner.check_inputs, request)
+            plan = await asyncio.to_thread(served.planner.check_inputs, request)
         except FieldError as e:
             raise names.translate(e) from e
+        weight = self.gate.admitted(plan.tenant).weight  # a tenant key's weight, never a request field's
+        return plan if weight is None else dataclasses.replace(plan, tenant_weight=weight)
 
     def generated(self, plan: Plan, result: DecodedImages, raw: str | None, admin: bool = False):
         """The native answer: the raw image (``Accept: image/...``, one image) or ``GenerateResponse``.

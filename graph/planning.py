@@ -45,6 +45,7 @@ class Plan:
     scheduler: str
     output_format: str
     tenant: str = "anonymous"
+    tenant_weight: float | None = None  # the tenant key's weight (set by the ingress: graph/auth.py)
     model: str = ""  # the served base model's name (``GraphRouter`` runs the plan on its graph)
     # ((ref, scale), ...): adapters with UNet / text-encoder weights, pinned name@version refs.
     unet_adapters: tuple[tuple[str, float], ...] = ()
@@ -84,6 +85,7 @@ class Plan:
             adapters=tuple(AdapterUse(ref, float(w)) for ref, w in self.unet_adapters),
             tenant=self.tenant,
             micro=self.micro,
+            tenant_weight=self.tenant_weight,
         )
 
     def decode_params(self) -> DecodeParams:

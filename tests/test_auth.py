@@ -329,3 +329,67 @@ def test_a_stream_over_its_images_in_flight_gets_429_before_the_stream_starts(ke
     r = client.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {raw}"})
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["message"] == "images in flight limit: 1 for key 'alice' (1 generating, 1 asked)"
+
+
+def test_a_keys_weight_reaches_the_denoisers_fair_queue_and_an_admin_change_follows(keyed):
+    client, ingress, clock = keyed
+    raw = create_key(client, "alice", weight=3.0)
+    headers = {"Authorization": f"Bearer {raw}"}
+    assert client.post("/v1/generate", json={**GENERATE, "user": "bob"}, headers=headers).status_code == 200
+    assert client.post("/v1/jobs", json=GENERATE, headers=headers).status_code == 202
+    plans = [ingress.graph.plans[-1], ingress.jobs.submitted[-1]]
+    assert [(p.tenant, p.tenant_weight, p.denoise_params().tenant_weight) for p in plans] == [
+        ("key:alice", 3.0, 3.0)
+    ] * 2
+    assert client.patch("/v1/admin/keys/alice", json={"weight": 0.5}, headers=ADMIN).json()["weight"] == 0.5
+    clock.now += 5.0
+    assert client.post("/v1/generate", json=GENERATE, headers=headers).status_code == 200
+    assert ingress.graph.plans[-1].denoise_params().tenant_weight == 0.5
+
+
+def test_without_keys_the_plan_carries_no_weight(tmp_path, cache_dir, monkeypatch):
+    client, ingress = make_ingress(app_config(tmp_path, cache_dir), monkeypatch)
+    assert client.post("/v1/generate", json={**GENERATE, "user": "ann"}).status_code == 200
+    assert ingress.graph.plans[-1].denoise_params().tenant_weight is None  # denoiser.tenant_weights decides
+
+
+def test_fair_queue_takes_a_weight_with_a_push():
+    from deployments.engine.fair_queue import FairQueue
+
+    q = FairQueue({"key:b": 1.0})
+    for k in range(4):
+        q.push("key:a", f"a{k}", cost=1.0, weight=3.0)  # the key's weight beats the config's default
+        q.push("key:b", f"b{k}", cost=1.0)
+    assert q.weight("key:a") == 3.0
+    # Finish times a: 1/3, 2/3, 1, 4/3; b: 1, 2, ... (ties by arrival): 3 of a's for each of b's (weight 1: a0 b0 a1 b1)
+    assert [q.pop() for _ in range(5)] == ["a0", "a1", "b0", "a2", "a3"]
+    with pytest.raises(ValueError, match="tenant weight must be > 0"):
+        q.push("key:a", "x", cost=1.0, weight=0.0)
+
+
+def test_a_cancelled_run_releases_its_images():
+    """A client that goes away: Serve cancels the route's task, and the run's images are released."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from graph.auth import GatedGraph
+
+    gate = TenantGate(AuthConfig(default_quota=QuotaConfig(max_images_in_flight=4)), None)
+    started = asyncio.Event()
+
+    class Blocked:
+        async def run(self, plan, **_):
+            started.set()
+            await asyncio.Event().wait()  # never answers
+
+    async def scenario():
+        graph = GatedGraph(Blocked(), gate)
+        task = asyncio.create_task(graph.run(SimpleNamespace(tenant="user:ann", num_images=3)))
+        await started.wait()
+        assert gate.in_flight == {"user:ann": 3}
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.in_flight == {}
+
+    asyncio.run(scenario())

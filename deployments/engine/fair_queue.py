@@ -54,9 +54,15 @@ class FairQueue(Generic[T]):
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, self.default_weight)
 
-    def push(self, tenant: str, item: T, cost: float) -> None:
+    def push(self, tenant: str, item: T, cost: float, weight: float | None = None) -> None:
+        """Queue ``item`` for ``tenant``. ``weight``: the tenant's weight from now on (a tenant key's, which an
+        admin may change at run time); None: as before (the configured weights, else the default)."""
         if cost <= 0:
             raise ValueError(f"cost must be > 0, got {cost}")
+        if weight is not None:
+            if weight <= 0:
+                raise ValueError(f"tenant weight must be > 0, got {weight} for {tenant!r}")
+            self.weights[tenant] = weight
         start = max(self.virtual_time, self._last_finish.get(tenant, 0.0))
         finish = start + cost / self.weight(tenant)
         self._last_finish[tenant] = finish
