@@ -404,6 +404,9 @@ def test_pydantic_errors_use_the_same_spelling(body, status, code, field, messag
     errors.install(app)
     handler = app.exception_handlers[RequestValidationError]
     exc = RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.value.errors()])
-    error = json.loads(asyncio.run(handler(None, exc)).body)["error"]
+    from starlette.requests import Request
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/generate", "root_path": "", "headers": []})
+    error = json.loads(asyncio.run(handler(request, exc)).body)["error"]
     assert (error["code"], error["field"]) == (code, field)
     assert error["message"].startswith(message or f"{field} is required")
