@@ -6,11 +6,14 @@ base result; weights that do not fit the UNet fail at load with one line naming 
 from __future__ import annotations
 
 import dataclasses
+import types
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from deployments.engine.batch_invariance import make_batch_invariant
+from deployments.engine.batch_invariance import _linear_forward, invariant_attention, make_batch_invariant
 from deployments.engine.builtin import IP_ADAPTER_FILES, save_ip_adapter_file, write_builtin_ip_adapter
 from deployments.engine.ip_adapter import (
     IPAdapterError,
@@ -95,25 +98,50 @@ def run_latents(engine, requests) -> torch.Tensor:
     return torch.cat([j.x_t for j in jobs])
 
 
-def reference_latents(
-    tiny,
-    ip_dir,
-    image_encoder,
-    prompt,
-    image=None,
-    *,
-    scale=1.0,
-    variant="plain",
-    seed=0,
-    guidance_scale=7.5,
-    lora=None,
-):
-    """diffusers alone: ``StableDiffusionPipeline`` + ``load_ip_adapter`` (from the builtin's files) +
-    ``set_ip_adapter_scale``, the same UNet weights (batch-invariant kernels, as the engine's)."""
+class _InvariantF:
+    """``torch.nn.functional`` for diffusers' attention processors, with ``scaled_dot_product_attention`` through the
+    engine's batch-invariant kernel (the same function; the rounding of the engine's deterministic mode)."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False):
+        assert dropout_p == 0.0 and not is_causal
+        return invariant_attention(query, key, value, attn_mask)
+
+
+class InvariantIPAdapter:
+    """Run diffusers' own ``IPAdapterAttnProcessor2_0`` on the engine's batch-invariant kernels, as the LoRA tests
+    give peft's layers those kernels: its ``to_k_ip``/``to_v_ip`` linears and its attention calls. Its arithmetic
+    is unchanged; only last-bit rounding (which guidance amplifies) then matches the engine's."""
+
+    def __init__(self, pipe):
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+        for proc in pipe.unet.attn_processors.values():
+            if isinstance(proc, IPAdapterAttnProcessor2_0):
+                for linear in [*proc.to_k_ip, *proc.to_v_ip]:
+                    linear.forward = types.MethodType(_linear_forward, linear)
+
+    def __enter__(self):
+        from diffusers.models import attention_processor
+
+        self._patch = mock.patch.object(attention_processor, "F", _InvariantF())
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.__exit__(*exc)
+
+
+def reference_pipe(tiny, ip_dir, image_encoder, *, image, scale, variant="plain", lora=None, cls=None):
+    """diffusers alone: ``StableDiffusionPipeline`` (or ``cls``) + ``load_ip_adapter`` (from the builtin's
+    files) + ``set_ip_adapter_scale``, the same UNet weights (batch-invariant kernels, as the engine's)."""
     from diffusers import StableDiffusionPipeline
 
     ref = Engine(tiny)
-    pipe = StableDiffusionPipeline(
+    pipe = (cls or StableDiffusionPipeline)(
         vae=ref.vae,
         text_encoder=ref.text_encoder,
         tokenizer=ref.tokenizer,
@@ -130,23 +158,40 @@ def reference_latents(
         pipe.load_lora_weights(str(file), adapter_name=name)
         pipe.set_adapters([name], adapter_weights=[weight])
         make_batch_invariant(pipe.unet)  # peft's layers get the engine's kernels (before the IP processors)
-    kwargs = {}
     if image is not None:
         pipe.load_ip_adapter(
             str(ip_dir), subfolder="", weight_name=IP_ADAPTER_FILES[variant], image_encoder_folder=None
         )
         pipe.set_ip_adapter_scale(scale)
-        kwargs["ip_adapter_image"] = image
-    return pipe(
-        prompt,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=STEPS,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-        **kwargs,
-    ).images
+    return pipe
+
+
+def reference_latents(
+    tiny,
+    ip_dir,
+    image_encoder,
+    prompt,
+    image=None,
+    *,
+    scale=1.0,
+    variant="plain",
+    seed=0,
+    guidance_scale=7.5,
+    lora=None,
+):
+    pipe = reference_pipe(tiny, ip_dir, image_encoder, image=image, scale=scale, variant=variant, lora=lora)
+    kwargs = {} if image is None else {"ip_adapter_image": image}
+    with InvariantIPAdapter(pipe):
+        return pipe(
+            prompt,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            **kwargs,
+        ).images
 
 
 @pytest.mark.parametrize("variant", ["plain", "plus"])
@@ -185,6 +230,49 @@ def test_mixed_batch_equals_diffusers_alone(tiny, tiny_dir, ip_dir, image_encode
         lora = None if w is None else ("style", lora_file, w)
         ref = reference_latents(tiny, ip_dir, image_encoder, p, image, scale=s, seed=seed, guidance_scale=g, lora=lora)
         assert (batched[i] - ref[0]).abs().max().item() <= 1e-4, cases[i][:2]
+
+
+def test_img2img_and_inpainting_rows_with_images(tiny, tiny_dir, ip_dir, image_encoder):
+    """img2img and inpainting (4-channel UNet: latent blending) rows with reference images, batched with a
+    text-to-image one, equal StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline with load_ip_adapter."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from test_inpaint_equivalence import conditioned_request, init_image, mask_image
+
+    engine = IPEngine(tiny, tiny_dir, ip_dir, "plain")
+    img_a, img_b = pixels(4), pixels(5)
+    emb_a, emb_b = (encode_image(image_encoder, x, hidden_states=False) for x in (img_a, img_b))
+    init, mask = init_image(1), mask_image()
+    common = dict(channels=4, scheduler="ddim", steps=4, strength=0.75)
+    requests = [
+        conditioned_request(engine, "a watercolor cat", image=init, mask=None, seed=1, **common),
+        conditioned_request(engine, "a watercolor cat", image=init, mask=mask, seed=2, **common),
+        engine.ip_request("a watercolor cat", emb_a, scale=0.8, seed=3),
+    ]
+    requests[0] = dataclasses.replace(requests[0], ip_adapter_embeds=emb_a[0][0], ip_adapter_scale=0.9)
+    requests[1] = dataclasses.replace(requests[1], ip_adapter_embeds=emb_b[0][0], ip_adapter_scale=STYLE_ONLY)
+    batched = run_latents(engine, requests)
+    refs = []
+    for cls, ref_image, scale, seed, extra in [
+        (StableDiffusionImg2ImgPipeline, img_a, 0.9, 1, {}),
+        (StableDiffusionInpaintPipeline, img_b, STYLE_ONLY, 2, {"mask_image": mask, "height": SIZE, "width": SIZE}),
+    ]:
+        pipe = reference_pipe(tiny, ip_dir, image_encoder, image=ref_image, scale=scale, cls=cls)
+        with InvariantIPAdapter(pipe):
+            ref = pipe(
+                "a watercolor cat",
+                image=init,
+                strength=0.75,
+                num_inference_steps=4,
+                guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(seed),
+                ip_adapter_image=ref_image,
+                output_type="latent",
+                **extra,
+            ).images
+        refs.append(ref)
+    refs.append(reference_latents(tiny, ip_dir, image_encoder, "a watercolor cat", img_a, scale=0.8, seed=3))
+    for i, ref in enumerate(refs):
+        assert (batched[i] - ref[0]).abs().max().item() <= 1e-4, i
 
 
 def test_rows_without_image_are_exactly_the_base(tiny, tiny_dir, ip_dir, image_encoder):

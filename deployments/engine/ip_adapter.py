@@ -31,9 +31,9 @@ Per row, unlike diffusers (one image and one scale for the whole batch):
   diffusers' own ``_maybe_expand_lora_scales`` (unnamed blocks: 0). A layer at scale 0 adds
   ``0 * term`` for an image row (diffusers skips it: equal values).
 
-The image tokens of a request are projected once, at admission (``IPAdapterModel.project``), one
-embedding per call so that a row's tokens never depend on its batch-mates; with classifier-free
-guidance the negative row reads the negative embeddings: zeros for the plain variant, the encoding
+The image tokens of a request are projected once, at admission (``IPAdapterModel.prepare``), as the
+pipeline projects them (negative and image together), so a row's tokens never depend on its batch-mates;
+with classifier-free guidance the negative row reads the negative embeddings: zeros for the plain variant, the encoding
 of an all-zero image for "plus" (``StableDiffusionPipeline.encode_image``), as ``encode_image`` here
 returns them.
 """
@@ -402,29 +402,35 @@ class IPAdapterModel:
 
     @torch.inference_mode()
     def project(self, embeds: torch.Tensor) -> torch.Tensor:
-        """One image's embeddings through the projection: ``[T, cross_attention_dim]``."""
-        return self.weights.projection(embeds.to(self.device, self.dtype)[None])[0]
+        """Images' embeddings ``[n, dim]`` / ``[n, tokens, dim]`` through the projection: ``[n, T, cross_dim]``."""
+        return self.weights.projection(embeds.to(self.device, self.dtype))
 
     def prepare(
         self, embeds: torch.Tensor, negative: torch.Tensor | None, rows: int, negative_rows: int, scale
     ) -> RowImage:
         """A job's ``RowImage``: its first ``negative_rows`` rows read ``negative`` (None: zeros, as
-        diffusers' plain ``encode_image``), the others ``embeds``."""
+        diffusers' plain ``encode_image``), the others ``embeds``.
+
+        Projected as ``StableDiffusionPipeline`` projects them (``MultiIPAdapterImageProjection``): with
+        guidance, ``[negative, image]`` in one call, else the image alone; a job's tokens depend on it alone.
+        """
         self.check_embeds(embeds)
-        if negative is None:
-            if self.variant == PLUS and negative_rows:
+        if negative_rows and negative is None:
+            if self.variant == PLUS:
                 raise ValueError("negative_ip_adapter_embeds is required with guidance for a plus IP-Adapter")
             negative = torch.zeros_like(embeds)
-        elif negative_rows:
-            self.check_embeds(negative, "negative_ip_adapter_embeds")
-            if negative.shape != embeds.shape:
-                raise ValueError(
-                    f"negative_ip_adapter_embeds {list(negative.shape)} must have the shape of "
-                    f"ip_adapter_embeds {list(embeds.shape)}"
-                )
-        pos = self.project(embeds)
-        parts = [self.project(negative)] * negative_rows + [pos] * (rows - negative_rows)
-        return RowImage(tokens=torch.stack(parts), scales=self.layer_scales(scale))
+        if not negative_rows:
+            (pos,) = self.project(embeds[None])
+            return RowImage(tokens=torch.stack([pos] * rows), scales=self.layer_scales(scale))
+        self.check_embeds(negative, "negative_ip_adapter_embeds")
+        if negative.shape != embeds.shape:
+            raise ValueError(
+                f"negative_ip_adapter_embeds {list(negative.shape)} must have the shape of "
+                f"ip_adapter_embeds {list(embeds.shape)}"
+            )
+        neg, pos = self.project(torch.stack([negative.to(embeds.device, embeds.dtype), embeds]))
+        tokens = torch.stack([neg] * negative_rows + [pos] * (rows - negative_rows))
+        return RowImage(tokens=tokens, scales=self.layer_scales(scale))
 
     # -- per forward --------------------------------------------------------------------------------
 
