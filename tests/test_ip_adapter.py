@@ -372,3 +372,41 @@ def test_builtin_ip_adapter_is_deterministic_and_cached(ip_dir, cache_dir, tmp_p
     assert resolve_ip_adapter_dir("builtin:tiny-sd", cache_dir) == ip_dir
     with pytest.raises(IPAdapterError, match="no such directory"):
         resolve_ip_adapter_dir(str(tmp_path / "nope"))
+
+
+def test_sdxl_alone_equals_diffusers(tiny_sdxl, cache_dir):
+    """``builtin:tiny-sdxl``'s IP-Adapter: the engine equals StableDiffusionXLPipeline + load_ip_adapter."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from engine_helpers import SDXLEngine
+
+    ip_dir = resolve_ip_adapter_dir("builtin:tiny-sdxl", cache_dir)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(ip_dir / "image_encoder").eval()
+    engine = SDXLEngine(tiny_sdxl)
+    ip = IPAdapterModel(engine.unet, IPAdapterWeights.from_file(ip_dir / IP_ADAPTER_FILES["plain"], engine.unet))
+    ip.install()
+    engine.steps.ip_adapter = ip
+    image = pixels(6)
+    pos, neg = encode_image(encoder, image, hidden_states=False)
+    request = engine.request("a lighthouse", steps=STEPS, seed=5)
+    request = dataclasses.replace(request, ip_adapter_embeds=pos[0], negative_ip_adapter_embeds=neg[0])
+    ours = engine.run_latents([dataclasses.replace(request, ip_adapter_scale=0.8)])
+    ref_engine = SDXLEngine(tiny_sdxl)
+    base = ref_engine.reference_latents("a lighthouse", steps=STEPS, seed=5)  # before load_ip_adapter
+    pipe = ref_engine.pipeline()
+    pipe.register_modules(image_encoder=encoder)
+    pipe.load_ip_adapter(str(ip_dir), subfolder="", weight_name=IP_ADAPTER_FILES["plain"], image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.8)
+    with InvariantIPAdapter(pipe):
+        ref = pipe(
+            "a lighthouse",
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=6.0,
+            generator=torch.Generator().manual_seed(5),
+            ip_adapter_image=image,
+            output_type="latent",
+        ).images
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (ref - base).abs().max().item() > 1e-2
