@@ -62,6 +62,7 @@ class EncodeRequest:
     # no schedule (that syntax is text; weights and BREAK still apply).
     steps: int | None = None
     tenant: str = "anonymous"  # whose request: the fair order of the TextEncoder's batches
+    tenant_weight: float | None = None  # its key's weight (graph/auth.py); None: denoiser.tenant_weights, else 1
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ class DecodeParams:
     output_format: str  # "png", "jpeg" or "webp" (engine/images.py)
     overlay: Overlay | None = None
     tenant: str = "anonymous"  # whose request: the fair order of the VAE's batches
+    tenant_weight: float | None = None  # its key's weight (graph/auth.py); None: denoiser.tenant_weights, else 1
 
 
 @dataclass(frozen=True)

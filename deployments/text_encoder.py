@@ -100,7 +100,7 @@ class TextEncoder:
                 if request.steps is not None:
                     plan = plan_prompts(request.prompt, request.negative_prompt, request.steps)
                 item = (request.prompt, request.negative_prompt, text, text_2, plan)
-                out = await self.batcher.submit(request.tenant, item)
+                out = await self.batcher.submit(request.tenant, item, weight=request.tenant_weight)
             finally:
                 if refs_2:
                     self.adapters_2.release(refs_2)

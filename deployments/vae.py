@@ -39,11 +39,13 @@ class VAE:
             self._decode_batch, config.max_batch_size, config.batch_wait_timeout_s, tenant_weights
         )
 
-    async def encode(self, conditioning: ConditioningInput, tenant: str = "anonymous") -> list[ImageConditioning]:
+    async def encode(
+        self, conditioning: ConditioningInput, tenant: str = "anonymous", tenant_weight: float | None = None
+    ) -> list[ImageConditioning]:
         """img2img / inpainting: VAE-encode a request's image (and masked image) and draw each output
         image's noise, as diffusers' pipelines do (``engine/conditioning.py``); one entry per seed.
-        ``tenant``: whose request it is (the batch's fair order)."""
-        return await self.encoder.submit(tenant, conditioning)
+        ``tenant``: whose request it is (the batch's fair order); ``tenant_weight``: its key's weight, if any."""
+        return await self.encoder.submit(tenant, conditioning, weight=tenant_weight)
 
     async def _encode_batch(self, inputs: list[ConditioningInput]) -> list[list[ImageConditioning]]:
         self.encoded_images += len(inputs)
@@ -64,7 +66,9 @@ class VAE:
         """
         start = time.perf_counter()
         # [n, 3, H, W] in [0, 1]; a request's cost in the fair order is its number of images
-        images = await self.decoder.submit(params.tenant, denoised.latents, cost=denoised.latents.shape[0])
+        images = await self.decoder.submit(
+            params.tenant, denoised.latents, cost=denoised.latents.shape[0], weight=params.tenant_weight
+        )
         pixels = to_uint8(images)  # [n, H, W, 3]
         if params.overlay is not None:
             pixels = [overlay_unmasked(params.overlay.original, p, params.overlay.mask) for p in pixels]

@@ -159,7 +159,7 @@ class GraphClient:
         conditioning = None
         if plan.conditioning is not None:
             # img2img / inpainting: the VAE encodes the image beside the prompt encoding.
-            conditioning = self.vae.encode.remote(plan.conditioning, plan.tenant)
+            conditioning = self.vae.encode.remote(plan.conditioning, plan.tenant, plan.tenant_weight)
             inflight.append(conditioning)
         # The Denoiser's router (deployments/routing.py) prefers replicas that hold the adapters.
         denoiser = self.denoiser

@@ -69,7 +69,13 @@ class Plan:
         adapters = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters)
         adapters_2 = tuple(AdapterUse(ref, float(w)) for ref, w in self.text_adapters_2)
         return EncodeRequest(
-            self.prompt, self.negative_prompt, adapters, adapters_2, steps=self.steps, tenant=self.tenant
+            self.prompt,
+            self.negative_prompt,
+            adapters,
+            adapters_2,
+            steps=self.steps,
+            tenant=self.tenant,
+            tenant_weight=self.tenant_weight,
         )
 
     def denoise_params(self) -> DenoiseParams:
@@ -90,7 +96,7 @@ class Plan:
 
     def decode_params(self) -> DecodeParams:
         """What the VAE's decode gets besides the latents."""
-        return DecodeParams(self.output_format, self.overlay, tenant=self.tenant)
+        return DecodeParams(self.output_format, self.overlay, tenant=self.tenant, tenant_weight=self.tenant_weight)
 
 
 def _is_int(value) -> bool:

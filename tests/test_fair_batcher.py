@@ -294,10 +294,9 @@ def test_bad_settings_name_the_field():
 def test_every_stage_call_carries_the_plans_tenant():
     from conftest import make_plan
 
-    plan = make_plan(tenant="user:ann")
-    assert plan.encode_request().tenant == "user:ann"
-    assert plan.denoise_params().tenant == "user:ann"
-    assert plan.decode_params().tenant == "user:ann"
+    plan = make_plan(tenant="key:ann", tenant_weight=3.0)
+    for params in (plan.encode_request(), plan.denoise_params(), plan.decode_params()):
+        assert (params.tenant, params.tenant_weight) == ("key:ann", 3.0)
 
 
 def test_batches_do_not_run_in_the_first_callers_context():
@@ -320,5 +319,25 @@ def test_batches_do_not_run_in_the_first_callers_context():
 
         assert await asyncio.gather(caller("req-1", "a"), caller("req-2", "b")) == ["a", "b"]
         assert seen == [None, None]
+
+    asyncio.run(main())
+
+
+def test_a_tenant_keys_weight_sent_with_the_item_applies_from_then_on():
+    async def main():
+        stage = Stage()
+        batcher = FairBatcher(stage, max_batch_size=3, batch_wait_timeout_s=0, tenant_weights={"gold": 1.0})
+        blocker = submit(batcher, "other", "x")
+        await settle()
+        # The server sends a key's weight (its record's; an admin may change it): 2 for gold, as configured 2:1.
+        tasks = [asyncio.create_task(batcher.submit("gold", f"g{i}", weight=2.0)) for i in range(6)]
+        tasks += [submit(batcher, "free", f"f{i}") for i in range(3)]
+        await settle()
+        stage.hold = False
+        stage.release()
+        await asyncio.gather(blocker, *tasks)
+        assert stage.batches[1:] == [["g0", "g1", "f0"], ["g2", "g3", "f1"], ["g4", "g5", "f2"]]
+        with pytest.raises(ValueError, match="tenant weight must be > 0, got 0"):
+            await batcher.submit("gold", "g", weight=0)
 
     asyncio.run(main())

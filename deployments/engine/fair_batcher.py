@@ -71,11 +71,15 @@ class FairBatcher(Generic[I, R]):
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
-    async def submit(self, tenant: str, item: I, cost: float = 1.0) -> R:
-        """Wait for ``item``'s turn in a batch and return its result (or raise its error)."""
+    async def submit(self, tenant: str, item: I, cost: float = 1.0, weight: float | None = None) -> R:
+        """Wait for ``item``'s turn in a batch and return its result (or raise its error).
+
+        ``weight``: the tenant's weight from now on (a tenant key's, set by the server, which an admin may
+        change at run time); None: as configured (``tenant_weights``, else 1).
+        """
         self._start()
         entry = _Waiting(tenant, item, asyncio.get_running_loop().create_future())
-        self.waiting.push(tenant, entry, cost)
+        self.waiting.push(tenant, entry, cost, weight)
         self._arrived.set()
         try:
             return await asyncio.shield(entry.future)
