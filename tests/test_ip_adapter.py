@@ -410,3 +410,22 @@ def test_sdxl_alone_equals_diffusers(tiny_sdxl, cache_dir):
         ).images
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (ref - base).abs().max().item() > 1e-2
+
+
+def test_ticks_with_image_rows_bypass_captured_graphs(tiny, tiny_dir, ip_dir, image_encoder):
+    """A captured CUDA graph knows no image rows (``IPAdapterBuffers.n`` is read on the host): such ticks run eager."""
+
+    class Graphs:
+        calls = 0
+
+        def forward(self, *args):
+            Graphs.calls += 1
+            return engine.unet(args[0], args[1], encoder_hidden_states=args[2], return_dict=False)[0]
+
+    engine = IPEngine(tiny, tiny_dir, ip_dir, "plain")
+    engine.steps.step_graphs = Graphs()
+    emb = encode_image(image_encoder, pixels(1), hidden_states=False)
+    run_latents(engine, [engine.ip_request("a cat", emb)])
+    assert Graphs.calls == 0
+    run_latents(engine, [engine.ip_request("a cat")])
+    assert Graphs.calls == STEPS

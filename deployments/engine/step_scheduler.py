@@ -833,10 +833,11 @@ class StepScheduler:
                 j.error = NonFiniteLatentsError(names, len(j.timesteps))
 
     def forward_unet(
-        self, x_in: torch.Tensor, t_in: torch.Tensor, context: torch.Tensor, added: dict | None, rows
+        self, x_in: torch.Tensor, t_in: torch.Tensor, context: torch.Tensor, added: dict | None, rows, eager=False
     ) -> torch.Tensor:
-        """The UNet's noise prediction for a tick's rows; ``rows``: each row's adapters (None: none at all)."""
-        if self.step_graphs is not None:
+        """The UNet's noise prediction for a tick's rows; ``rows``: each row's adapters (None: none at all).
+        ``eager``: never through ``step_graphs`` (a tick with IP-Adapter image rows: no captured graph has them)."""
+        if self.step_graphs is not None and not eager:
             return self.step_graphs.forward(x_in, t_in, context, added, rows)
         kwargs: dict = {"encoder_hidden_states": context, "return_dict": False}
         if added is not None:
@@ -886,7 +887,7 @@ class StepScheduler:
             starts = itertools.accumulate([j.rows for j in jobs], initial=0)
             images = [(start, j.ip_image) for start, j in zip(starts, jobs, strict=False) if j.ip_image is not None]
             with self.ip_adapter.routed(images):
-                eps_all = self.forward_unet(x_in, t_in, context, added, rows)
+                eps_all = self.forward_unet(x_in, t_in, context, added, rows, eager=bool(images))
         else:
             eps_all = self.forward_unet(x_in, t_in, context, added, rows)
         guided: list[torch.Tensor] = []
