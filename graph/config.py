@@ -411,7 +411,10 @@ class AuthConfig(StrictConfig):
     )
     quotas: dict[str, QuotaConfig] = Field(
         default_factory=dict,
-        description="Per-tenant overrides of default_quota by key name; a key's own stored quota wins over these.",
+        description=(
+            "Per-tenant overrides of default_quota, by key name (keys required) or tenant id (`user:ann`, "
+            "`addr:10.0.0.7`); a key's own stored quota wins over these."
+        ),
     )
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="How long an ingress trusts a key record it read before reading it again (revocations)."

@@ -80,6 +80,16 @@ def test_keys_401_429_in_flight_revocation_and_metrics(auth_app, cluster):
     )  # fmt: skip
     assert r.status_code == 200 and len(r.json()["images"]) == 1
 
+    # The official OpenAI client sends its api_key as the bearer key.
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key=alice, max_retries=0)
+    answer = client.images.generate(prompt="p", size="64x64", extra_body={"steps": 2})
+    assert len(answer.data) == 1 and answer.data[0].b64_json
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=url + "/v1", api_key="lf_made-up", max_retries=0).images.generate(prompt="p")
+    assert e.value.status_code == 401 and e.value.body["message"] == "unknown API key"
+
     # Over the rate: 429 with Retry-After and the limit named; not a 503.
     slow = new_key(url, "slow", quota={"rate_per_s": 0.001, "burst": 2})
     codes = [requests.post(url + "/v1/generate", json=QUICK, headers=bearer(slow), timeout=120) for _ in range(3)]
