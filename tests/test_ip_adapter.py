@@ -429,3 +429,16 @@ def test_ticks_with_image_rows_bypass_captured_graphs(tiny, tiny_dir, ip_dir, im
     assert Graphs.calls == 0
     run_latents(engine, [engine.ip_request("a cat")])
     assert Graphs.calls == STEPS
+
+
+def test_plus_mixed_batch_equals_diffusers_alone(tiny, tiny_dir, ip_dir, image_encoder):
+    """The "plus" variant (penultimate hidden states through the resampler; a zero image's for the negative row)."""
+    engine = IPEngine(tiny, tiny_dir, ip_dir, "plus")
+    img_a, img_b = pixels(7), pixels(8)
+    emb_a, emb_b = (encode_image(image_encoder, x, hidden_states=True) for x in (img_a, img_b))
+    assert emb_a[0].shape == (1, 17, 32) and emb_a[1].abs().max().item() > 0  # 16 patches + CLS; not zeros
+    cases = [("a cat", img_a, emb_a, 0.5, 1), ("a cat", None, None, None, 2), ("a dog", img_b, emb_b, STYLE_ONLY, 3)]
+    batched = run_latents(engine, [engine.ip_request(p, e, scale=s, seed=seed) for p, _, e, s, seed in cases])
+    for i, (p, image, _, s, seed) in enumerate(cases):
+        ref = reference_latents(tiny, ip_dir, image_encoder, p, image, scale=s, variant="plus", seed=seed)
+        assert (batched[i] - ref[0]).abs().max().item() <= 1e-4, cases[i][:2]
