@@ -317,6 +317,9 @@ def test_bad_requests_fail_at_submit(tiny, tiny_dir, ip_dir, image_encoder):
         ValueError, match=r"ip_adapter_embeds is \[7\]; this plain IP-Adapter reads \[dim\] with dim 48"
     ):
         engine.steps.submit([wrong])
+    engine.steps.ip_adapter = IPAdapterModel(engine.unet, engine.ip.weights, max_rows=4)
+    with pytest.raises(ValueError, match="the IP-Adapter's buffers hold 4 rows; max_rows_per_tick is 16"):
+        engine.steps.submit([request])
     assert engine.steps.idle
 
 

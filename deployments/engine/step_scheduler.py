@@ -360,6 +360,11 @@ class StepScheduler:
             return None
         if self.ip_adapter is None:
             raise ValueError("ip_adapter_embeds given but this model is served without IP-Adapter weights")
+        if self.ip_adapter.buffers.max_rows < self.max_rows_per_tick:  # a wiring error, before any forward
+            raise ValueError(
+                f"the IP-Adapter's buffers hold {self.ip_adapter.buffers.max_rows} rows; "
+                f"max_rows_per_tick is {self.max_rows_per_tick}"
+            )
         positive = len(request.prompt_schedule.parts) if request.prompt_schedule is not None else 1
         return self.ip_adapter.prepare(
             request.ip_adapter_embeds,
