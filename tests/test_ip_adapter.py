@@ -445,3 +445,23 @@ def test_plus_mixed_batch_equals_diffusers_alone(tiny, tiny_dir, ip_dir, image_e
     for i, (p, image, _, s, seed) in enumerate(cases):
         ref = reference_latents(tiny, ip_dir, image_encoder, p, image, scale=s, variant="plus", seed=seed)
         assert (batched[i] - ref[0]).abs().max().item() <= 1e-4, cases[i][:2]
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_encode_image_equals_the_pipelines(tiny, ip_dir, image_encoder, plus):
+    """PIL images through a CLIPImageProcessor: what StableDiffusionPipeline.encode_image makes of them."""
+    from PIL import Image
+    from test_inpaint_equivalence import init_image
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    images = [init_image(3), Image.new("RGB", (48, 40), (200, 30, 90))]
+    ours = encode_image(image_encoder, images, hidden_states=plus, feature_extractor=processor)
+    pipe = reference_pipe(tiny, ip_dir, image_encoder, image=None, scale=None)
+    pipe.register_modules(feature_extractor=processor)
+    theirs = pipe.encode_image(images, torch.device("cpu"), 1, plus)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0][0], ours[0][1])
+    with pytest.raises(ValueError, match="needs pixel values, or PIL images and a feature_extractor"):
+        encode_image(image_encoder, images, hidden_states=plus)
