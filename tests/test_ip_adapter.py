@@ -465,3 +465,25 @@ def test_encode_image_equals_the_pipelines(tiny, ip_dir, image_encoder, plus):
     assert not torch.equal(ours[0][0], ours[0][1])
     with pytest.raises(ValueError, match="needs pixel values, or PIL images and a feature_extractor"):
         encode_image(image_encoder, images, hidden_states=plus)
+
+
+def test_and_parts_all_read_the_image(tiny, tiny_dir, ip_dir, image_encoder):
+    """A1111's AND: the negative row reads the negative embeddings, every part's row the image's."""
+    from deployments.engine.prompt_syntax import plan_prompts
+    from deployments.engine.prompts import encode_prompt_schedules
+
+    engine = IPEngine(tiny, tiny_dir, ip_dir, "plain")
+    (schedule,) = encode_prompt_schedules([engine.prompts], [plan_prompts("a cat AND a [red:blue:1] dog", "", STEPS)])
+    pos, neg = encode_image(image_encoder, pixels(9), hidden_states=False)
+    request = dataclasses.replace(
+        engine.ip_request("a cat"), prompt_schedule=schedule, ip_adapter_embeds=pos[0], ip_adapter_scale=0.7
+    )
+    (job,) = engine.steps.submit([request])
+    tokens = job.ip_image.tokens
+    projected = engine.ip.project(torch.stack([neg[0], pos[0]]))
+    assert job.rows == 3 and tokens.shape == (3, 4, 64)
+    assert torch.equal(tokens[0], projected[0]) and torch.equal(tokens[1], projected[1])
+    assert torch.equal(tokens[2], projected[1])
+    while not engine.steps.idle:
+        engine.steps.tick()
+    assert job.error is None and torch.isfinite(job.x_t).all()
