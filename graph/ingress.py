@@ -235,12 +235,15 @@ class Ingress:
         """Tenant keys in the registry's store (``lora_registry/keys.py``), opened on first use."""
         return key_store(self.config.registry)
 
-    def tenant(self, request: Request, user: str | None = None) -> str:
+    async def tenant(self, request: Request, user: str | None = None) -> str:
         """Who a generation is from (401 without a valid key when keys are required, 429 over the rate):
-        the one check every generation route makes, before planning."""
-        if self.gate.keys is None and self.config.auth.require_keys:
+        the one check every generation route makes, before planning. With keys, in a thread: it may read
+        the key's record from the store."""
+        if not self.config.auth.require_keys:
+            return self.gate.tenant(request, user).id
+        if self.gate.keys is None:
             self.gate.keys = self.keys
-        return self.gate.tenant(request, user).id
+        return (await asyncio.to_thread(self.gate.tenant, request, user)).id
 
     @property
     def resolver(self):
@@ -284,7 +287,7 @@ class Ingress:
     async def native(self, body: GenerateRequest, request: Request):
         """A native generation route: the body's names are the canonical ones."""
         raw = raw_format(request.headers.get("accept", ""))
-        plan = await self.check_inputs(native_input(body, self.tenant(request, body.user), raw), http=request)
+        plan = await self.check_inputs(native_input(body, await self.tenant(request, body.user), raw), http=request)
         return self.generated(plan, await self.graph.run(plan), raw, admin=self.auth.is_admin(request.headers))
 
     async def check_inputs(
@@ -346,7 +349,7 @@ class Ingress:
         ``model`` may name an adapter: ``"tiny-sd:watercolor"`` or ``"tiny-sd:watercolor@2"``.
         """
         how = openai_images.delivery(body, openai_images.GENERATION)
-        tenant = self.tenant(request, body.safety_identifier or body.user)
+        tenant = await self.tenant(request, body.safety_identifier or body.user)
         plan = await self.check_inputs(*openai_images.to_input(body, tenant), http=request)
         return await self.openai_answer(plan, how, request)
 
@@ -362,7 +365,7 @@ class Ingress:
         transparent part. ``strength`` (lorafleet's): 0.75 by default, 1.0 with a mask."""
         form, image, mask = await openai_images.read_edit(request, self.config.limits.max_image_bytes)
         how = openai_images.delivery(form, openai_images.EDIT)
-        tenant = self.tenant(request, form.safety_identifier or form.user)
+        tenant = await self.tenant(request, form.safety_identifier or form.user)
         edit = await asyncio.to_thread(openai_images.edit_input, form, image, mask, tenant, self.config.limits)
         plan = await self.check_inputs(*edit, http=request)
         return await self.openai_answer(plan, how, request)
@@ -560,7 +563,7 @@ class Ingress:
         front, caller = self.a1111_front, caller_of(request)
         served = self.model_for(front.model_for(body, caller), request)
         samplers = a1111.sampler_table(served.info.scheduler_class)
-        call = translate(body, served.limits, samplers, self.tenant(request))
+        call = translate(body, served.limits, samplers, await self.tenant(request))
         call = front.native_call(call, served.name, caller)
         plan = await self.check_inputs(call.request, call.names)
         outcome = await front.generate(caller, call.mode, plan.steps, functools.partial(self.graph.run, plan))
@@ -711,7 +714,7 @@ class Ingress:
                 problem = "needs a signing secret on the server (jobs.webhook_secret or $LORAFLEET_WEBHOOK_SECRET)"
             if problem is not None:
                 raise APIError(422, "invalid_value", f"webhook_url {problem}", "webhook_url")
-        plan = await self.check_inputs(native_input(body, self.tenant(request, body.user)), http=request)
+        plan = await self.check_inputs(native_input(body, await self.tenant(request, body.user)), http=request)
         tenant = self.gate.admitted(plan.tenant)
         self.gate.hold(tenant, plan.num_images)  # released when the job ends, however it ends
         try:

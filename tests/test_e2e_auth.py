@@ -119,12 +119,15 @@ def test_keys_401_429_in_flight_revocation_and_metrics(auth_app, cluster):
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
 
     # The tenant's 429 in Prometheus, by its name; never a key.
-    after = wait_for(
-        cluster,
-        lambda f: total(f, "ray_lorafleet_tenant_requests", "_total", tenant="key:slow", outcome="rate_limited") >= 1,
-    )
-    assert total(after, "ray_lorafleet_tenant_requests", "_total", tenant="key:one", outcome="in_flight_limited") >= 1
-    assert total(after, "ray_lorafleet_tenant_images", "_total", tenant="key:alice") >= 1
+    def counted(f) -> bool:  # each counter as it was exported (every second): wait for all three
+        return (
+            total(f, "ray_lorafleet_tenant_requests", "_total", tenant="key:slow", outcome="rate_limited") >= 1
+            and total(f, "ray_lorafleet_tenant_requests", "_total", tenant="key:one", outcome="in_flight_limited") >= 1
+            and total(f, "ray_lorafleet_tenant_images", "_total", tenant="key:alice") >= 1
+        )
+
+    after = wait_for(cluster, counted)
+    assert total(after, "ray_lorafleet_tenant_requests", "_total", tenant="key:slow", outcome="rate_limited") == 1
     text = requests.get(cluster.metrics_url, timeout=30).text
     assert not [k for k in (alice, slow, one) if k in text or k[3:15] in text]
     assert scrape(cluster)  # still parses
