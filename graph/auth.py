@@ -14,11 +14,12 @@ Limits are per ingress replica (each replica keeps its own buckets and counters)
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -258,6 +259,23 @@ def release_when_done(jobs, job_id: str, release: Callable[[], None]) -> None:
     task = asyncio.get_running_loop().create_task(follow())
     _waiting.add(task)
     task.add_done_callback(_waiting.discard)
+
+
+async def held_job(gate: TenantGate, jobs, plan, create: Callable[[], Awaitable]):
+    """``create()`` a job (``job_routes.create``: its 202) with the plan's images held in flight for its tenant
+    until the job ends, however it ends. A tenant without an images-in-flight limit holds nothing (and no
+    Jobs call follows its job)."""
+    tenant = gate.admitted(plan.tenant)
+    if tenant.quota.max_images_in_flight is None:
+        return await create()
+    gate.hold(tenant, plan.num_images)
+    try:
+        created = await create()
+    except BaseException:
+        gate.release(tenant, plan.num_images)
+        raise
+    release_when_done(jobs, json.loads(created.body)["id"], lambda: gate.release(tenant, plan.num_images))
+    return created
 
 
 def key_store(registry: RegistryConfig) -> KeyStore:

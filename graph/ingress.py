@@ -11,7 +11,6 @@ import base64
 import dataclasses
 import functools
 import hashlib
-import json
 import time
 from collections.abc import AsyncIterable
 
@@ -31,7 +30,7 @@ from . import a1111, a1111_info, errors, job_routes, openai_images, page
 from .a1111_front import A1111Front
 from .a1111_options import caller_of
 from .adapters_api import AdminAuth
-from .auth import GatedGraph, KeyCreate, KeyUpdate, TenantGate, TenantMetrics, key_store, release_when_done
+from .auth import GatedGraph, KeyCreate, KeyUpdate, TenantGate, TenantMetrics, held_job, key_store
 from .chain import GraphClient, GraphRouter, ModelGraph, resolve
 from .config import AppConfig
 from .edge import EdgeLimits, EdgePolicy, SecurityHeaders
@@ -715,15 +714,10 @@ class Ingress:
             if problem is not None:
                 raise APIError(422, "invalid_value", f"webhook_url {problem}", "webhook_url")
         plan = await self.check_inputs(native_input(body, await self.tenant(request, body.user)), http=request)
-        tenant = self.gate.admitted(plan.tenant)
-        self.gate.hold(tenant, plan.num_images)  # released when the job ends, however it ends
-        try:
-            created = await job_routes.create(self.jobs, plan, body.webhook_url, request.scope.get("root_path", ""))
-        except BaseException:
-            self.gate.release(tenant, plan.num_images)
-            raise
-        release_when_done(self.jobs, json.loads(created.body)["id"], lambda: self.gate.release(tenant, plan.num_images))
-        return created
+        create = functools.partial(
+            job_routes.create, self.jobs, plan, body.webhook_url, request.scope.get("root_path", "")
+        )
+        return await held_job(self.gate, self.jobs, plan, create)
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):

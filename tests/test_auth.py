@@ -393,3 +393,58 @@ def test_a_cancelled_run_releases_its_images():
         assert gate.in_flight == {}
 
     asyncio.run(scenario())
+
+
+def test_a_job_holds_its_images_until_its_event_stream_ends():
+    import asyncio
+    from types import SimpleNamespace
+
+    from graph import auth
+    from graph.auth import held_job
+
+    class Stream:
+        def __init__(self, ended):
+            self.ended = ended
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await self.ended.wait()  # the job's last event: the stream ends
+            raise StopAsyncIteration
+
+        def cancel(self):
+            pass
+
+    class Jobs:
+        def __init__(self):
+            self.ended = asyncio.Event()
+            self.followed = []
+
+        def options(self, stream):
+            return self
+
+        @property
+        def events(self):
+            return SimpleNamespace(remote=lambda job_id, *_: self.followed.append(job_id) or Stream(self.ended))
+
+    async def created():
+        return SimpleNamespace(body=b'{"id": "j1"}')
+
+    async def scenario():
+        limited = TenantGate(AuthConfig(default_quota=QuotaConfig(max_images_in_flight=2)), None)
+        jobs = Jobs()
+        plan = SimpleNamespace(tenant="user:ann", num_images=2)
+        await held_job(limited, jobs, plan, created)
+        assert limited.in_flight == {"user:ann": 2}
+        with pytest.raises(APIError):
+            await held_job(limited, jobs, SimpleNamespace(tenant="user:ann", num_images=1), created)
+        jobs.ended.set()
+        await asyncio.gather(*auth._waiting)
+        assert limited.in_flight == {} and jobs.followed == ["j1"]
+
+        unlimited, other = TenantGate(AuthConfig(), None), Jobs()
+        await held_job(unlimited, other, plan, created)
+        assert unlimited.in_flight == {} and other.followed == [] and not auth._waiting
+
+    asyncio.run(scenario())
