@@ -290,7 +290,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
         return None, None
     w, sep, h = size.lower().partition("x")
     if not sep or not _is_ascii_number(w) or not _is_ascii_number(h):
-        raise APIError(422, "invalid_value", f'size must look like "512x512", got {size!r} (or "auto": the native size)', "size")
+        raise APIError(
+            422, "invalid_value", f'size must look like "512x512", got {size!r} (or "auto": the native size)', "size"
+        )
     return int(w), int(h)
 
 

@@ -212,17 +212,17 @@ def prompt_body(prompt_bytes: int, chunk: int = CHUNK):
 
 @pytest.fixture
 def tokenizer_calls(monkeypatch):
-    """How often the planner tokenized a prompt (graph.planning's tokenize_weighted)."""
+    """How often the planner tokenized a prompt (graph.planning's tokenize_chunks)."""
     from graph import planning
 
     calls = []
-    real = planning.tokenize_weighted
+    real = planning.tokenize_chunks
 
-    def counted(tokenizer, text):
+    def counted(tokenizer, text, *args, **kwargs):
         calls.append(len(text))
-        return real(tokenizer, text)
+        return real(tokenizer, text, *args, **kwargs)
 
-    monkeypatch.setattr(planning, "tokenize_weighted", counted)
+    monkeypatch.setattr(planning, "tokenize_chunks", counted)
     return calls
 
 
