@@ -83,7 +83,12 @@ def error_shape_problem(body: bytes | str | dict) -> str | None:
 
 
 def error_problem(error: dict) -> str | None:
-    """What is wrong with an ``error`` object (``{"code", "message", "field"}``), None if nothing."""
+    """What is wrong with an ``error`` object (``{"code", "message", "field"}``, or OpenAI's ``{"message",
+    "type", "param", "code"}`` on ``/v1/images/``), None if nothing."""
+    if set(error) == {"code", "message", "type", "param"}:
+        if not isinstance(error["type"], str) or not error["type"]:
+            return "type must be a non-empty string"
+        error = {"code": error["code"], "message": error["message"], "field": error["param"]}
     if set(error) != {"code", "message", "field"}:
         return f"error keys {sorted(error)}"
     code, message, fld = error["code"], error["message"], error["field"]

@@ -436,10 +436,13 @@ class HeldDenoiser:
         self.jobs = []
 
     def ticks_besides(self, after: dict, rows_besides: int) -> int:
-        """Ticks since the hold began that were not the holding jobs', given the other rows run meanwhile."""
+        """Ticks since the hold began that were not the holding jobs', given the other rows run meanwhile.
+
+        Each holding job runs ROWS / 2 rows a tick; ``release`` cancels them one after the other, so the last
+        tick of theirs may carry one job alone: their ticks are ceil(held rows / ROWS)."""
         held_rows = after["rows"] - self.before["rows"] - rows_besides
-        assert held_rows >= 0 and held_rows % self.ROWS == 0, (held_rows, self.before, after)
-        return after["ticks"] - self.before["ticks"] - held_rows // self.ROWS
+        assert held_rows >= 0 and held_rows % (self.ROWS // 2) == 0, (held_rows, self.before, after)
+        return after["ticks"] - self.before["ticks"] - -(-held_rows // self.ROWS)
 
     def __enter__(self) -> HeldDenoiser:
         return self

@@ -35,6 +35,8 @@ CLEAN = {"error": {"code": "overloaded", "message": "the server is at capacity; 
         (b"Internal Server Error", "not JSON"),
         ({"detail": "nope"}, 'not {"error": {...}}'),
         ({"error": {"code": "x", "message": "m"}}, "error keys ['code', 'message']"),
+        ({"error": {"message": "no result in 60s", "type": "server_error", "param": None, "code": "timeout"}}, None),
+        ({"error": {"message": "m", "type": "", "param": None, "code": "x"}}, "type must be"),
         ({"error": {"code": "x", "message": "two\nlines", "field": None}}, "message is not one line"),
         ({"error": {"code": "x", "message": "Traceback (most recent call last)", "field": None}}, "Traceback"),
         ({"error": {"code": "x", "message": "ray::ServeReplica died", "field": None}}, "ray::"),
