@@ -397,8 +397,16 @@ class InvariantAttnProcessor:
     """diffusers' ``AttnProcessor2_0`` with the attention itself through ``invariant_attention``.
 
     The projections (``to_q``/``to_k``/``to_v``/``to_out``) are ``nn.Linear``
-    layers, made invariant by ``make_batch_invariant`` like every other.
+    layers, made invariant by ``make_batch_invariant`` like every other. Subclasses change ``_attend``
+    and add a term before ``to_out`` with ``_added`` (IP-Adapter's rows: ``ip_adapter.py``).
     """
+
+    def _attend(self, query, key, value, mask=None):
+        return invariant_attention(query, key, value, mask)  # [batch, heads, q_len, head_dim]
+
+    def _added(self, attn, query, hidden_states, head_dim):
+        """``hidden_states`` [batch, q_len, inner] before ``to_out``, with what a subclass adds (nothing here)."""
+        return hidden_states
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
@@ -431,9 +439,10 @@ class InvariantAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = invariant_attention(query, key, value, attention_mask)  # [batch, heads, q_len, head_dim]
+        hidden_states = self._attend(query, key, value, attention_mask)  # [batch, heads, q_len, head_dim]
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
+        hidden_states = self._added(attn, query, hidden_states, head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:

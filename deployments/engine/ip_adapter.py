@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .batch_invariance import InvariantAttnProcessor, invariant_attention, invariant_linear
+
 PLAIN = "plain"
 PLUS = "plus"
 
@@ -228,7 +230,7 @@ class IPAdapterBuffers:
         self.n = n
 
 
-class IPAdapterRowsProcessor:
+class IPAdapterRowsProcessor(InvariantAttnProcessor):
     """An ``attn2`` processor: the UNet's own cross-attention, plus each image row's IP-Adapter term.
 
     The base computation is ``InvariantAttnProcessor``'s (deterministic mode) or ``AttnProcessor2_0``'s,
@@ -246,71 +248,28 @@ class IPAdapterRowsProcessor:
 
     def _attend(self, q, k, v, mask=None):
         if self.invariant:
-            from .batch_invariance import invariant_attention
-
             return invariant_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
     def _linear(self, x, weight):
         if self.invariant:
-            from .batch_invariance import invariant_linear
-
             return invariant_linear(x, weight, None)
         return F.linear(x, weight)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [batch, heads, q_len, head_dim]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = self._attend(query, key, value, attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+    def _added(self, attn, query, hidden_states, head_dim):
         n = self.buffers.n
-        if n:  # the image rows only: the others get no added term at all
-            b = self.buffers
-            rows = b.rows[:n]
-            q = query.index_select(0, rows)  # [n, heads, q_len, head_dim]
-            tokens = b.tokens[:n]  # [n, T, cross]
-            ip_key = self._linear(tokens, self.to_k_ip).view(n, -1, attn.heads, head_dim).transpose(1, 2)
-            ip_value = self._linear(tokens, self.to_v_ip).view(n, -1, attn.heads, head_dim).transpose(1, 2)
-            ip = self._attend(q, ip_key, ip_value)
-            ip = ip.transpose(1, 2).reshape(n, -1, attn.heads * head_dim).to(query.dtype)
-            scale = b.scales[:n, self.layer].view(n, 1, 1)
-            hidden_states = hidden_states.index_add(0, rows, scale * ip)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        if not n:  # the image rows only: the others get no added term at all
+            return hidden_states
+        b = self.buffers
+        rows = b.rows[:n]
+        q = query.index_select(0, rows)  # [n, heads, q_len, head_dim]
+        tokens = b.tokens[:n]  # [n, T, cross]
+        ip_key = self._linear(tokens, self.to_k_ip).view(n, -1, attn.heads, head_dim).transpose(1, 2)
+        ip_value = self._linear(tokens, self.to_v_ip).view(n, -1, attn.heads, head_dim).transpose(1, 2)
+        ip = self._attend(q, ip_key, ip_value)
+        ip = ip.transpose(1, 2).reshape(n, -1, attn.heads * head_dim).to(query.dtype)
+        scale = b.scales[:n, self.layer].view(n, 1, 1)
+        return hidden_states.index_add(0, rows, scale * ip)
 
 
 @dataclass(frozen=True)
@@ -349,8 +308,6 @@ class IPAdapterModel:
 
     def install(self) -> None:
         """Replace every cross-attention processor with an ``IPAdapterRowsProcessor`` (idempotent)."""
-        from .batch_invariance import InvariantAttnProcessor
-
         modules = dict(self.unet.named_modules())
         for i, name in enumerate(self.weights.layers):
             attn = modules[name]
