@@ -54,6 +54,11 @@ class GenerationInput:
     negative_original_size: tuple[int, ...] | None = None
     negative_crops_coords_top_left: tuple[int, ...] | None = None
     negative_target_size: tuple[int, ...] | None = None
+    # IP-Adapter (issue 22): a reference image whose style the request takes (base64 or a data URL, decoded by
+    # the check), and its scale: a number, or per-block scales as diffusers' ``set_ip_adapter_scale`` takes them
+    # (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``). None: no style image (a scale without one is refused).
+    style_image: str | None = None
+    style_scale: float | dict | None = None
 
 
 # SDXL's micro-conditioning, in ``deployments.messages.MicroConditioning``'s order: sizes are
