@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -392,3 +393,34 @@ def test_slots_load_weights_from_another_device():
     layer = next(m for m in model.modules() if hasattr(m, "load_slot"))
     layer.load_slot(1, [1, 2], torch.ones(2, 4), torch.ones(4, 2), alpha=2.0)  # host tensors into meta pages
     assert layer.lora_A.device.type == "meta"
+
+
+def test_packed_load_writes_the_same_pages_as_per_layer_loads():
+    """A load into contiguous pages goes through ``_load_packed`` (one host buffer, one copy to the device, one
+    multi-tensor copy): every layer's pages, scales and page table equal those of the per-layer loads, bit for bit,
+    for Linear and Conv2d layers, an adapter that targets only some layers, and a rank below the page count."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 12), torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.Linear(12, 5), torch.nn.Conv2d(6, 2, 1)
+    )
+    models = []
+    for packed in (True, False):
+        model = MultiLoRAModel(
+            copy.deepcopy(net), ["0", "1", "2", "3"], num_slots=4, max_rank=8, deterministic=True, num_pages=24
+        )
+        if not packed:
+            model._uniform_dtype = None  # the per-layer path: load_slot on every targeted layer
+        models.append(model)
+    g = torch.Generator().manual_seed(1)
+    full = random_slot_weights(models[0], 6, g, alpha=3.0)
+    partial = {p: w for p, w in random_slot_weights(models[0], 4, g, alpha=2.0).items() if p in ("1", "2")}
+    for model in models:
+        model.load(1, full)
+        model.load(2, partial)
+    (a, b) = models
+    assert a.state.pages == b.state.pages and a.state.pages[1] == list(range(1, 7))  # contiguous: the packed path
+    assert torch.equal(a.state.page_table, b.state.page_table) and torch.equal(a.scale_table, b.scale_table)
+    for path in ("0", "1", "2", "3"):
+        la, lb = a.layers[path], b.layers[path]
+        assert torch.equal(la.lora_A, lb.lora_A) and torch.equal(la.lora_B, lb.lora_B), path
+        assert la.lora_A.abs().sum() > 0
