@@ -95,6 +95,7 @@ class LocalCluster:
         model_dir = resolve_model_dir(*next(iter(sources.values())))
         http_port, metrics_port = free_port(), free_port()
         ray.init(
+            address="local",  # always a new instance of its own, never one found on the machine (`ray start`)
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             namespace="lorafleet-loadtest",

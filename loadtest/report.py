@@ -122,8 +122,84 @@ def fairness(records: list[dict], stages_doc: dict) -> dict:
                 [r["timings"]["queue_ms"] for r in ok if "queue_ms" in r.get("timings", {})], 50
             ),
             "images_per_s": images / (stage["end"] - t0),
+            "refused": refusals(mine),
+            "stage_ms": stage_times(ok),
         }
     return {"rate_rps": stage["rate_rps"], "window_s": stage["end"] - t0, "tenants": out}
+
+
+SEQUENTIAL_MS = ("admission_ms", "encode_ms", "queue_ms", "denoise_ms", "decode_ms")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def refusals(records: list[dict]) -> dict[str, int]:
+    """Failed requests by kind: ``429`` (over a quota), ``503`` (overloaded), ``other`` (timeouts, errors)."""
+    out = {"429": 0, "503": 0, "other": 0}
+    for r in records:
+        if not r["ok"]:
+            out[str(r.get("status")) if str(r.get("status")) in ("429", "503") else "other"] += 1
+    return out
+
+
+def stage_times(records: list[dict]) -> dict[str, dict]:
+    """p50/p95 of each of lorafleet's ``timings`` (native API: ``encode_ms``, ``queue_ms``, ``denoise_ms``,
+    ``decode_ms``, and whatever else the server reports, e.g. an admission wait), and ``other_ms``: the
+    client's latency that no server timing covers (HTTP, the proxy, the ingress, hand-offs between stages)."""
+    timed = [r for r in records if isinstance(r.get("timings"), dict) and r["timings"]]
+    keys = sorted({k for r in timed for k, v in r["timings"].items() if k.endswith("_ms") and _is_num(v)})
+    out = {}
+    for key in keys:
+        values = [r["timings"][key] for r in timed if _is_num(r["timings"].get(key))]
+        out[key] = {"p50": percentile(values, 50), "p95": percentile(values, 95), "mean": sum(values) / len(values)}
+    if timed:  # the consecutive parts of a request (a server's finer waits may lie inside them)
+        other = [
+            r["ms"] - sum(r["timings"].get(k) or 0.0 for k in SEQUENTIAL_MS if _is_num(r["timings"].get(k)))
+            for r in timed
+        ]
+        out["other_ms"] = {"p50": percentile(other, 50), "p95": percentile(other, 95), "mean": sum(other) / len(other)}
+    return out
+
+
+def isolation(fair: dict, alone: dict | None, phase: dict) -> dict:
+    """Issue 21's item 4 for one target: the light tenant under the flood against itself alone at the same rate.
+
+    PASS when nothing of the light tenant's was refused or failed (no 429/503) and its p95 under the flood is at
+    most ``isolation_ratio`` (2) x its p95 alone. ``below_fair_share``: its offered rate is under half the
+    capacity (its fair share at equal weights), the premise of the check."""
+    name = phase.get("light_tenant") or min(fair["tenants"], key=lambda t: fair["tenants"][t]["offered_share"])
+    light = fair["tenants"].get(name, {})
+    solo = (alone or {}).get("tenants", {}).get(name)
+    ratio_limit = float(phase.get("isolation_ratio", 2.0))
+    capacity = phase.get("capacity_rps")
+    offered = light.get("offered_rps")
+    p95, p95_alone = light.get("p95_ms"), solo["p95_ms"] if solo else None
+    ratio = p95 / p95_alone if p95 is not None and p95_alone and not math.isnan(p95) else None
+    failed = light.get("failed", 0)
+    served_all = light.get("requests", 0) > 0 and failed == 0
+    return {
+        "light_tenant": name,
+        "capacity_rps": capacity,
+        "light_offered_rps": offered,
+        "fair_share_rps": capacity / 2 if capacity else None,
+        "below_fair_share": bool(capacity and offered is not None and offered < capacity / 2),
+        "light_requests": light.get("requests", 0),
+        "light_failed": failed,
+        "light_refused": light.get("refused", {}),
+        "p50_ms": light.get("p50_ms"),
+        "p95_ms": p95,
+        "alone_requests": solo["requests"] if solo else 0,
+        "alone_failed": solo["failed"] if solo else None,
+        "alone_p50_ms": solo["p50_ms"] if solo else None,
+        "alone_p95_ms": p95_alone,
+        "p95_ratio": ratio,
+        "ratio_limit": ratio_limit,
+        "served_all": served_all,
+        "within_ratio": ratio is not None and ratio <= ratio_limit,
+        "passed": served_all and ratio is not None and ratio <= ratio_limit,
+    }
 
 
 POPULARITY_BUCKETS = ("no LoRA", "adapters ranked 1-3", "adapters ranked 4+")
@@ -390,8 +466,12 @@ def build_report(run_dir: Path) -> dict:
         phase_docs[phase["name"]] = _read_json(run_dir / phase["dir"] / "stages.json")
 
     # A scenario phase (one long stage, e.g. many-adapters) has its own section, not a point of the search.
-    load_phases = [p for p in run.get("phases", []) if not p["name"].endswith("-fairness") and not p.get("scenario")]
-    fair_phases = [p for p in run.get("phases", []) if p["name"].endswith("-fairness")]
+    def kind(p: dict) -> str | None:
+        return p.get("kind") or ("fairness" if p["name"].endswith("-fairness") else None)
+
+    load_phases = [p for p in run.get("phases", []) if kind(p) not in ("fairness", "alone") and not p.get("scenario")]
+    fair_phases = [p for p in run.get("phases", []) if kind(p) == "fairness"]
+    alone_phases = [p for p in run.get("phases", []) if kind(p) == "alone"]
     scenarios = {}
     for p in run.get("phases", []):
         if p.get("scenario"):
@@ -422,6 +502,12 @@ def build_report(run_dir: Path) -> dict:
     for p in fair_phases:
         stage = phase_docs[p["name"]]["stages"][0]
         fair[p["target"]]["by_popularity"] = latency_by_popularity(phase_records[p["name"]], stage, prefix)
+    alone = {p["target"]: fairness(phase_records[p["name"]], phase_docs[p["name"]]) for p in alone_phases}
+    isolated = {p["target"]: isolation(fair[p["target"]], alone.get(p["target"]), p) for p in fair_phases}
+    for target, x in isolated.items():
+        fair[target]["isolation"] = x
+        if target in alone:
+            fair[target]["alone"] = alone[target]
 
     headline: dict = {"slo_ms": slo_ms}
     lf, base = searches.get("lorafleet"), searches.get("baseline")
@@ -452,6 +538,9 @@ def build_report(run_dir: Path) -> dict:
     for target, f in fair.items():
         for tenant, t in f["tenants"].items():
             headline[f"fairness_{target}_{tenant}_image_share"] = t["image_share"]
+        if "isolation" in f:
+            headline[f"isolation_{target}_passed"] = f["isolation"]["passed"]
+            headline[f"isolation_{target}_p95_ratio"] = f["isolation"]["p95_ratio"]
 
     plots = []
     if searches:
@@ -550,9 +639,36 @@ def _summary_table(headline: dict, searches: dict, fair: dict, overall: dict, lo
         )
         what = f"fairness at {f['rate_rps']:.2f} req/s: share of load offered → of images completed"
         rows.append([what, shares, "", ""] if target == "lorafleet" else [what, "", shares, ""])
+        if "isolation" in f:
+            cell = _isolation_cell(f["isolation"])
+            what = "isolation (#21): light tenant served in full, p95 ≤ 2× alone"
+            rows.append([what, cell, "", ""] if target == "lorafleet" else [what, "", cell, ""])
     if base is None and "baseline" not in fair:  # lorafleet alone (--no-baseline)
         return _table(["figure", "lorafleet"], [row[:2] for row in rows])
     return _table(["figure", "lorafleet", "baseline (diffusers, one at a time)", "ratio"], rows)
+
+
+def _isolation_cell(x: dict) -> str:
+    verdict = "**PASS**" if x["passed"] else "**FAIL**"
+    refused = x["light_refused"]
+    return (
+        f"{verdict}: {x['light_requests'] - x['light_failed']}/{x['light_requests']} served "
+        f"({refused.get('429', 0)}× 429, {refused.get('503', 0)}× 503), p95 {_fmt(x['p95_ms'])} ms vs "
+        f"{_fmt(x['alone_p95_ms'])} ms alone = {_fmt(x['p95_ratio'], 2, '×')}"
+    )
+
+
+def _stage_rows(target: str, phase: str, tenants: dict) -> list[list[str]]:
+    rows = []
+    for name, t in tenants.items():
+        times = t.get("stage_ms", {})
+        keys = [k for k in STAGE_KEYS if k in times] + sorted(k for k in times if k not in STAGE_KEYS)
+        cells = ", ".join(f"{k[:-3]} {_fmt(times[k]['p50'])} / {_fmt(times[k]['p95'])}" for k in keys)
+        rows.append([target, phase, name, _fmt(t["p50_ms"]), _fmt(t["p95_ms"]), cells or "–"])
+    return rows
+
+
+STAGE_KEYS = ("admission_ms", "encode_ms", "queue_ms", "denoise_ms", "decode_ms", "other_ms")
 
 
 def _model_rows(phase: str, stage: str, by_model: dict) -> list[list[str]]:
@@ -661,11 +777,18 @@ def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, p
                 ])  # fmt: skip
         header = ["target", "tenant", "offered share", "offered req/s", "requests", "failed", "images"]
         header += ["share of images", "images/s", "p50 ms", "p95 ms", "denoiser queue p50 ms"]
+        if args.get("fairness_tenants"):
+            what = f"Tenants `{args['fairness_tenants']}` at {args.get('overload')}× the target's capacity"
+        else:
+            what = (
+                f"A heavy tenant at {args.get('overload')}× the target's capacity and a light one at "
+                f"{args.get('light_load')}× (below its fair share, half at equal weights)"
+            )
+        capacity = "`--capacity-rps`" if args.get("capacity_rps") else "the lowest rate at which it missed the SLO"
         out += [
             "## Fairness",
             "",
-            "Two tenants, one offering 4× the other, at "
-            f"{args.get('overload')}× the lowest rate at which that target missed the SLO.",
+            f"{what}; capacity: {capacity}.",
             "",
             _table(header, rows, "ll" + "r" * 10),
             "Failed requests at overload are 503 `overloaded` (lorafleet bounds each tenant's queue) or client "
@@ -673,6 +796,38 @@ def _markdown(run, machine, args, searches, fair, overall, summary_md, slo_ms, p
             "lorafleet's own `timings.queue_ms` (native API requests).",
             "",
         ]
+        iso = {target: f["isolation"] for target, f in fair.items() if "isolation" in f}
+        if iso:
+            rows = [
+                [target, x["light_tenant"], _fmt(x["capacity_rps"], 2), _fmt(x["light_offered_rps"], 2),
+                 "yes" if x["below_fair_share"] else "**no**", _isolation_cell(x)]
+                for target, x in iso.items()
+            ]  # fmt: skip
+            out += [
+                "## Isolation (issue 21, item 4)",
+                "",
+                "The light tenant under the flood against itself alone at the same rate (`<target>-alone`): PASS "
+                "when every request of it was served (no 429/503) and its p95 is at most "
+                f"{next(iter(iso.values()))['ratio_limit']:g}× its p95 alone.",
+                "",
+                _table(
+                    ["target", "light tenant", "capacity req/s", "light req/s", "below its fair share", "check"],
+                    rows,
+                    "llrrll",
+                ),  # fmt: skip
+            ]
+            rows = []
+            for target, f in fair.items():
+                if "alone" in f:
+                    rows += _stage_rows(target, "alone", f["alone"]["tenants"])
+                rows += _stage_rows(target, "flood", f["tenants"])
+            out += [
+                "Where the time goes (successful native requests, p50 / p95 ms per stage): lorafleet's `timings` "
+                "(`encode`: the TextEncoder's batch wait and work, `queue`: the Denoiser's fair queue, `denoise`, "
+                "`decode`: the VAE's batch wait and work) and `other`: the latency no server timing covers.",
+                "",
+                _table(["target", "phase", "tenant", "p50 ms", "p95 ms", "stages p50 / p95 ms"], rows, "lllrrl"),
+            ]
         rows = []
         for target, f in fair.items():
             for tenant, buckets in sorted(f.get("by_popularity", {}).items()):

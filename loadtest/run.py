@@ -12,8 +12,12 @@ then, each in its own locust process (headless, bounded in time):
 1. saturation search, the stages of lorafleet and of the baseline alternating
    (so background load on the machine biases neither): the highest offered
    rate whose p95 latency meets ``--slo-ms``;
-2. fairness: two tenants, one offering 4x the other, at ``--overload`` times
-   the lowest rate at which that target missed the SLO;
+2. fairness (issue 21's isolation check): a heavy tenant flooding at ``--overload`` times
+   the target's capacity (the lowest rate at which it missed the SLO, or ``--capacity-rps``)
+   and a light tenant offering ``--light-load`` of it, below its fair share (half at equal
+   weights); then the light tenant alone at the same rate (``<target>-alone``), whose p95
+   the report compares against its p95 under the flood (PASS: nothing of the light tenant's
+   refused, p95 at most ``--isolation-ratio`` x alone);
 
 sampling Prometheus metrics (and Serve's replica counts) all along, and writes
 ``report.md`` with PNG plots and ``summary.json`` into ``--out``. ``--stages``
@@ -288,11 +292,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--stages", default=None, help="fixed stages RATE:SECONDS,... instead of the saturation search")
     w.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline")
     w.add_argument("--no-fairness", action="store_true", help="skip the fairness run")
-    w.add_argument("--fairness-tenants", default="heavy=4,light=1", help="the fairness run's tenants and shares")
     w.add_argument(
-        "--overload", type=float, default=2.0, help="fairness rate: this times the lowest rate that missed the SLO"
+        "--fairness-tenants",
+        default=None,
+        help="the fairness run's tenants and shares, its rate --overload x capacity (default: heavy at --overload "
+        "x capacity, light at --light-load x capacity)",
+    )
+    w.add_argument(
+        "--overload", type=float, default=2.0, help="the heavy tenant's rate: this times the target's capacity"
+    )
+    w.add_argument(
+        "--light-load",
+        type=float,
+        default=0.25,
+        help="the light tenant's rate: this times the target's capacity (its fair share is 0.5 at equal weights)",
+    )
+    w.add_argument(
+        "--capacity-rps",
+        type=float,
+        default=None,
+        help="the fairness run's capacity (default: the lowest rate that missed the SLO); without --stages, "
+        "skips the saturation search",
     )
     w.add_argument("--fairness-s", type=float, default=20.0)
+    w.add_argument("--no-alone", action="store_true", help="skip the light tenant's run alone at its rate")
+    w.add_argument(
+        "--isolation-ratio", type=float, default=2.0, help="PASS: light p95 under the flood <= this x its p95 alone"
+    )
     w.add_argument("--phase-timeout-s", type=float, default=600.0, help="bound on each locust run")
     w.add_argument("--locust-args", default=env("LOADTEST_LOCUST_ARGS", ""), help="more locustfile options")
     s = p.add_argument_group("many-adapters scenario")
@@ -313,6 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if "--models" in shlex.split(args.locust_args):
             p.error("--models: give it to the runner, not in --locust-args (it registers each model's adapters)")
         args.no_baseline = True  # the baseline is one diffusers pipeline on one model
+    if args.capacity_rps is not None and args.capacity_rps <= 0:
+        p.error(f"--capacity-rps must be > 0, got {args.capacity_rps}")
+    if args.overload <= 0 or args.light_load <= 0:
+        p.error(f"--overload and --light-load must be > 0, got {args.overload}, {args.light_load}")
     if args.rate is not None and args.rate <= 0 or not 0 < args.load_fraction <= 1:
         p.error(f"--rate must be > 0 and --load-fraction in (0, 1], got {args.rate}, {args.load_fraction}")
     return args
@@ -398,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         if args.scenario == many_adapters.NAME and args.rate is not None:
             sustainable, lowest_failing = {}, {}
+        elif args.capacity_rps is not None and not args.stages:  # capacity given: no search
+            sustainable, lowest_failing = {}, {}
         elif args.stages:
             sustainable, lowest_failing = {}, {}
             for name, target in targets.items():
@@ -415,13 +447,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_fairness:
             for name, target in targets.items():
-                # Overload whatever the machine's mood: twice the lowest rate that missed the SLO.
-                base = lowest_failing.get(name) or 2 * (sustainable.get(name) or args.start_rps)
-                rate = round(args.overload * base, 3)
-                phase = {"name": f"{name}-fairness", "target": name, "rate_rps": rate, "dir": f"{name}-fairness"}
-                print(f"[{phase['name']}] {args.fairness_tenants} at {rate} req/s", flush=True)
-                fixed_phase(phase, target, out, args.fairness_s, [*common, "--tenants", args.fairness_tenants], args,
-                            info, sampler)  # fmt: skip
+                # Overload whatever the machine's mood: relative to the lowest rate that missed the SLO.
+                capacity = (
+                    args.capacity_rps or lowest_failing.get(name) or 2 * (sustainable.get(name) or args.start_rps)
+                )
+                for phase in fairness_phases(name, capacity, args):
+                    print(f"[{phase['name']}] {phase['tenants']} at {phase['rate_rps']} req/s", flush=True)
+                    fixed_phase(phase, target, out, args.fairness_s, [*common, "--tenants", phase["tenants"]], args,
+                                info, sampler)  # fmt: skip
 
         if args.scenario == many_adapters.NAME:
             saturation = sustainable.get("lorafleet")
@@ -450,6 +483,36 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + summary["summary_md"], flush=True)
     print(f"report: {out / 'report.md'}", flush=True)
     return 0
+
+
+def fairness_phases(target: str, capacity: float, args) -> list[dict]:
+    """The fairness run's phases on ``target``: the light tenant alone at its rate (unless ``--no-alone``),
+    then both tenants. Without ``--fairness-tenants``: heavy at ``--overload`` x ``capacity`` and light at
+    ``--light-load`` x ``capacity`` (tenants ``heavy=<overload>,light=<light-load>`` at their sum); with it,
+    its shares of ``--overload`` x ``capacity``, the smallest share the light tenant."""
+    from .traffic import parse_tenants
+
+    if args.fairness_tenants:
+        spec, rate = args.fairness_tenants, args.overload * capacity
+    else:
+        spec = f"heavy={args.overload:g},light={args.light_load:g}"
+        rate = (args.overload + args.light_load) * capacity
+    tenants = parse_tenants(spec)
+    total = sum(t.weight for t in tenants)
+    light = min(tenants, key=lambda t: t.weight)
+    light_rps = round(rate * light.weight / total, 3)
+    common = {"target": target, "capacity_rps": capacity, "light_tenant": light.name, "light_rps": light_rps}
+    phases = []
+    if not args.no_alone:
+        phases.append({
+            "name": f"{target}-alone", "kind": "alone", "dir": f"{target}-alone", "rate_rps": light_rps,
+            "tenants": f"{light.name}=1", **common,
+        })  # fmt: skip
+    phases.append({
+        "name": f"{target}-fairness", "kind": "fairness", "dir": f"{target}-fairness", "rate_rps": round(rate, 3),
+        "tenants": spec, "isolation_ratio": args.isolation_ratio, **common,
+    })  # fmt: skip
+    return phases
 
 
 def fixed_phase(phase: dict, target: str, out: Path, seconds: float, locust_args: list[str], args, info, sampler):

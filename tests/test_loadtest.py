@@ -811,3 +811,102 @@ def test_report_per_model(tmp_path):
     assert "| lorafleet-stages | 4.00 req/s | tiny-sdxl | 10 | 1 | 10.0% | 800 | 800 | 800 |" in md
     assert "| lorafleet-stages | all stages | tiny-sd | 45 | 0 | 0.0% | 200 | 200 | 200 |" in md
     assert popularity_bucket(records[3], "lt-style-") == "adapters ranked 1-3"  # each model's own ranks
+
+
+# -- issue 21's isolation check: the light tenant under a flood against itself alone --------------------
+
+
+def test_fairness_phases_put_the_light_tenant_below_its_fair_share_and_alone_at_its_rate(capsys):
+    from loadtest.run import fairness_phases, parse_args
+
+    alone, flood = fairness_phases("lorafleet", 4.0, parse_args([]))
+    # heavy at 2x capacity, light at 0.25x: 1 req/s, under its fair share (2 req/s, half of 4 at equal weights)
+    assert (flood["tenants"], flood["rate_rps"], flood["light_tenant"], flood["light_rps"]) == (
+        "heavy=2,light=0.25", 9.0, "light", 1.0,
+    )  # fmt: skip
+    assert (alone["kind"], alone["tenants"], alone["rate_rps"], alone["name"]) == ("alone", "light=1", 1.0,
+                                                                                  "lorafleet-alone")  # fmt: skip
+    assert flood["capacity_rps"] == alone["capacity_rps"] == 4.0 and flood["isolation_ratio"] == 2.0
+    # The issue's original run: shares of --overload x capacity, the smallest share the light tenant.
+    (flood,) = fairness_phases("baseline", 3.0, parse_args(["--fairness-tenants", "heavy=4,light=1", "--no-alone"]))
+    assert (flood["rate_rps"], flood["light_rps"], flood["name"]) == (6.0, 1.2, "baseline-fairness")
+    for bad in (["--capacity-rps", "0"], ["--light-load", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert "must be > 0" in capsys.readouterr().err
+
+
+def _timed(t, ms, tenant, status=200, **timings):
+    rec = _rec(t, ms, ok=status == 200, tenant=tenant)
+    rec["status"] = status
+    if timings:
+        rec["timings"] = timings
+    return rec
+
+
+def _isolation_run(tmp_path, light_flood_ms: float, light_status: int = 200) -> dict:
+    from loadtest.report import build_report
+
+    t0 = 3_000_000.0
+    tenants = [{"name": "heavy", "share": 2 / 2.25, "users": 8}, {"name": "light", "share": 0.25 / 2.25, "users": 2}]
+    flood = []
+    for k in range(90):  # 9 req/s for 10 s: every 9th request the light tenant's
+        if k % 9 == 4:
+            status = light_status if k == 4 else 200
+            flood.append(_timed(t0 + 100 + k / 9, light_flood_ms, "light", status, encode_ms=50.0, queue_ms=100.0,
+                                denoise_ms=200.0, decode_ms=30.0))  # fmt: skip
+        else:
+            status = 503 if k % 3 == 0 else 200
+            flood.append(_timed(t0 + 100 + k / 9, 2000.0, "heavy", status, encode_ms=60.0, queue_ms=1500.0,
+                                denoise_ms=200.0, decode_ms=40.0))  # fmt: skip
+    alone = [_timed(t0 + k, 300.0 + k, "light", encode_ms=20.0, queue_ms=0.0, denoise_ms=200.0, decode_ms=10.0)
+             for k in range(10)]  # fmt: skip
+    alone_stage = {"rate_rps": 1.0, "start": t0, "end": t0 + 10, "warmup_s": 0.0}
+    flood_stage = {"rate_rps": 9.0, "start": t0 + 100, "end": t0 + 110, "warmup_s": 0.0}
+    _write_phase(tmp_path, "lorafleet-alone", alone, [alone_stage], [{"name": "light", "share": 1.0}])
+    _write_phase(tmp_path, "lorafleet-fairness", flood, [flood_stage], tenants)
+    common = {"target": "lorafleet", "capacity_rps": 4.0, "light_tenant": "light", "light_rps": 1.0}
+    phases = [
+        {"name": "lorafleet-alone", "kind": "alone", "dir": "lorafleet-alone", "start": t0, "end": t0 + 10,
+         "rate_rps": 1.0, **common},
+        {"name": "lorafleet-fairness", "kind": "fairness", "dir": "lorafleet-fairness", "start": t0 + 100,
+         "end": t0 + 110, "rate_rps": 9.0, "isolation_ratio": 2.0, **common},
+    ]  # fmt: skip
+    args = {"slo_ms": 1000, "overload": 2.0, "light_load": 0.25, "adapters": 1}
+    run = {"machine": {}, "args": args, "phases": phases, "samples": [], "started": t0 - 5}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    return build_report(tmp_path)
+
+
+def test_isolation_check_passes_when_the_light_tenant_is_served_in_full_within_2x_its_p95_alone(tmp_path):
+    summary = _isolation_run(tmp_path, light_flood_ms=600.0)
+    x = summary["fairness"]["lorafleet"]["isolation"]
+    # alone: 300..309 ms, p95 (linear) 308.55 ms; under the flood 600 ms: 1.94x
+    assert x["alone_p95_ms"] == pytest.approx(308.55) and x["p95_ms"] == 600.0
+    assert x["p95_ratio"] == pytest.approx(600 / 308.55)
+    assert (x["light_requests"], x["light_failed"], x["light_refused"]) == (10, 0, {"429": 0, "503": 0, "other": 0})
+    assert (x["below_fair_share"], x["fair_share_rps"], x["light_offered_rps"]) == (True, 2.0, pytest.approx(1.0))
+    assert x["passed"] is True and summary["headline"]["isolation_lorafleet_passed"] is True
+    # the alone phase is no point of a search, and the heavy tenant's refusals are counted by kind
+    assert "lorafleet-alone" in summary["phases"] and summary["searches"] == {}
+    heavy = summary["fairness"]["lorafleet"]["tenants"]["heavy"]
+    assert heavy["refused"] == {"429": 0, "503": 30, "other": 0}
+    # where the light tenant's time went: server timings and what no timing covers (600 - 380 ms)
+    stages = summary["fairness"]["lorafleet"]["tenants"]["light"]["stage_ms"]
+    assert {k: v["p50"] for k, v in stages.items()} == {
+        "decode_ms": 30.0, "denoise_ms": 200.0, "encode_ms": 50.0, "queue_ms": 100.0, "other_ms": 220.0,
+    }  # fmt: skip
+    md = (tmp_path / "report.md").read_text()
+    assert "## Isolation (issue 21, item 4)" in md
+    assert "**PASS**: 10/10 served (0× 429, 0× 503), p95 600 ms vs 309 ms alone = 1.94×" in md
+    assert "| lorafleet | alone | light | 304 | 309 | encode 20 / 20, queue 0 / 0, denoise 200 / 200" in md
+
+
+def test_isolation_check_fails_on_a_refused_light_request_or_a_p95_over_2x_alone(tmp_path):
+    x = _isolation_run(tmp_path / "slow", light_flood_ms=700.0)["fairness"]["lorafleet"]["isolation"]
+    assert (x["served_all"], x["within_ratio"], x["passed"]) == (True, False, False)
+    assert x["p95_ratio"] == pytest.approx(700 / 308.55)
+    x = _isolation_run(tmp_path / "refused", light_flood_ms=600.0, light_status=503)
+    assert "**FAIL**: 9/10 served (0× 429, 1× 503)" in (tmp_path / "refused" / "report.md").read_text()
+    x = x["fairness"]["lorafleet"]["isolation"]
+    assert (x["light_refused"]["503"], x["served_all"], x["within_ratio"], x["passed"]) == (1, False, True, False)
