@@ -4,6 +4,7 @@ Read top to bottom, this is one request's trip through the graph::
 
     Ingress ──EncodeRequest──────────► TextEncoder.encode ──PromptEmbeddings──┐
     Ingress ──ConditioningInput──────► VAE.encode ──list[ImageConditioning]───┤ (img2img, inpainting)
+    Ingress ──StyleImage─────────────► ImageEncoder.encode ──ImageEmbeddings──┤ (style_image: IP-Adapter)
     Ingress ──DenoiseParams──────────► Denoiser.denoise ◄─────────────────────┘
                                        Denoiser.denoise ──Denoised──┐
     Ingress ──DecodeParams───────────► VAE.decode ◄─────────────────┘
@@ -16,7 +17,7 @@ and ``ImageConditioning`` live with the code that makes them (``engine/condition
 
 Every stage call carries the request's tenant, so each stage's queue has the same fair order
 (``engine/fair_queue.py``): ``EncodeRequest.tenant``, ``DenoiseParams.tenant``,
-``DecodeParams.tenant``, and ``VAE.encode``'s ``tenant`` argument.
+``DecodeParams.tenant``, ``StyleImage.tenant``, and ``VAE.encode``'s ``tenant`` argument.
 
 No Ray in this module: the engine's tests and the ingress import it alike. Every field is read by
 name on the other side, so a typo is an ``AttributeError`` at the sender's tests, not a ``KeyError``
@@ -138,6 +139,33 @@ class DenoiseParams:
     # The tenant key's fair-share weight (graph/auth.py, from the key's record, never from a request field);
     # None: denoiser.tenant_weights, else 1.
     tenant_weight: float | None = None
+    # IP-Adapter: the style image's scale, a number or per-block scales as diffusers' set_ip_adapter_scale takes
+    # them ({"up": {"block_0": [0.0, 1.0, 0.0]}}); read only with the ImageEncoder's ImageEmbeddings.
+    style_scale: float | dict = 1.0
+
+
+# -- Ingress -> ImageEncoder -> Denoiser (IP-Adapter) ------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StyleImage:
+    """A request's reference image (``style_image``), decoded and checked by the planner (graph/style_inputs.py)."""
+
+    pixels: np.ndarray  # [H, W, 3] uint8 RGB, as uploaded (EXIF orientation applied)
+    digest: str  # sha256 of the pixels and their size: the ImageEncoder's cache key
+    tenant: str = "anonymous"  # whose request: the fair order of the ImageEncoder's batches
+    tenant_weight: float | None = None  # its key's weight (graph/auth.py); None: denoiser.tenant_weights, else 1
+
+
+@dataclass(frozen=True)
+class ImageEmbeddings:
+    """The ImageEncoder's answer, as ``ip_adapter.encode_image`` (``StableDiffusionPipeline.encode_image``) makes it:
+    plain IP-Adapter: the pooled ``image_embeds`` and zeros; plus: the penultimate hidden states of the image and of
+    an all-zero image (the negative row's, with guidance)."""
+
+    image_embeds: torch.Tensor  # [dim] (plain) or [tokens, dim] (plus), on the CPU
+    negative_image_embeds: torch.Tensor  # the same shape
+    encode_ms: float
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """The one validation step: a ``GenerationInput`` (native names) becomes a checked ``Plan``.
 
 ``Planner.check_inputs`` is diffusers' ``check_inputs`` for the whole request: everything a request
-can get wrong is found here, before any work is queued, in small named steps (the uploads, the
-model, the prompt, the size, steps / guidance / images, prompt length, adapters). Each step raises
-``FieldError`` at a canonical field path (``width``, ``loras[0].scale``); the front ends rename them
-(``graph/validation.py``). ``<lora:name:weight>`` tags in the prompt become adapters of the request
-here, so every endpoint understands them.
+can get wrong is found here, before any work is queued, in small named steps (the uploads, the style
+image (``style_inputs``), the model, the prompt, the size, steps / guidance / images, prompt length,
+adapters). Each step raises ``FieldError`` at a canonical field path (``width``, ``loras[0].scale``);
+the front ends rename them (``graph/validation.py``). ``<lora:name:weight>`` tags in the prompt become
+adapters of the request here, so every endpoint understands them.
 """
 
+import dataclasses
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from deployments.engine.images import MIME_TYPES
 from deployments.engine.models import ModelInfo
 from deployments.engine.prompt_syntax import LoraTag, extract_lora_tags, plan_prompts, prompt_schedule
 from deployments.engine.prompts import prompt_token_count, tokenize_chunks
-from deployments.messages import AdapterUse, DecodeParams, DenoiseParams, EncodeRequest, MicroConditioning, Overlay
+from deployments.messages import (
+    AdapterUse,
+    DecodeParams,
+    DenoiseParams,
+    EncodeRequest,
+    MicroConditioning,
+    Overlay,
+    StyleImage,
+)
 
 from .adapters_api import AdapterResolver, Adapters
 from .config import LimitsConfig
@@ -27,6 +36,7 @@ from .errors import FieldError
 from .image_decoding import check_side
 from .image_inputs import ImageInputs, check_image_inputs
 from .schemas import MAX_SEED, LoRASpec
+from .style_inputs import DEFAULT_STYLE_SCALE, StyleSupport, check_style_inputs
 from .validation import MICRO_FIELDS, GenerationInput
 
 
@@ -57,6 +67,10 @@ class Plan:
     # with preserve_unmasked the pixels pasted back.
     conditioning: ConditioningInput | None = None
     overlay: Overlay | None = None
+    # IP-Adapter (graph/style_inputs.py): the decoded reference image the ImageEncoder embeds, and its scale (a
+    # number or per-block scales). None: no style image.
+    style_image: StyleImage | None = None
+    style_scale: float | dict = DEFAULT_STYLE_SCALE
 
     @property
     def mode(self) -> str:
@@ -92,7 +106,14 @@ class Plan:
             tenant=self.tenant,
             micro=self.micro,
             tenant_weight=self.tenant_weight,
+            style_scale=self.style_scale,
         )
+
+    def style_request(self) -> StyleImage | None:
+        """What the ImageEncoder gets (None: no style image), with the request's tenant for its fair batches."""
+        if self.style_image is None:
+            return None
+        return dataclasses.replace(self.style_image, tenant=self.tenant, tenant_weight=self.tenant_weight)
 
     def decode_params(self) -> DecodeParams:
         """What the VAE's decode gets besides the latents."""
@@ -122,7 +143,17 @@ def _check_range(field: str, value: float, low: float, high: float) -> None:
 
 
 class Planner:
-    def __init__(self, info: ModelInfo, model_name: str, limits: LimitsConfig, tokenizer, resolver: AdapterResolver):
+    def __init__(
+        self,
+        info: ModelInfo,
+        model_name: str,
+        limits: LimitsConfig,
+        tokenizer,
+        resolver: AdapterResolver,
+        style: StyleSupport | None = None,
+    ):
+        """``style``: the model's IP-Adapter layout (None: served without; a ``style_image`` gets 422)."""
+        self.style = style
         self.info = info
         self.model_name = model_name
         self.limits = limits.for_model(info.default_side)  # max_side a number: the model's
@@ -136,6 +167,7 @@ class Planner:
         Blocking (decodes uploads, may read the registry's store): call it in a thread.
         """
         images = check_image_inputs(request, self.limits, self.max_side_setting)
+        style_image, style_scale = check_style_inputs(request, self.limits, self.style, self.model_name)
         self.check_model(request.model)
         self.check_prompt(request.prompt)
         width, height = self.check_size(request.width, request.height, images)
@@ -171,6 +203,8 @@ class Planner:
             micro=micro,
             conditioning=conditioning,
             overlay=overlay,
+            style_image=style_image,
+            style_scale=style_scale,
         )
 
     # -- the steps, in order -----------------------------------------------------------------

@@ -69,6 +69,17 @@ class GenerateRequest(_Body):
     negative_target_size: list[int] | None = Field(
         None, description="SDXL only: target_size to steer away from (with negative_original_size)."
     )
+    # IP-Adapter (docs/ip_adapter.md): models served with an ip_adapter section (GET /v1/models: style_image).
+    style_image: str | None = Field(
+        None,
+        description="A reference image whose style the output takes (IP-Adapter): base64 or a data URL; PNG, JPEG "
+        "or WebP, within limits.max_image_bytes / max_image_pixels.",
+    )
+    style_scale: float | dict | None = Field(
+        None,
+        description="How strongly style_image steers, 0 to 2 (default 1.0); or per-block scales as diffusers' "
+        'set_ip_adapter_scale takes them, e.g. SDXL style only (InstantStyle): {"up": {"block_0": [0.0, 1.0, 0.0]}}.',
+    )
 
 
 class GeneratedImage(BaseModel):

@@ -12,6 +12,7 @@ first configured) and lists them all for ``GET /v1/models``::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from .adapters_api import AdapterResolver
 from .config import AppConfig, LimitsConfig, ServedModelConfig
 from .errors import FieldError
 from .planning import Planner
+from .style_inputs import StyleSupport
 
 
 @dataclass
@@ -47,14 +49,18 @@ class ServedModel:
         tokenizer = models.load_tokenizer(directory)
         registry, spec = open_model_registry(config.registry, directory, config.lora)
         resolver = AdapterResolver(registry, spec, config.lora, served_kind=info.kind, served_name=name)
-        planner = Planner(info, name, config.limits, tokenizer, resolver)
+        style = None
+        if served.model.ip_adapter is not None:  # IP-Adapter: per-block scales are checked against the UNet's layout
+            unet_config = json.loads((directory / "unet" / "config.json").read_text())
+            style = StyleSupport.of_unet_config(unet_config, served.model.ip_adapter.variant)
+        planner = Planner(info, name, config.limits, tokenizer, resolver, style=style)
         limits = config.limits.for_model(info.default_side)
         return cls(name, served.model.uri, info, limits, tokenizer, spec, resolver, planner)
 
     def describe(self, created: int, admin: bool) -> dict:
         """Its ``GET /v1/models`` entry: kind (``sd1``, ``sdxl``), family (``sdxl-inpaint``, ...), native size
-        (the default), largest size, its own scheduler and every scheduler name it takes; ``uri`` only for the admin
-        token."""
+        (the default), largest size, its own scheduler and every scheduler name it takes, whether it takes a
+        ``style_image`` (IP-Adapter); ``uri`` only for the admin token."""
         side, max_side = self.info.default_side, self.limits.max_side
         entry = {
             "id": self.name,
@@ -68,6 +74,7 @@ class ServedModel:
             "max_size": f"{max_side}x{max_side}",
             "default_scheduler": self.info.scheduler_class,
             "schedulers": list(SCHEDULER_NAMES),  # its scheduler field's names (engine/schedulers.py): all of them
+            "style_image": self.planner.style is not None,  # served with IP-Adapter (model.ip_adapter)
         }
         if admin:
             entry["uri"] = self.uri

@@ -148,6 +148,8 @@ def native_input(body: GenerateRequest, tenant: str, output_format: str | None =
         strength=getattr(body, "strength", None),
         preserve_unmasked=getattr(body, "preserve_unmasked", True),
         **{name: _pair(getattr(body, name)) for name in MICRO_FIELDS},
+        style_image=body.style_image,
+        style_scale=body.style_scale,
     )
 
 

@@ -18,6 +18,44 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class IPAdapterConfig(StrictConfig):
+    """IP-Adapter weights served with a model (``style_image`` requests; docs/ip_adapter.md)."""
+
+    uri: str = Field(
+        "builtin",
+        min_length=1,
+        description=(
+            "A directory laid out as h94/IP-Adapter's models/ folder (image_encoder/ and the weights file): a local "
+            "path, file:// or s3://bucket/prefix; builtin: the builtin model's tiny IP-Adapter (builtin:* models only)."
+        ),
+    )
+    variant: Literal["plain", "plus"] = Field(
+        "plain",
+        description=(
+            "plain: the encoder's pooled image_embeds projected to 4 tokens; plus: its penultimate hidden states "
+            "through the resampler. Checked against the weights file at start."
+        ),
+    )
+    weights: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "The weights file (diffusers' IP-Adapter format, .safetensors or .bin), relative to uri, e.g. "
+            "ip-adapter_sd15.safetensors; default: ip-adapter.safetensors (plain) / ip-adapter-plus.safetensors (plus)."
+        ),
+    )
+    image_encoder: str = Field(
+        "image_encoder",
+        min_length=1,
+        description="The CLIPVisionModelWithProjection directory, relative to uri (SDXL plain: sdxl_models/...).",
+    )
+
+    def weights_name(self) -> str:
+        from .builtin import IP_ADAPTER_FILES
+
+        return self.weights if self.weights is not None else IP_ADAPTER_FILES[self.variant]
+
+
 class ModelConfig(StrictConfig):
     uri: str = Field(
         "builtin:tiny-sd",
@@ -64,6 +102,13 @@ class ModelConfig(StrictConfig):
     compile_backend: str = Field(
         "inductor", min_length=1, description="torch.compile backend for model.compile (inductor; eager in tests)."
     )
+    ip_adapter: IPAdapterConfig | None = Field(
+        None,
+        description=(
+            "IP-Adapter weights: requests may send style_image (an ImageEncoder deployment is bound for the model). "
+            "null: served without; style_image gets 422 style_image_unsupported."
+        ),
+    )
 
     @model_validator(mode="after")
     def _compile_is_not_deterministic(self):
@@ -71,6 +116,15 @@ class ModelConfig(StrictConfig):
             raise ValueError(
                 "model.compile: regional needs model.deterministic off or auto "
                 "(compiled kernels are not batch-invariant)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _builtin_ip_adapter(self):
+        if self.ip_adapter is not None and self.ip_adapter.uri == "builtin" and not self.uri.startswith("builtin:"):
+            raise ValueError(
+                "model.ip_adapter.uri: builtin is the builtin models' tiny IP-Adapter; "
+                f"for {self.uri!r} give the weights' directory"
             )
         return self
 
