@@ -23,6 +23,8 @@ Compatibility rules, in one place:
   or "off" values) are named in ``info["ignored_fields"]``, so a client can see they had no effect.
 - Fields lorafleet does implement are typed strictly, like the native API: ``"steps": "20"`` is a 422
   naming ``steps``.
+- ``alwayson_scripts.ControlNet`` is read: its IP-Adapter unit is the native ``style_image`` / ``style_scale``,
+  other enabled ControlNet units are 422s (``graph/a1111_controlnet.py``). Other scripts are ignored as above.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.engine.schedulers import DEFAULT_SCHEDULER, SAMPLERS, scheduler_name, schedules_of
 
-from . import a1111_info
+from . import a1111_controlnet, a1111_info
 from .config import LimitsConfig
 from .errors import APIError, FieldError
 from .schemas import MAX_SEED
@@ -359,6 +361,11 @@ def ignored_fields(req: _A1111Body) -> list[str]:
     overrides = extra.get("override_settings")
     if isinstance(overrides, dict) and CHECKPOINT_SETTING in overrides:
         extra["override_settings"] = {k: v for k, v in overrides.items() if k != CHECKPOINT_SETTING}
+    scripts = extra.get("alwayson_scripts")
+    if isinstance(scripts, dict):  # the ControlNet extension's units are read (graph/a1111_controlnet.py)
+        extra["alwayson_scripts"] = {
+            k: v for k, v in scripts.items() if not (isinstance(k, str) and k.lower() == a1111_controlnet.SCRIPT)
+        }
     return sorted(k for k, v in extra.items() if not _is_neutral(k, v))
 
 
@@ -416,6 +423,7 @@ class NativeCall:
     names: FieldNames
     sampler: Sampler
     ignored: list[str] = field(default_factory=list)
+    style: a1111_controlnet.StyleUnit | None = None  # the ControlNet extension's IP-Adapter unit, if any
 
 
 # native field -> A1111 field, where they differ (num_images and scheduler depend on the request).
@@ -486,7 +494,13 @@ def txt2img_call(
         output_format="png",
         tenant=tenant,
     )
-    return NativeCall("txt2img", request, _field_names(req, limits, sampler_field), sampler, ignored_fields(req))
+    names = _field_names(req, limits, sampler_field)
+    style = a1111_controlnet.style_unit((req.model_extra or {}).get("alwayson_scripts"))
+    if style is not None:  # the IP-Adapter unit: its image and weight, and its errors in its fields
+        request = replace(request, style_image=style.image, style_scale=style.weight)
+        unit = {"style_image": f"{style.field}.image", "style_scale": f"{style.field}.weight"}
+        names = FieldNames({**names.names, **unit}, names.messages)
+    return NativeCall("txt2img", request, names, sampler, ignored_fields(req), style)
 
 
 def img2img_call(
@@ -523,7 +537,7 @@ def img2img_call(
         preserve_unmasked=True,
     )
     mode = "img2img" if req.mask is None else "inpaint"
-    return NativeCall(mode, request, call.names, call.sampler, call.ignored)
+    return NativeCall(mode, request, call.names, call.sampler, call.ignored, call.style)
 
 
 # -- native -> A1111 ------------------------------------------------------------------------
@@ -556,18 +570,28 @@ def _infotext(prompt, negative, steps, sampler: Sampler, cfg, seed, width, heigh
 
 
 def a1111_response(
-    req: Txt2ImgRequest, call: NativeCall, plan, images: list[bytes], model: str, mhash: str, stopped: str | None = None
+    req: Txt2ImgRequest,
+    call: NativeCall,
+    plan,
+    images: list[bytes],
+    model: str,
+    mhash: str,
+    stopped: str | None = None,
+    style_model: str | None = None,
 ) -> dict:
     """``{images, parameters, info}``: base64 images (PNG unless the caller's ``samples_format`` says
     otherwise), the request echoed (defaults filled in; init images and mask left out, as A1111 does), and
     ``info`` as a JSON string. ``stopped``: "interrupted" / "skipped" when ``/interrupt`` / ``/skip`` ended
-    the generation (``images`` then holds what it finished: none), in ``info["stopped"]``."""
+    the generation (``images`` then holds what it finished: none), in ``info["stopped"]``. ``style_model``: the
+    served IP-Adapter's name (``GET /controlnet/model_list``), for an IP-Adapter unit's infotext."""
     seeds = [plan.seed + k for k in range(plan.num_images)]
     extra = {}
     if call.mode != "txt2img":
         extra["Denoising strength"] = call.request.strength
     if plan.applied:
         extra["Lora"] = " ".join(f"{ref}:{scale:g}" for ref, scale in plan.applied)
+    if call.style is not None:  # as the extension's infotext: "ControlNet 0: Module: ..., Model: ..., Weight: ..."
+        extra["ControlNet 0"] = call.style.infotext(style_model or call.style.model)
     infotexts = [
         _infotext(
             req.prompt,

@@ -26,7 +26,7 @@ from deployments.messages import DecodedImages
 from lora_registry.errors import RegistryError
 from lora_registry.keys import KeyStoreError
 
-from . import a1111, a1111_info, errors, job_routes, openai_images, page
+from . import a1111, a1111_controlnet, a1111_info, errors, job_routes, openai_images, page
 from .a1111_front import A1111Front
 from .a1111_options import caller_of
 from .adapters_api import AdminAuth
@@ -567,7 +567,10 @@ class Ingress:
         plan = await self.check_inputs(call.request, call.names)
         outcome = await front.generate(caller, call.mode, plan.steps, functools.partial(self.graph.run, plan))
         mhash = front.checkpoint(served.name).short_hash
-        return a1111.a1111_response(body, call, plan, outcome.images, served.name, mhash, outcome.stopped)
+        style_model = next((name for m, name in self.controlnet_models() if m == served.name), None)
+        return a1111.a1111_response(
+            body, call, plan, outcome.images, served.name, mhash, outcome.stopped, style_model=style_model
+        )
 
     @app.post("/sdapi/v1/txt2img", responses=_ERRORS)
     async def a1111_txt2img(self, body: a1111.Txt2ImgRequest, request: Request) -> dict:
@@ -651,6 +654,32 @@ class Ingress:
     @app.get("/sdapi/v1/scripts")
     async def a1111_scripts(self) -> dict:
         return a1111_info.scripts()
+
+    # The ControlNet extension's routes, for its IP-Adapter unit (graph/a1111_controlnet.py): what is served only.
+
+    def controlnet_models(self) -> list[tuple[str, str]]:
+        """(served model, its IP-Adapter's ControlNet model name) for each model served with IP-Adapter."""
+        out = []
+        for m in self.models.all:
+            style = getattr(m.planner, "style", None)
+            if style is not None:
+                mhash = a1111.model_hash(m.base_spec.fingerprint)
+                out.append((m.name, a1111_controlnet.model_name(m.name, style.variant, mhash)))
+        return out
+
+    @app.get("/controlnet/version")
+    async def controlnet_version(self) -> dict:
+        return a1111_controlnet.version()
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_model_list(self) -> dict:
+        """The IP-Adapters served (one per model served with ``model.ip_adapter``); no ControlNet models."""
+        return {"model_list": [name for _, name in self.controlnet_models()]}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_module_list(self) -> dict:
+        """The IP-Adapter preprocessors, each the served image encoder (none if no model has IP-Adapter)."""
+        return a1111_controlnet.module_list(bool(self.controlnet_models()))
 
     @app.get("/sdapi/v1/memory")
     async def a1111_memory(self) -> dict:
