@@ -362,10 +362,10 @@ class Ingress:
     async def images_edits(self, request: Request):
         """OpenAI's image edits (multipart): img2img of ``image``, or with ``mask`` inpainting of its
         transparent part. ``strength`` (lorafleet's): 0.75 by default, 1.0 with a mask."""
-        form, image, mask = await openai_images.read_edit(request, self.config.limits.max_image_bytes)
+        form, image, mask, style = await openai_images.read_edit(request, self.config.limits.max_image_bytes)
         how = openai_images.delivery(form, openai_images.EDIT)
         tenant = await self.tenant(request, form.safety_identifier or form.user)
-        edit = await asyncio.to_thread(openai_images.edit_input, form, image, mask, tenant, self.config.limits)
+        edit = await asyncio.to_thread(openai_images.edit_input, form, image, mask, tenant, self.config.limits, style)
         plan = await self.check_inputs(*edit, http=request)
         return await self.openai_answer(plan, how, request)
 

@@ -4,7 +4,10 @@ Names in (``to_input``, ``edit_input``): ``n`` -> ``num_images``, ``size: "WxH"`
 (``"auto"``: the model's native size; for edits the image's), ``model: "base:adapter@version"`` ->
 ``model`` and ``loras[0]`` (the body's own ``loras`` follow it), ``safety_identifier`` (else ``user``)
 -> the tenant; an edit's ``image`` and ``mask`` -> the native img2img / inpainting inputs (``mask_from_alpha``);
-the rest are native names already. Names out (``FieldNames``): the reverse, so errors name the OpenAI
+the rest are native names already. A style reference (IP-Adapter, lorafleet's extension, README "OpenAI"): an
+edit's ``style_image`` (a file part, or base64 / a data URL as a text field, so the official client sends it in
+``extra_body``) and ``style_scale`` (a number, or per-block scales as JSON text) -> the native fields of those names.
+Names out (``FieldNames``): the reverse, so errors name the OpenAI
 field, e.g. ``{"param": "n", "message": "n must be in [1, 8], got 9"}`` (the shape: ``errors.error_body``).
 
 How the images go back is a ``Delivery``: ``output_format`` and ``output_compression`` (jpeg / webp
@@ -130,16 +133,20 @@ def to_input(body: OpenAIImagesRequest, tenant: str) -> tuple[GenerationInput, F
         output_format=delivery(body, GENERATION).graph_format,
         loras=(*model_loras, *body.loras),
         tenant=tenant,
+        # IP-Adapter, where the body schema carries them (lorafleet's extension fields, as on edits)
+        style_image=getattr(body, "style_image", None),
+        style_scale=getattr(body, "style_scale", None),
     )
     return request, _names(len(model_loras), len(body.loras))
 
 
 def edit_input(
-    form: OpenAIEditForm, image: bytes, mask: bytes | None, tenant: str, limits
+    form: OpenAIEditForm, image: bytes, mask: bytes | None, tenant: str, limits, style: Style | None = None
 ) -> tuple[GenerationInput, FieldNames]:
     """An edit as the native request: img2img (``strength`` 0.75 by default), or with ``mask`` inpainting
-    (1.0) of the mask's transparent part. ``limits``: the byte and pixel caps of uploads (the mask is read
-    here). Blocking (decodes the mask): run it in a thread."""
+    (1.0) of the mask's transparent part; ``style``: the edit's style reference (``read_edit``). ``limits``: the
+    byte and pixel caps of uploads (the mask is read here). Blocking (decodes the mask): run it in a thread."""
+    style = style or Style()
     width, height = parse_size(form.size)
     base, model_loras = parse_openai_model(form.model)
     request = GenerationInput(
@@ -159,8 +166,51 @@ def edit_input(
         image=base64.b64encode(image).decode(),
         mask=None if mask is None else mask_from_alpha(mask, limits),
         strength=form.strength,
+        style_image=style.image,
+        style_scale=style.scale,
     )
     return request, _names(len(model_loras), 0)
+
+
+@dataclass(frozen=True)
+class Style:
+    """An edit's style reference (IP-Adapter): ``image`` base64 (from a file part or a text field), ``scale`` a
+    number or per-block scales (their range and blocks: the planner's ``style_inputs`` checks)."""
+
+    image: str | None = None
+    scale: float | dict | None = None
+
+
+STYLE_FIELDS = ("style_image", "style_scale")
+
+
+def parse_style_scale(text: str) -> float | dict:
+    """A form's ``style_scale``: a number (``"0.6"``), or per-block scales as JSON (``'{"up": {"block_0": [0,1,0]}}'``).
+
+    >>> parse_style_scale("0.6"), parse_style_scale('{"up": 1}')
+    (0.6, {'up': 1})
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            return value
+        raise APIError(422, "invalid_value", "style_scale: per-block scales must be a JSON object", "style_scale")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not text.isascii() or not math.isfinite(value):
+        raise APIError(
+            422,
+            "invalid_value",
+            f"style_scale must be a number in [0, 2] or per-block scales as a JSON object, got {text[:40]!r}",
+            "style_scale",
+        )
+    return value
 
 
 # POST /v1/images/edits in OpenAPI: the form's fields (the route reads the form itself, ``read_edit``).
@@ -179,6 +229,17 @@ EDIT_OPENAPI = {
                             "format": "binary",
                             "description": "Image-sized, with alpha: fully transparent pixels mark where to edit.",
                         },
+                        "style_image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "lorafleet's: a reference image whose style the edit takes (IP-Adapter); "
+                            "a file, or base64 / a data URL as text. Models with style_image in GET /v1/models.",
+                        },
+                        "style_scale": {
+                            "type": "string",
+                            "description": "lorafleet's: how strongly style_image steers, 0 to 2 (default 1.0), or "
+                            'per-block scales as JSON, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}.',
+                        },
                         **OpenAIEditForm.model_json_schema()["properties"],
                     },
                 }
@@ -186,19 +247,27 @@ EDIT_OPENAPI = {
         },
     }
 }
-# One image per edit: the OpenAI client sends one as ``image``, a list as ``image[]``.
+# One image per edit: the OpenAI client sends one as ``image``, a list as ``image[]``. A style reference is not a
+# second ``image[]`` (gpt-image-1 reads several images as references with no role each): it is ``style_image``.
 _IMAGE_KEYS = ("image", "image[]")
 
 
-async def read_edit(request: Request, max_image_bytes: int) -> tuple[OpenAIEditForm, bytes, bytes | None]:
-    """The edit's form: its fields (``OpenAIEditForm``: a bad one is a 422 naming it), the image's bytes and
-    the mask's (None: img2img). Each file at most ``max_image_bytes``; the body's cap is the edge's."""
+async def read_edit(request: Request, max_image_bytes: int) -> tuple[OpenAIEditForm, bytes, bytes | None, Style]:
+    """The edit's form: its fields (``OpenAIEditForm``: a bad one is a 422 naming it), the image's bytes, the
+    mask's (None: img2img) and the style reference (``style_image``: a file part or base64 text; ``style_scale``).
+    Each file at most ``max_image_bytes``; the body's cap is the edge's."""
     form = await request.form()
     try:
         fields: dict[str, str] = {}
-        images, masks = [], []
+        images, masks, styles, scales = [], [], [], []
         for key, value in form.multi_items():
-            if key in (*_IMAGE_KEYS, "mask"):
+            if key == "style_image":
+                styles.append(value)
+            elif key == "style_scale":
+                if not isinstance(value, str):
+                    raise APIError(422, "invalid_value", "style_scale must be text, not a file part", key)
+                scales.append(value)
+            elif key in (*_IMAGE_KEYS, "mask"):
                 if isinstance(value, str):
                     raise APIError(422, "invalid_value", f"{key} must be a file part, not text", key.removesuffix("[]"))
                 (masks if key == "mask" else images).append(value)
@@ -208,16 +277,26 @@ async def read_edit(request: Request, max_image_bytes: int) -> tuple[OpenAIEditF
                 fields[key] = value
         if not images:
             raise APIError(422, "missing_field", "image is required (a file part)", "image")
-        for name, files in (("image", images), ("mask", masks)):
+        for name, files in (("image", images), ("mask", masks), ("style_image", styles), ("style_scale", scales)):
             if len(files) > 1:
-                raise APIError(422, "invalid_value", f"{name}: one file per edit, got {len(files)}", name)
+                hint = " (a style reference: send it as style_image)" if name == "image" else ""
+                what = "value" if name == "style_scale" else "file"
+                raise APIError(422, "invalid_value", f"{name}: one {what} per edit, got {len(files)}{hint}", name)
         try:
             body = OpenAIEditForm.model_validate(fields)
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from e
         image = await _read_file(images[0], "image", max_image_bytes)
         mask = await _read_file(masks[0], "mask", max_image_bytes) if masks else None
-        return body, image, mask
+        style = Style()
+        if styles:
+            text = styles[0]
+            if not isinstance(text, str):  # a file part; text is base64 or a data URL, decoded by the planner
+                text = base64.b64encode(await _read_file(text, "style_image", max_image_bytes)).decode()
+            style = Style(image=text)
+        if scales:
+            style = Style(style.image, parse_style_scale(scales[0]))
+        return body, image, mask, style
     finally:
         await form.close()
 

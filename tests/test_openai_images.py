@@ -598,3 +598,80 @@ def test_the_jobs_event_route_is_framed_by_fastapi_with_ids_and_retry(tmp_path, 
         assert [s.cancelled for s in streams] == [True]  # the relay stops the Jobs replica's generator
     finally:
         mp.undo()
+
+
+# -- IP-Adapter (#22): an edit's style reference (style_image, style_scale) --------------------------------------
+
+
+@pytest.fixture
+def styled(tmp_path, cache_dir):
+    """The app on tiny-sd served with its builtin IP-Adapter, and one served without (the default config)."""
+    mp = pytest.MonkeyPatch()
+    client, ingress = make_ingress(app_config(tmp_path, cache_dir, model={"ip_adapter": {}}), mp)
+    ingress.graph = StreamingGraph()
+    yield client, ingress
+    mp.undo()
+
+
+def test_an_edits_style_image_is_a_file_part_or_base64_text_and_its_scale_a_number_or_json(styled):
+    client, ingress = styled
+    image = ("in.png", png(size=(64, 64)), "image/png")
+    reference = png((10, 200, 30), size=(40, 24))
+    expected = np.asarray(Image.open(io.BytesIO(reference)).convert("RGB"))
+    data = {"prompt": "x", "steps": "2", "style_scale": "0.6"}
+    r = client.post(
+        "/v1/images/edits", files={"image": image, "style_image": ("s.png", reference, "image/png")}, data=data
+    )
+    assert r.status_code == 200, r.text
+    plan = ingress.graph.plans[-1]
+    assert plan.mode == "img2img" and plan.style_scale == 0.6
+    assert np.array_equal(plan.style_image.pixels, expected)
+    as_text = {
+        "prompt": "x",
+        "steps": "2",
+        "style_image": "data:image/png;base64," + base64.b64encode(reference).decode(),
+    }
+    r = client.post(
+        "/v1/images/edits", files={"image": image}, data={**as_text, "style_scale": '{"up": {"block_1": 1.0}}'}
+    )
+    assert r.status_code == 200, r.text
+    plan = ingress.graph.plans[-1]
+    assert (
+        plan.style_scale == {"up": {"block_1": 1.0}}
+        and plan.style_image.digest == ingress.graph.plans[-2].style_image.digest
+    )
+    r = client.post("/v1/images/edits", files={"image": image}, data={"prompt": "x", "steps": "2"})
+    assert r.status_code == 200 and ingress.graph.plans[-1].style_image is None  # no style: the plain edit
+
+
+def test_an_edits_style_errors_name_its_fields(styled, tmp_path, cache_dir):
+    client, _ = styled
+    image = ("in.png", png(), "image/png")
+    style = ("s.png", png(), "image/png")
+    bad = [
+        ({"style_image": style}, {"style_scale": "3"}, "style_scale", "must be in [0, 2.0], got 3.0"),
+        ({"style_image": style}, {"style_scale": "strong"}, "style_scale", "must be a number"),
+        ({"style_image": style}, {"style_scale": "{nope"}, "style_scale", "JSON object"),
+        ({"style_image": style}, {"style_scale": '{"side": 1}'}, "style_scale.side", "down, mid and up"),
+        ({}, {"style_scale": "0.5"}, "style_scale", "needs a style_image"),
+        ({"style_image": ("s.png", b"not an image", "image/png")}, {}, "style_image", ""),
+        ({}, {"style_image": "!!!"}, "style_image", ""),
+    ]
+    for files, data, param, text in bad:
+        r = client.post("/v1/images/edits", files={"image": image, **files}, data={"prompt": "x", **data})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and text in error["message"] and "\n" not in error["message"], error
+    two = [("style_image", style), ("style_image", style), ("image", image)]
+    r = client.post("/v1/images/edits", files=two, data={"prompt": "x"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "style_image"
+    r = client.post("/v1/images/edits", files=[("image[]", image), ("image[]", image)], data={"prompt": "x"})
+    assert r.status_code == 422 and "send it as style_image" in r.json()["error"]["message"]
+    mp = pytest.MonkeyPatch()  # a model served without IP-Adapter weights
+    plain, _ = make_ingress(app_config(tmp_path / "plain", cache_dir), mp)
+    try:
+        r = plain.post("/v1/images/edits", files={"image": image, "style_image": style}, data={"prompt": "x"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "style_image_unsupported"
+        assert r.json()["error"]["param"] == "style_image"
+    finally:
+        mp.undo()
