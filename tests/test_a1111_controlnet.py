@@ -281,3 +281,59 @@ def test_listings():
     assert modules["module_list"] == ["ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_g"]
     assert set(modules["module_detail"]) == set(modules["module_list"])
     assert a1111_controlnet.module_list(False) == {"module_list": [], "module_detail": {}}
+
+
+# -- the routes, in-process (the app with a fake graph) -------------------------------------------------------
+
+
+@pytest.fixture
+def styled(tmp_path, cache_dir):
+    from ingress_helpers import app_config, make_ingress
+
+    mp = pytest.MonkeyPatch()
+    client, ingress = make_ingress(app_config(tmp_path, cache_dir, model={"ip_adapter": {"variant": "plus"}}), mp)
+    yield client, ingress
+    mp.undo()
+
+
+def test_routes_list_the_served_ip_adapter_and_txt2img_takes_the_unit(styled):
+    client, ingress = styled
+    assert client.get("/controlnet/version").json() == {"version": 3}
+    models = client.get("/controlnet/model_list").json()["model_list"]
+    assert len(models) == 1 and models[0].startswith("ip-adapter-plus_tiny-sd [")
+    assert client.get("/controlnet/module_list").json()["module_list"] == list(a1111_controlnet.MODULES)
+    body = {
+        "prompt": "a",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "alwayson_scripts": {"ControlNet": {"args": [unit(image=STYLE, weight=0.4, model=models[0])]}},
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    plan = ingress.graph.plans[-1]
+    assert plan.style_scale == 0.4 and plan.style_image.pixels.shape == (32, 48, 3)
+    assert json.loads(r.json()["info"])["extra_generation_params"]["ControlNet 0"] == (
+        f"Module: ip-adapter_clip_h, Model: {models[0]}, Weight: 0.4"
+    )
+    body["alwayson_scripts"]["ControlNet"]["args"][0]["weight"] = 2.5
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "alwayson_scripts.ControlNet.args[0].weight"
+
+
+def test_without_ip_adapter_the_lists_are_empty_and_a_unit_is_unsupported(tmp_path, cache_dir):
+    from ingress_helpers import app_config, make_ingress
+
+    mp = pytest.MonkeyPatch()
+    try:
+        client, _ = make_ingress(app_config(tmp_path, cache_dir), mp)
+        assert client.get("/controlnet/model_list").json() == {"model_list": []}
+        assert client.get("/controlnet/module_list").json()["module_list"] == []
+        body = {"prompt": "a", "steps": 2, "alwayson_scripts": {"controlnet": {"args": [unit(image=STYLE)]}}}
+        error = client.post("/sdapi/v1/txt2img", json=body).json()["error"]
+        assert (error["code"], error["field"]) == (
+            "style_image_unsupported",
+            "alwayson_scripts.controlnet.args[0].image",
+        )
+    finally:
+        mp.undo()
