@@ -19,6 +19,8 @@ const state = {
   adapters: new Map(),    // name -> /sdapi/v1/loras entry, every model's
   chosen: [],             // [{name, scale: <input>, item: <li>}] in request order
   image: null,            // {dataUrl, img: HTMLImageElement} of the input image
+  style: null,            // {dataUrl, name} of the style reference image (IP-Adapter)
+  styleModels: new Map(), // model name -> whether it takes a style_image (GET /v1/models)
   job: null,              // {id, events: EventSource, finished}
 };
 
@@ -49,6 +51,7 @@ function setUpForm() {
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   setUpMask();
+  setUpStyle();
 }
 
 function familyName(model) {
@@ -90,6 +93,7 @@ function applyModel(model) {
   scheduler.replaceChildren(...model.schedulers.map((s) =>
     new Option(s.value === "default" ? `${s.name} (the model's own)` : s.name, s.value)));
   scheduler.value = model.schedulers.some((s) => s.value === chosen) ? chosen : "default";
+  renderStyle();
 }
 
 function setMode(mode) {
@@ -218,6 +222,83 @@ function button(text, onClick) {
   const b = Object.assign(document.createElement("button"), { type: "button", textContent: text });
   b.addEventListener("click", onClick);
   return b;
+}
+
+// -- style image (IP-Adapter) ------------------------------------------------------------------
+
+function takesStyle(model) {
+  // The page config may say (style_image); else GET /v1/models does, once loaded; unknown: hidden.
+  if (typeof model.style_image === "boolean") return model.style_image;
+  return state.styleModels.get(model.model) === true;
+}
+
+async function loadModels() {
+  try {
+    const response = await fetch(api("v1/models"));
+    if (!response.ok) return;
+    const listing = await response.json();
+    for (const entry of listing.data ?? []) state.styleModels.set(entry.id, entry.style_image === true);
+  } catch {
+    return;  // the style section stays hidden: the rest of the page works without it
+  }
+  renderStyle();
+}
+
+function renderStyle() {
+  $("style").hidden = !takesStyle(state.model);
+}
+
+function setUpStyle() {
+  const drop = $("style-drop");
+  const input = $("style_image");
+  drop.addEventListener("click", () => input.click());
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      input.click();
+    }
+  });
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    if (file) loadStyle(file);
+  });
+  input.addEventListener("change", () => { if (input.files[0]) loadStyle(input.files[0]); });
+  $("style_scale").addEventListener("input", () => { $("style-scale-value").textContent = $("style_scale").value; });
+  $("style-clear").addEventListener("click", clearStyle);
+}
+
+function loadStyle(file) {
+  clearError();
+  const reader = new FileReader();
+  reader.onerror = () => showError(`Could not read ${file.name}.`, "style_image");
+  reader.onload = () => {
+    const img = new Image();
+    img.onerror = () => showError(`${file.name} is not an image this browser can read.`, "style_image");
+    img.onload = () => {
+      state.style = { dataUrl: reader.result, name: file.name };
+      Object.assign($("style-preview"), { src: reader.result, hidden: false });
+      $("style-name").textContent = `${file.name} (${img.naturalWidth}×${img.naturalHeight})`;
+      $("style-clear").hidden = false;
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function clearStyle() {
+  state.style = null;
+  $("style_image").value = "";
+  $("style-preview").hidden = true;
+  $("style-preview").removeAttribute("src");
+  $("style-name").textContent = "";
+  $("style-clear").hidden = true;
 }
 
 // -- input image and mask -------------------------------------------------------------------
@@ -356,6 +437,10 @@ function buildBody() {
     body.strength = Number($("strength").value);
   }
   if (state.mode === "inpaint") body.mask = mask.canvas.toDataURL("image/png");
+  if (state.style && takesStyle(state.model)) {  // a model without IP-Adapter hides the section: nothing is sent
+    body.style_image = state.style.dataUrl;
+    body.style_scale = Number($("style_scale").value);
+  }
   return body;
 }
 
@@ -472,6 +557,10 @@ function addToGallery(job, body) {
       caption.append(Object.assign(document.createElement("span"), { className: "model", textContent: job.model }));
     }
     if (styles) caption.append(Object.assign(document.createElement("span"), { className: "styles", textContent: styles }));
+    if (body.style_image) {
+      const text = `style image ×${body.style_scale}`;
+      caption.append(Object.assign(document.createElement("span"), { className: "style-ref", textContent: text }));
+    }
     const download = Object.assign(document.createElement("a"), {
       href: src, download: `lorafleet-${image.seed}.png`, textContent: "Download",
     });
@@ -512,6 +601,7 @@ function fieldElement(field) {
   }
   if (field.startsWith("loras")) return $("adapter-pick");
   if (field === "mask") return $("mask");
+  if (field.startsWith("style_image")) return $("style-drop");
   return $(field.split(".")[0]);
 }
 
@@ -554,3 +644,4 @@ function setBusy(busy) {
 
 setUpForm();
 loadAdapters();
+loadModels();
