@@ -438,7 +438,7 @@ def plot_fairness(fair: dict, path: Path) -> None:
     ax.set_ylabel("% of load / of completed images")
     ax2.set_ylabel("latency ms (bar p95, tick p50)")
     ax2.set_yscale("log")
-    fig.suptitle("Fairness at overload: two tenants, one offering 4x the other")
+    fig.suptitle("Fairness at overload: a flooding tenant and a light one")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
