@@ -230,3 +230,20 @@ def test_gpu_suite_smoke(cache_dir, tmp_path):
     assert result["ray_imported"] is False
     report = (out / "suite.md").read_text()
     assert "| target | measured | verdict | how |" in report and report.count("PASS") + report.count("MISS") == 4
+
+
+def test_ip_adapter_bench_smoke(cache_dir, monkeypatch):
+    """``bench_ip_adapter.py`` at tiny settings (issue 22): rows without an image are bit-identical to the batch on
+    the UNet without IP-Adapter, image rows move; the encoder's cache hits return the misses' embeddings."""
+    from benchmarks import bench_ip_adapter as bench
+
+    monkeypatch.setenv("LORAFLEET_CACHE_DIR", str(cache_dir))
+    res = bench.run_mixed("builtin:tiny-sd", rows=4, image_rows=[0, 2, 4], size=64, warmup=1, ticks=1, rounds=1)
+    assert [r["image_rows"] for r in res["results"]] == ["off", 0, 2, 4]
+    assert all(r["plain_rows_identical"] and r["image_rows_moved"] for r in res["results"])
+    assert res["results"][1]["ratio"] == 1.0 and all(r["tick_ms"] > 0 for r in res["results"])
+    assert res["ip_tokens"] == 4 and res["ip_layers"] > 0
+    enc = bench.run_encoder("tiny", batches=[1, 2], reps=1, side=64)
+    assert [r["batch"] for r in enc["results"]] == [1, 2]
+    assert all(r["hit_returns_the_miss_embeddings"] for r in enc["results"])
+    assert (enc["cache_hits"], enc["encoded"]) == (3, 4)  # 1 warm-up + 3 new images encoded; each hit once
