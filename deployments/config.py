@@ -39,6 +39,16 @@ class TextEncoderConfig(ResourceConfig):
     cache_size: int = Field(4096, ge=0, description="Prompt embeddings kept in the LRU cache.")
 
 
+class ImageEncoderConfig(ResourceConfig):
+    """The ImageEncoder (IP-Adapter's CLIP vision encoder), bound only for models with ``ip_adapter``."""
+
+    max_batch_size: int = Field(16, ge=1, le=512, description="Style images encoded in one batch.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Wait for batch-mates before encoding.")
+    cache_size: int = Field(
+        1024, ge=0, description="Image embeddings kept in the LRU cache, keyed by the image's pixel digest."
+    )
+
+
 class DenoiserConfig(ResourceConfig):
     max_rows_per_tick: int = Field(
         16, ge=2, le=1024, description="UNet rows per step across requests (an image with guidance takes 2)."

@@ -15,6 +15,8 @@ from .engine import models
 from .engine.adapters import ModelAdapters, open_model_registry
 from .engine.conditioning import ImageConditioning
 from .engine.config import LoRAConfig, ModelConfig
+from .engine.image_encoder import load_ip_adapter_weights
+from .engine.ip_adapter import IPAdapterModel
 from .engine.loop import DenoiseLoop
 from .engine.previews import preview_data_url, unit_variance
 from .engine.runtime import prepare_runtime
@@ -25,6 +27,7 @@ from .messages import (
     Denoised,
     DenoiseEvent,
     DenoiseParams,
+    ImageEmbeddings,
     MicroConditioning,
     Preview,
     PromptEmbeddings,
@@ -44,6 +47,13 @@ class Denoiser:
         unet = rt.prepare(models.load_unet(info.directory, rt.device, rt.dtype))
         self.registry, _ = open_model_registry(registry, info.directory)
         self.adapters = ModelAdapters(unet, "unet", self.registry, lora, deterministic=rt.deterministic)
+        # IP-Adapter (model.ip_adapter): its weights checked against this UNet here, so a mismatch fails the start
+        # with one line; its processors go on after the batch-invariant kernels and the LoRA layers.
+        self.ip_adapter = None
+        if model.ip_adapter is not None:
+            weights = load_ip_adapter_weights(model.ip_adapter, model.uri, unet, model.cache_dir)
+            self.ip_adapter = IPAdapterModel(unet, weights, max_rows=config.max_rows_per_tick)
+            self.ip_adapter.install()
         rt.compile_unet(unet)  # model.compile: after the LoRA layers wrap the projections, before graph capture
         self.steps = StepScheduler(
             unet,
@@ -55,6 +65,7 @@ class Denoiser:
             tenant_weights=config.tenant_weights,
             lora=self.adapters.lora,
             residency=self.adapters.residency,
+            ip_adapter=self.ip_adapter,
             # Each tick's UNet step on static buffers, replayed from CUDA graphs on CUDA (denoiser.cuda_graphs).
             step_graphs=make_step_graphs(
                 unet,
@@ -78,14 +89,16 @@ class Denoiser:
         encoded: PromptEmbeddings,
         params: DenoiseParams,
         conditioning: list[ImageConditioning] | None = None,
+        style: ImageEmbeddings | None = None,
     ) -> Denoised:
         """Denoise ``params.num_images`` images; image k uses seed ``params.seed + k``.
 
         ``encoded`` is the TextEncoder's answer (a chained DeploymentResponse, resolved by Serve).
         ``conditioning``: for img2img and inpainting, the VAE's ``encode`` answer (one
-        ``ImageConditioning`` per image; chained, resolved by Serve).
+        ``ImageConditioning`` per image; chained, resolved by Serve). ``style``: with a style image, the
+        ImageEncoder's answer (chained), read by IP-Adapter at ``params.style_scale``.
         """
-        requests = self._build_requests(encoded, params, conditioning)
+        requests = self._build_requests(encoded, params, conditioning, style)
         try:
             self._update_gauges()
             jobs = await self.loop.run(requests)
@@ -99,6 +112,7 @@ class Denoiser:
         params: DenoiseParams,
         preview_every_steps: int = 0,
         conditioning: list[ImageConditioning] | None = None,
+        style: ImageEmbeddings | None = None,
     ) -> AsyncIterator[DenoiseEvent]:
         """``denoise`` with progress: call with ``handle.options(stream=True)``.
 
@@ -110,7 +124,7 @@ class Denoiser:
         """
         last: Queued | Step | None = None
         previewed = 0
-        requests = self._build_requests(encoded, params, conditioning)
+        requests = self._build_requests(encoded, params, conditioning, style)
         try:
             self._update_gauges()
             async for jobs, finished in self.loop.stream(requests):
@@ -145,10 +159,11 @@ class Denoiser:
         encoded: PromptEmbeddings,
         params: DenoiseParams,
         conditioning: list[ImageConditioning] | None = None,
+        style: ImageEmbeddings | None = None,
     ) -> list[DenoiseRequest]:
         """One ``DenoiseRequest`` per image from the encoder's answer, the request's params (its adapters
-        by reference: the scheduler pins them at admission) and (img2img / inpainting) the VAE's
-        per-image conditioning."""
+        by reference: the scheduler pins them at admission), (img2img / inpainting) the VAE's per-image
+        conditioning and (a style image) the ImageEncoder's embeddings, the same for every image."""
         adapters = tuple((a.ref, float(a.weight)) for a in params.adapters)
         xl: dict = {}
         if self.sdxl:
@@ -161,6 +176,13 @@ class Denoiser:
             }
         elif params.micro is not None:
             raise ValueError("SDXL micro-conditioning (original_size, crops_coords_top_left, target_size) needs SDXL")
+        ip: dict = {}
+        if style is not None:
+            ip = {
+                "ip_adapter_embeds": style.image_embeds,
+                "negative_ip_adapter_embeds": style.negative_image_embeds,
+                "ip_adapter_scale": params.style_scale,
+            }
         return [
             DenoiseRequest(
                 prompt_embeds=encoded.prompt_embeds,
@@ -177,6 +199,7 @@ class Denoiser:
                 conditioning=conditioning[k] if conditioning else None,
                 prompt_schedule=encoded.schedule,  # prompt editing / alternation / AND (None: none)
                 **xl,
+                **ip,
             )
             for k in range(params.num_images)
         ]

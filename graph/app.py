@@ -1,4 +1,5 @@
-"""``build_app``: bind TextEncoder, Denoiser and VAE (and the Jobs store) behind the HTTP ingress.
+"""``build_app``: bind TextEncoder, Denoiser and VAE (an ImageEncoder for models with IP-Adapter, and the Jobs
+store) behind the HTTP ingress.
 
 Used by ``serve run serve_config.yaml`` / ``serve deploy`` (``import_path:
 graph.app:build_app`` with the config as ``args``) and from Python.
@@ -13,6 +14,7 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.config import ResourceConfig
 from deployments.denoiser import Denoiser
+from deployments.image_encoder import ImageEncoder
 from deployments.routing import ROUTING_STATS_PERIOD_S, AdapterAffinityRouter
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
@@ -39,8 +41,8 @@ def _options(cfg: ResourceConfig) -> dict:
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Validate the config (``ConfigError`` names the field) and bind the graph: for each base model a
-    TextEncoder, a Denoiser and a VAE (the first model's keep the plain names, the others' end in
-    ``-<model name>``), one Jobs store and one ingress for them all."""
+    TextEncoder, a Denoiser and a VAE, and with ``ip_adapter`` an ImageEncoder (the first model's keep the plain
+    names, the others' end in ``-<model name>``), one Jobs store and one ingress for them all."""
     config = args if isinstance(args, AppConfig) else AppConfig.load(args)
     # Requests go to replicas that already hold their adapters (deployments/routing.py).
     router = RequestRouterConfig(
@@ -58,7 +60,12 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
             name=f"Denoiser{served.suffix}", **_options(served.denoiser), request_router_config=router
         ).bind(served.model, served.denoiser, config.lora, config.registry)
         vae = VAE.options(name=f"VAE{served.suffix}", **_options(served.vae)).bind(served.model, served.vae, weights)
-        graphs.append(ModelGraph(text_encoder, denoiser, vae))
+        image_encoder = None
+        if served.model.ip_adapter is not None:  # style_image: IP-Adapter's CLIP vision encoder
+            image_encoder = ImageEncoder.options(
+                name=f"ImageEncoder{served.suffix}", **_options(served.image_encoder)
+            ).bind(served.model, served.image_encoder, weights)
+        graphs.append(ModelGraph(text_encoder, denoiser, vae, image_encoder))
     # One replica: it holds every async job, so each ingress replica finds each job there.
     jobs = Jobs.options(
         num_replicas=1,

@@ -1,4 +1,5 @@
-"""Run a ``Plan`` through the graph: TextEncoder -> Denoiser -> VAE, chained DeploymentResponses.
+"""Run a ``Plan`` through the graph: TextEncoder -> Denoiser -> VAE, chained DeploymentResponses (beside the
+TextEncoder, the VAE's encode for img2img / inpainting and the ImageEncoder for a style image).
 
 Tensors move replica to replica through Ray's object store, never through the
 ingress as JSON. Replica deaths are retried once; overload and registry errors
@@ -80,11 +81,12 @@ async def resolve(response):
 
 @dataclass(frozen=True)
 class ModelGraph:
-    """One base model's three deployments (handles in a replica; bound deployments in ``build_app``)."""
+    """One base model's deployments (handles in a replica; bound deployments in ``build_app``)."""
 
     text_encoder: DeploymentHandle
     denoiser: DeploymentHandle
     vae: DeploymentHandle
+    image_encoder: DeploymentHandle | None = None  # models served with IP-Adapter only (style_image)
 
 
 class GraphClient:
@@ -96,8 +98,10 @@ class GraphClient:
         limits: LimitsConfig,
         metrics,
         model: str = "",
+        image_encoder: DeploymentHandle | None = None,
     ):
         self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
         self.denoiser = denoiser
         self.vae = vae
         self.limits = limits
@@ -106,7 +110,7 @@ class GraphClient:
 
     @classmethod
     def of(cls, graph: ModelGraph, limits: LimitsConfig, metrics, model: str) -> GraphClient:
-        return cls(graph.text_encoder, graph.denoiser, graph.vae, limits, metrics, model)
+        return cls(graph.text_encoder, graph.denoiser, graph.vae, limits, metrics, model, graph.image_encoder)
 
     async def run(
         self,
@@ -161,15 +165,22 @@ class GraphClient:
             # img2img / inpainting: the VAE encodes the image beside the prompt encoding.
             conditioning = self.vae.encode.remote(plan.conditioning, plan.tenant, plan.tenant_weight)
             inflight.append(conditioning)
+        style = {}  # the Denoiser's ``style`` argument, only with a style image
+        if plan.style_image is not None:
+            # IP-Adapter: the ImageEncoder embeds the style image beside the prompt encoding.
+            if self.image_encoder is None:
+                raise RuntimeError(f"model {self.model!r} has no ImageEncoder; the planner lets no style_image here")
+            style = {"style": self.image_encoder.encode.remote(plan.style_request())}
+            inflight.append(style["style"])
         # The Denoiser's router (deployments/routing.py) prefers replicas that hold the adapters.
         denoiser = self.denoiser
         if on_event is None:
-            denoised = denoiser.denoise.remote(encoded, plan.denoise_params(), conditioning)
+            denoised = denoiser.denoise.remote(encoded, plan.denoise_params(), conditioning, **style)
             decoded = self.vae.decode.remote(denoised, plan.decode_params())
             inflight += [denoised, decoded]
             chain = resolve(decoded)
         else:
-            chain = self._stream(denoiser, encoded, conditioning, plan, on_event, preview_every_steps, inflight)
+            chain = self._stream(denoiser, encoded, conditioning, style, plan, on_event, preview_every_steps, inflight)
         try:
             return await asyncio.wait_for(chain, timeout=max(0.0, deadline - time.perf_counter()))
         except asyncio.TimeoutError as e:
@@ -189,10 +200,18 @@ class GraphClient:
             raise error from e
 
     async def _stream(
-        self, denoiser, encoded, conditioning, plan: Plan, on_event, preview_every_steps: int, inflight: list
+        self,
+        denoiser,
+        encoded,
+        conditioning,
+        style: dict,
+        plan: Plan,
+        on_event,
+        preview_every_steps: int,
+        inflight: list,
     ) -> DecodedImages:
         stream = denoiser.options(stream=True).denoise_stream.remote(
-            encoded, plan.denoise_params(), preview_every_steps, conditioning
+            encoded, plan.denoise_params(), preview_every_steps, conditioning, **style
         )
         inflight.append(stream)
         denoised = None

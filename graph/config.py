@@ -7,14 +7,14 @@ ConfigError: denoiser.max_rows_per_tick: Input should be greater than or equal t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from deployments.config import DenoiserConfig, TextEncoderConfig, VAEConfig
+from deployments.config import DenoiserConfig, ImageEncoderConfig, TextEncoderConfig, VAEConfig
 from deployments.engine.config import LoRAConfig, ModelConfig, StrictConfig
 from lora_registry.config import RegistryConfig
 
@@ -36,6 +36,9 @@ class ModelEntry(ModelConfig):
     text_encoder: dict | None = Field(None, description="This model's TextEncoder settings, over `text_encoder`.")
     denoiser: dict | None = Field(None, description="This model's Denoiser settings, over `denoiser`.")
     vae: dict | None = Field(None, description="This model's VAE settings, over `vae`.")
+    image_encoder: dict | None = Field(
+        None, description="This model's ImageEncoder settings (with ip_adapter), over `image_encoder`."
+    )
 
     @field_validator("name")
     @classmethod
@@ -61,6 +64,7 @@ class ServedModelConfig:
     denoiser: DenoiserConfig
     vae: VAEConfig
     suffix: str = ""
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)  # bound only with ip_adapter
 
 
 def _merged(base: dict, override: dict) -> dict:
@@ -94,6 +98,10 @@ class AppConfig(StrictConfig):
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    image_encoder: ImageEncoderConfig = Field(
+        default_factory=ImageEncoderConfig,
+        description="The ImageEncoder (IP-Adapter's CLIP vision encoder) of models with ip_adapter.",
+    )
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="Per-request adapters and adapter slots.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where adapters live (S3 or local).")
     admin: AdminConfig = Field(default_factory=lambda: AdminConfig(), description="Who may change the registry.")
@@ -121,7 +129,7 @@ class AppConfig(StrictConfig):
                 raise ValueError(f"models: each name must be unique; listed twice: {', '.join(twice)}")
         for served in self.served_models():
             where = "" if served.name is None or self.models is None else f"models[{served.name}]."
-            for name in ("text_encoder", "denoiser", "vae"):
+            for name in ("text_encoder", "denoiser", "vae", "image_encoder"):
                 autoscaling = getattr(served, name).autoscaling
                 if autoscaling is not None:
                     try:
@@ -135,17 +143,31 @@ class AppConfig(StrictConfig):
 
         Raises ``ValueError`` naming ``models[<name>].<section>.<field>`` for a bad per-model section."""
         if self.models is None:
-            return [ServedModelConfig(self.model.name, self.model, self.text_encoder, self.denoiser, self.vae)]
+            return [
+                ServedModelConfig(
+                    self.model.name,
+                    self.model,
+                    self.text_encoder,
+                    self.denoiser,
+                    self.vae,
+                    image_encoder=self.image_encoder,
+                )
+            ]
         served = []
         for i, entry in enumerate(self.models):
             sections = {}
-            for name, cls in (("text_encoder", TextEncoderConfig), ("denoiser", DenoiserConfig), ("vae", VAEConfig)):
+            for name, cls in (
+                ("text_encoder", TextEncoderConfig),
+                ("denoiser", DenoiserConfig),
+                ("vae", VAEConfig),
+                ("image_encoder", ImageEncoderConfig),
+            ):
                 top = getattr(self, name).model_dump(exclude_unset=True)
                 try:
                     sections[name] = cls.model_validate(_merged(top, getattr(entry, name) or {}))
                 except ValidationError as e:
                     raise ValueError(f"models[{entry.name}].{name}: {_problems(e)}") from None
-            model = ModelConfig(**entry.model_dump(exclude={"text_encoder", "denoiser", "vae"}))
+            model = ModelConfig(**entry.model_dump(exclude={"text_encoder", "denoiser", "vae", "image_encoder"}))
             served.append(ServedModelConfig(entry.name, model, suffix="" if i == 0 else f"-{entry.name}", **sections))
         return served
 
