@@ -123,6 +123,10 @@ def fairness(records: list[dict], stages_doc: dict) -> dict:
             ),
             "images_per_s": images / (stage["end"] - t0),
             "refused": refusals(mine),
+            # arrivals its client could not send (every user of its lane still waiting): asked, never sent
+            "unsent": sum(
+                (stage.get("lanes", {}).get(name) or {}).get(k, 0) for k in ("dropped_arrivals", "voided_arrivals")
+            ),
             "stage_ms": stage_times(ok),
         }
     return {"rate_rps": stage["rate_rps"], "window_s": stage["end"] - t0, "tenants": out}
@@ -188,6 +192,7 @@ def isolation(fair: dict, alone: dict | None, phase: dict) -> dict:
         "light_requests": light.get("requests", 0),
         "light_failed": failed,
         "light_refused": light.get("refused", {}),
+        "light_unsent": light.get("unsent", 0),
         "p50_ms": light.get("p50_ms"),
         "p95_ms": p95,
         "alone_requests": solo["requests"] if solo else 0,
@@ -651,9 +656,10 @@ def _summary_table(headline: dict, searches: dict, fair: dict, overall: dict, lo
 def _isolation_cell(x: dict) -> str:
     verdict = "**PASS**" if x["passed"] else "**FAIL**"
     refused = x["light_refused"]
+    unsent = f", {x['light_unsent']} arrivals unsent (its client's users all waiting)" if x.get("light_unsent") else ""
     return (
         f"{verdict}: {x['light_requests'] - x['light_failed']}/{x['light_requests']} served "
-        f"({refused.get('429', 0)}× 429, {refused.get('503', 0)}× 503), p95 {_fmt(x['p95_ms'])} ms vs "
+        f"({refused.get('429', 0)}× 429, {refused.get('503', 0)}× 503{unsent}), p95 {_fmt(x['p95_ms'])} ms vs "
         f"{_fmt(x['alone_p95_ms'])} ms alone = {_fmt(x['p95_ratio'], 2, '×')}"
     )
 

@@ -844,7 +844,7 @@ def _timed(t, ms, tenant, status=200, **timings):
     return rec
 
 
-def _isolation_run(tmp_path, light_flood_ms: float, light_status: int = 200) -> dict:
+def _isolation_run(tmp_path, light_flood_ms: float, light_status: int = 200, unsent: int = 0) -> dict:
     from loadtest.report import build_report
 
     t0 = 3_000_000.0
@@ -863,6 +863,7 @@ def _isolation_run(tmp_path, light_flood_ms: float, light_status: int = 200) -> 
              for k in range(10)]  # fmt: skip
     alone_stage = {"rate_rps": 1.0, "start": t0, "end": t0 + 10, "warmup_s": 0.0}
     flood_stage = {"rate_rps": 9.0, "start": t0 + 100, "end": t0 + 110, "warmup_s": 0.0}
+    flood_stage["lanes"] = {"light": {"dropped_arrivals": unsent, "voided_arrivals": 0}, "heavy": {}}
     _write_phase(tmp_path, "lorafleet-alone", alone, [alone_stage], [{"name": "light", "share": 1.0}])
     _write_phase(tmp_path, "lorafleet-fairness", flood, [flood_stage], tenants)
     common = {"target": "lorafleet", "capacity_rps": 4.0, "light_tenant": "light", "light_rps": 1.0}
@@ -906,7 +907,9 @@ def test_isolation_check_fails_on_a_refused_light_request_or_a_p95_over_2x_alone
     x = _isolation_run(tmp_path / "slow", light_flood_ms=700.0)["fairness"]["lorafleet"]["isolation"]
     assert (x["served_all"], x["within_ratio"], x["passed"]) == (True, False, False)
     assert x["p95_ratio"] == pytest.approx(700 / 308.55)
-    x = _isolation_run(tmp_path / "refused", light_flood_ms=600.0, light_status=503)
-    assert "**FAIL**: 9/10 served (0× 429, 1× 503)" in (tmp_path / "refused" / "report.md").read_text()
+    x = _isolation_run(tmp_path / "refused", light_flood_ms=600.0, light_status=503, unsent=2)
+    md = (tmp_path / "refused" / "report.md").read_text()
+    assert "**FAIL**: 9/10 served (0× 429, 1× 503, 2 arrivals unsent (its client's users all waiting))" in md
     x = x["fairness"]["lorafleet"]["isolation"]
     assert (x["light_refused"]["503"], x["served_all"], x["within_ratio"], x["passed"]) == (1, False, True, False)
+    assert x["light_unsent"] == 2
