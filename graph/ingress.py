@@ -526,11 +526,10 @@ class Ingress:
         status = {}
         for served, suffix in zip(self.models.all, (s.suffix for s in self.config.served_models()), strict=True):
             graph = self.handles[served.name]
-            for stage, handle in (
-                ("TextEncoder", graph.text_encoder),
-                ("Denoiser", graph.denoiser),
-                ("VAE", graph.vae),
-            ):
+            stages = [("TextEncoder", graph.text_encoder), ("Denoiser", graph.denoiser), ("VAE", graph.vae)]
+            if graph.image_encoder is not None:  # models served with IP-Adapter
+                stages.append(("ImageEncoder", graph.image_encoder))
+            for stage, handle in stages:
                 if self.scales_from_zero[served.name]:
                     status[stage + suffix] = "scales from zero"
                 else:
