@@ -182,7 +182,16 @@ def test_gpu_suite_smoke(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((out / "suite.json").read_text())
     parts = result["parts"]
-    assert set(parts) == {"a_step", "b_engine", "c_diffusers", "d_sdxl", "e_memory", "f_correctness", "g_compile"}
+    assert set(parts) == {
+        "a_step",
+        "b_engine",
+        "c_diffusers",
+        "d_sdxl",
+        "e_memory",
+        "f_correctness",
+        "g_compile",
+        "h_ip_adapter",
+    }
     assert not [k for k, v in parts.items() if "error" in v], {k: v.get("error") for k, v in parts.items()}
 
     def positive(x) -> bool:
@@ -224,6 +233,13 @@ def test_gpu_suite_smoke(cache_dir, tmp_path):
     g = parts["g_compile"]
     assert g["backend"] == "eager" and positive(g["compile_s"]) and g["compiled_graphs"] > 0
     assert g["recompiled_on_new_adapters"] is False and g["compiled_vs_eager_max_abs"] == 0
+    # (h): IP-Adapter's image rows: rows without an image equal IP-Adapter off exactly, image rows move; the
+    # encoder's cache hit hands back the miss's embeddings.
+    h = parts["h_ip_adapter"]
+    assert [t["image_rows"] for t in h["mixed"]["ticks"]] == ["off", 0, 4, 8, 16]
+    assert h["mixed"]["plain_rows_identical"] is True and h["mixed"]["image_rows_moved"] is True
+    assert h["encoder"]["encoder"] == "tiny" and all(r["hit_is_the_miss"] for r in h["encoder"]["results"])
+    assert {(r["rowwise"], r["batch"]) for r in h["encoder"]["results"]} >= {(False, 1), (True, 1)}
     # The targets: all four measured, each with a verdict; no Ray, nothing the GPU host lacks.
     assert len(result["targets"]) == 4
     assert all(isinstance(t["measured"], float) and isinstance(t["pass"], bool) for t in result["targets"])

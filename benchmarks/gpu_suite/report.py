@@ -126,6 +126,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## (f) correctness", ""]
     for key, v in parts.get("f_correctness", {}).items():
         lines.append(f"- {key}: {_correctness(v)}")
+    lines += _ip_adapter_lines(parts.get("h_ip_adapter", {}), s["sd"]["source"])
     g = parts.get("g_compile", {})
     lines += ["", f"## (g) regional compile (model.compile: regional), {s['sd']['source']}", ""]
     if "compile_s" not in g:
@@ -144,6 +145,37 @@ def markdown(result: dict) -> str:
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def _ip_adapter_lines(h: dict, source: str) -> list[str]:
+    """(h): the tick with 0-16 image rows of 16 against IP-Adapter off, and the image encoder's images/s."""
+    lines = ["", f"## (h) IP-Adapter (#22), {source}", ""]
+    if "mixed" not in h:
+        return [*lines, str(h.get("error") or h.get("skipped") or "not run")]
+    m = h["mixed"]
+    lines += [
+        f"One eager tick, {m['rows']} rows at {m['size_px']} px, {m['ip_layers']} IP layers x {m['ip_tokens']} "
+        f"tokens; rows without an image equal IP-Adapter off: {m['plain_rows_identical']}; image rows moved: "
+        f"{m['image_rows_moved']}.",
+        "",
+        "| image rows | tick ms | vs 0 image rows |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {t['image_rows']} | {_fmt(t['tick_ms'])} | {_fmt(t['vs_0_image_rows'], 3)}x |" for t in m["ticks"]]
+    e = h.get("encoder", {})
+    if "results" in e:
+        lines += [
+            "",
+            f"Image encoder {e['encoder']} ({e['parameters'] / 1e6:.1f}M parameters), 256 px images:",
+            "",
+            "| row by row | batch | miss images/s | hit images/s |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['rowwise']} | {r['batch']} | {_fmt(r['miss_images_per_s'])} | {_fmt(r['hit_images_per_s'], 0)} |"
+            for r in e["results"]
+        ]
+    return lines
 
 
 def _correctness(v) -> str:

@@ -25,6 +25,7 @@ import torch
 
 from .baselines import Pipelines, diffusers_part, served_vs_diffusers
 from .compiled import compile_part
+from .ip_adapter import ip_adapter_part
 from .models import Request, draw_requests, host_adapters, load_model
 from .report import markdown, targets
 from .served import ServedEngine, engine_graph_support, residency_timings
@@ -32,7 +33,15 @@ from .settings import SUITE_LIMIT_S, Budget, ModelRun, SuiteSettings
 from .step import graph_vs_eager_latents, step_part
 
 DEFAULT_OUT = ".lorafleet/gpu-suite"
-PARTS = ("step", "correctness", "engine", "diffusers", "sdxl", "compile")  # budgeted parts, in the order they run
+PARTS = (
+    "step",
+    "correctness",
+    "engine",
+    "diffusers",
+    "sdxl",
+    "ip_adapter",
+    "compile",
+)  # budgeted parts, in the order they run
 NO_CUDA_MEMORY = "CPU run: no CUDA allocator to measure"
 
 
@@ -302,6 +311,15 @@ def run_suite(s: SuiteSettings, out: Path | None = None) -> dict:
     suite.free()
     parts["d_sdxl"] = suite.attempt("(d)", suite.sdxl_part)
     suite.free()
+    budget = suite.budget("ip_adapter")
+    if budget is None:
+        parts["h_ip_adapter"] = {"skipped": "out of time"}
+    else:
+        suite.log(f"(h) IP-Adapter rows and the image encoder, {budget.seconds:.0f} s")
+        parts["h_ip_adapter"] = suite.attempt("(h)", ip_adapter_part, s.sd, s, suite.device, suite.dtype, budget)
+        for t in parts["h_ip_adapter"].get("mixed", {}).get("ticks", []):
+            suite.log(f"  {t['image_rows']} image rows of 16: {t['tick_ms']:.2f} ms ({t['vs_0_image_rows']:.3f}x)")
+        suite.free()
     budget = suite.budget("compile")
     if budget is None:
         parts["g_compile"] = {"skipped": "out of time"}
