@@ -203,3 +203,22 @@ def test_config_refuses_builtin_weights_for_a_non_builtin_model():
         ModelConfig(uri="builtin:tiny-sd", ip_adapter={"variant": "plus"}).ip_adapter.weights_name()
         == (IP_ADAPTER_FILES["plus"])
     )
+
+
+def test_the_denoiser_fails_to_start_with_the_one_line(ip_dir, tmp_path, cache_dir):
+    """The Denoiser deployment's own constructor (no Ray needed up to the check): a weights file of the other
+    variant fails its start with the one-line error, before anything is served."""
+    from deployments.config import DenoiserConfig
+    from deployments.denoiser import Denoiser
+    from deployments.engine.config import LoRAConfig
+    from lora_registry.config import RegistryConfig
+
+    local = tmp_path / "ip"
+    shutil.copytree(ip_dir, local)
+    ip = IPAdapterConfig(uri=str(local), variant="plus", weights=IP_ADAPTER_FILES["plain"])
+    model = ModelConfig(uri="builtin:tiny-sd", cache_dir=str(cache_dir), ip_adapter=ip)
+    registry = RegistryConfig(uri=str(tmp_path / "registry"), cache_dir=str(tmp_path / "adapter-cache"))
+    with pytest.raises(
+        IPAdapterError, match=r"^model.ip_adapter.variant is plus, but ip-adapter.safetensors is a plain"
+    ):
+        Denoiser.func_or_class(model, DenoiserConfig(), LoRAConfig(), registry)
