@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lora_registry.config import RegistryConfig
 from lora_registry.keys import KeyRecord, KeyStore, key_hash
 
+from .admission import Admission
 from .config import AuthConfig, QuotaConfig
 from .errors import APIError
 from .planning import tenant_of
@@ -212,27 +213,41 @@ class TenantGate:
 
 
 class GatedGraph:
-    """The ingress's graph (``GraphRouter``) with each run's images held in flight for its plan's tenant."""
+    """The ingress's graph (``GraphRouter``) with each run's images held in flight for its plan's tenant, and
+    admitted (``graph/admission.py``: 503 over its fair share past capacity, else in fair order) when
+    ``admission`` is given and on."""
 
-    def __init__(self, inner, gate: TenantGate):
+    def __init__(self, inner, gate: TenantGate, admission: Admission | None = None):
         self.inner = inner
         self.gate = gate
+        self.admission = admission
 
     def check_room(self, plan) -> None:
-        """429 now if the plan's images would pass its tenant's limit (for a stream, whose 200 comes first)."""
+        """429 now if the plan's images would pass its tenant's limit, 503 if admission would refuse it (for a
+        stream, whose 200 comes first)."""
         tenant = self.gate.admitted(plan.tenant)
         self.gate.hold(tenant, plan.num_images)
         self.gate.release(tenant, plan.num_images)
+        if self.admission is not None:
+            self.admission.check(plan.model, tenant.id, plan.num_images, tenant.weight)
 
     async def run(self, plan, **kwargs):
         tenant = self.gate.admitted(plan.tenant)
         self.gate.hold(tenant, plan.num_images)
+        ticket = None
+        completed = False
         try:
+            if self.admission is not None:
+                ticket = await self.admission.admit(plan.model, tenant.id, plan.num_images, tenant.weight)
             result = await self.inner.run(plan, **kwargs)
+            completed = True
         finally:
             self.gate.release(tenant, plan.num_images)
+            if self.admission is not None:
+                self.admission.leave(ticket, completed)
         if self.gate.metrics is not None:
             self.gate.metrics.images(tenant.id, plan.num_images)
+            self.gate.metrics.stage_waits(tenant.id, result)
         return result
 
     def __getattr__(self, name):
@@ -261,20 +276,38 @@ def release_when_done(jobs, job_id: str, release: Callable[[], None]) -> None:
     task.add_done_callback(_waiting.discard)
 
 
-async def held_job(gate: TenantGate, jobs, plan, create: Callable[[], Awaitable]):
+async def held_job(gate: TenantGate, jobs, plan, create: Callable[[], Awaitable], admission: Admission | None = None):
     """``create()`` a job (``job_routes.create``: its 202) with the plan's images held in flight for its tenant
-    until the job ends, however it ends. A tenant without an images-in-flight limit holds nothing (and no
-    Jobs call follows its job)."""
+    until the job ends, however it ends: against its images-in-flight limit (429), and in ``admission`` (503
+    over its fair share past capacity; a job within it is admitted at once: it waits in the stages' fair
+    queues, not at the ingress). A tenant without a limit, with admission off, holds nothing (and no Jobs call
+    follows its job)."""
     tenant = gate.admitted(plan.tenant)
-    if tenant.quota.max_images_in_flight is None:
+    limited = tenant.quota.max_images_in_flight is not None
+    admitting = admission is not None and admission.config.enabled
+    if not limited and not admitting:
         return await create()
-    gate.hold(tenant, plan.num_images)
+    if limited:
+        gate.hold(tenant, plan.num_images)
+    ticket = None
     try:
+        if admitting:
+            ticket = admission.hold(plan.model, tenant.id, plan.num_images, tenant.weight)
         created = await create()
     except BaseException:
-        gate.release(tenant, plan.num_images)
+        if limited:
+            gate.release(tenant, plan.num_images)
+        if ticket is not None:
+            admission.leave(ticket, completed=False)
         raise
-    release_when_done(jobs, json.loads(created.body)["id"], lambda: gate.release(tenant, plan.num_images))
+
+    def release() -> None:
+        if limited:
+            gate.release(tenant, plan.num_images)
+        if ticket is not None:
+            admission.leave(ticket, completed=True)  # its outcome is not followed: counted as made
+
+    release_when_done(jobs, json.loads(created.body)["id"], release)
     return created
 
 
@@ -309,12 +342,17 @@ class KeyUpdate(BaseModel):
 
 
 class TenantMetrics:
-    """``lorafleet_tenant_requests_total`` (by outcome: admitted, rate_limited, in_flight_limited) and
-    ``lorafleet_tenant_images_total``, by tenant: the key's name (keys required) or the hashed identity,
-    never a raw key. At most ``max_labels`` distinct tenants; later ones are counted as ``other``."""
+    """``lorafleet_tenant_requests_total`` (by outcome: admitted, rate_limited, in_flight_limited, overloaded),
+    ``lorafleet_tenant_images_total`` and ``lorafleet_tenant_queue_wait_ms`` (by stage: admission, encode,
+    denoise, decode), by tenant: the key's name (keys required) or the hashed identity, never a raw key. At most
+    ``max_labels`` distinct tenants; later ones are counted as ``other``. Admission's gauges, by model:
+    ``lorafleet_admission_capacity_images``, ``lorafleet_admission_images_in_flight``,
+    ``lorafleet_admission_images_waiting``."""
 
     def __init__(self, max_labels: int, registry=None):
-        from ray.util.metrics import Counter
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        from deployments.metrics import LATENCY_MS_BUCKETS
 
         self.max_labels = max_labels
         self.labels: set[str] = set()
@@ -324,6 +362,23 @@ class TenantMetrics:
             tag_keys=("tenant", "outcome"),
         )
         self._images = Counter("lorafleet_tenant_images_total", "Images generated by tenant.", tag_keys=("tenant",))
+        self._queue_wait = Histogram(
+            "lorafleet_tenant_queue_wait_ms",
+            "Time a tenant's requests waited in each stage's queue (admission, encode, denoise, decode), in ms.",
+            boundaries=[1, *LATENCY_MS_BUCKETS],
+            tag_keys=("tenant", "stage"),
+        )
+        self._capacity = Gauge(
+            "lorafleet_admission_capacity_images",
+            "Images this ingress replica lets into a model's graph at once (measured or fixed).",
+            tag_keys=("model",),
+        )
+        self._in_flight = Gauge(
+            "lorafleet_admission_images_in_flight", "Images admitted and not yet done, by model.", tag_keys=("model",)
+        )
+        self._waiting = Gauge(
+            "lorafleet_admission_images_waiting", "Images waiting in the ingress's fair queue.", tag_keys=("model",)
+        )
 
     def label(self, tenant: str) -> str:
         if tenant in self.labels:
@@ -338,3 +393,19 @@ class TenantMetrics:
 
     def images(self, tenant: str, n: int) -> None:
         self._images.inc(n, tags={"tenant": self.label(tenant)})
+
+    def queue_wait(self, tenant: str, stage: str, ms: float) -> None:
+        self._queue_wait.observe(ms, tags={"tenant": self.label(tenant), "stage": stage})
+
+    def stage_waits(self, tenant: str, result) -> None:
+        """The stages' waits a run's answer (``DecodedImages``) reports: encode, denoise, decode."""
+        for stage, name in (("encode", "encode_wait_ms"), ("denoise", "queue_ms"), ("decode", "decode_wait_ms")):
+            ms = getattr(result, name, None)
+            if isinstance(ms, (int, float)):
+                self.queue_wait(tenant, stage, float(ms))
+
+    def admission(self, model: str, capacity: int, in_flight: int, waiting: int) -> None:
+        tags = {"model": model or "-"}
+        self._capacity.set(capacity, tags=tags)
+        self._in_flight.set(in_flight, tags=tags)
+        self._waiting.set(waiting, tags=tags)

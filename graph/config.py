@@ -113,6 +113,10 @@ class AppConfig(StrictConfig):
         default_factory=lambda: AuthConfig(),
         description="Tenant API keys, their weights and quotas (docs/security.md).",
     )
+    admission: AdmissionConfig = Field(
+        default_factory=lambda: AdmissionConfig(),
+        description="Admission control at the ingress: past capacity, 503 over a fair share (graph/admission.py).",
+    )
 
     @model_validator(mode="after")
     def _serve_autoscaling(self):
@@ -444,6 +448,36 @@ class AuthConfig(StrictConfig):
     max_tenant_labels: int = Field(
         50, ge=1, le=10_000, description="Distinct tenant label values in metrics; later tenants count as `other`."
     )
+
+
+class AdmissionConfig(StrictConfig):
+    """Admission control at each ingress replica, per base model (``graph/admission.py``, docs/operations.md)."""
+
+    enabled: bool = Field(
+        False,
+        description=(
+            "Past capacity, refuse a tenant over its fair share (503 overloaded, Retry-After) and let the others "
+            "wait in weighted-fair order at the ingress. Off: every request goes straight to the stages' queues."
+        ),
+    )
+    target_queue_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Capacity = measured images/s x this: the seconds of work a replica lets into a model's graph.",
+    )
+    min_images_in_flight: int = Field(
+        4, ge=1, description="Capacity never below this many images (a cold start, before any image is measured)."
+    )
+    max_images_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="A fixed capacity in images per ingress replica and model; unset: the measured one.",
+    )
+    throughput_half_life_s: float = Field(
+        30.0, gt=0, description="Half-life of the measured throughput's decayed average (images per busy second)."
+    )
+    max_retry_after_s: int = Field(60, ge=1, le=3600, description="The largest Retry-After a refusal names.")
 
 
 AppConfig.model_rebuild()

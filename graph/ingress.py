@@ -30,6 +30,7 @@ from . import a1111, a1111_controlnet, a1111_info, errors, job_routes, openai_im
 from .a1111_front import A1111Front
 from .a1111_options import caller_of
 from .adapters_api import AdminAuth
+from .admission import Admission
 from .auth import GatedGraph, KeyCreate, KeyUpdate, TenantGate, TenantMetrics, held_job, key_store
 from .chain import GraphClient, GraphRouter, ModelGraph, resolve
 from .config import AppConfig
@@ -202,6 +203,11 @@ class Ingress:
         self.auth = AdminAuth(config.admin)
         tenant_metrics = TenantMetrics(config.auth.max_tenant_labels)
         self.gate = TenantGate(config.auth, None, self.auth.is_admin, metrics=tenant_metrics)
+        # Past capacity, 503 over a tenant's fair share, else a wait in fair order (graph/admission.py).
+        weights = {
+            m.name: s.denoiser.tenant_weights for m, s in zip(self.models.all, config.served_models(), strict=True)
+        }
+        self.admission = Admission(config.admission, weights, metrics=tenant_metrics)
         self.graph = GraphRouter(
             {m.name: GraphClient.of(self.handles[m.name], m.limits, metrics, m.name) for m in self.models.all}
         )
@@ -227,7 +233,7 @@ class Ingress:
 
     @graph.setter
     def graph(self, graph) -> None:  # tests put fakes here: they are gated too
-        self._graph = GatedGraph(graph, self.gate)
+        self._graph = GatedGraph(graph, self.gate, self.admission)
 
     @functools.cached_property
     def keys(self):
@@ -745,7 +751,7 @@ class Ingress:
         create = functools.partial(
             job_routes.create, self.jobs, plan, body.webhook_url, request.scope.get("root_path", "")
         )
-        return await held_job(self.gate, self.jobs, plan, create)
+        return await held_job(self.gate, self.jobs, plan, create, self.admission)
 
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):
