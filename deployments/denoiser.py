@@ -211,6 +211,7 @@ class Denoiser:
             queue_ms=max(j.queue_ms for j in jobs),
             denoise_ms=max(j.denoise_ms for j in jobs),
             trace=Trace(denoiser_replica=self.replica_id, denoiser_adapter_loads=self.adapters.residency.loads),
+            encode_wait_ms=encoded.encode_wait_ms,
         )
 
     def _on_tick(self, rows: int, seconds: float) -> None:

@@ -82,6 +82,7 @@ class PromptEmbeddings:
     # Prompt editing / alternation / AND: the conditioning per step (the embeddings above are then its
     # first part's and the negative's entries at step 0). None: the embeddings above serve every step.
     schedule: PromptSchedule | None = None
+    encode_wait_ms: float = 0.0  # of encode_ms, the wait before its batch started (adapter slots, fair queue)
 
 
 # -- Ingress -> Denoiser ------------------------------------------------------------------------
@@ -188,6 +189,7 @@ class Denoised:
     queue_ms: float  # the longest any of its images waited for the batch
     denoise_ms: float  # the slowest image's time in the batch
     trace: Trace = field(default_factory=Trace)
+    encode_wait_ms: float = 0.0  # PromptEmbeddings.encode_wait_ms, passed on
 
 
 # Progress events of ``Denoiser.denoise_stream``, as they change.
@@ -251,3 +253,7 @@ class DecodedImages:
     denoise_ms: float
     decode_ms: float
     trace: Trace = field(default_factory=Trace)
+    # The stages' queue waits, within encode_ms and decode_ms (queue_ms is the Denoiser's): per tenant in
+    # lorafleet_tenant_queue_wait_ms{stage} (graph/auth.py).
+    encode_wait_ms: float = 0.0
+    decode_wait_ms: float = 0.0

@@ -100,13 +100,15 @@ class TextEncoder:
                 if request.steps is not None:
                     plan = plan_prompts(request.prompt, request.negative_prompt, request.steps)
                 item = (request.prompt, request.negative_prompt, text, text_2, plan)
-                out = await self.batcher.submit(request.tenant, item, weight=request.tenant_weight)
+                slots_ms = 1000.0 * (time.perf_counter() - start)
+                out, queued_ms = await self.batcher.submit_timed(request.tenant, item, weight=request.tenant_weight)
             finally:
                 if refs_2:
                     self.adapters_2.release(refs_2)
         finally:
             self.adapters.release(refs)
-        return PromptEmbeddings(*out[:2], 1000.0 * (time.perf_counter() - start), *out[2:])
+        encode_ms = 1000.0 * (time.perf_counter() - start)
+        return PromptEmbeddings(*out[:2], encode_ms, *out[2:], encode_wait_ms=slots_ms + queued_ms)
 
     async def _encode_items(self, items: list[tuple[str, str, tuple, tuple, PromptPlan | None]]) -> list[tuple]:
         # Positive and negative come back with the same chunk count (77 tokens each): CFG stacks them.

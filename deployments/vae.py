@@ -66,7 +66,7 @@ class VAE:
         """
         start = time.perf_counter()
         # [n, 3, H, W] in [0, 1]; a request's cost in the fair order is its number of images
-        images = await self.decoder.submit(
+        images, waited_ms = await self.decoder.submit_timed(
             params.tenant, denoised.latents, cost=denoised.latents.shape[0], weight=params.tenant_weight
         )
         pixels = to_uint8(images)  # [n, H, W, 3]
@@ -80,6 +80,8 @@ class VAE:
             denoise_ms=denoised.denoise_ms,
             decode_ms=1000.0 * (time.perf_counter() - start),
             trace=denoised.trace,
+            encode_wait_ms=denoised.encode_wait_ms,
+            decode_wait_ms=waited_ms,
         )
 
     async def _decode_batch(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:

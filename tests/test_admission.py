@@ -327,3 +327,50 @@ def test_a_light_tenant_is_admitted_and_a_job_holds_its_images_until_it_ends(tmp
     assert r.status_code == 202, r.text
     # The fake Jobs handle has no event stream: the job counts as ended at once, and its images leave.
     assert model.in_flight == {"user:flood": 1} and model.queued == {}
+
+
+# -- the stages' queue waits ---------------------------------------------------------------------------
+
+
+def test_a_batchers_queue_wait_is_from_submit_to_its_batch_start():
+    from deployments.engine.fair_batcher import FairBatcher
+
+    async def scenario():
+        clock = Clock()
+        gate = asyncio.Event()
+        batches = []
+
+        async def batch_fn(items):
+            batches.append(items)
+            if len(batches) == 1:
+                await gate.wait()
+            return [x.upper() for x in items]
+
+        batcher = FairBatcher(batch_fn, 1, 0.0, clock=clock)
+        first = asyncio.ensure_future(batcher.submit_timed("heavy", "a"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert batches == [["a"]]
+        clock.now = 1.0
+        second = asyncio.ensure_future(batcher.submit_timed("light", "b"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock.now = 3.5  # the first batch ends; the second starts now
+        gate.set()
+        assert await first == ("A", 0.0)
+        assert await second == ("B", 2500.0)
+        batcher.close()
+
+    run(scenario())
+
+
+def test_the_stages_waits_are_observed_per_tenant():
+    from deployments.messages import DecodedImages
+    from graph.auth import TenantMetrics
+
+    observed = []
+    metrics = TenantMetrics.__new__(TenantMetrics)
+    metrics.queue_wait = lambda tenant, stage, ms: observed.append((tenant, stage, ms))
+    result = DecodedImages((b"x",), 40.0, 7.0, 100.0, 30.0, encode_wait_ms=12.0, decode_wait_ms=3.0)
+    metrics.stage_waits("key:ann", result)
+    assert observed == [("key:ann", "encode", 12.0), ("key:ann", "denoise", 7.0), ("key:ann", "decode", 3.0)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -38,6 +39,8 @@ class _Waiting(Generic[I]):
     tenant: str
     item: I
     future: asyncio.Future = field(repr=False)
+    since: float = 0.0  # when it was submitted (the batcher's clock)
+    waited_s: float = 0.0  # from submit until its batch started
 
 
 class FairBatcher(Generic[I, R]):
@@ -57,6 +60,7 @@ class FairBatcher(Generic[I, R]):
         tenant_weights: dict[str, float] | None = None,
         *,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -68,6 +72,7 @@ class FairBatcher(Generic[I, R]):
         self.waiting: FairQueue[_Waiting[I]] = FairQueue(tenant_weights)
         self.batches = 0  # batches run so far
         self._sleep = sleep
+        self._clock = clock
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
@@ -77,12 +82,19 @@ class FairBatcher(Generic[I, R]):
         ``weight``: the tenant's weight from now on (a tenant key's, set by the server, which an admin may
         change at run time); None: as configured (``tenant_weights``, else 1).
         """
+        return (await self.submit_timed(tenant, item, cost, weight))[0]
+
+    async def submit_timed(
+        self, tenant: str, item: I, cost: float = 1.0, weight: float | None = None
+    ) -> tuple[R, float]:
+        """``submit``, and the milliseconds ``item`` waited in the queue before its batch started (the
+        stage's queue wait, reported per tenant: ``lorafleet_tenant_queue_wait_ms``)."""
         self._start()
-        entry = _Waiting(tenant, item, asyncio.get_running_loop().create_future())
+        entry = _Waiting(tenant, item, asyncio.get_running_loop().create_future(), self._clock())
         self.waiting.push(tenant, entry, cost, weight)
         self._arrived.set()
         try:
-            return await asyncio.shield(entry.future)
+            return await asyncio.shield(entry.future), 1000.0 * entry.waited_s
         except asyncio.CancelledError:
             # Gone: out of the queue if it still waits; if its batch runs, the result is dropped.
             if not entry.future.done():
@@ -114,8 +126,11 @@ class FairBatcher(Generic[I, R]):
             finally:
                 timer.cancel()
         batch = []
+        now = self._clock()
         while self.waiting and len(batch) < self.max_batch_size:
-            batch.append(self.waiting.pop())
+            entry = self.waiting.pop()
+            entry.waited_s = max(0.0, now - entry.since)
+            batch.append(entry)
         return batch  # may be empty: every waiting caller went away during the wait
 
     async def run_batch(self, batch: list[_Waiting[I]]) -> None:
