@@ -365,6 +365,18 @@ class Admission:
         """A waiting request's place in its model's fair wait queue and its ETA (``ModelAdmission.position``)."""
         return self.model(ticket.model).position(ticket)
 
+    def stats(self) -> dict:
+        """Per model: capacity, images in flight and waiting by tenant, measured images/s (None: not yet)."""
+        return {
+            name: {
+                "capacity": m.capacity(),
+                "in_flight": dict(m.in_flight),
+                "waiting": dict(m.queued),
+                "images_per_s": m.throughput.rate(),
+            }
+            for name, m in self.models.items()
+        }
+
     def _refused(self, tenant: str) -> None:
         if self.metrics is not None:
             self.metrics.request(tenant, "overloaded")

@@ -753,6 +753,10 @@ class Ingress:
         )
         return await held_job(self.gate, self.jobs, plan, create, self.admission)
 
+    def admission_stats(self) -> dict:
+        """This replica's admission by model (``Admission.stats``), for tests and operators (a handle call)."""
+        return self.admission.stats()
+
     @app.get("/v1/jobs/{job_id}", responses={200: {"model": JobObject}, 404: {"description": "job_not_found"}})
     async def get_job(self, job_id: str):
         """The job object: queued (position, ETA), running (step of steps), done (images), failed (error)."""
