@@ -257,19 +257,24 @@ class GatedGraph:
 _waiting: set[asyncio.Task] = set()  # release_when_done's tasks (a task nobody references may be collected)
 
 
-def release_when_done(jobs, job_id: str, release: Callable[[], None]) -> None:
+def release_when_done(jobs, job_id: str, release: Callable[[], None] | Callable[[bool], None], done=False) -> None:
     """Call ``release`` once job ``job_id`` ends (done, failed, cancelled, expired, or its stream breaks):
-    a background task follows the job's event stream to its end."""
+    a background task follows the job's event stream to its end. With ``done``, ``release(made)`` is told
+    whether the job's last event was ``done`` (its images were made)."""
     from . import job_routes
 
     async def follow() -> None:
+        last = None
         try:
-            async for _ in job_routes.events(jobs, job_id, False):
-                pass
+            async for event in job_routes.events(jobs, job_id, False):
+                last = getattr(event, "event", None)
         except Exception:
             pass  # the stream broke (the Jobs replica went away): the job is over for us
         finally:
-            release()
+            if done:
+                release(last == "done")
+            else:
+                release()
 
     task = asyncio.get_running_loop().create_task(follow())
     _waiting.add(task)
@@ -301,13 +306,13 @@ async def held_job(gate: TenantGate, jobs, plan, create: Callable[[], Awaitable]
             admission.leave(ticket, completed=False)
         raise
 
-    def release() -> None:
+    def release(made: bool) -> None:
         if limited:
             gate.release(tenant, plan.num_images)
         if ticket is not None:
-            admission.leave(ticket, completed=True)  # its outcome is not followed: counted as made
+            admission.leave(ticket, completed=made)  # only a done job's images count in the throughput
 
-    release_when_done(jobs, json.loads(created.body)["id"], release)
+    release_when_done(jobs, json.loads(created.body)["id"], release, done=True)
     return created
 
 
