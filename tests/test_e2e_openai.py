@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import openai
@@ -194,3 +195,48 @@ def test_an_expired_url_is_a_404_saying_so_under_a_route_prefix(ttl0):
     assert "this image URL expired at" in error["message"] and "openai.image_url_ttl_s" in error["message"]
     r = requests.get(url.split("?")[0], timeout=60)  # without its expiry: the store no longer has it either
     assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found"
+
+
+# -- IP-Adapter (#22): an edit's style reference, lorafleet's extension fields --------------------------------
+
+
+@pytest.fixture(scope="module")
+def styled(cluster, cache_dir, tmp_path_factory):
+    """An app served with its builtin IP-Adapter under a route prefix (tests/style_app.py)."""
+    from style_app import deployed
+
+    with deployed(cluster, cache_dir, tmp_path_factory) as url:
+        yield url
+
+
+def test_an_edit_with_a_style_image_equals_the_native_img2img_with_it(styled):
+    client = client_for(styled)
+    source = png(Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    y, x = np.mgrid[0:40, 0:40]
+    style = png(Image.fromarray(np.stack([x * 6, y * 6, 255 - x * 3], axis=-1).astype(np.uint8)))
+    style_b64 = base64.b64encode(style).decode()
+    edited = client.images.edit(
+        image=("in.png", source, "image/png"),
+        prompt="a cat",
+        extra_body={"style_image": "data:image/png;base64," + style_b64, "style_scale": 0.7, **FAST},
+    )
+    styled_cluster = SimpleNamespace(url=styled)  # native() posts to <url><path>
+    body = {"prompt": "a cat", "image": base64.b64encode(source).decode(), **FAST}
+    same = native(styled_cluster, "/v1/img2img", {**body, "style_image": style_b64, "style_scale": 0.7})
+    assert [base64.b64decode(d.b64_json) for d in edited.data] == same
+    assert same != native(styled_cluster, "/v1/img2img", body)  # the style image moved pixels
+    as_file = requests.post(  # a plain multipart client sends the style as a file part
+        styled + "/v1/images/edits",
+        files={"image": ("in.png", source, "image/png"), "style_image": ("s.png", style, "image/png")},
+        data={"prompt": "a cat", "style_scale": "0.7", **{k: str(v) for k, v in FAST.items()}},
+        timeout=300,
+    )
+    assert as_file.status_code == 200, as_file.text
+    assert base64.b64decode(as_file.json()["data"][0]["b64_json"]) == same[0]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.images.edit(
+            image=("in.png", source, "image/png"),
+            prompt="a cat",
+            extra_body={"style_image": style_b64, "style_scale": 3, **FAST},
+        )
+    assert (e.value.param, e.value.code) == ("style_scale", "invalid_value") and "[0, 2.0]" in e.value.message
