@@ -253,14 +253,18 @@ class LimitsConfig(StrictConfig):
     max_body_bytes: int = Field(
         1_048_576,
         ge=1024,
-        description="Largest request body of a route without images (/v1/generate, the OpenAI and A1111 txt2img); 413.",
+        description=(
+            "Largest request body of a route without images (/v1/generate, the OpenAI and A1111 txt2img; where a "
+            "served model has ip_adapter these carry a style image and get max_image_body_bytes); 413."
+        ),
     )
     max_image_body_bytes: int = Field(
-        32_000_000,
+        48_000_000,
         ge=1024,
         description=(
             "Largest request body of a route that carries images (/v1/img2img, /v1/inpaint, /v1/jobs, "
-            "/sdapi/v1/img2img); 413. Must hold an image and a mask of max_image_bytes, base64-encoded."
+            "/sdapi/v1/img2img, and the text-to-image routes where a model takes style_image); 413. Must hold an "
+            "image, a mask and a style image of max_image_bytes, base64-encoded."
         ),
     )
     max_upload_bytes: int | None = Field(
@@ -311,11 +315,11 @@ class LimitsConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _image_bodies(self):
-        need = 2 * base64_length(self.max_image_bytes) + 65_536  # image + mask + the other fields
+        need = 3 * base64_length(self.max_image_bytes) + 65_536  # image + mask + style image + the other fields
         if self.max_image_body_bytes < need:
             raise ValueError(
-                f"max_image_body_bytes ({self.max_image_body_bytes}) must be >= {need}: an image and a mask of "
-                f"max_image_bytes ({self.max_image_bytes}) in base64, and the other fields"
+                f"max_image_body_bytes ({self.max_image_body_bytes}) must be >= {need}: an image, a mask and a "
+                f"style image of max_image_bytes ({self.max_image_bytes}) in base64, and the other fields"
             )
         return self
 

@@ -15,7 +15,9 @@ Two ASGI middlewares around the FastAPI app (``graph/ingress.py`` installs them)
 >>> from graph.config import LimitsConfig
 >>> policy = EdgePolicy(limits=LimitsConfig(), upload_bytes=513 << 20, admin_check=lambda headers: None)
 >>> policy.body_limit("POST", "/v1/img2img")
-(32000000, 'limits.max_image_body_bytes')
+(48000000, 'limits.max_image_body_bytes')
+>>> policy.body_limit("POST", "/v1/generate")   # with style_images=True (a model has ip_adapter): the image cap
+(1048576, 'limits.max_body_bytes')
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from .errors import SECURITY_HEADERS, APIError, error_response
 # Routes whose bodies carry base64 images (and masks): they get limits.max_image_body_bytes.
 IMAGE_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/jobs", "/sdapi/v1/img2img", "/v1/images/edits"})
 UPLOAD_ROUTE = "/v1/adapters"
-BODY_ROUTES = IMAGE_ROUTES | {UPLOAD_ROUTE, "/v1/generate", "/v1/images/generations", "/sdapi/v1/txt2img"}
+# Text-to-image routes that carry a style image (IP-Adapter, issue 22) where a served model has one: they get
+# limits.max_image_body_bytes then (EdgePolicy.style_images), else limits.max_body_bytes.
+STYLE_ROUTES = frozenset({"/v1/generate", "/sdapi/v1/txt2img", "/v1/images/generations"})
+BODY_ROUTES = IMAGE_ROUTES | STYLE_ROUTES | {UPLOAD_ROUTE}
 
 # The page (graph/static): its own scripts, styles and images only; images from data:/blob: URLs are the
 # gallery's and the inpainting canvas'. Nothing inline, no framing, no plugins, no other origin.
@@ -63,12 +68,13 @@ class EdgePolicy:
     admin_check: Callable[[Headers], APIError | None]  # None: the headers carry a valid admin token
     record_body: Callable[[str, int], None] = field(default=lambda route, nbytes: None)  # bytes read
     count_refusal: Callable[[str, int], None] = field(default=lambda route, status: None)  # refused unread
+    style_images: bool = False  # a served model takes style_image: STYLE_ROUTES carry an image too
 
     def body_limit(self, method: str, route: str) -> tuple[int, str]:
         """The cap on ``method route``'s body, in bytes, and the setting that sets it."""
         if route == UPLOAD_ROUTE and method == "POST":
             return self.upload_bytes, "limits.max_upload_bytes"
-        if route in IMAGE_ROUTES:
+        if route in IMAGE_ROUTES or (self.style_images and route in STYLE_ROUTES):
             return self.limits.max_image_body_bytes, "limits.max_image_body_bytes"
         return self.limits.max_body_bytes, "limits.max_body_bytes"
 

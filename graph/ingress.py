@@ -222,6 +222,7 @@ class Ingress:
             admin_check=lambda headers: self.auth.problem(headers, write=True),
             record_body=_record_body,
             count_refusal=_count_refusal,
+            style_images=any(served.model.ip_adapter is not None for served in config.served_models()),
         )
         self.jobs = jobs  # the Jobs deployment (graph/jobs.py): the async-job store
         self.started = int(time.time())

@@ -30,7 +30,23 @@ class LoRASpec(_Body):
     scale: float = Field(1.0, ge=0, description="Strength, 0 to lora.max_scale (default max 4).")
 
 
-class GenerateRequest(_Body):
+class _StyleFields(BaseModel):
+    """IP-Adapter's fields (docs/ip_adapter.md): models served with an ip_adapter section (GET /v1/models:
+    style_image). On the native bodies and OpenAI's generations; edits take them as form fields."""
+
+    style_image: str | None = Field(
+        None,
+        description="A reference image whose style the output takes (IP-Adapter): base64 or a data URL; PNG, JPEG "
+        "or WebP, within limits.max_image_bytes / max_image_pixels.",
+    )
+    style_scale: float | dict | None = Field(
+        None,
+        description="How strongly style_image steers, 0 to 2 (default 1.0); or per-block scales as diffusers' "
+        'set_ip_adapter_scale takes them, e.g. SDXL style only (InstantStyle): {"up": {"block_0": [0.0, 1.0, 0.0]}}.',
+    )
+
+
+class GenerateRequest(_StyleFields, _Body):
     """``POST /v1/generate``. Omitted sizes take the model's native resolution."""
 
     prompt: str = Field(min_length=1, description="What to draw.")
@@ -68,17 +84,6 @@ class GenerateRequest(_Body):
     )
     negative_target_size: list[int] | None = Field(
         None, description="SDXL only: target_size to steer away from (with negative_original_size)."
-    )
-    # IP-Adapter (docs/ip_adapter.md): models served with an ip_adapter section (GET /v1/models: style_image).
-    style_image: str | None = Field(
-        None,
-        description="A reference image whose style the output takes (IP-Adapter): base64 or a data URL; PNG, JPEG "
-        "or WebP, within limits.max_image_bytes / max_image_pixels.",
-    )
-    style_scale: float | dict | None = Field(
-        None,
-        description="How strongly style_image steers, 0 to 2 (default 1.0); or per-block scales as diffusers' "
-        'set_ip_adapter_scale takes them, e.g. SDXL style only (InstantStyle): {"up": {"block_0": [0.0, 1.0, 0.0]}}.',
     )
 
 
@@ -149,7 +154,7 @@ class _OpenAIFields(BaseModel):
     scheduler: SchedulerName = "default"
 
 
-class OpenAIImagesRequest(_OpenAIFields, _Body):
+class OpenAIImagesRequest(_StyleFields, _OpenAIFields, _Body):
     """``POST /v1/images/generations`` in the OpenAI Images API shape, plus lorafleet's extras."""
 
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for compatibility; ignored.")

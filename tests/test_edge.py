@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 
 import pytest
@@ -364,7 +365,13 @@ def test_body_caps_per_route(served):
     assert policy.body_limit("POST", "/v1/generate") == (1_048_576, "limits.max_body_bytes")
     assert policy.body_limit("POST", "/sdapi/v1/txt2img") == (1_048_576, "limits.max_body_bytes")
     for route in ("/v1/img2img", "/v1/inpaint", "/v1/jobs", "/sdapi/v1/img2img"):
-        assert policy.body_limit("POST", route) == (32_000_000, "limits.max_image_body_bytes")
+        assert policy.body_limit("POST", route) == (48_000_000, "limits.max_image_body_bytes")
+    # No served model has ip_adapter here: the text-to-image routes carry no style image.
+    assert policy.style_images is False
+    style = dataclasses.replace(policy, style_images=True)
+    for route in ("/v1/generate", "/sdapi/v1/txt2img", "/v1/images/generations"):
+        assert style.body_limit("POST", route) == (48_000_000, "limits.max_image_body_bytes")
+    assert style.body_limit("GET", "/v1/models") == (1_048_576, "limits.max_body_bytes")
     # The default upload cap: the registry's adapter cap and 1 MiB for the form's other fields.
     assert policy.body_limit("POST", "/v1/adapters") == ((512 << 20) + MB, "limits.max_upload_bytes")
 
@@ -373,7 +380,7 @@ def test_an_image_route_cap_too_small_for_its_images_is_a_config_error():
     from graph.config import AppConfig, ConfigError
 
     with pytest.raises(
-        ConfigError, match="limits: Value error, max_image_body_bytes \\(20000000\\) must be >= 26732208"
+        ConfigError, match="limits: Value error, max_image_body_bytes \\(20000000\\) must be >= 40065544"
     ):
         AppConfig.load({"limits": {"max_image_body_bytes": 20_000_000}})
 

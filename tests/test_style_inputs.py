@@ -296,3 +296,18 @@ def test_models_say_whether_they_take_a_style_image(tmp_path, cache_dir, monkeyp
     client, _ = make_ingress(app_config(tmp_path, cache_dir, model=model), monkeypatch)
     (entry,) = client.get("/v1/models").json()["data"]
     assert entry["style_image"] is ip_adapter
+
+
+def test_openai_generations_take_a_style_image(served):
+    """``/v1/images/generations`` carries lorafleet's ``style_image`` / ``style_scale`` (the official client sends
+    them in ``extra_body``) into the plan; a bad scale is OpenAI's error shape naming the param."""
+    client, ingress = served
+    body = {"prompt": "a cat", "size": "64x64", "response_format": "b64_json"}
+    r = client.post("/v1/images/generations", json={**body, "style_image": STYLE, "style_scale": 9})
+    assert r.status_code == 422, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_value", "style_scale")
+    assert _plans(ingress) == []
+    r = client.post("/v1/images/generations", json={**body, "style_image": STYLE, "style_scale": 0.5})
+    assert r.status_code == 200, r.text
+    (plan,) = _plans(ingress)
+    assert np.array_equal(plan.style_image.pixels, picture()) and plan.style_scale == 0.5
