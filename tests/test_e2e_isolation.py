@@ -201,3 +201,89 @@ def test_the_page_shows_a_tenant_its_fair_position_behind_a_flood_not_the_backlo
     queued = {s for s in statuses if s.startswith("Queued: ")}
     assert queued and all(s.startswith(("Queued: 1 ahead of you, about ", "Queued: 0 ahead of you")) for s in queued)
     assert not any(s.startswith(f"Queued: {FLOOD_QUEUE} ahead") for s in statuses), statuses
+
+
+# -- with admission control at the ingress (graph/admission.py) ----------------------------------------
+
+ADMIT_APP, ADMIT_PREFIX = "lorafleet-admission", "/admission"
+CAPACITY = 8  # admission.max_images_in_flight: a fixed capacity, so the test does not depend on a measurement
+
+
+@pytest.fixture(scope="module")
+def admitting(cluster, cache_dir, tmp_path_factory):
+    """A second app (``/admission``, tiny-sd, one replica per stage) with admission control on and a fixed
+    capacity of ``CAPACITY`` images; a ``Cluster`` for it, so that ``HeldDenoiser`` holds its Denoiser."""
+    from ray import serve
+
+    from graph.app import build_app
+
+    from conftest import Cluster
+
+    root = tmp_path_factory.mktemp("admission-app")
+    config = {
+        "model": {"uri": "builtin:tiny-sd", "cache_dir": str(cache_dir)},
+        "text_encoder": {"autoscaling": None, "num_replicas": 1},
+        "denoiser": {"autoscaling": None, "num_replicas": 1, "max_rows_per_tick": 8, "max_queued_images": 64},
+        "vae": {"autoscaling": None, "num_replicas": 1},
+        "registry": {"uri": str(root / "registry"), "cache_dir": str(root / "adapter-cache")},
+        "admission": {"enabled": True, "max_images_in_flight": CAPACITY},
+    }
+    serve.run(build_app(config), name=ADMIT_APP, route_prefix=ADMIT_PREFIX)
+    target = Cluster(cluster.url + ADMIT_PREFIX, ADMIT_APP, cluster.s3)
+
+    def ready() -> bool:
+        try:
+            return requests.get(target.url + "/readyz", timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(ready, "the admission app to be ready", timeout_s=300, interval_s=1.0)
+    try:
+        yield target
+    finally:
+        serve.delete(ADMIT_APP)
+
+
+def test_admission_refuses_the_flood_past_its_share_and_admits_the_light_tenant(admitting):
+    """The same scene behind admission control with a capacity of 8 images. The held batch (2 jobs of 2
+    images, one tenant) holds 4; the flooder's jobs are admitted while they fit (4 more: 8 in all), then,
+    past capacity with the flooder at its fair share (8 x 1/2 among the two tenants with work), its next
+    requests, job or synchronous, get 503 ``overloaded`` with ``Retry-After`` before any stage sees them.
+    The light tenant holds nothing, so it is admitted past capacity; it queues behind the flooder's 4
+    images at rank 1 and completes within the bound of the first test (at most 3 of the flooder's images
+    before it)."""
+    target = admitting
+    tag = uuid.uuid4().hex[:8]
+    light_user, flooder = f"light-{tag}", f"flooder-{tag}"
+    with HeldDenoiser(target) as held:
+        admitted, refused = [], []
+        for i in range(2 * CAPACITY):  # the flooder offers twice the capacity, one job at a time
+            r = requests.post(target.url + "/v1/jobs", json={**BODY, "user": flooder, "seed": 400 + i}, timeout=60)
+            if r.status_code == 202:
+                admitted.append(r.json()["id"])
+                wait_until(
+                    lambda n=len(admitted): target.stats("Denoiser")["waiting_by_tenant"].get(f"user:{flooder}") == n,
+                    f"flood job {len(admitted)} to queue",
+                )
+            else:
+                refused.append(r)
+        sync = requests.post(target.url + "/v1/generate", json={**BODY, "user": flooder, "seed": 499}, timeout=120)
+        for r in [*refused, sync]:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+            assert int(r.headers["Retry-After"]) >= 1
+        holding = HeldDenoiser.ROWS // 2  # the held batch's images
+        share = CAPACITY // 2  # two tenants with work, equal weights
+        assert (len(admitted), len(refused)) == (min(share, CAPACITY - holding), 2 * CAPACITY - len(admitted))
+
+        light_id = _create(target, light_user, 3)
+        stats = held.wait_waiting(len(admitted) + 1)
+        assert stats["waiting_by_tenant"] == {f"user:{flooder}": len(admitted), f"user:{light_user}": 1}
+        queued = wait_until(lambda: (j := _job(target, light_id))["position"] is not None and j, "its position")
+        assert (queued["status"], queued["position"]) == ("queued", _fair_rank(len(admitted)))
+        held.release()
+    jobs = _finished(target, [light_id, *admitted])
+    light, flood = jobs[0], jobs[1:]
+    assert light["status"] == "done" and len(light["images"]) == 1, light
+    assert [j["status"] for j in flood] == ["done"] * len(admitted)
+    batch = 8 // ROWS_PER_IMAGE  # max_rows_per_tick / rows per image
+    assert _others_done_before(light, flood) <= 2 * 0 + batch - 1
