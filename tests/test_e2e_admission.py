@@ -1,4 +1,4 @@
-"""Admission control through Ray Serve and real HTTP (graph/admission.py): a second application (``/admission``,
+"""Admission control through Ray Serve and real HTTP (graph/admission.py): a second application (``/admit``,
 tiny-sd, one replica per stage) with ``admission.enabled`` and a fixed capacity of 4 images.
 
 Deterministic by construction, nothing reads a clock: the flooding tenant's two long async jobs (2 images each,
@@ -20,7 +20,7 @@ from conftest import ADMIN_TOKEN, assert_clean_error, wait_until
 
 pytestmark = pytest.mark.e2e
 
-APP, PREFIX = "lorafleet-admission", "/admission"
+APP, PREFIX = "lorafleet-admit", "/admit"  # not test_e2e_isolation.py's /admission app
 HOLD = {"prompt": "holding the capacity", "steps": 150, "width": 128, "height": 128, "num_images": 2}
 LIGHT = {"prompt": "a light tenant's picture", "steps": 2, "width": 64, "height": 64, "user": "light"}
 
