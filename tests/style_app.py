@@ -14,8 +14,10 @@ STYLE_APP, STYLE_PREFIX = "lorafleet-style", "/style"
 
 
 @contextlib.contextmanager
-def deployed(cluster, cache_dir, tmp_path_factory):
-    """Yield the style app's URL (``cluster.url + STYLE_PREFIX``) once it is ready; delete it afterwards."""
+def deployed(cluster, cache_dir, tmp_path_factory, *, denoiser=None, image_encoder=None, **sections):
+    """Yield the style app's URL (``cluster.url + STYLE_PREFIX``) once it is ready; delete it afterwards.
+
+    ``denoiser`` / ``image_encoder``: settings over the one-replica defaults; ``sections``: more config sections."""
     from ray import serve
 
     from graph.app import build_app
@@ -25,11 +27,12 @@ def deployed(cluster, cache_dir, tmp_path_factory):
     config = {
         "model": {"uri": "builtin:tiny-sd", "cache_dir": str(cache_dir), "ip_adapter": {}},
         "text_encoder": one,
-        "denoiser": {**one, "max_rows_per_tick": 8},
+        "denoiser": {**one, "max_rows_per_tick": 8, **(denoiser or {})},
         "vae": one,
-        "image_encoder": one,
+        "image_encoder": {**one, **(image_encoder or {})},
         "registry": {"uri": str(root / "registry"), "cache_dir": str(root / "adapter-cache")},
         "jobs": {"durable": False},
+        **sections,
     }
     serve.run(build_app(config), name=STYLE_APP, route_prefix=STYLE_PREFIX)
     url = cluster.url + STYLE_PREFIX

@@ -20,6 +20,7 @@ import pytest
 import requests
 import torch
 from PIL import Image
+from style_app import STYLE_APP, deployed
 from test_ip_adapter import InvariantIPAdapter, image_encoder, ip_dir, reference_pipe  # noqa: F401 - fixtures
 
 from conftest import ADMIN_TOKEN, Cluster, HeldDenoiser, wait_until
@@ -28,7 +29,6 @@ from lora_helpers import UNET_ATTN, make_peft_lora_file
 
 pytestmark = pytest.mark.e2e
 
-STYLE_APP, STYLE_PREFIX = "lorafleet-style", "/style"
 SIZE, STEPS = 64, 3
 BASE = {"width": SIZE, "height": SIZE, "steps": STEPS, "scheduler": "ddim"}
 
@@ -40,35 +40,15 @@ def picture(seed: int, width: int = 48, height: int = 40) -> np.ndarray:
 @pytest.fixture(scope="module")
 def style_app(cluster, cache_dir, tmp_path_factory):
     """The style app (see the module docstring); its Denoiser holds 8 rows, as the session app's (HeldDenoiser)."""
-    from ray import serve
-
-    from graph.app import build_app
-
-    root = tmp_path_factory.mktemp("style-app")
-    one = {"autoscaling": None, "num_replicas": 1}
-    config = {
-        "model": {"uri": "builtin:tiny-sd", "cache_dir": str(cache_dir), "ip_adapter": {"uri": "builtin"}},
-        "text_encoder": one,
-        "denoiser": {**one, "max_rows_per_tick": 8, "max_queued_images": 8},
-        "vae": one,
-        "image_encoder": {**one, "cache_size": 16},
-        "registry": {"uri": str(root / "registry"), "cache_dir": str(root / "adapter-cache")},
-        "admin": {"token": ADMIN_TOKEN},
-    }
-    serve.run(build_app(config), name=STYLE_APP, route_prefix=STYLE_PREFIX)
-    app = Cluster(cluster.url + STYLE_PREFIX, STYLE_APP, cluster.s3)
-
-    def ready() -> bool:
-        try:
-            return requests.get(app.url + "/readyz", timeout=10).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(ready, "the style app to be ready", timeout_s=300, interval_s=1.0)
-    try:
-        yield app
-    finally:
-        serve.delete(STYLE_APP)
+    with deployed(
+        cluster,
+        cache_dir,
+        tmp_path_factory,
+        denoiser={"max_queued_images": 8},
+        image_encoder={"cache_size": 16},
+        admin={"token": ADMIN_TOKEN},
+    ) as url:
+        yield Cluster(url, STYLE_APP, cluster.s3)
 
 
 @pytest.fixture(scope="module")
