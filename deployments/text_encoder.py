@@ -41,7 +41,9 @@ class TextEncoder:
         self.sdxl = info.sdxl
         # Deterministic mode encodes one row per call (PromptEncoder.rowwise): plain kernels suffice.
         text_encoder = models.load_text_encoder(directory, rt.device, rt.dtype)
-        self.adapters = ModelAdapters(text_encoder, "text_encoder", self.registry, lora, deterministic=False)
+        self.adapters = ModelAdapters(
+            text_encoder, "text_encoder", self.registry, lora, deterministic=False, tenant_weights=tenant_weights
+        )
         if not self.sdxl:
             self.adapters_2 = None
             self.encoder = PromptEncoder(
@@ -53,7 +55,14 @@ class TextEncoder:
             )
         else:
             text_encoder_2 = models.load_text_encoder(directory, rt.device, rt.dtype, "text_encoder_2")
-            self.adapters_2 = ModelAdapters(text_encoder_2, "text_encoder_2", self.registry, lora, deterministic=False)
+            self.adapters_2 = ModelAdapters(
+                text_encoder_2,
+                "text_encoder_2",
+                self.registry,
+                lora,
+                deterministic=False,
+                tenant_weights=tenant_weights,
+            )
             common = {"rowwise": rt.deterministic, "hidden_layer": "penultimate"}
             self.encoder = SDXLPromptEncoder(
                 PromptEncoder(
@@ -90,9 +99,10 @@ class TextEncoder:
         refs_2 = [a.ref for a in request.adapters_2]
         if refs_2 and self.adapters_2 is None:
             raise ValueError("adapters_2 needs an SDXL model (text_encoder_2)")
-        slots = await self.adapters.acquire(refs)  # pinned only once it returns: release below
+        who = {"tenant": request.tenant, "weight": request.tenant_weight}  # slot waits in the fair order too
+        slots = await self.adapters.acquire(refs, **who)  # pinned only once it returns: release below
         try:
-            slots_2 = await self.adapters_2.acquire(refs_2) if refs_2 else []
+            slots_2 = await self.adapters_2.acquire(refs_2, **who) if refs_2 else []
             try:
                 text = tuple((slot, a.weight, a.ref) for slot, a in zip(slots, request.adapters, strict=True))
                 text_2 = tuple((slot, a.weight, a.ref) for slot, a in zip(slots_2, request.adapters_2, strict=True))

@@ -194,9 +194,9 @@ def test_text_encoder_acquire_cancelled_while_waiting_leaves_no_pin(tiny, point)
             await acquiring
         registry.let("style@1")
         await until(lambda: residency.state("style@1") is State.READY)
-        return adapters._waiters
+        return len(adapters._waiters)
 
-    assert asyncio.run(main()) == {}
+    assert asyncio.run(main()) == 0
     assert residency.pinned() == {} and residency.consistent()
 
 
@@ -249,3 +249,38 @@ def test_an_adapter_that_blows_up_the_latents_fails_its_request_by_name(tiny):
         "lower their scale or check their weights"
     )
     assert torch.isfinite(base.x_t).all() and adapters.residency.pinned() == {}
+
+
+@pytest.mark.parametrize(
+    ("weights", "order"),
+    [
+        (None, ["h1@1", "l1@1", "h2@1", "h3@1"]),  # equal weights: the light tenant's load right after h1
+        ({"heavy": 2.0}, ["h1@1", "h2@1", "l1@1", "h3@1"]),  # heavy's weight 2: two of its loads per light one
+    ],
+)
+def test_text_encoder_slot_waits_load_in_weighted_fair_order(tiny, weights, order):
+    """The TextEncoder's slot waiters (``acquire``) ask the residency for their adapters in weighted-fair order by
+    tenant, not in arrival order: a heavy tenant's three rare adapters do not all load before a light tenant's
+    one (FIFO would want h1, h2, h3, l1)."""
+    engine = Engine(tiny, max_rows_per_tick=8)
+    config = LoRAConfig(max_loras_per_replica=2, max_rank=4)
+    adapters = ModelAdapters(
+        engine.unet, "unet", GatedRegistry(engine.unet), config, deterministic=True, tenant_weights=weights
+    )
+    wanted: list[list[str]] = []
+    adapters.residency.want = lambda sets: wanted.append([ref for refs in sets for ref in refs])
+    adapters.residency.try_pin = lambda refs, **kw: None  # nothing becomes resident: every caller waits
+
+    async def main():
+        tasks = []
+        for tenant, ref in [("heavy", "h1@1"), ("heavy", "h2@1"), ("heavy", "h3@1"), ("light", "l1@1")]:
+            tasks.append(asyncio.create_task(adapters.acquire([ref], tenant)))
+            await until(lambda n=len(tasks): len(adapters._waiters) == n)
+        seen = list(wanted[-1])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return seen
+
+    assert asyncio.run(main()) == order
+    assert len(adapters._waiters) == 0 and wanted[-1] == []

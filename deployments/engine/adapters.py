@@ -8,13 +8,15 @@ reference ``name@version`` (immutable).
 The Denoiser's ``StepScheduler`` drives the residency itself (pins at
 admission, from its fair queue). The TextEncoder, which has no queue of its
 own, waits here: ``acquire`` (bounded by ``lora.slot_wait_timeout_s``) and
-``release``.
+``release``. Its waiters are a ``FairQueue`` by tenant (the weights every stage
+uses): the residency loads their adapters in weighted-fair order, so a flood of
+rare adapters from one tenant does not delay another tenant's load.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +27,7 @@ from lora_registry.targets import ServedTargets
 
 from .adapter_slots import AdapterResidency, Weights
 from .config import LoRAConfig
+from .fair_queue import FairQueue
 from .multi_lora import MultiLoRAModel, text_encoder_key_prefix
 
 
@@ -65,11 +68,25 @@ def open_model_registry(
     return open_registry(config, base=spec, targets=served_targets(lora)), spec
 
 
+@dataclass(eq=False)
+class _SlotWaiter:
+    """One ``acquire`` waiting: its adapters (a ``FairQueue`` item, by identity)."""
+
+    refs: list[str]
+
+
 class ModelAdapters:
     """Adapter memory on one component of one replica: ``"unet"``, ``"text_encoder"`` or SDXL's ``"text_encoder_2"``."""
 
     def __init__(
-        self, model: torch.nn.Module, component: str, registry: Registry, config: LoRAConfig, *, deterministic: bool
+        self,
+        model: torch.nn.Module,
+        component: str,
+        registry: Registry,
+        config: LoRAConfig,
+        *,
+        deterministic: bool,
+        tenant_weights: dict[str, float] | None = None,
     ):
         targets = config.unet_target_modules if component == "unet" else config.text_encoder_target_modules
         prefix = text_encoder_key_prefix(model) if component.startswith("text_encoder") else ""
@@ -88,9 +105,9 @@ class ModelAdapters:
         self.residency = AdapterResidency(self.lora, self._fetch, on_change=self._changed)
         self.slot_wait_timeout_s = config.slot_wait_timeout_s
         self.on_change = None  # the Denoiser's loop wakes on it
-        # acquire(): waiting callers' refs in arrival order (what the residency loads first), and a wake-up.
-        self._waiters: dict[int, list[str]] = {}
-        self._tickets = itertools.count()
+        # acquire(): waiting callers in weighted-fair order by tenant (what the residency loads first), and a
+        # wake-up. A prompt costs 1, as in the TextEncoder's batches.
+        self._waiters: FairQueue[_SlotWaiter] = FairQueue(tenant_weights)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
 
@@ -105,9 +122,11 @@ class ModelAdapters:
         if self._event_loop is not None and self._wake is not None:
             self._event_loop.call_soon_threadsafe(self._wake.set)
 
-    async def acquire(self, refs: list[str]) -> list[int]:
+    async def acquire(self, refs: list[str], tenant: str = "anonymous", weight: float | None = None) -> list[int]:
         """Pin ``refs`` once resident and return their slots; waits (bounded) while they load.
 
+        Waiters' adapters load in weighted-fair order by ``tenant`` (``weight``: its key's; None: the configured
+        weights). A waiter whose adapters are resident goes at once, whatever its place.
         Cancellation-safe at every await: a pin is taken only in ``try_pin``, synchronously,
         and returned to the caller, who releases it in its own ``finally``.
         """
@@ -117,14 +136,15 @@ class ModelAdapters:
         if self._wake is None:
             self._event_loop, self._wake = loop, asyncio.Event()
         deadline = loop.time() + self.slot_wait_timeout_s
-        ticket = next(self._tickets)
-        self._waiters[ticket] = list(refs)
+        waiter = _SlotWaiter(list(refs))
+        self._waiters.push(tenant, waiter, 1.0, weight=weight)
         try:
             while True:
                 self._wake.clear()
-                self.residency.want(list(self._waiters.values()))
+                self.residency.want([w.refs for w in self._waiters.in_order()])
                 slots = self.residency.try_pin(refs)
                 if slots is not None:
+                    self._waiters.take(waiter)  # served: the virtual time moves on, as a pop
                     return slots
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -134,8 +154,8 @@ class ModelAdapters:
                 except TimeoutError:
                     pass
         finally:
-            del self._waiters[ticket]
-            self.residency.want(list(self._waiters.values()))
+            self._waiters.remove(waiter)  # timed out or cancelled (a no-op once taken)
+            self.residency.want([w.refs for w in self._waiters.in_order()])
 
     def release(self, refs: list[str]) -> None:
         self.residency.release(refs)
