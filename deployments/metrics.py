@@ -9,6 +9,7 @@ values that come from users (adapters, tenants) are capped: the first
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -19,8 +20,24 @@ STEP_MS_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
+def safe_label(value: str, max_length: int = 64) -> str:
+    """A label value as given if it is printable ASCII of at most ``max_length`` characters, else its kind
+    (what precedes the first ``:``, if that is plain) and a digest: Ray's metrics take ASCII tags only, and a
+    tenant's ``user`` field is whatever the client sent.
+
+    >>> safe_label("user:ann"), safe_label("user:\U00010000")
+    ('user:ann', 'user:sha256-118e68564c8d')
+    """
+    if value.isascii() and value.isprintable() and len(value) <= max_length:
+        return value
+    kind, sep, _ = value.partition(":")
+    prefix = f"{kind}:" if sep and kind.isascii() and kind.isalnum() and len(kind) <= 16 else ""
+    return f"{prefix}sha256-{hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
 class LabelCap:
-    """Bounded label cardinality: the first ``limit`` distinct values, then ``"other"``."""
+    """Bounded label cardinality: the first ``limit`` distinct values, then ``"other"``; each one ASCII
+    (``safe_label``)."""
 
     def __init__(self, limit: int = MAX_LABEL_VALUES):
         self.limit = limit
@@ -28,6 +45,7 @@ class LabelCap:
         self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
+        value = safe_label(value)
         with self._lock:
             if value in self._seen:
                 return value

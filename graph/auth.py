@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.metrics import safe_label
 from lora_registry.config import RegistryConfig
 from lora_registry.keys import KeyRecord, KeyStore, key_hash
 
@@ -386,6 +387,7 @@ class TenantMetrics:
         )
 
     def label(self, tenant: str) -> str:
+        tenant = safe_label(tenant)  # Ray's tags are ASCII; a user field is anything
         if tenant in self.labels:
             return tenant
         if len(self.labels) < self.max_labels:

@@ -301,6 +301,23 @@ def test_without_require_keys_generation_stays_open(tmp_path, cache_dir, monkeyp
     assert [p.tenant for p in ingress.graph.plans] == ["user:ann", f"key:{_h('k1')}"]
 
 
+def test_a_user_field_outside_ascii_is_a_tenant_and_an_ascii_metric_label(tmp_path, cache_dir, monkeypatch):
+    """Ray's metric tags are ASCII: a ``user`` of any Unicode (here U+10000, a surrogate pair in JSON) is the
+    tenant ``user:<it>`` on the plan, and its metric label is ``user:sha256-<prefix>`` (was a 500)."""
+    from deployments.metrics import safe_label
+
+    client, ingress = make_ingress(app_config(tmp_path, cache_dir), monkeypatch)
+    r = client.post(
+        "/v1/generate",
+        content=b'{"prompt": "a boat", "steps": 2, "width": 64, "height": 64, "user": "\\ud800\\udc00"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+    assert [p.tenant for p in ingress.graph.plans] == ["user:\U00010000"]
+    label = safe_label("user:\U00010000")
+    assert label.startswith("user:sha256-") and label.isascii() and safe_label("user:ann") == "user:ann"
+
+
 def test_keys_cli_create_list_set_revoke(tmp_path, capsys):
     from graph.cli import main
 
