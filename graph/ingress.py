@@ -337,6 +337,8 @@ class Ingress:
                 encode_ms=result.encode_ms,
                 denoise_ms=result.denoise_ms,
                 decode_ms=result.decode_ms,
+                encode_wait_ms=result.encode_wait_ms,
+                decode_wait_ms=result.decode_wait_ms,
             ),
         )
 

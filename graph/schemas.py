@@ -95,10 +95,14 @@ class GeneratedImage(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_ms: float
-    encode_ms: float
+    queue_ms: float = Field(description="The longest any of its images waited in the Denoiser's fair queue.")
+    encode_ms: float = Field(description="The TextEncoder, from the call to the embeddings (its waits included).")
     denoise_ms: float
     decode_ms: float
+    encode_wait_ms: float = Field(
+        0.0, description="Of encode_ms, the wait for adapter slots and a place in the TextEncoder's fair batches."
+    )
+    decode_wait_ms: float = Field(0.0, description="The wait for a place in the VAE's fair batches.")
 
 
 class GenerateResponse(BaseModel):
