@@ -60,6 +60,13 @@ class DenoiserConfig(ResourceConfig):
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="Fair-share weight per tenant (API key or `user`); others get 1."
     )
+    preempt: bool = Field(
+        True,
+        description=(
+            "Pause a running image of a tenant above its fair share of the rows (newest first, back to the front "
+            "of its queue, resumed unchanged) when a tenant below its share would otherwise wait for a free row."
+        ),
+    )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(

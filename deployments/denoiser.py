@@ -63,6 +63,7 @@ class Denoiser:
             max_queued=config.max_queued_images,
             max_queued_total=config.max_queued_images_total,
             tenant_weights=config.tenant_weights,
+            preempt=config.preempt,
             lora=self.adapters.lora,
             residency=self.adapters.residency,
             ip_adapter=self.ip_adapter,
@@ -265,6 +266,7 @@ class Denoiser:
             "waiting": len(s.waiting),
             "cancelled": self.loop.cancelled_jobs,
             "waiting_by_tenant": s.waiting.depths(),
+            "pauses": s.pauses,  # images paused for a tenant below its fair share of the rows
             "adapters": self.adapters.stats(),
         }
 

@@ -199,8 +199,17 @@ class Cluster:
 
 # Small bounds so overload is reachable in a test; everything else as shipped in serve_config.yaml.
 # One replica each (no autoscaling) so that batching and overload are deterministic.
+# No pausing for the fair share (denoiser.preempt): HeldDenoiser's batch must stay held whoever's requests arrive
+# (its jobs are one tenant's; another tenant's image would pause one of them). tests/test_step_scheduler.py tests
+# pausing on the engine, and the load test serves with it on, as shipped.
 E2E_OVERRIDES = {
-    "denoiser": {"max_queued_images": 8, "max_rows_per_tick": 8, "autoscaling": None, "num_replicas": 1},
+    "denoiser": {
+        "max_queued_images": 8,
+        "max_rows_per_tick": 8,
+        "autoscaling": None,
+        "num_replicas": 1,
+        "preempt": False,
+    },
     "text_encoder": {"autoscaling": None, "num_replicas": 1},
     "vae": {"autoscaling": None, "num_replicas": 1},
     "jobs": {"webhook_secret": "e2e-webhook-secret"},

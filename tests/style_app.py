@@ -27,7 +27,7 @@ def deployed(cluster, cache_dir, tmp_path_factory, *, denoiser=None, image_encod
     config = {
         "model": {"uri": "builtin:tiny-sd", "cache_dir": str(cache_dir), "ip_adapter": {}},
         "text_encoder": one,
-        "denoiser": {**one, "max_rows_per_tick": 8, **(denoiser or {})},
+        "denoiser": {**one, "max_rows_per_tick": 8, "preempt": False, **(denoiser or {})},  # HeldDenoiser stays held
         "vae": one,
         "image_encoder": {**one, **(image_encoder or {})},
         "registry": {"uri": str(root / "registry"), "cache_dir": str(root / "adapter-cache")},

@@ -223,7 +223,13 @@ def admitting(cluster, cache_dir, tmp_path_factory):
     config = {
         "model": {"uri": "builtin:tiny-sd", "cache_dir": str(cache_dir)},
         "text_encoder": {"autoscaling": None, "num_replicas": 1},
-        "denoiser": {"autoscaling": None, "num_replicas": 1, "max_rows_per_tick": 8, "max_queued_images": 64},
+        "denoiser": {
+            "autoscaling": None,
+            "num_replicas": 1,
+            "max_rows_per_tick": 8,
+            "max_queued_images": 64,
+            "preempt": False,  # HeldDenoiser's batch stays held (conftest.E2E_OVERRIDES)
+        },
         "vae": {"autoscaling": None, "num_replicas": 1},
         "registry": {"uri": str(root / "registry"), "cache_dir": str(root / "adapter-cache")},
         "admission": {"enabled": True, "max_images_in_flight": CAPACITY},

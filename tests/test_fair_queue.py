@@ -128,3 +128,18 @@ def test_position_is_the_pop_order_over_all_tenants():
     expected = {j: q.position(j) for j in q}
     assert drain(q) == sorted(expected, key=expected.get)
     assert [j.name for j in sorted(expected, key=expected.get)] == ["g1", "f0", "l0", "f1", "f2"]
+
+
+def test_push_front_puts_a_paused_item_first_in_its_tenant_uncharged():
+    """A paused job goes back first in its tenant's FIFO at the virtual time; its tenant's later items keep their
+    tags (its cost was charged once, when it was first pushed), so the other tenant's order is unchanged."""
+    q = FairQueue()
+    for item in ("a1", "a2", "a3"):
+        q.push("a", item, cost=1)
+    q.push("b", "b1", cost=1)
+    assert q.pop() == "a1"  # admitted (V = 1) ...
+    q.push_front("a", "a1")  # ... and paused
+    assert q.in_order() == ["a1", "b1", "a2", "a3"] and len(q) == 4
+    assert [q.pop() for _ in range(4)] == ["a1", "b1", "a2", "a3"]
+    q.push_front("c", "c1")  # a tenant with nothing waiting
+    assert q.in_order() == ["c1"] and q.depth("c") == 1

@@ -126,3 +126,70 @@ def test_async_loop_runs_and_cancels(engine, tick_gate):
 
     jobs = asyncio.run(main())
     assert all(torch.isfinite(j.x_t).all() for j in jobs)
+
+
+def _tenant_request(engine, tenant, seed, steps=6):
+    r = engine.request("a lighthouse", steps=steps, seed=seed, scheduler="euler_a")  # stochastic: a generator
+    r.tenant = tenant
+    return r
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_a_tenant_below_its_share_pauses_a_flooders_newest_image_which_resumes_unchanged(tiny, preempt):
+    """Rows 4, two tenants: the flooder's two running images hold every row. A light tenant's image (its share: 2
+    rows) pauses the flooder's newest one at the next tick, which goes back first in the flooder's queue and
+    resumes where it was; every image equals that image denoised alone (bit for bit: rows are batch-invariant,
+    the paused job keeps its latents, scheduler and generator). Without ``preempt`` the light image waits for a
+    flooder's image to finish."""
+    engine = Engine(tiny, max_rows_per_tick=4, max_queued=8)
+    steps = engine.steps
+    steps.preempt = preempt
+    heavy = steps.submit([_tenant_request(engine, "heavy", s) for s in (1, 2, 3)])
+    steps.tick()
+    assert [j.id for j in steps.active] == [heavy[0].id, heavy[1].id] and heavy[1].index == 1
+    (light,) = steps.submit([_tenant_request(engine, "light", 7)])
+    steps.tick()
+    if preempt:
+        assert [j.id for j in steps.active] == [heavy[0].id, light.id]
+        assert (heavy[1].pauses, steps.pauses, heavy[1].index, light.index) == (1, 1, 1, 1)
+        assert steps.waiting.in_order() == [heavy[1], heavy[2]]  # first in its tenant's queue again
+    else:
+        assert [j.id for j in steps.active] == [heavy[0].id, heavy[1].id] and light.index == 0
+        assert steps.pauses == 0
+    order = []
+    while not steps.idle:
+        order += [j.id for j in steps.tick()]
+    if preempt:  # the light image ran from its arrival: done before the paused one
+        assert order.index(light.id) < order.index(heavy[1].id)
+    alone = Engine(tiny, max_rows_per_tick=4)
+    for job in [*heavy, light]:
+        (ref,) = alone.steps.submit([_tenant_request(alone, job.request.tenant, job.request.seed)])
+        while not alone.steps.idle:
+            alone.steps.tick()
+        assert torch.equal(job.x_t, ref.x_t), (job.request.tenant, job.request.seed)
+
+
+def test_no_pause_for_a_tenant_at_its_share_or_to_take_a_tenant_below_its_own():
+    """The rule's two limits, on the admission arithmetic alone (``_make_room``): a tenant already holding its share
+    pauses nobody, and a flooder is never paused below its own share."""
+    from types import SimpleNamespace
+
+    from deployments.engine.fair_queue import FairQueue
+    from deployments.engine.step_scheduler import StepScheduler
+
+    steps = StepScheduler.__new__(StepScheduler)  # the arithmetic only: no UNet
+    steps.preempt, steps.max_rows_per_tick, steps.waiting = True, 4, FairQueue()
+
+    def job(tenant, rows, admitted):
+        return SimpleNamespace(request=SimpleNamespace(tenant=tenant), rows=rows, admitted=admitted)
+
+    steps.active = [job("heavy", 2, 0), job("light", 2, 1)]  # each at its share (2 of 4)
+    assert steps._make_room(job("light", 2, -1), 4, dry_run=True) is None
+    steps.active = [job("heavy", 2, 0), job("heavy", 2, 1)]
+    assert steps._make_room(job("light", 2, -1), 4, dry_run=True) == 2  # pauses one of heavy's two
+    assert steps._make_room(job("light", 4, -1), 4, dry_run=True) is None  # 4 rows: over light's share
+    steps.active = [job("heavy", 4, 0)]  # one 4-row job: pausing it would take heavy below its share
+    assert steps._make_room(job("light", 2, -1), 4, dry_run=True) is None
+    steps.preempt = False
+    steps.active = [job("heavy", 2, 0), job("heavy", 2, 1)]
+    assert steps._make_room(job("light", 2, -1), 4, dry_run=True) is None

@@ -74,6 +74,21 @@ class FairQueue(Generic[T]):
         self._len += 1
         self._ranks = None
 
+    def push_front(self, tenant: str, item: T) -> None:
+        """Put back an item admitted earlier (a job paused to make room: ``StepScheduler``) first in its tenant's
+        FIFO. Its cost was charged when it was first pushed, so it is not charged again: its finish tag is the
+        virtual time (or the tenant's head's, if earlier), and the tenant's later items keep theirs."""
+        q = self._queues.setdefault(tenant, deque())
+        finish = min(self.virtual_time, q[0][0]) if q else self.virtual_time
+        entry = (finish, -next(self._seq), item)  # before any item of the same tag: it was admitted once already
+        if q:
+            self._heads = [h for h in self._heads if h[2] != tenant]
+            heapq.heapify(self._heads)
+        q.appendleft(entry)
+        heapq.heappush(self._heads, (finish, entry[1], tenant))
+        self._len += 1
+        self._ranks = None
+
     def peek(self) -> T | None:
         if not self._heads:
             return None

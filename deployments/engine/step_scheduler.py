@@ -47,6 +47,14 @@ lets later jobs pass (their adapters are resident, or they have none); a job
 whose load waits for memory lets pass only jobs that take no new memory
 (no adapters, or adapters already pinned by running jobs), so it cannot be
 starved. ``queue_ms``, the queue position and the ETA include these waits.
+
+Pausing for the fair share (``preempt``): an admitted image keeps its rows for all of its steps, so a
+tenant below its fair share of the rows would wait for a flooder's image to finish. When the next job in fair
+order does not fit and its tenant holds fewer than its share of the rows (``max_rows_per_tick`` x its weight /
+the weights of the tenants with work), running jobs of tenants above their share are paused, newest first,
+while each such tenant keeps at least its share: they go back to the front of their tenant's queue with their
+latents, scheduler state and generator, and resume where they were. Rows are batch-invariant, so a paused
+image is the same image.
 """
 
 from __future__ import annotations
@@ -203,6 +211,8 @@ class DenoiseJob:
     pinned: tuple = ()  # the residency keys this job pinned at admission (released when it leaves)
     adapter_wait_since: float | None = None  # first admission pass its adapters were not resident
     ip_image: object | None = None  # ip_adapter.RowImage: its rows' image tokens and scales; None: no image
+    admitted: int = -1  # admission order (the newest running job of a tenant is paused first)
+    pauses: int = 0  # times it was paused to make room for a tenant below its fair share
 
     @property
     def adapter_keys(self) -> tuple:
@@ -253,13 +263,15 @@ class StepScheduler:
         residency=None,
         step_graphs=None,
         ip_adapter=None,
+        preempt: bool = True,
     ):
         """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them.
 
         ``lora``: a ``MultiLoRAModel`` over ``unet``; ``residency``: an ``AdapterResidency`` over it
         (requests then name adapters by key, pinned at admission). ``step_graphs``: a ``StepGraphs`` over
         ``unet`` (and ``lora``): each tick's forward then runs on its static buffers, replayed from a CUDA
-        graph where captured (``engine/step_graphs.py``).
+        graph where captured (``engine/step_graphs.py``). ``preempt``: pause running jobs of tenants above their
+        fair share of the rows to admit a tenant below it (see the module docstring).
         """
         if max_rows_per_tick < 2:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
@@ -292,6 +304,9 @@ class StepScheduler:
         self.active: list[DenoiseJob] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.preempt = preempt
+        self._admissions = itertools.count()
+        self.pauses = 0  # jobs paused for a tenant below its fair share (a metric)
         # Counters (exported as metrics by the deployment).
         self.ticks_run = 0
         self.rows_run = 0
@@ -723,10 +738,17 @@ class StepScheduler:
         with self._lock:
             rows = sum(j.rows for j in self.active)
             if self.residency is None:
-                while self.waiting and rows + self.waiting.peek().rows <= self.max_rows_per_tick:
-                    job = self.waiting.pop()
+                blocked = False  # a job did not fit: later ones go only for a tenant below its share
+                for job in self.waiting.in_order():
+                    if blocked or rows + job.rows > self.max_rows_per_tick:
+                        room = self._make_room(job, rows)
+                        if room is None:
+                            blocked = True
+                            continue
+                        rows = room
+                    self.waiting.take(job)
                     job.slots = job.request.adapters
-                    self.active.append(job)
+                    self._activate(job)
                     rows += job.rows
                 return []
             order = self.waiting.in_order()
@@ -734,9 +756,12 @@ class StepScheduler:
             now = self.clock()
             failed: list[DenoiseJob] = []
             memory_blocked = False
+            blocked = False  # a job did not fit: later ones go only for a tenant below its share (_make_room)
             for job in order:
-                if rows + job.rows > self.max_rows_per_tick:
-                    break
+                over = blocked or rows + job.rows > self.max_rows_per_tick
+                if over and self._make_room(job, rows, dry_run=True) is None:
+                    blocked = True
+                    continue
                 keys = job.adapter_keys
                 try:
                     slots = self.residency.try_pin(keys, only_if_pinned=memory_blocked) if keys else []
@@ -750,14 +775,87 @@ class StepScheduler:
                         job.adapter_wait_since = now
                     memory_blocked = memory_blocked or self.residency.blocked(keys)
                     continue
+                if over:  # its adapters are pinned: now pause the jobs that make its room
+                    rows = self._make_room(job, rows)
                 self.waiting.take(job)
                 job.pinned = keys
                 job.slots = tuple((slot, float(w)) for slot, (_, w) in zip(slots, job.request.adapters, strict=True))
-                if keys and self.on_adapter_wait is not None:
+                if keys and self.on_adapter_wait is not None and not job.pauses:
                     self.on_adapter_wait(0.0 if job.adapter_wait_since is None else now - job.adapter_wait_since)
-                self.active.append(job)
+                self._activate(job)
                 rows += job.rows
             return failed
+
+    def _activate(self, job: DenoiseJob) -> None:
+        job.admitted = next(self._admissions)
+        self.active.append(job)
+
+    def _make_room(self, job: DenoiseJob, rows: int, dry_run: bool = False) -> int | None:
+        """Room for ``job`` past a job that did not fit, for a tenant below its fair share of the rows: the rows
+        still running once enough running jobs of tenants above their share are paused (each such tenant keeps
+        at least its share; newest first), or None (its tenant is not below its share, ``preempt`` is off, or
+        pausing cannot free enough rows: then nothing is paused). ``dry_run``: say so, pausing nothing. Called with
+        the lock held."""
+        if not self.preempt:
+            return None
+        held: dict[str, int] = {}
+        for j in self.active:
+            held[j.request.tenant] = held.get(j.request.tenant, 0) + j.rows
+        tenant = job.request.tenant
+        total = sum(self.waiting.weight(t) for t in set(held) | set(self.waiting.depths()) | {tenant})
+
+        def share(tenant: str) -> float:
+            return self.max_rows_per_tick * self.waiting.weight(tenant) / total
+
+        if held.get(tenant, 0) + job.rows > share(tenant):
+            return None
+        victims, freed = [], 0
+        for victim in sorted(self.active, key=lambda j: j.admitted, reverse=True):
+            if rows - freed + job.rows <= self.max_rows_per_tick:
+                break
+            owner = victim.request.tenant
+            if owner != tenant and held[owner] - victim.rows >= share(owner):
+                victims.append(victim)
+                held[owner] -= victim.rows
+                freed += victim.rows
+        if rows - freed + job.rows > self.max_rows_per_tick:
+            return None
+        if dry_run:
+            return rows - freed
+        for victim in victims:
+            self.active = [j for j in self.active if j is not victim]
+            self._leave([victim])
+            victim.slots = ()
+            victim.pauses += 1
+            self.pauses += 1
+            self.waiting.push_front(victim.request.tenant, victim)
+        return rows - freed
+        held: dict[str, int] = {}
+        for j in self.active:
+            held[j.request.tenant] = held.get(j.request.tenant, 0) + j.rows
+        with_work = set(held) | set(self.waiting.depths())
+        total = sum(self.waiting.weight(t) for t in with_work)
+
+        def share(tenant: str) -> float:
+            return self.max_rows_per_tick * self.waiting.weight(tenant) / total
+
+        if held.get(tenant, 0) + job.rows > share(tenant):
+            return rows
+        for victim in sorted(self.active, key=lambda j: j.admitted, reverse=True):
+            if rows + job.rows <= self.max_rows_per_tick:
+                break
+            owner = victim.request.tenant
+            if owner == tenant or held[owner] - victim.rows < share(owner):
+                continue
+            self.active.remove(victim)
+            self._leave([victim])
+            victim.slots = ()
+            victim.pauses += 1
+            self.pauses += 1
+            self.waiting.push_front(owner, victim)
+            held[owner] -= victim.rows
+            rows -= victim.rows
+        return rows
 
     def _want(self, order: list[DenoiseJob]) -> None:
         """Tell the residency the adapters of the jobs that would fill the next two ticks, next first."""
