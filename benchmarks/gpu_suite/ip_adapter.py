@@ -24,9 +24,10 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.bench_ip_adapter import VIT_H, mixed_requests
 from deployments.engine.ip_adapter import IPAdapterModel, IPAdapterWeights
 from deployments.engine.schedulers import SchedulerFactory
-from deployments.engine.step_scheduler import DenoiseRequest, StepScheduler
+from deployments.engine.step_scheduler import StepScheduler
 
 from .models import model_dir
 from .settings import Budget, ModelRun, SuiteSettings
@@ -34,17 +35,6 @@ from .settings import Budget, ModelRun, SuiteSettings
 ROWS = 16
 IMAGE_ROWS = (0, 4, 8, 16)
 ENCODER_BATCHES = (1, 8, 32)
-# h94/IP-Adapter's models/image_encoder: OpenCLIP ViT-H/14 as a CLIPVisionModelWithProjection.
-VIT_H = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "image_size": 224,
-    "patch_size": 14,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-}
 SEED = 22
 
 
@@ -65,19 +55,6 @@ def _weights(run: ModelRun, unet) -> IPAdapterWeights:
         torch.manual_seed(SEED)
         state = ip_adapter_state({"image_encoder": VIT_H}, unet, "plain")  # built on the CPU, in float32
     return IPAdapterWeights.load(state, unet)
-
-
-def _requests(unet, weights: IPAdapterWeights, image_rows: int, size: int, steps: int, device, dtype):
-    g = torch.Generator().manual_seed(0)
-    hidden = unet.config.cross_attention_dim
-    out = []
-    for i in range(ROWS // 2):  # guidance: two rows each
-        prompt = torch.randn(77, hidden, generator=g).to(device, dtype)
-        negative = torch.randn(77, hidden, generator=g).to(device, dtype)
-        embeds = torch.randn(weights.embed_dim, generator=g).to(device, dtype)
-        image = {"ip_adapter_embeds": embeds, "ip_adapter_scale": 0.6} if i < image_rows // 2 else {}
-        out.append(DenoiseRequest(prompt, negative, size, size, steps, 7.5, seed=i, scheduler="ddim", **image))
-    return out
 
 
 def mixed_ticks(run: ModelRun, s: SuiteSettings, device, dtype, budget: Budget) -> dict:
@@ -113,7 +90,7 @@ def mixed_ticks(run: ModelRun, s: SuiteSettings, device, dtype, budget: Budget) 
             max_queued=ROWS,
             ip_adapter=None if count == "off" else ip,
         )
-        jobs = steps.submit(_requests(unet, weights, n, run.size_px, steps_per_job, device, dtype))
+        jobs = steps.submit(mixed_requests(unet, weights, ROWS, n, run.size_px, steps_per_job))  # moved at admission
         began = time.perf_counter()
         for _ in range(warmup):
             steps.tick()
