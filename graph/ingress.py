@@ -36,6 +36,7 @@ from .chain import GraphClient, GraphRouter, ModelGraph, resolve
 from .config import AppConfig
 from .edge import EdgeLimits, EdgePolicy, SecurityHeaders
 from .errors import APIError, FieldError
+from .multipart_bodies import MultipartBodies
 from .planning import Plan, raw_format
 from .schemas import (
     GeneratedImage,
@@ -148,8 +149,9 @@ def _model_of(scope) -> str:
 def install_edge(fastapi_app: FastAPI, policy) -> None:
     """What every request meets before and after its route: the one error shape (``errors``), and the
     middleware, outermost first: ``SecurityHeaders``, ``EdgeLimits`` (it counts its own refusals: they
-    never reach a route), ``RequestMetrics``."""
+    never reach a route), ``RequestMetrics``, ``MultipartBodies`` (``multipart_bodies.py``)."""
     errors.install(fastapi_app)
+    fastapi_app.add_middleware(MultipartBodies)  # innermost: a native route's form becomes its JSON body
     fastapi_app.add_middleware(RequestMetrics)
     fastapi_app.add_middleware(EdgeLimits, policy=policy)
     fastapi_app.add_middleware(SecurityHeaders)
