@@ -18,6 +18,9 @@ from PIL import Image
 from style_app import deployed
 
 pytestmark = pytest.mark.e2e
+# webuiapi's txt2img / img2img default ``alwayson_scripts={}`` is one dict shared by every call in the process, and
+# a call with ControlNet units writes them into it: a later call without units (another test's) would send them
+# again. Each call here passes a dict of its own.
 SMALL = {"width": 64, "height": 64, "steps": 3, "seed": 11, "cfg_scale": 7.5, "sampler_name": "Euler"}
 NATIVE = {"width": 64, "height": 64, "steps": 3, "seed": 11, "guidance_scale": 7.5, "scheduler": "euler"}
 
@@ -74,7 +77,7 @@ def a1111_modules():
 def test_txt2img_with_an_ip_adapter_unit_equals_the_native_style_image(api, styled):
     (model,) = requests.get(styled + "/controlnet/model_list", timeout=30).json()["model_list"]
     unit = webuiapi.ControlNetUnit(image=reference(), module="ip-adapter_clip_h", model=model, weight=0.8)
-    result = api.txt2img(prompt="a red boat", controlnet_units=[unit], **SMALL)
+    result = api.txt2img(prompt="a red boat", controlnet_units=[unit], **SMALL, alwayson_scripts={})
     style = webuiapi.raw_b64_img(reference())
     expected = native(
         styled, "/v1/generate", {"prompt": "a red boat", "style_image": style, "style_scale": 0.8, **NATIVE}
@@ -91,7 +94,9 @@ def test_txt2img_with_an_ip_adapter_unit_equals_the_native_style_image(api, styl
 def test_img2img_with_an_ip_adapter_unit_equals_the_native_img2img(api, styled):
     init = Image.fromarray(np.full((64, 64, 3), (30, 120, 200), np.uint8))
     unit = webuiapi.ControlNetUnit(image=reference(), module="ip-adapter-auto", model="ip-adapter_sd15", weight=0.5)
-    result = api.img2img(images=[init], prompt="a house", denoising_strength=0.6, controlnet_units=[unit], **SMALL)
+    result = api.img2img(
+        images=[init], prompt="a house", denoising_strength=0.6, controlnet_units=[unit], **SMALL, alwayson_scripts={}
+    )
     body = {
         "prompt": "a house",
         "image": webuiapi.raw_b64_img(init),
@@ -137,7 +142,7 @@ def test_img2img_with_an_ip_adapter_unit_equals_the_native_img2img(api, styled):
 )
 def test_what_is_not_served_is_a_422_the_client_shows(api, units, field):
     with pytest.raises(RuntimeError) as e:
-        api.txt2img(prompt="a", controlnet_units=units, **SMALL)
+        api.txt2img(prompt="a", controlnet_units=units, **SMALL, alwayson_scripts={})
     status, text = e.value.args
     error = json.loads(text)["error"]
     assert status == 422 and error["field"] == f"alwayson_scripts.ControlNet.{field}", error
