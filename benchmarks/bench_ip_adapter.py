@@ -44,24 +44,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_multi_lora_gpu import SD15_UNET  # noqa: E402  (runwayml SD1.5's unet/config.json)
 from deployments.engine import models  # noqa: E402
 from deployments.engine.batch_invariance import make_batch_invariant  # noqa: E402
 from deployments.engine.ip_adapter import IPAdapterModel, IPAdapterWeights, resolve_ip_adapter_dir  # noqa: E402
 from deployments.engine.schedulers import SchedulerFactory  # noqa: E402
 from deployments.engine.step_scheduler import DenoiseRequest, StepScheduler  # noqa: E402
 
-SD15_UNET = {  # runwayml/stable-diffusion-v1-5's unet/config.json (the architecture; weights are random here)
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
 # h94/IP-Adapter's models/image_encoder (OpenCLIP ViT-H/14 as a CLIPVisionModelWithProjection).
 VIT_H = {
     "hidden_size": 1280,

@@ -507,3 +507,15 @@ def assert_clean_error(text: str) -> None:
     assert len(text.encode()) < 500 and "\n" not in error["message"], text
     assert not [leak for leak in LEAKS if leak in text], text
     assert not re.search(r"0x[0-9a-f]{6,}|\b\d{1,3}(\.\d{1,3}){3}\b", text), text  # addresses, IPs
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium (Debian's chromium + chromium-driver) for a page test module."""
+    from page_helpers import start_chromium
+
+    driver = start_chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()

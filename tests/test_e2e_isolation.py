@@ -155,17 +155,6 @@ def test_a_light_tenant_is_served_in_full_and_within_2x_its_alone_latency_while_
     assert sum(1 for j in flood if j["updated"] > light["updated"]) >= FLOOD_QUEUE - (batch - 1)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from page_helpers import start_chromium
-
-    driver = start_chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def test_the_page_shows_a_tenant_its_fair_position_behind_a_flood_not_the_backlog(cluster, browser):
     """Item 5 on the page: a person's job (tenant: their address) behind a flooder's full queue is told it is
     second (its fair rank, ``_fair_rank``), with an ETA, not that the flooder's 8 images are ahead of it."""

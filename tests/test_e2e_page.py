@@ -18,21 +18,12 @@ from PIL import Image
 
 from conftest import HeldDenoiser
 from lora_helpers import UNET_ATTN, make_peft_lora_file
-from page_helpers import artifacts_dir, by_id, decode_data_url, fill, start_chromium, wait
+from page_helpers import artifacts_dir, by_id, decode_data_url, fill, wait
 
 pytestmark = pytest.mark.e2e
 
 ADAPTER = "page-watercolor"
 STEPS = 40
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = start_chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import requests
 
 from conftest import ADMIN_TOKEN, free_cpus_held
 from conftest import multi_running as running
-from page_helpers import artifacts_dir, by_id, fill, start_chromium, wait
+from page_helpers import artifacts_dir, by_id, fill, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -26,15 +26,6 @@ SD_STYLE, XL_STYLE = "page-sd-style", "page-xl-style"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SIDES = ("width", "height")
 COLD_START_S = 600  # a replica of each of tiny-sdxl's three stages starting on a busy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = start_chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")

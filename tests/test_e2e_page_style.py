@@ -14,7 +14,7 @@ import requests
 from PIL import Image
 from style_app import deployed
 
-from page_helpers import artifacts_dir, by_id, decode_data_url, fill, start_chromium, wait
+from page_helpers import artifacts_dir, by_id, decode_data_url, fill, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +24,6 @@ def styled(cluster, cache_dir, tmp_path_factory):
     """An app served with its builtin IP-Adapter under a route prefix (tests/style_app.py)."""
     with deployed(cluster, cache_dir, tmp_path_factory) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = start_chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def open_page(driver, url):
