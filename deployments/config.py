@@ -64,7 +64,19 @@ class DenoiserConfig(ResourceConfig):
         True,
         description=(
             "Pause a running image of a tenant above its fair share of the rows (newest first, back to the front "
-            "of its queue, resumed unchanged) when a tenant below its share would otherwise wait for a free row."
+            "of its queue, resumed unchanged) when a tenant below its share would otherwise wait for a free row; "
+            "and step the shape bucket of a tenant below its share first (others wait at most 3 ticks in a row)."
+        ),
+    )
+    protected_tick_rows: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description=(
+            "With preempt: the most rows of a tick that steps an image of a tenant below its fair share (its rows "
+            "always go; other tenants' fill the rest, taking turns). 0: no cap. Where a tick's cost grows with its "
+            "rows (CPU; GPU at full size) it keeps a light tenant's steps near their cost alone, at the cost of the "
+            "flooder's throughput while the light tenant's images run."
         ),
     )
     cuda_graphs: Literal["auto", "on", "off"] = Field(

@@ -64,6 +64,7 @@ class Denoiser:
             max_queued_total=config.max_queued_images_total,
             tenant_weights=config.tenant_weights,
             preempt=config.preempt,
+            protected_tick_rows=config.protected_tick_rows,
             lora=self.adapters.lora,
             residency=self.adapters.residency,
             ip_adapter=self.ip_adapter,
@@ -206,11 +207,13 @@ class Denoiser:
         ]
 
     def _result(self, encoded: PromptEmbeddings, jobs: list[DenoiseJob]) -> Denoised:
+        slowest = max(jobs, key=lambda j: j.denoise_ms)
         return Denoised(
             latents=torch.cat([j.x_t for j in jobs]).cpu(),  # [n, c, h, w]
             encode_ms=encoded.encode_ms,
             queue_ms=max(j.queue_ms for j in jobs),
-            denoise_ms=max(j.denoise_ms for j in jobs),
+            denoise_ms=slowest.denoise_ms,
+            step_ms=slowest.step_ms,
             trace=Trace(denoiser_replica=self.replica_id, denoiser_adapter_loads=self.adapters.residency.loads),
             encode_wait_ms=encoded.encode_wait_ms,
         )

@@ -190,6 +190,7 @@ class Denoised:
     denoise_ms: float  # the slowest image's time in the batch
     trace: Trace = field(default_factory=Trace)
     encode_wait_ms: float = 0.0  # PromptEmbeddings.encode_wait_ms, passed on
+    step_ms: float = 0.0  # of denoise_ms, the slowest image's time in the ticks that stepped it
 
 
 # Progress events of ``Denoiser.denoise_stream``, as they change.
@@ -257,3 +258,4 @@ class DecodedImages:
     # lorafleet_tenant_queue_wait_ms{stage} (graph/auth.py).
     encode_wait_ms: float = 0.0
     decode_wait_ms: float = 0.0
+    step_ms: float = 0.0  # Denoised.step_ms, passed on

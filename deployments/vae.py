@@ -82,6 +82,7 @@ class VAE:
             trace=denoised.trace,
             encode_wait_ms=denoised.encode_wait_ms,
             decode_wait_ms=waited_ms,
+            step_ms=denoised.step_ms,
         )
 
     async def _decode_batch(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -341,6 +341,7 @@ class Ingress:
                 decode_ms=result.decode_ms,
                 encode_wait_ms=result.encode_wait_ms,
                 decode_wait_ms=result.decode_wait_ms,
+                step_ms=result.step_ms,
             ),
         )
 

@@ -103,6 +103,13 @@ class Timings(BaseModel):
         0.0, description="Of encode_ms, the wait for adapter slots and a place in the TextEncoder's fair batches."
     )
     decode_wait_ms: float = Field(0.0, description="The wait for a place in the VAE's fair batches.")
+    step_ms: float = Field(
+        0.0,
+        description=(
+            "Of denoise_ms, the time in the UNet steps that advanced its slowest image; the rest is the ticks of "
+            "other image sizes between them (and, if it was paused for a lighter tenant, the pause)."
+        ),
+    )
 
 
 class GenerateResponse(BaseModel):

@@ -38,7 +38,10 @@ def test_generate_returns_images_seeds_and_timings(cluster):
     a, b = (b64_pixels(im["b64"]) for im in body["images"])
     assert a.shape == (64, 64, 3) and np.abs(a.astype(int) - b).max() > 10
     timings = body["timings"]
-    assert set(timings) == {"queue_ms", "encode_ms", "denoise_ms", "decode_ms", "encode_wait_ms", "decode_wait_ms"}
+    assert set(timings) == {
+        "queue_ms", "encode_ms", "denoise_ms", "decode_ms", "encode_wait_ms", "decode_wait_ms", "step_ms"
+    }  # fmt: skip
+    assert 0 < timings["step_ms"] <= timings["denoise_ms"]
     assert timings["denoise_ms"] > 0 and timings["decode_ms"] > 0 and timings["encode_ms"] > 0
     assert timings["queue_ms"] >= 0 and timings["decode_wait_ms"] >= 0
     assert 0 <= timings["encode_wait_ms"] <= timings["encode_ms"]

@@ -169,6 +169,91 @@ def test_a_tenant_below_its_share_pauses_a_flooders_newest_image_which_resumes_u
         assert torch.equal(job.x_t, ref.x_t), (job.request.tenant, job.request.seed)
 
 
+@pytest.mark.parametrize("preempt", [True, False])
+def test_a_tenant_below_its_share_steps_every_tick_while_a_flooders_other_size_still_advances(tiny, preempt):
+    """Rows 8, a flooder with images in two sizes (two buckets; one tick steps one bucket) and a light tenant's
+    64 px image. Buckets take turns, so without ``preempt`` the light image steps every other tick. With it, the
+    light tenant's bucket goes first (2 of its share of 4 rows held) except when the flooder's 128 px images have
+    waited ``MAX_TICK_SKIPS`` ticks: it steps 3 ticks of every 4, and the 128 px images still advance. Every image
+    equals that image denoised alone, bit for bit."""
+    engine = Engine(tiny, max_rows_per_tick=8, max_queued=8)
+    steps = engine.steps
+    steps.preempt = preempt
+    steps.clock = itertools.count().__next__  # a tick's forward lasts 1 (two readings), at any speed
+
+    def request(tenant, seed, size, n_steps):
+        r = engine.request("a lighthouse", size=size, steps=n_steps, seed=seed, scheduler="euler_a")
+        r.tenant = tenant
+        return r
+
+    heavy = steps.submit([request("heavy", 1, 64, 20), request("heavy", 2, 128, 20)])
+    steps.tick()
+    (light,) = steps.submit([request("light", 3, 64, 8)])
+    stepped = []  # per tick: did the light image step? did the flooder's 128 px image?
+    while not light.done:
+        before = (light.index, heavy[1].index)
+        steps.tick()
+        stepped.append((light.index > before[0], heavy[1].index > before[1]))
+    light_ticks = [a for a, _ in stepped]
+    if preempt:
+        # The 128 px image had waited one tick (the 64 px bucket's) when the light image came: two more, then it
+        # goes; from then on it goes every 4th tick.
+        assert steps.MAX_TICK_SKIPS == 3
+        assert light_ticks == [True, True, False, True, True, True, False, True, True, True]
+    else:
+        assert light_ticks == [False, True] * 8  # every other tick (the 128 px image had not stepped yet)
+    assert all(a != b for a, b in stepped)  # one bucket a tick
+    # step_ms: the 8 ticks that stepped it; denoise_ms also spans the other bucket's ticks between them.
+    assert light.step_ms == 8000.0
+    assert light.denoise_ms == 1000.0 * (2 * len(stepped) - 1) - (2000.0 if not preempt else 0.0)
+    while not steps.idle:
+        steps.tick()
+    alone = Engine(tiny, max_rows_per_tick=8)
+    for job in [*heavy, light]:
+        (ref,) = alone.steps.submit(
+            [request(job.request.tenant, job.request.seed, job.request.width, len(job.timesteps))]
+        )
+        while not alone.steps.idle:
+            alone.steps.tick()
+        assert torch.equal(job.x_t, ref.x_t), (job.request.tenant, job.request.seed)
+
+
+@pytest.mark.parametrize("cap", [4, 0])
+def test_protected_tick_rows_caps_a_tick_that_steps_a_light_image_and_the_flooders_images_take_turns(tiny, cap):
+    """Rows 8, one size: a flooder's three images (6 rows) and a light tenant's one (2 rows, its share 4). With
+    ``protected_tick_rows`` 4 each tick steps the light image and one of the flooder's (4 rows), the flooder's taking
+    turns, longest waiting first, none skipped more than ``MAX_TICK_SKIPS`` ticks in a row; once the light image is
+    done, ticks are full again. 0: every tick steps all four. Every image equals that image denoised alone."""
+    engine = Engine(tiny, max_rows_per_tick=8, max_queued=8)
+    steps = engine.steps
+    steps.protected_tick_rows = cap
+    heavy = steps.submit([_tenant_request(engine, "heavy", s, steps=12) for s in (1, 2, 3)])
+    steps.tick()
+    (light,) = steps.submit([_tenant_request(engine, "light", 7, steps=6)])
+    rows = []
+    while not light.done:
+        before = [j.index for j in heavy]
+        steps.tick()
+        rows.append(tuple(j.index - b for j, b in zip(heavy, before, strict=True)))
+    if cap:
+        # The light image steps every tick; the flooder's images one a tick, each its turn in order.
+        assert rows == [(1, 0, 0), (0, 1, 0), (0, 0, 1)] * 2
+        assert (steps.rows_run, light.index) == (6 + 6 * 4, 6)
+    else:
+        assert rows == [(1, 1, 1)] * 6
+    steps.tick()
+    assert [j.index for j in heavy] == ([4, 4, 4] if cap else [8, 8, 8])  # a full tick again
+    while not steps.idle:
+        steps.tick()
+    alone = Engine(tiny, max_rows_per_tick=8)
+    for job in [*heavy, light]:
+        r = _tenant_request(alone, job.request.tenant, job.request.seed, steps=len(job.timesteps))
+        (ref,) = alone.steps.submit([r])
+        while not alone.steps.idle:
+            alone.steps.tick()
+        assert torch.equal(job.x_t, ref.x_t), (job.request.tenant, job.request.seed)
+
+
 def test_no_pause_for_a_tenant_at_its_share_or_to_take_a_tenant_below_its_own():
     """The rule's two limits, on the admission arithmetic alone (``_make_room``): a tenant already holding its share
     pauses nobody, and a flooder is never paused below its own share."""

@@ -55,6 +55,15 @@ the weights of the tenants with work), running jobs of tenants above their share
 while each such tenant keeps at least its share: they go back to the front of their tenant's queue with their
 latents, scheduler state and generator, and resume where they were. Rows are batch-invariant, so a paused
 image is the same image.
+
+A tick steps one bucket, and buckets take turns, so a running image waits one tick for each other bucket with
+work: with a flooder's images in two sizes, a light tenant's image would step every other tick. With
+``preempt``, the bucket of a running job whose tenant holds fewer rows than its share goes first, so a light
+tenant's image steps every tick, as it would alone; no job waits more than ``MAX_TICK_SKIPS`` ticks in a row
+for other buckets, so a flooder's other sizes still advance. ``protected_tick_rows`` also caps the rows of a tick
+that steps a below-share tenant's image (the flooder's images in it take turns, none skipped more than
+``MAX_TICK_SKIPS`` ticks in a row): where a tick's cost grows with its rows (a CPU; a GPU at full size), the light
+image's steps then cost about what they cost alone, at the flooder's expense while it runs.
 """
 
 from __future__ import annotations
@@ -213,6 +222,8 @@ class DenoiseJob:
     ip_image: object | None = None  # ip_adapter.RowImage: its rows' image tokens and scales; None: no image
     admitted: int = -1  # admission order (the newest running job of a tenant is paused first)
     pauses: int = 0  # times it was paused to make room for a tenant below its fair share
+    ready_tick: int = 0  # ``ticks_run`` when it was last admitted (a paused job is admitted again)
+    step_seconds: float = 0.0  # time in the forwards (and scheduler steps) that stepped it
 
     @property
     def adapter_keys(self) -> tuple:
@@ -240,6 +251,11 @@ class DenoiseJob:
             return 0.0
         return 1000.0 * (self.finished_at - self.started_at)
 
+    @property
+    def step_ms(self) -> float:
+        """Of ``denoise_ms``, the ticks that stepped it; the rest: other buckets' ticks, pauses, the loop."""
+        return 1000.0 * self.step_seconds
+
 
 class StepScheduler:
     """Admits denoise jobs and advances them together, one UNet forward per tick.
@@ -247,6 +263,8 @@ class StepScheduler:
     Not thread-safe for concurrent ``tick`` calls (one driver runs ticks), but
     ``submit`` may be called from another thread while a tick runs.
     """
+
+    MAX_TICK_SKIPS = 3  # with ``preempt``: the most ticks in a row a running job waits for other buckets
 
     def __init__(
         self,
@@ -264,6 +282,7 @@ class StepScheduler:
         step_graphs=None,
         ip_adapter=None,
         preempt: bool = True,
+        protected_tick_rows: int = 0,
     ):
         """``max_queued`` bounds each tenant's waiting images, ``max_queued_total`` (default 4x) all of them.
 
@@ -271,7 +290,9 @@ class StepScheduler:
         (requests then name adapters by key, pinned at admission). ``step_graphs``: a ``StepGraphs`` over
         ``unet`` (and ``lora``): each tick's forward then runs on its static buffers, replayed from a CUDA
         graph where captured (``engine/step_graphs.py``). ``preempt``: pause running jobs of tenants above their
-        fair share of the rows to admit a tenant below it (see the module docstring).
+        fair share of the rows to admit a tenant below it, and step its bucket first (see the module docstring).
+        ``protected_tick_rows`` (with ``preempt``; 0: no cap): the most rows of a tick that steps an image of a tenant
+        below its share; that tenant's rows always go, other tenants' fill the rest, longest waiting first.
         """
         if max_rows_per_tick < 2:
             raise ValueError(f"max_rows_per_tick must be >= 2 (one image with guidance), got {max_rows_per_tick}")
@@ -305,6 +326,9 @@ class StepScheduler:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.preempt = preempt
+        if protected_tick_rows < 0:
+            raise ValueError(f"protected_tick_rows must be >= 0 (0: no cap), got {protected_tick_rows}")
+        self.protected_tick_rows = protected_tick_rows
         self._admissions = itertools.count()
         self.pauses = 0  # jobs paused for a tenant below its fair share (a metric)
         # Counters (exported as metrics by the deployment).
@@ -788,7 +812,24 @@ class StepScheduler:
 
     def _activate(self, job: DenoiseJob) -> None:
         job.admitted = next(self._admissions)
+        job.ready_tick = self.ticks_run
         self.active.append(job)
+
+    def _shares(self, arriving: str | None = None) -> tuple[dict[str, int], Callable[[str], float]]:
+        """Rows each tenant holds in the batch, and each tenant's fair share of ``max_rows_per_tick`` (its weight
+        over the weights of the tenants with work: running, waiting, or ``arriving``). Called with the lock held."""
+        held: dict[str, int] = {}
+        for j in self.active:
+            held[j.request.tenant] = held.get(j.request.tenant, 0) + j.rows
+        with_work = set(held) | set(self.waiting.depths())
+        if arriving is not None:
+            with_work.add(arriving)
+        total = sum(self.waiting.weight(t) for t in with_work)
+
+        def share(tenant: str) -> float:
+            return self.max_rows_per_tick * self.waiting.weight(tenant) / total
+
+        return held, share
 
     def _make_room(self, job: DenoiseJob, rows: int, dry_run: bool = False) -> int | None:
         """Room for ``job`` past a job that did not fit, for a tenant below its fair share of the rows: the rows
@@ -798,15 +839,8 @@ class StepScheduler:
         the lock held."""
         if not self.preempt:
             return None
-        held: dict[str, int] = {}
-        for j in self.active:
-            held[j.request.tenant] = held.get(j.request.tenant, 0) + j.rows
         tenant = job.request.tenant
-        total = sum(self.waiting.weight(t) for t in set(held) | set(self.waiting.depths()) | {tenant})
-
-        def share(tenant: str) -> float:
-            return self.max_rows_per_tick * self.waiting.weight(tenant) / total
-
+        held, share = self._shares(tenant)
         if held.get(tenant, 0) + job.rows > share(tenant):
             return None
         victims, freed = [], 0
@@ -830,32 +864,6 @@ class StepScheduler:
             self.pauses += 1
             self.waiting.push_front(victim.request.tenant, victim)
         return rows - freed
-        held: dict[str, int] = {}
-        for j in self.active:
-            held[j.request.tenant] = held.get(j.request.tenant, 0) + j.rows
-        with_work = set(held) | set(self.waiting.depths())
-        total = sum(self.waiting.weight(t) for t in with_work)
-
-        def share(tenant: str) -> float:
-            return self.max_rows_per_tick * self.waiting.weight(tenant) / total
-
-        if held.get(tenant, 0) + job.rows > share(tenant):
-            return rows
-        for victim in sorted(self.active, key=lambda j: j.admitted, reverse=True):
-            if rows + job.rows <= self.max_rows_per_tick:
-                break
-            owner = victim.request.tenant
-            if owner == tenant or held[owner] - victim.rows < share(owner):
-                continue
-            self.active.remove(victim)
-            self._leave([victim])
-            victim.slots = ()
-            victim.pauses += 1
-            self.pauses += 1
-            self.waiting.push_front(owner, victim)
-            held[owner] -= victim.rows
-            rows -= victim.rows
-        return rows
 
     def _want(self, order: list[DenoiseJob]) -> None:
         """Tell the residency the adapters of the jobs that would fill the next two ticks, next first."""
@@ -880,9 +888,45 @@ class StepScheduler:
         """Is there a job in the batch? (Waiting jobs may all wait for adapter loads.)"""
         return bool(self.active)
 
+    def _skipped(self, job: DenoiseJob) -> int:
+        """Ticks run since ``job`` last stepped (or was admitted) without it: other buckets' ticks."""
+        return self.ticks_run - max(job.last_tick + 1, job.ready_tick)
+
     def _pick_bucket(self) -> tuple[int, int, int]:
-        # The bucket of the job that has waited longest since its last step: buckets take turns.
-        return min(self.active, key=lambda j: (j.last_tick, j.id)).bucket
+        """The bucket of the job that has waited longest since its last step: buckets take turns. With ``preempt``,
+        the jobs of tenants below their fair share of the rows go first (see the module docstring), unless a job has
+        been skipped ``MAX_TICK_SKIPS`` ticks in a row: then its bucket goes."""
+        first = min(self.active, key=lambda j: (j.last_tick, j.id))
+        if not self.preempt or len({j.bucket for j in self.active}) == 1:
+            return first.bucket
+        starved = max(self.active, key=lambda j: (self._skipped(j), -j.id))
+        if self._skipped(starved) >= self.MAX_TICK_SKIPS:
+            return starved.bucket
+        with self._lock:  # submit() may add a tenant's queue meanwhile
+            held, share = self._shares()
+        below = [j for j in self.active if held[j.request.tenant] < share(j.request.tenant)]
+        return min(below, key=lambda j: (j.last_tick, j.id)).bucket if below else first.bucket
+
+    def _tick_jobs(self, bucket: tuple[int, int, int]) -> list[DenoiseJob]:
+        """The running jobs of ``bucket`` that this tick steps: all of them, unless it carries an image of a tenant
+        below its fair share and more than ``protected_tick_rows`` rows: then the below-share tenants' jobs, any job
+        skipped ``MAX_TICK_SKIPS`` ticks in a row, and others, longest waiting first, while they fit."""
+        jobs = [j for j in self.active if j.bucket == bucket]
+        cap = self.protected_tick_rows
+        if not self.preempt or not cap or sum(j.rows for j in jobs) <= cap:
+            return jobs
+        with self._lock:  # submit() may add a tenant's queue meanwhile
+            held, share = self._shares()
+        below = {j.id for j in jobs if held[j.request.tenant] < share(j.request.tenant)}
+        if not below or len(below) == len(jobs):
+            return jobs
+        chosen = {j.id for j in jobs if j.id in below or self._skipped(j) >= self.MAX_TICK_SKIPS}
+        rows = sum(j.rows for j in jobs if j.id in chosen)
+        for j in sorted(jobs, key=lambda j: (-self._skipped(j), j.last_tick, j.id)):
+            if j.id not in chosen and rows + j.rows <= cap:
+                chosen.add(j.id)
+                rows += j.rows
+        return [j for j in jobs if j.id in chosen]
 
     # -- one step -------------------------------------------------------------
 
@@ -895,8 +939,7 @@ class StepScheduler:
         finished += self._admit()
         if not self.active:
             return finished
-        bucket = self._pick_bucket()
-        jobs = [j for j in self.active if j.bucket == bucket]
+        jobs = self._tick_jobs(self._pick_bucket())
         start = self.clock()
         try:
             self._step(jobs, start)
@@ -909,6 +952,8 @@ class StepScheduler:
             return finished + jobs
         now = self.clock()
         rows = sum(j.rows for j in jobs)
+        for j in jobs:
+            j.step_seconds += now - start
         self.ticks_run += 1
         self.rows_run += rows
         self.tick_seconds += now - start
