@@ -30,6 +30,7 @@ def app_url(cluster, cache_dir, tmp_path_factory):
     args["registry"] = {"uri": str(tmp_path_factory.mktemp("failures-registry"))}
     for name in ("text_encoder", "denoiser", "vae"):
         args[name].update({"num_replicas": 1, "autoscaling": None})
+    args["admission"] = {"enabled": False}  # as the session's app (conftest.E2E_OVERRIDES)
     serve.run(build_app(args), name="failures", route_prefix=ROUTE)
     yield cluster.url + ROUTE
     serve.delete("failures")

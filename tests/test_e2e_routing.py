@@ -37,6 +37,7 @@ def two_replicas(cluster, cache_dir, tmp_path_factory, tiny):
     args["denoiser"].update({"num_replicas": 2, "max_ongoing_requests": 2, "autoscaling": None})
     for name in ("text_encoder", "vae"):
         args[name].update({"num_replicas": 1, "autoscaling": None})
+    args["admission"] = {"enabled": False}  # as the session's app (conftest.E2E_OVERRIDES)
     serve.run(build_app(args), name="routing", route_prefix=ROUTE)
     path = make_peft_lora_file(tiny, tmp_path_factory.mktemp("hot"), seed=31, rank=4, alpha=4, unet_targets=UNET_ATTN)
     with open(path, "rb") as f:
