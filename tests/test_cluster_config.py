@@ -73,6 +73,7 @@ GPU_KNOBS = {
     "args.denoiser.num_gpus",
     "args.denoiser.autoscaling.max_replicas",
     "args.denoiser.max_rows_per_tick",
+    "args.denoiser.protected_tick_rows",  # CPU 4 (measured, docs/benchmarks.md #21); GPU 0 until measured there
     "args.lora.max_loras_per_replica",  # the GPU's memory holds ~1,000 rank-16 adapters, the CPU's ~39
     "args.vae.num_gpus",
     "args.vae.autoscaling.max_replicas",
