@@ -892,9 +892,17 @@ class StepScheduler:
         """Ticks run since ``job`` last stepped (or was admitted) without it: other buckets' ticks."""
         return self.ticks_run - max(job.last_tick + 1, job.ready_tick)
 
-    def _pick_bucket(self) -> tuple[int, int, int]:
-        """The bucket of the job that has waited longest since its last step: buckets take turns. With ``preempt``,
-        the jobs of tenants below their fair share of the rows go first (see the module docstring), unless a job has
+    def _below_share(self) -> set[str]:
+        """The tenants whose running jobs hold fewer rows than their fair share (``preempt`` off: none)."""
+        if not self.preempt:
+            return set()
+        with self._lock:  # submit() may add a tenant's queue meanwhile
+            held, share = self._shares()
+        return {tenant for tenant, rows in held.items() if rows < share(tenant)}
+
+    def _pick_bucket(self, below: set[str]) -> tuple[int, int, int]:
+        """The bucket of the job that has waited longest since its last step: buckets take turns. The jobs of the
+        ``below`` tenants (below their fair share of the rows) go first (see the module docstring), unless a job has
         been skipped ``MAX_TICK_SKIPS`` ticks in a row: then its bucket goes."""
         first = min(self.active, key=lambda j: (j.last_tick, j.id))
         if not self.preempt or len({j.bucket for j in self.active}) == 1:
@@ -902,25 +910,21 @@ class StepScheduler:
         starved = max(self.active, key=lambda j: (self._skipped(j), -j.id))
         if self._skipped(starved) >= self.MAX_TICK_SKIPS:
             return starved.bucket
-        with self._lock:  # submit() may add a tenant's queue meanwhile
-            held, share = self._shares()
-        below = [j for j in self.active if held[j.request.tenant] < share(j.request.tenant)]
-        return min(below, key=lambda j: (j.last_tick, j.id)).bucket if below else first.bucket
+        mine = [j for j in self.active if j.request.tenant in below]
+        return min(mine, key=lambda j: (j.last_tick, j.id)).bucket if mine else first.bucket
 
-    def _tick_jobs(self, bucket: tuple[int, int, int]) -> list[DenoiseJob]:
-        """The running jobs of ``bucket`` that this tick steps: all of them, unless it carries an image of a tenant
-        below its fair share and more than ``protected_tick_rows`` rows: then the below-share tenants' jobs, any job
+    def _tick_jobs(self, bucket: tuple[int, int, int], below: set[str]) -> list[DenoiseJob]:
+        """The running jobs of ``bucket`` that this tick steps: all of them, unless it carries an image of a
+        ``below`` tenant and more than ``protected_tick_rows`` rows: then the ``below`` tenants' jobs, any job
         skipped ``MAX_TICK_SKIPS`` ticks in a row, and others, longest waiting first, while they fit."""
         jobs = [j for j in self.active if j.bucket == bucket]
         cap = self.protected_tick_rows
-        if not self.preempt or not cap or sum(j.rows for j in jobs) <= cap:
+        if not cap or sum(j.rows for j in jobs) <= cap:
             return jobs
-        with self._lock:  # submit() may add a tenant's queue meanwhile
-            held, share = self._shares()
-        below = {j.id for j in jobs if held[j.request.tenant] < share(j.request.tenant)}
-        if not below or len(below) == len(jobs):
+        mine = {j.id for j in jobs if j.request.tenant in below}
+        if not mine or len(mine) == len(jobs):
             return jobs
-        chosen = {j.id for j in jobs if j.id in below or self._skipped(j) >= self.MAX_TICK_SKIPS}
+        chosen = {j.id for j in jobs if j.id in mine or self._skipped(j) >= self.MAX_TICK_SKIPS}
         rows = sum(j.rows for j in jobs if j.id in chosen)
         for j in sorted(jobs, key=lambda j: (-self._skipped(j), j.last_tick, j.id)):
             if j.id not in chosen and rows + j.rows <= cap:
@@ -939,7 +943,8 @@ class StepScheduler:
         finished += self._admit()
         if not self.active:
             return finished
-        jobs = self._tick_jobs(self._pick_bucket())
+        below = self._below_share()  # once a tick: for its bucket and its rows
+        jobs = self._tick_jobs(self._pick_bucket(below), below)
         start = self.clock()
         try:
             self._step(jobs, start)
